@@ -1,0 +1,486 @@
+//! Reading and writing tensors: NumPy `.npy` and Hugging Face `.safetensors`.
+//!
+//! A tensor is named on the command line as `FILE.npy` or `FILE.safetensors:NAME`
+//! (see [`TensorSpec`]). Files are memory-mapped, never read whole into a growing buffer,
+//! and every header field is checked against the file size before any allocation, so a
+//! corrupt or truncated file is an [`Error::Format`], never a crash or a huge allocation.
+//!
+//! Outputs are written to a temporary file in the target directory, flushed, and renamed
+//! over the target: a reader never sees a half-written file.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Element types the readers accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I32,
+    I64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+    /// The name used in messages (`f32`, `bf16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+        }
+    }
+    fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+    }
+}
+
+/// Where a tensor lives: a `.npy` file, or a named tensor in a `.safetensors` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorSpec {
+    Npy(PathBuf),
+    SafeTensors(PathBuf, String),
+}
+
+impl TensorSpec {
+    /// Parses `FILE.npy` or `FILE.safetensors:NAME`.
+    pub fn parse(s: &str) -> Result<TensorSpec> {
+        if let Some(pos) = s.rfind(".safetensors:") {
+            let (file, name) = s.split_at(pos + ".safetensors".len());
+            let name = &name[1..];
+            if name.is_empty() {
+                return Err(Error::InvalidArgument(format!("{s}: missing tensor name after ':'")));
+            }
+            return Ok(TensorSpec::SafeTensors(file.into(), name.into()));
+        }
+        if s.ends_with(".safetensors") {
+            return Err(Error::InvalidArgument(format!(
+                "{s}: name the tensor inside the file, as {s}:NAME"
+            )));
+        }
+        Ok(TensorSpec::Npy(s.into()))
+    }
+
+    /// The file this spec reads.
+    pub fn path(&self) -> &Path {
+        match self {
+            TensorSpec::Npy(p) | TensorSpec::SafeTensors(p, _) => p,
+        }
+    }
+}
+
+impl std::fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorSpec::Npy(p) => write!(f, "{}", p.display()),
+            TensorSpec::SafeTensors(p, n) => write!(f, "{}:{n}", p.display()),
+        }
+    }
+}
+
+enum Storage {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// A tensor read from a file: its dtype, shape and raw little-endian bytes, kept in the
+/// file's memory map (no copy) until converted.
+pub struct Tensor {
+    /// What was read, for messages (`file.npy` or `file.safetensors:NAME`).
+    pub source: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    storage: Storage,
+    offset: usize,
+    len: usize,
+    /// `.npy` with `fortran_order: True`: the bytes hold the transpose.
+    fortran: bool,
+    big_endian: bool,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor").field("source", &self.source).field("dtype", &self.dtype).field("shape", &self.shape).finish()
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.to_path_buf(), source }
+}
+
+fn fmt_err(path: &Path, what: impl Into<String>) -> Error {
+    Error::Format { path: path.to_path_buf(), what: what.into() }
+}
+
+fn map_file(path: &Path) -> Result<Storage> {
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    if meta.is_dir() {
+        return Err(fmt_err(path, "is a directory, not a tensor file"));
+    }
+    if meta.len() == 0 {
+        return Ok(Storage::Owned(Vec::new()));
+    }
+    // SAFETY: the map is read-only. Another process truncating or rewriting the file while
+    // we read it is outside what we can guard against (as for any mmap-based reader);
+    // every length we use was checked against the map's size.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+    Ok(Storage::Mapped(map))
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    format!("[{}]", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+impl Tensor {
+    /// Reads the tensor a spec names.
+    pub fn load(spec: &TensorSpec) -> Result<Tensor> {
+        match spec {
+            TensorSpec::Npy(p) => read_npy(p),
+            TensorSpec::SafeTensors(p, name) => read_safetensors(p, name),
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn raw(&self) -> &[u8] {
+        &self.storage.bytes()[self.offset..self.offset + self.len]
+    }
+
+    /// A zero-copy `f32` view, when the data are little-endian f32, C-ordered and aligned.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        if self.dtype != DType::F32 || self.fortran || self.big_endian {
+            return None;
+        }
+        // SAFETY: f32 has no invalid bit patterns; `align_to` only yields the aligned middle.
+        let (pre, mid, post) = unsafe { self.raw().align_to::<f32>() };
+        (pre.is_empty() && post.is_empty()).then_some(mid)
+    }
+
+    /// The elements as `f32` in C (row-major) order, converting f64, f16 and bf16.
+    /// Integer tensors are an error.
+    pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
+        if !self.dtype.is_float() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: expected a floating-point tensor (f32, f64, f16, bf16), got {}",
+                self.source,
+                self.dtype.name()
+            )));
+        }
+        if let Some(s) = self.as_f32() {
+            return Ok(Cow::Borrowed(s));
+        }
+        let raw = self.raw();
+        let sz = self.dtype.size();
+        let mut out: Vec<f32> = Vec::with_capacity(self.numel());
+        let be = self.big_endian;
+        for c in raw.chunks_exact(sz) {
+            let v = match self.dtype {
+                DType::F32 => f32::from_bits(word32(c, be)),
+                DType::F64 => f64::from_bits(word64(c, be)) as f32,
+                DType::F16 => f16::from_bits(word16(c, be)).to_f32(),
+                DType::BF16 => bf16::from_bits(word16(c, be)).to_f32(),
+                DType::I32 | DType::I64 => unreachable!(),
+            };
+            out.push(v);
+        }
+        Ok(Cow::Owned(self.c_order(out)))
+    }
+
+    /// The elements as `i64` in C order. Float tensors are an error.
+    pub fn to_i64(&self) -> Result<Vec<i64>> {
+        let be = self.big_endian;
+        let out: Vec<i64> = match self.dtype {
+            DType::I32 => self.raw().chunks_exact(4).map(|c| word32(c, be) as i32 as i64).collect(),
+            DType::I64 => self.raw().chunks_exact(8).map(|c| word64(c, be) as i64).collect(),
+            d => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: expected an integer tensor (int32 or int64), got {}",
+                    self.source,
+                    d.name()
+                )));
+            }
+        };
+        Ok(self.c_order(out))
+    }
+
+    /// Reorders Fortran-ordered elements into C order.
+    fn c_order<T: Copy>(&self, v: Vec<T>) -> Vec<T> {
+        if !self.fortran || self.shape.len() < 2 {
+            return v;
+        }
+        let shape = &self.shape;
+        let mut out = Vec::with_capacity(v.len());
+        let mut idx = vec![0usize; shape.len()];
+        // Fortran strides: stride[0] = 1, stride[k] = stride[k-1] * shape[k-1].
+        let mut fstride = vec![1usize; shape.len()];
+        for k in 1..shape.len() {
+            fstride[k] = fstride[k - 1] * shape[k - 1];
+        }
+        for _ in 0..v.len() {
+            out.push(v[idx.iter().zip(&fstride).map(|(i, s)| i * s).sum::<usize>()]);
+            for k in (0..shape.len()).rev() {
+                idx[k] += 1;
+                if idx[k] < shape[k] {
+                    break;
+                }
+                idx[k] = 0;
+            }
+        }
+        out
+    }
+
+    /// The shape as `(rows, cols)` for a 1-D (one row) or 2-D tensor.
+    pub fn as_matrix_shape(&self) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [v] => Ok((1, v)),
+            [n, v] => Ok((n, v)),
+            _ => Err(Error::Shape(format!("{}: expected a 1-D or 2-D tensor, got shape {}", self.source, shape_str(&self.shape)))),
+        }
+    }
+}
+
+fn word16(c: &[u8], be: bool) -> u16 {
+    let a = [c[0], c[1]];
+    if be { u16::from_be_bytes(a) } else { u16::from_le_bytes(a) }
+}
+fn word32(c: &[u8], be: bool) -> u32 {
+    let a = [c[0], c[1], c[2], c[3]];
+    if be { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) }
+}
+fn word64(c: &[u8], be: bool) -> u64 {
+    let a: [u8; 8] = c[..8].try_into().expect("8 bytes");
+    if be { u64::from_be_bytes(a) } else { u64::from_le_bytes(a) }
+}
+
+/// Element count of `shape` times `size`, or an error on overflow.
+fn byte_len(path: &Path, shape: &[usize], size: usize) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(size, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| fmt_err(path, format!("shape {} is too large", shape_str(shape))))
+}
+
+/// Parses a `.npy` header and maps the data.
+pub fn read_npy(path: &Path) -> Result<Tensor> {
+    let storage = map_file(path)?;
+    let (dtype, big_endian, fortran, shape, offset) = parse_npy_header(storage.bytes()).map_err(|w| fmt_err(path, w))?;
+    let len = byte_len(path, &shape, dtype.size())?;
+    let have = storage.bytes().len() - offset;
+    if have < len {
+        return Err(fmt_err(
+            path,
+            format!("truncated: shape {} of {} needs {len} data bytes, the file has {have}", shape_str(&shape), dtype.name()),
+        ));
+    }
+    Ok(Tensor { source: path.display().to_string(), dtype, shape, storage, offset, len, fortran, big_endian })
+}
+
+/// Parses the header of a `.npy` file: `(dtype, big_endian, fortran_order, shape, data offset)`.
+///
+/// Public so that the fuzz target can drive it directly.
+pub fn parse_npy_header(b: &[u8]) -> std::result::Result<(DType, bool, bool, Vec<usize>, usize), String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    if b.len() < 10 || &b[..6] != MAGIC {
+        return Err("not a .npy file (bad magic or shorter than a header)".into());
+    }
+    let (hlen, start): (usize, usize) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 => {
+            if b.len() < 12 {
+                return Err("truncated .npy header".into());
+            }
+            (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+        }
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let end = start.checked_add(hlen).filter(|&e| e <= b.len()).ok_or("truncated .npy header")?;
+    let header = std::str::from_utf8(&b[start..end]).map_err(|_| "the .npy header is not text")?;
+    let descr = dict_value(header, "descr").ok_or("the .npy header has no 'descr'")?;
+    let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"');
+    let (big_endian, code) = match descr.as_bytes().first() {
+        Some(b'<') | Some(b'|') | Some(b'=') => (false, &descr[1..]),
+        Some(b'>') => (true, &descr[1..]),
+        _ => (false, descr),
+    };
+    let dtype = match code {
+        "f4" => DType::F32,
+        "f8" => DType::F64,
+        "f2" => DType::F16,
+        "i4" => DType::I32,
+        "i8" => DType::I64,
+        other => return Err(format!("unsupported dtype '{other}' (expected f4, f8, f2, i4 or i8)")),
+    };
+    let fortran = match dict_value(header, "fortran_order").map(str::trim) {
+        Some("True") => true,
+        Some("False") => false,
+        _ => return Err("the .npy header has no valid 'fortran_order'".into()),
+    };
+    let shape_txt = dict_value(header, "shape").ok_or("the .npy header has no 'shape'")?.trim();
+    let inner = shape_txt
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(')'))
+        .ok_or_else(|| format!("bad shape '{shape_txt}' in the .npy header"))?;
+    let mut shape = Vec::new();
+    for part in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        shape.push(part.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad dimension '{part}' in the .npy shape"))?);
+    }
+    Ok((dtype, big_endian, fortran, shape, end))
+}
+
+/// The text of `'key': VALUE` in a Python dict literal, up to the next top-level comma.
+fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let pat1 = format!("'{key}':");
+    let pat2 = format!("\"{key}\":");
+    let pos = header.find(&pat1).map(|p| p + pat1.len()).or_else(|| header.find(&pat2).map(|p| p + pat2.len()))?;
+    let rest = &header[pos..];
+    let mut depth = 0i32;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ',' | '}' if depth == 0 => return Some(&rest[..i]),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads the tensor `name` of a `.safetensors` file.
+pub fn read_safetensors(path: &Path, name: &str) -> Result<Tensor> {
+    let storage = map_file(path)?;
+    let bytes = storage.bytes();
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;
+    let Some(info) = meta.info(name) else {
+        let mut names: Vec<String> = meta.tensors().keys().cloned().collect();
+        names.sort();
+        return Err(fmt_err(path, format!("no tensor named '{name}' (it holds: {})", names.join(", "))));
+    };
+    use safetensors::Dtype as D;
+    let dtype = match info.dtype {
+        D::F32 => DType::F32,
+        D::F64 => DType::F64,
+        D::F16 => DType::F16,
+        D::BF16 => DType::BF16,
+        D::I32 => DType::I32,
+        D::I64 => DType::I64,
+        other => return Err(fmt_err(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+    };
+    let (start, end) = info.data_offsets;
+    let len = byte_len(path, &info.shape, dtype.size())?;
+    let offset = 8 + n;
+    if end - start != len || offset + end > bytes.len() {
+        return Err(fmt_err(path, format!("tensor '{name}': data offsets do not match its shape or the file size")));
+    }
+    Ok(Tensor {
+        source: format!("{}:{name}", path.display()),
+        dtype,
+        shape: info.shape.clone(),
+        storage,
+        offset: offset + start,
+        len,
+        fortran: false,
+        big_endian: false,
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,
+/// then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".softmax-layer-").tempfile_in(dir).map_err(|e| io_err(path, e))?;
+    tmp.write_all(bytes).map_err(|e| io_err(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| io_err(path, e))?;
+    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
+    Ok(())
+}
+
+/// The bytes of a version 1.0 `.npy` file holding `data` with `shape`.
+fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let shape_txt = match shape {
+        [d] => format!("({d},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    // Pad with spaces so that the data start is 64-byte aligned, ending in '\n'.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Writes an `f32` `.npy` file atomically.
+pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    assert_eq!(shape.iter().product::<usize>(), data.len(), "write_npy_f32: shape and data disagree");
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_atomic(path, &npy_bytes("<f4", shape, &bytes))
+}
+
+/// Writes an `i64` `.npy` file atomically.
+pub fn write_npy_i64(path: &Path, shape: &[usize], data: &[i64]) -> Result<()> {
+    assert_eq!(shape.iter().product::<usize>(), data.len(), "write_npy_i64: shape and data disagree");
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_atomic(path, &npy_bytes("<i8", shape, &bytes))
+}
+
+/// A tensor to write into a `.safetensors` file.
+pub enum OutTensor<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// Writes named tensors into one `.safetensors` file atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor<'_>)]) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape, t)| match t {
+            OutTensor::F32(d) => (name.to_string(), safetensors::Dtype::F32, shape.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutTensor::I64(d) => (name.to_string(), safetensors::Dtype::I64, shape.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bufs
+        .iter()
+        .map(|(n, dt, s, b)| {
+            TensorView::new(*dt, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| fmt_err(path, format!("tensor '{n}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| fmt_err(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}

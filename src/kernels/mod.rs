@@ -1,0 +1,297 @@
+//! Row numerics: a vectorized `exp`, the online `(max, sum)` pass, softmax and log-softmax
+//! of one row, with the instruction set chosen once at run time.
+//!
+//! These are the building blocks that whole-matrix functions ([`crate::softmax`] and
+//! friends) and the tiled engine call on cache-resident rows: a row slice in, a
+//! [`MaxSum`] out, no allocation.
+//!
+//! ```
+//! use softmax_layer::kernels::Kernels;
+//! let k = Kernels::best();
+//! let row = [2.0f32, 1.0, 0.1];
+//! let stats = k.max_sum(&row, None, 1.0);
+//! let mut p = [0f32; 3];
+//! k.softmax_into(&row, None, 1.0, stats, &mut p);
+//! assert!((p[0] - 0.659).abs() < 1e-3);
+//! ```
+
+pub(crate) mod generic;
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod aarch64;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_64;
+
+use generic::Params;
+use std::fmt;
+use std::sync::OnceLock;
+
+/// The running state of a softmax reduction: `max = M` and `sum = S = Σ exp((z_i - M) / T)`.
+///
+/// Partial states over disjoint parts of a row (chunks, tiles, vocabulary shards) combine
+/// with [`MaxSum::merge`]; merging in a fixed order gives bit-identical results.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaxSum {
+    /// The maximum of the (masked) logits, or `-f32::MAX` when every entry is `-inf`.
+    pub max: f32,
+    /// The sum of `exp((z_i - max) / T)`; `0` when every entry is `-inf`, NaN when any entry
+    /// is NaN or `+inf`.
+    pub sum: f64,
+}
+
+impl MaxSum {
+    /// The state of an empty row.
+    pub const EMPTY: MaxSum = MaxSum { max: -f32::MAX, sum: 0.0 };
+
+    /// Combines the states of two disjoint parts of a row, at temperature `t`.
+    pub fn merge(self, other: MaxSum, t: f32) -> MaxSum {
+        let (hi, lo) = if other.max > self.max { (other, self) } else { (self, other) };
+        let sum = if lo.sum == 0.0 {
+            hi.sum
+        } else {
+            hi.sum + lo.sum * ((lo.max as f64 - hi.max as f64) / t as f64).exp()
+        };
+        MaxSum { max: hi.max, sum }
+    }
+
+    /// `ln Σ exp(z_i / T) = M / T + ln S`, in `f64`.
+    pub fn logsumexp(&self, t: f32) -> f64 {
+        self.max as f64 / t as f64 + self.sum.ln()
+    }
+}
+
+/// An instruction set the row kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable one-lane code; bit-reproducible on every machine with IEEE `f32`.
+    Scalar,
+    /// x86_64 AVX2 with FMA, 8 lanes.
+    Avx2,
+    /// x86_64 AVX-512F, 16 lanes.
+    Avx512,
+    /// aarch64 NEON, 4 lanes.
+    Neon,
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Avx512 => "avx512f",
+            Isa::Neon => "neon",
+        })
+    }
+}
+
+impl Isa {
+    /// Parses `scalar`, `avx2`, `avx512` or `neon`.
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" | "avx2+fma" => Some(Isa::Avx2),
+            "avx512" | "avx512f" => Some(Isa::Avx512),
+            "neon" => Some(Isa::Neon),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run the instruction set.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU supports, best last.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_supported()).collect()
+    }
+}
+
+type MaxSumFn = unsafe fn(*const f32, *const f32, usize, Params) -> MaxSum;
+type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f32) -> ();
+type ExpFn = unsafe fn(*const f32, *mut f32, usize);
+
+/// The row kernels of one instruction set.
+///
+/// Obtain one with [`Kernels::best`] (chosen once per process, overridable with the
+/// environment variable `SOFTMAX_LAYER_ISA=scalar|avx2|avx512|neon`) or
+/// [`Kernels::for_isa`].
+///
+/// All methods take the temperature `t`, which the caller has checked to be finite and
+/// `> 0` (see [`crate::check_temperature`]); `mask`, when given, has the row's length and
+/// is added to it.
+pub struct Kernels {
+    isa: Isa,
+    max_sum: MaxSumFn,
+    softmax: WriteFn,
+    log_softmax: WriteFn,
+    exp: ExpFn,
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kernels").field("isa", &self.isa).finish()
+    }
+}
+
+static SCALAR: Kernels = Kernels {
+    isa: Isa::Scalar,
+    max_sum: scalar::max_sum,
+    softmax: scalar::softmax,
+    log_softmax: scalar::log_softmax,
+    exp: scalar::exp,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels {
+    isa: Isa::Avx2,
+    max_sum: x86_64::avx2::max_sum,
+    softmax: x86_64::avx2::softmax,
+    log_softmax: x86_64::avx2::log_softmax,
+    exp: x86_64::avx2::exp,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = Kernels {
+    isa: Isa::Avx512,
+    max_sum: x86_64::avx512::max_sum,
+    softmax: x86_64::avx512::softmax,
+    log_softmax: x86_64::avx512::log_softmax,
+    exp: x86_64::avx512::exp,
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON: Kernels = Kernels {
+    isa: Isa::Neon,
+    max_sum: aarch64::neon::max_sum,
+    softmax: aarch64::neon::softmax,
+    log_softmax: aarch64::neon::log_softmax,
+    exp: aarch64::neon::exp,
+};
+
+impl Kernels {
+    /// The kernels for `isa`, or `None` when this CPU cannot run it.
+    pub fn for_isa(isa: Isa) -> Option<&'static Kernels> {
+        if !isa.is_supported() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(&SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&AVX2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(&AVX512),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Some(&NEON),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The best kernels for this CPU, detected on first use and cached.
+    ///
+    /// `SOFTMAX_LAYER_ISA` overrides the choice when it names a supported instruction set.
+    pub fn best() -> &'static Kernels {
+        static BEST: OnceLock<&'static Kernels> = OnceLock::new();
+        BEST.get_or_init(|| {
+            if let Some(k) = std::env::var("SOFTMAX_LAYER_ISA").ok().as_deref().and_then(Isa::parse).and_then(Kernels::for_isa) {
+                return k;
+            }
+            let best = *Isa::available().last().expect("scalar is always available");
+            Kernels::for_isa(best).expect("available ISAs are supported")
+        })
+    }
+
+    /// The instruction set these kernels run on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The online pass over one row: `(max, Σ exp((z - max)/t))` for `z = row (+ mask)`.
+    /// Reads each element once.
+    ///
+    /// # Panics
+    /// If `mask` is given with a different length than `row`.
+    pub fn max_sum(&self, row: &[f32], mask: Option<&[f32]>, t: f32) -> MaxSum {
+        let mask_ptr = mask_ptr(row.len(), mask);
+        // SAFETY: this table was built for a supported ISA; `row` and `mask` are valid
+        // for `row.len()` reads.
+        unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), Params::new(t)) }
+    }
+
+    /// Writes `out = softmax((row + mask) / t)` given the row's [`MaxSum`].
+    ///
+    /// # Panics
+    /// If the lengths of `row`, `mask` and `out` differ.
+    pub fn softmax_into(&self, row: &[f32], mask: Option<&[f32]>, t: f32, stats: MaxSum, out: &mut [f32]) {
+        assert_eq!(row.len(), out.len(), "softmax_into: row and out lengths differ");
+        let mask_ptr = mask_ptr(row.len(), mask);
+        // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
+        unsafe { (self.softmax)(row.as_ptr(), mask_ptr, out.as_mut_ptr(), row.len(), Params::new(t), stats.max, (1.0 / stats.sum) as f32) }
+    }
+
+    /// In-place [`Kernels::softmax_into`].
+    pub fn softmax_in_place(&self, row: &mut [f32], mask: Option<&[f32]>, t: f32, stats: MaxSum) {
+        let mask_ptr = mask_ptr(row.len(), mask);
+        let p = row.as_mut_ptr();
+        // SAFETY: supported ISA; in and out are the same row, which the kernel allows.
+        unsafe { (self.softmax)(p, mask_ptr, p, row.len(), Params::new(t), stats.max, (1.0 / stats.sum) as f32) }
+    }
+
+    /// Writes `out = log_softmax((row + mask) / t)` given the row's [`MaxSum`].
+    ///
+    /// # Panics
+    /// If the lengths of `row`, `mask` and `out` differ.
+    pub fn log_softmax_into(&self, row: &[f32], mask: Option<&[f32]>, t: f32, stats: MaxSum, out: &mut [f32]) {
+        assert_eq!(row.len(), out.len(), "log_softmax_into: row and out lengths differ");
+        let mask_ptr = mask_ptr(row.len(), mask);
+        // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
+        unsafe { (self.log_softmax)(row.as_ptr(), mask_ptr, out.as_mut_ptr(), row.len(), Params::new(t), stats.max, stats.sum.ln() as f32) }
+    }
+
+    /// In-place [`Kernels::log_softmax_into`].
+    pub fn log_softmax_in_place(&self, row: &mut [f32], mask: Option<&[f32]>, t: f32, stats: MaxSum) {
+        let mask_ptr = mask_ptr(row.len(), mask);
+        let p = row.as_mut_ptr();
+        // SAFETY: supported ISA; in and out are the same row, which the kernel allows.
+        unsafe { (self.log_softmax)(p, mask_ptr, p, row.len(), Params::new(t), stats.max, stats.sum.ln() as f32) }
+    }
+
+    /// `out[i] = exp(x[i])`, accurate to 2 ulp over the whole `f32` range (see the tests).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn exp(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len(), "exp: lengths differ");
+        // SAFETY: supported ISA; `out` is a distinct `&mut` of `x.len()` elements.
+        unsafe { (self.exp)(x.as_ptr(), out.as_mut_ptr(), x.len()) }
+    }
+
+    /// In-place [`Kernels::exp`].
+    pub fn exp_in_place(&self, x: &mut [f32]) {
+        let p = x.as_mut_ptr();
+        // SAFETY: supported ISA; the kernel allows in == out.
+        unsafe { (self.exp)(p, p, x.len()) }
+    }
+}
+
+fn mask_ptr(len: usize, mask: Option<&[f32]>) -> *const f32 {
+    match mask {
+        Some(m) => {
+            assert_eq!(m.len(), len, "mask and row lengths differ");
+            m.as_ptr()
+        }
+        None => std::ptr::null(),
+    }
+}

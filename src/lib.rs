@@ -1,0 +1,68 @@
+//! # softmax-layer
+//!
+//! The parameterized softmax layer `P = softmax(H·W + b)` — the output layer of language
+//! models and classifiers — computed exactly and at the machine's speed on a CPU.
+//!
+//! This release provides the row numerics everything else builds on: softmax,
+//! log-softmax and logsumexp over the rows of a matrix, with a temperature and an additive
+//! mask, that never overflow or produce NaN on finite input, read each element at most
+//! twice, and run on AVX-512, AVX2+FMA, NEON or portable code chosen at run time.
+//!
+//! ```text
+//! softmax(z / T)_j = exp((z_j - M) / T) / S,   M = max_j z_j,   S = Σ_j exp((z_j - M) / T)
+//! ```
+//!
+//! ## Example
+//!
+//! ```
+//! use softmax_layer::{log_softmax, logsumexp, softmax, MatMut, MatRef, RowOptions};
+//!
+//! // Two rows of three logits; the second row masks out its last class.
+//! let logits = [2.0f32, 1.0, 0.1, /* row 1 */ 1.0, 5.0, 10.0];
+//! let mask = [0.0f32, 0.0, 0.0, /* row 1 */ 0.0, 0.0, f32::NEG_INFINITY];
+//! let x = MatRef::new(&logits, 2, 3)?;
+//! let opts = RowOptions { temperature: 1.0, mask: Some(MatRef::new(&mask, 2, 3)?), ..Default::default() };
+//!
+//! let mut p = [0f32; 6];
+//! softmax(x, MatMut::new(&mut p, 2, 3)?, &opts)?;
+//! assert!((p[0] - 0.659).abs() < 5e-4);
+//! assert_eq!(p[5], 0.0); // masked
+//!
+//! let mut lp = [0f32; 6];
+//! log_softmax(x, MatMut::new(&mut lp, 2, 3)?, &opts)?;
+//! assert!((lp[0] - p[0].ln()).abs() < 1e-6);
+//!
+//! // A temperature above 1 flattens the distribution.
+//! let mut lse = [0f32; 2];
+//! logsumexp(x, &mut lse, &RowOptions::with_temperature(2.0))?;
+//! let expect = ((1.0f64 / 2.0).exp() + (5.0f64 / 2.0).exp() + (10.0f64 / 2.0).exp()).ln();
+//! assert!((lse[1] as f64 - expect).abs() < 1e-6);
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+//!
+//! Bad input is an [`Error`] that names the row and column:
+//!
+//! ```
+//! use softmax_layer::{softmax_inplace, Error, MatMut, RowOptions};
+//! let mut x = [0.0f32, f32::NAN, 1.0];
+//! let err = softmax_inplace(MatMut::new(&mut x, 1, 3)?, &RowOptions::default()).unwrap_err();
+//! assert!(matches!(err, Error::NonFinite { row: 0, col: 1, .. }));
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+//!
+//! ## Modules
+//!
+//! - [`rows`]: whole-matrix softmax, log-softmax and logsumexp (re-exported at the root).
+//! - [`kernels`]: the per-row building blocks for tiled callers, and instruction-set choice.
+//! - [`io`]: `.npy` and `.safetensors` reading and atomic writing.
+
+pub mod error;
+pub mod io;
+pub mod kernels;
+pub mod matrix;
+pub mod rows;
+
+pub use error::{Error, Result};
+pub use kernels::{Isa, Kernels, MaxSum};
+pub use matrix::{MatMut, MatRef};
+pub use rows::{RowOptions, check_temperature, log_softmax, log_softmax_inplace, logsumexp, softmax, softmax_inplace};

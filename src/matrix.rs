@@ -1,0 +1,128 @@
+//! Borrowed row-major matrix views with a row stride.
+//!
+//! A view of `rows x cols` with stride `s >= cols` addresses element `(i, j)` at
+//! `data[i * s + j]`; it needs `data.len() >= (rows - 1) * s + cols` (or 0 when
+//! `rows == 0`). Elements between `cols` and `s` in each row are never read or written.
+
+use crate::error::{Error, Result};
+
+fn required_len(rows: usize, cols: usize, stride: usize) -> Option<usize> {
+    if rows == 0 { Some(0) } else { (rows - 1).checked_mul(stride)?.checked_add(cols) }
+}
+
+fn check(len: usize, rows: usize, cols: usize, stride: usize, name: &str) -> Result<()> {
+    if stride < cols {
+        return Err(Error::Shape(format!("{name}: row stride {stride} is less than the {cols} columns")));
+    }
+    match required_len(rows, cols, stride) {
+        Some(need) if need <= len => Ok(()),
+        _ => Err(Error::Shape(format!(
+            "{name}: a [{rows}, {cols}] view with row stride {stride} needs more than the {len} elements given"
+        ))),
+    }
+}
+
+/// An immutable `[rows, cols]` view.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous `[rows, cols]` view of `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::with_stride(data, rows, cols, cols)
+    }
+
+    /// A `[rows, cols]` view whose rows start `stride` elements apart.
+    pub fn with_stride(data: &'a [f32], rows: usize, cols: usize, stride: usize) -> Result<Self> {
+        check(data.len(), rows, cols, stride, "matrix")?;
+        Ok(MatRef { data, rows, cols, stride })
+    }
+
+    /// One row of length `cols` viewed as a `[1, cols]` matrix.
+    pub fn from_row(row: &'a [f32]) -> Self {
+        MatRef { data: row, rows: 1, cols: row.len(), stride: row.len() }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn row_stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Row `i`, of length `cols`.
+    ///
+    /// # Panics
+    /// If `i >= rows`.
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        assert!(i < self.rows, "row {i} out of bounds for {} rows", self.rows);
+        &self.data[i * self.stride..i * self.stride + self.cols]
+    }
+
+}
+
+/// A mutable `[rows, cols]` view.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A contiguous `[rows, cols]` view of `data`.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::with_stride(data, rows, cols, cols)
+    }
+
+    /// A `[rows, cols]` view whose rows start `stride` elements apart.
+    pub fn with_stride(data: &'a mut [f32], rows: usize, cols: usize, stride: usize) -> Result<Self> {
+        check(data.len(), rows, cols, stride, "matrix")?;
+        Ok(MatMut { data, rows, cols, stride })
+    }
+
+    /// One row viewed as a `[1, cols]` matrix.
+    pub fn from_row(row: &'a mut [f32]) -> Self {
+        let cols = row.len();
+        MatMut { data: row, rows: 1, cols, stride: cols }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn row_stride(&self) -> usize {
+        self.stride
+    }
+
+    /// An immutable view of the same elements.
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef { data: self.data, rows: self.rows, cols: self.cols, stride: self.stride }
+    }
+
+    /// Row `i`, mutably.
+    ///
+    /// # Panics
+    /// If `i >= rows`.
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "row {i} out of bounds for {} rows", self.rows);
+        &mut self.data[i * self.stride..i * self.stride + self.cols]
+    }
+
+    /// The backing slice, trimmed to the last element of the view.
+    pub(crate) fn data_mut(&mut self) -> &mut [f32] {
+        let n = required_len(self.rows, self.cols, self.stride).unwrap_or(0);
+        &mut self.data[..n]
+    }
+}

@@ -1,0 +1,305 @@
+//! Softmax, log-softmax and logsumexp over the rows of a matrix.
+//!
+//! For logits `x: [n, V]`, an optional additive mask `m: [n, V]` or `[1, V]` (broadcast
+//! to every row; `-inf` allowed) and a temperature `T > 0`, with `z = x + m`:
+//!
+//! ```text
+//! softmax(z / T)_ij     = exp((z_ij - M_i) / T) / S_i
+//! log_softmax(z / T)_ij = (z_ij - M_i) / T - ln S_i
+//! logsumexp(z / T)_i    = M_i / T + ln S_i
+//! M_i = max_j z_ij,  S_i = Σ_j exp((z_ij - M_i) / T)
+//! ```
+//!
+//! Each row is read once to get `(M_i, S_i)` (the online pass of
+//! [`Kernels::max_sum`](crate::kernels::Kernels::max_sum)) and, for softmax and
+//! log-softmax, once more to write the output while it is still in cache.
+//!
+//! # Parallelism and reproducibility
+//!
+//! Rows run in parallel on rayon's pool when the work is large enough; a row longer than
+//! [`CHUNK`] elements is cut into fixed chunks whose `(max, sum)` states are merged in
+//! order, in parallel when there are fewer rows than threads. The cut does not depend on
+//! the thread count, so results are bit-identical for any number of threads.
+//!
+//! # Errors
+//!
+//! NaN or `+inf` in the logits or the mask, and rows that are entirely `-inf`, are
+//! reported with their row and column. They are detected as a by-product of the online pass
+//! (a NaN or `+inf` makes the row's sum NaN; an all-`-inf` row has sum 0), so checking
+//! costs nothing. When an error is returned, the offending row of the output is untouched,
+//! but other rows may already hold their results (for the in-place functions: their
+//! softmax). The lowest offending row is the one reported.
+
+use crate::error::{Error, Result};
+use crate::kernels::{Isa, Kernels, MaxSum};
+use crate::matrix::{MatMut, MatRef};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Rows longer than this are reduced in chunks of this many elements (256 KiB of `f32`).
+pub const CHUNK: usize = 1 << 16;
+/// Below this many elements in all, work runs on the calling thread.
+const PAR_MIN: usize = 1 << 15;
+
+/// Options shared by the row functions.
+#[derive(Clone, Copy, Debug)]
+pub struct RowOptions<'a> {
+    /// Divides the (masked) logits. Finite and `> 0`; default 1.
+    pub temperature: f32,
+    /// Added to the logits before the temperature: `[n, V]`, or `[1, V]` for all rows.
+    /// `-inf` removes an entry (probability 0).
+    pub mask: Option<MatRef<'a>>,
+    /// Forces an instruction set; `None` uses [`Kernels::best`].
+    pub isa: Option<Isa>,
+}
+
+impl Default for RowOptions<'_> {
+    fn default() -> Self {
+        RowOptions { temperature: 1.0, mask: None, isa: None }
+    }
+}
+
+impl<'a> RowOptions<'a> {
+    /// Options with the given temperature and nothing else.
+    pub fn with_temperature(temperature: f32) -> Self {
+        RowOptions { temperature, ..Default::default() }
+    }
+}
+
+/// Checks that a temperature is finite and `> 0`.
+pub fn check_temperature(t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 { Ok(()) } else { Err(Error::InvalidTemperature(t)) }
+}
+
+/// The resolved form of [`RowOptions`] for an `[n, V]` input.
+struct Plan<'a> {
+    k: &'static Kernels,
+    t: f32,
+    mask: Option<MatRef<'a>>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(opts: &RowOptions<'a>, n: usize, v: usize) -> Result<Self> {
+        check_temperature(opts.temperature)?;
+        let k = match opts.isa {
+            Some(isa) => Kernels::for_isa(isa).ok_or(Error::UnsupportedIsa(isa))?,
+            None => Kernels::best(),
+        };
+        if n > 0 && v == 0 {
+            return Err(Error::Shape(format!("logits are [{n}, 0]: a softmax over no classes is undefined")));
+        }
+        if let Some(m) = opts.mask {
+            if m.cols() != v || (m.rows() != n && m.rows() != 1) {
+                return Err(Error::Shape(format!(
+                    "mask is [{}, {}], expected [{n}, {v}] or [1, {v}] for logits [{n}, {v}]",
+                    m.rows(),
+                    m.cols()
+                )));
+            }
+        }
+        Ok(Plan { k, t: opts.temperature, mask: opts.mask })
+    }
+
+    fn mask_row(&self, i: usize) -> Option<&'a [f32]> {
+        self.mask.map(|m| if m.rows() == 1 { m.row(0) } else { m.row(i) })
+    }
+
+    /// `(M, S)` of a row, chunk by chunk, merged in order; chunks in parallel if asked.
+    fn stats(&self, row: &[f32], mask: Option<&[f32]>, parallel: bool) -> MaxSum {
+        let chunk_stats = |(c, chunk): (usize, &[f32])| {
+            let m = mask.map(|m| &m[c * CHUNK..c * CHUNK + chunk.len()]);
+            self.k.max_sum(chunk, m, self.t)
+        };
+        if parallel && row.len() > CHUNK {
+            let parts: Vec<MaxSum> = row.par_chunks(CHUNK).enumerate().map(chunk_stats).collect();
+            parts.into_iter().fold(MaxSum::EMPTY, |a, b| a.merge(b, self.t))
+        } else {
+            row.chunks(CHUNK).enumerate().map(chunk_stats).fold(MaxSum::EMPTY, |a, b| a.merge(b, self.t))
+        }
+    }
+}
+
+/// Turns a row's `(M, S)` into an error when the row is invalid.
+fn check_row(stats: MaxSum, row: &[f32], mask: Option<&[f32]>, i: usize) -> Result<()> {
+    if stats.sum.is_nan() {
+        for (j, &x) in row.iter().enumerate() {
+            let bad = |v: f32| v.is_nan() || v == f32::INFINITY;
+            if bad(x) {
+                return Err(Error::NonFinite { tensor: "logits".into(), row: i, col: j, value: x });
+            }
+            if let Some(m) = mask {
+                if bad(m[j]) {
+                    return Err(Error::NonFinite { tensor: "mask".into(), row: i, col: j, value: m[j] });
+                }
+                if bad(x + m[j]) {
+                    return Err(Error::NonFinite { tensor: "logits + mask".into(), row: i, col: j, value: x + m[j] });
+                }
+            }
+        }
+        unreachable!("a NaN row sum without a NaN or +inf input");
+    }
+    if stats.sum == 0.0 {
+        return Err(Error::AllMasked { row: i });
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Softmax,
+    LogSoftmax,
+}
+
+/// Pass 2 of one row (or chunk): `src` is `None` for in-place.
+fn write_row(k: &Kernels, op: Op, src: Option<&[f32]>, mask: Option<&[f32]>, t: f32, stats: MaxSum, out: &mut [f32]) {
+    match (op, src) {
+        (Op::Softmax, Some(s)) => k.softmax_into(s, mask, t, stats, out),
+        (Op::Softmax, None) => k.softmax_in_place(out, mask, t, stats),
+        (Op::LogSoftmax, Some(s)) => k.log_softmax_into(s, mask, t, stats, out),
+        (Op::LogSoftmax, None) => k.log_softmax_in_place(out, mask, t, stats),
+    }
+}
+
+/// Softmax or log-softmax of every row; `src = None` means in place in `out`.
+fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
+    let (n, v) = (out.rows(), out.cols());
+    if let Some(s) = src {
+        if (s.rows(), s.cols()) != (n, v) {
+            return Err(Error::Shape(format!("logits are [{}, {}] but the output is [{n}, {v}]", s.rows(), s.cols())));
+        }
+    }
+    let plan = Plan::new(opts, n, v)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let big = n * v >= PAR_MIN && threads > 1;
+    let first_bad = AtomicUsize::new(usize::MAX);
+    let stride = out.row_stride();
+
+    // One row, entirely on this thread.
+    let do_row = |i: usize, orow: &mut [f32]| {
+        let srow = src.map(|s| s.row(i));
+        let mask = plan.mask_row(i);
+        let stats = plan.stats(srow.unwrap_or(orow), mask, false);
+        if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
+            first_bad.fetch_min(i, Ordering::Relaxed);
+            return;
+        }
+        write_row(plan.k, op, srow, mask, plan.t, stats, orow);
+    };
+
+    if big && n >= threads {
+        let min_rows = (PAR_MIN / v).max(1);
+        out.data_mut().par_chunks_mut(stride).take(n).enumerate().with_min_len(min_rows).for_each(|(i, r)| do_row(i, &mut r[..v]));
+    } else if big && v > CHUNK {
+        // Few long rows: split each across threads.
+        for i in 0..n {
+            let orow = out.row_mut(i);
+            let srow = src.map(|s| s.row(i));
+            let mask = plan.mask_row(i);
+            let stats = plan.stats(srow.unwrap_or(orow), mask, true);
+            if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
+                first_bad.fetch_min(i, Ordering::Relaxed);
+                break;
+            }
+            orow.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let range = c * CHUNK..c * CHUNK + o.len();
+                let s = srow.map(|s| &s[range.clone()]);
+                let m = mask.map(|m| &m[range]);
+                write_row(plan.k, op, s, m, plan.t, stats, o);
+            });
+        }
+    } else {
+        for i in 0..n {
+            do_row(i, out.row_mut(i));
+            if first_bad.load(Ordering::Relaxed) != usize::MAX {
+                break;
+            }
+        }
+    }
+
+    match first_bad.into_inner() {
+        usize::MAX => Ok(()),
+        i => {
+            // Rebuild the error of the lowest bad row; it was left untouched.
+            let row = match src {
+                Some(s) => s.row(i),
+                None => &out.as_ref().row(i)[..],
+            };
+            let mask = plan.mask_row(i);
+            check_row(plan.stats(row, mask, false), row, mask, i)
+        }
+    }
+}
+
+/// `out = softmax((logits + mask) / T)` row by row. `logits` and `out` are `[n, V]`.
+///
+/// ```
+/// use softmax_layer::{softmax, MatMut, MatRef, RowOptions};
+/// let logits = [2.0f32, 1.0, 0.1];
+/// let mut p = [0f32; 3];
+/// softmax(MatRef::new(&logits, 1, 3)?, MatMut::new(&mut p, 1, 3)?, &RowOptions::default())?;
+/// assert!((p[0] - 0.659).abs() < 5e-4 && (p[1] - 0.242).abs() < 5e-4 && (p[2] - 0.099).abs() < 5e-4);
+/// # Ok::<(), softmax_layer::Error>(())
+/// ```
+pub fn softmax(logits: MatRef<'_>, out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
+    apply(Op::Softmax, Some(logits), out, opts)
+}
+
+/// [`softmax`] in place: `logits` is overwritten with the probabilities.
+pub fn softmax_inplace(logits: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
+    apply(Op::Softmax, None, logits, opts)
+}
+
+/// `out = log_softmax((logits + mask) / T)` row by row. `logits` and `out` are `[n, V]`.
+///
+/// Entries whose true value is below `-f32::MAX` (a masked entry, or a gap of more than
+/// `f32::MAX` between logits) are `-inf`.
+pub fn log_softmax(logits: MatRef<'_>, out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
+    apply(Op::LogSoftmax, Some(logits), out, opts)
+}
+
+/// [`log_softmax`] in place.
+pub fn log_softmax_inplace(logits: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
+    apply(Op::LogSoftmax, None, logits, opts)
+}
+
+/// `out[i] = logsumexp((logits[i] + mask[i]) / T)`, for `logits: [n, V]` and `out: [n]`.
+/// Reads each element once. The result is `+inf` only when the true value exceeds
+/// `f32::MAX` (possible for `T < 1`).
+pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> Result<()> {
+    let (n, v) = (logits.rows(), logits.cols());
+    if out.len() != n {
+        return Err(Error::Shape(format!("logits are [{n}, {v}] but the logsumexp output has length {}", out.len())));
+    }
+    let plan = Plan::new(opts, n, v)?;
+    let threads = rayon::current_num_threads();
+    let big = n * v >= PAR_MIN && threads > 1;
+    let first_bad = AtomicUsize::new(usize::MAX);
+    let do_row = |i: usize, o: &mut f32, parallel: bool| {
+        let (row, mask) = (logits.row(i), plan.mask_row(i));
+        let stats = plan.stats(row, mask, parallel);
+        match check_row(stats, row, mask, i) {
+            Ok(()) => *o = stats.logsumexp(plan.t) as f32,
+            Err(_) => {
+                first_bad.fetch_min(i, Ordering::Relaxed);
+            }
+        }
+    };
+    if big && n >= threads {
+        let min_rows = (PAR_MIN / v.max(1)).max(1);
+        out.par_iter_mut().enumerate().with_min_len(min_rows).for_each(|(i, o)| do_row(i, o, false));
+    } else {
+        for (i, o) in out.iter_mut().enumerate() {
+            do_row(i, o, big);
+        }
+    }
+    match first_bad.into_inner() {
+        usize::MAX => Ok(()),
+        i => {
+            let (row, mask) = (logits.row(i), plan.mask_row(i));
+            check_row(plan.stats(row, mask, false), row, mask, i)
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Shared test helpers: a seeded generator and naive float64 references.
+#![allow(dead_code)]
+
+/// SplitMix64: a tiny seeded generator, so tests need no RNG crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f32 {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (lo + (hi - lo) * u) as f32
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// Float64 reference of one row: `(log_softmax, logsumexp)`, with `z = x + mask` rounded to
+/// f32 first (the input the kernels define), then everything in f64.
+pub fn reference(x: &[f32], mask: Option<&[f32]>, t: f32) -> (Vec<f64>, f64) {
+    let z: Vec<f64> = x.iter().enumerate().map(|(j, &v)| (mask.map_or(v, |m| v + m[j])) as f64 / t as f64).collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let s: f64 = z.iter().map(|&v| (v - m).exp()).sum();
+    let lse = m + s.ln();
+    (z.iter().map(|&v| v - lse).collect(), lse)
+}
+
+/// Asserts `got` matches a float64 value within `|err| <= tol * max(1, |want|)`, where values
+/// beyond the f32 range must be the infinity of their sign.
+pub fn assert_log_close(got: f32, want: f64, tol: f64, what: &str) {
+    if want < -(f32::MAX as f64) {
+        assert_eq!(got, f32::NEG_INFINITY, "{what}: want {want:e} (below f32 range), got {got:e}");
+    } else if want > f32::MAX as f64 {
+        assert_eq!(got, f32::INFINITY, "{what}: want {want:e} (above f32 range), got {got:e}");
+    } else {
+        let err = (got as f64 - want).abs();
+        assert!(err <= tol * want.abs().max(1.0), "{what}: got {got:e}, want {want:e}, err {err:e}");
+    }
+}
+
+/// Asserts a probability: relative error <= 1e-6 when want >= 1e-30, else absolute <= 1e-36.
+pub fn assert_prob_close(got: f32, want: f64, what: &str) {
+    let err = (got as f64 - want).abs();
+    if want >= 1e-30 {
+        assert!(err <= 1e-6 * want, "{what}: got {got:e}, want {want:e}, rel err {:e}", err / want);
+    } else {
+        assert!(err <= 1e-36, "{what}: got {got:e}, want {want:e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! The vectorized exp against f64 `exp`, over a dense sweep of the whole f32 range, for
+//! every instruction set this CPU supports.
+
+use softmax_layer::kernels::{Isa, Kernels};
+
+/// Error of `got` in units of the f32 spacing at the true value `want`.
+fn ulp_error(got: f32, want: f64) -> f64 {
+    if want > f32::MAX as f64 {
+        // The correctly rounded result is +inf once want >= MAX + ulp/2.
+        let limit = f32::MAX as f64 + 2f64.powi(103);
+        return if got == f32::INFINITY { 0.0 } else if want < limit { ((got as f64 - want) / 2f64.powi(104)).abs() } else { f64::INFINITY };
+    }
+    if got.is_infinite() || got.is_nan() {
+        return f64::INFINITY;
+    }
+    let w = want as f32;
+    // Spacing of f32 at `w` (2^-149 for subnormals).
+    let ulp = if w.abs() < f32::MIN_POSITIVE { 2f64.powi(-149) } else { (f32::from_bits(w.to_bits() + 1) - w) as f64 };
+    (got as f64 - want).abs() / ulp
+}
+
+fn sweep(isa: Isa, stride: u32) -> (f64, f32, usize) {
+    let k = Kernels::for_isa(isa).unwrap();
+    // All f32 from -inf up through +inf, every `stride`-th bit pattern, plus specials.
+    let mut xs: Vec<f32> = Vec::new();
+    let hi = f32::INFINITY.to_bits();
+    let mut b = 0u32;
+    while b <= hi {
+        xs.push(f32::from_bits(b));
+        xs.push(-f32::from_bits(b));
+        b = match b.checked_add(stride) {
+            Some(n) => n,
+            None => break,
+        };
+    }
+    for x in [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 88.72283, 88.72284, -87.33655, -103.27893, -103.97208, -104.0, 89.0, 1e-45, -1e-45] {
+        xs.push(x);
+    }
+    let mut ys = vec![0f32; xs.len()];
+    let (mut worst, mut at) = (0f64, 0f32);
+    for (xc, yc) in xs.chunks(4099).zip(ys.chunks_mut(4099)) {
+        k.exp(xc, yc);
+    }
+    for (&x, &y) in xs.iter().zip(&ys) {
+        let want = (x as f64).exp();
+        let e = ulp_error(y, want);
+        if e > worst {
+            worst = e;
+            at = x;
+        }
+    }
+    (worst, at, xs.len())
+}
+
+#[test]
+fn exp_is_within_2_ulp_over_the_whole_range() {
+    for isa in Isa::available() {
+        let (worst, at, n) = sweep(isa, 61);
+        println!("exp[{isa}]: worst error {worst:.3} ulp at x = {at:e} over {n} inputs");
+        assert!(worst <= 2.0, "exp[{isa}]: {worst} ulp at {at:e}");
+    }
+}
+
+#[test]
+fn exp_special_values() {
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        let x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 200.0, -200.0];
+        let mut y = [0f32; 7];
+        k.exp(&x, &mut y);
+        assert!(y[0].is_nan(), "{isa}");
+        assert_eq!(&y[1..], &[f32::INFINITY, 0.0, 1.0, 1.0, f32::INFINITY, 0.0], "{isa}");
+    }
+}
+
+#[test]
+fn exp_simd_matches_scalar_within_1_ulp_every_tail() {
+    let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for len in 0..=70 {
+            for offset in 0..3 {
+                let buf: Vec<f32> = (0..len + offset).map(|i| -100.0 + 187.0 * ((i * 7919) % 1000) as f32 / 1000.0).collect();
+                let x = &buf[offset..];
+                // NaN canaries around the output prove nothing outside it is written.
+                let mut out = vec![f32::NAN; len + 2];
+                let mut want = vec![0f32; len];
+                k.exp(x, &mut out[1..len + 1]);
+                scalar.exp(x, &mut want);
+                assert!(out[0].is_nan() && out[len + 1].is_nan(), "{isa}: wrote outside the output");
+                for j in 0..len {
+                    let (a, b) = (out[j + 1], want[j]);
+                    assert!((a.to_bits() as i64 - b.to_bits() as i64).abs() <= 1, "{isa} len {len}: {a:e} vs {b:e}");
+                }
+            }
+        }
+    }
+}
