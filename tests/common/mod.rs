@@ -31,8 +31,9 @@ pub fn reference(x: &[f32], mask: Option<&[f32]>, t: f32) -> (Vec<f64>, f64) {
     let z: Vec<f64> = x.iter().enumerate().map(|(j, &v)| (mask.map_or(v, |m| v + m[j])) as f64 / t as f64).collect();
     let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let s: f64 = z.iter().map(|&v| (v - m).exp()).sum();
-    let lse = m + s.ln();
-    (z.iter().map(|&v| v - lse).collect(), lse)
+    // (v - m) - ln s, not v - lse: near ±3e38 the f64 sum m + ln s drops ln s entirely.
+    let ln_s = s.ln();
+    (z.iter().map(|&v| (v - m) - ln_s).collect(), m + ln_s)
 }
 
 /// Asserts `got` matches a float64 value within `|err| <= tol * max(1, |want|)`, where values

@@ -1,0 +1,348 @@
+//! Softmax, log-softmax and logsumexp against naive float64 references.
+
+mod common;
+use common::{Rng, assert_log_close, assert_prob_close, reference};
+use proptest::prelude::*;
+use softmax_layer::kernels::{Isa, Kernels};
+use softmax_layer::{Error, MatMut, MatRef, RowOptions, log_softmax, log_softmax_inplace, logsumexp, softmax, softmax_inplace};
+
+fn softmax_vec(x: &[f32], opts: &RowOptions) -> Vec<f32> {
+    let mut p = vec![0f32; x.len()];
+    softmax(MatRef::from_row(x), MatMut::from_row(&mut p), opts).unwrap();
+    p
+}
+
+fn entropy(p: &[f32]) -> f64 {
+    p.iter().filter(|&&q| q > 0.0).map(|&q| -(q as f64) * (q as f64).ln()).sum()
+}
+
+#[test]
+fn worked_example_2_1_01() {
+    let p = softmax_vec(&[2.0, 1.0, 0.1], &RowOptions::default());
+    let rounded: Vec<f32> = p.iter().map(|v| (v * 1000.0).round() / 1000.0).collect();
+    assert_eq!(rounded, vec![0.659, 0.242, 0.099]);
+}
+
+#[test]
+fn adding_a_constant_leaves_the_distribution_unchanged() {
+    let x = [2.0f32, 1.0, 0.125, -3.5, 7.25];
+    let p = softmax_vec(&x, &RowOptions::default());
+    for c in [1.0f32, -100.0, 1000.0, 1e6, -3e4] {
+        let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
+        let q = softmax_vec(&shifted, &RowOptions::default());
+        // The shifted logits are rounded to f32, so compare with their own reference.
+        let (want, _) = reference(&shifted, None, 1.0);
+        for j in 0..x.len() {
+            assert_prob_close(q[j], want[j].exp(), "shifted");
+            if c.abs() <= 1000.0 {
+                // Small shifts keep these logits exact: then the result is the same.
+                assert!((q[j] - p[j]).abs() <= 1e-6 * p[j], "shift {c}: {} vs {}", q[j], p[j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn larger_gaps_give_a_sharper_distribution() {
+    let flat = softmax_vec(&[1.0, 2.0, 3.0], &RowOptions::default());
+    let sharp = softmax_vec(&[1.0, 5.0, 10.0], &RowOptions::default());
+    let max = |p: &[f32]| p.iter().cloned().fold(0.0, f32::max);
+    assert!(max(&sharp) > max(&flat));
+    assert!(entropy(&sharp) < entropy(&flat));
+    // And the exact values: [1,2,3] -> 0.665 max, [1,5,10] -> 0.993 max.
+    assert!((max(&flat) - 0.665_240_9).abs() < 1e-6);
+    assert!((max(&sharp) - 0.993_185_4).abs() < 1e-6);
+}
+
+#[test]
+fn temperature_flattens_and_sharpens() {
+    let x = [1.0f32, 2.0, 3.0];
+    let cold = softmax_vec(&x, &RowOptions::with_temperature(0.5));
+    let hot = softmax_vec(&x, &RowOptions::with_temperature(2.0));
+    let base = softmax_vec(&x, &RowOptions::default());
+    assert!(entropy(&cold) < entropy(&base) && entropy(&base) < entropy(&hot));
+    let (want, _) = reference(&x, None, 0.5);
+    for j in 0..3 {
+        assert_prob_close(cold[j], want[j].exp(), "T=0.5");
+    }
+}
+
+/// Checks all three operations on a matrix against the f64 reference.
+fn check_matrix(x: &[f32], n: usize, v: usize, stride: usize, mask: Option<(&[f32], usize)>, t: f32, isa: Option<Isa>) {
+    let mask_view = mask.map(|(m, rows)| MatRef::new(m, rows, v).unwrap());
+    let opts = RowOptions { temperature: t, mask: mask_view, isa };
+    let xv = MatRef::with_stride(x, n, v, stride).unwrap();
+    let mut p = vec![f32::NAN; x.len()];
+    let mut lp = vec![f32::NAN; x.len()];
+    let mut lse = vec![f32::NAN; n];
+    softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+    log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
+    logsumexp(xv, &mut lse, &opts).unwrap();
+    for i in 0..n {
+        let row = &x[i * stride..i * stride + v];
+        let mrow = mask.map(|(m, rows)| if rows == 1 { &m[..v] } else { &m[i * v..(i + 1) * v] });
+        let (want_lp, want_lse) = reference(row, mrow, t);
+        assert_log_close(lse[i], want_lse, 2e-6, &format!("lse row {i}"));
+        let mut sum = 0f64;
+        for j in 0..v {
+            let (pij, lij) = (p[i * stride + j], lp[i * stride + j]);
+            assert_prob_close(pij, want_lp[j].exp(), &format!("p[{i},{j}] (n={n}, v={v}, t={t})"));
+            assert_log_close(lij, want_lp[j], 2e-6, &format!("log p[{i},{j}]"));
+            sum += pij as f64;
+        }
+        assert!((sum - 1.0).abs() <= 1e-6, "row {i} sums to {sum}");
+        // Padding between rows is never written.
+        for j in v..stride {
+            if i * stride + j < x.len() {
+                assert!(p[i * stride + j].is_nan() && lp[i * stride + j].is_nan(), "padding written");
+            }
+        }
+    }
+}
+
+/// A logit: mostly uniform in [-1e4, 1e4], sometimes near ±3e38 or clustered.
+fn logit() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        6 => -1e4f32..1e4f32,
+        2 => -20f32..20f32,
+        1 => prop_oneof![Just(3e38f32), Just(-3e38f32), -3.4e38f32..3.4e38f32],
+    ]
+}
+
+fn case() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, Option<Vec<f32>>, bool, f32)> {
+    (1usize..4, 1usize..4096, 0usize..5, any::<bool>(), any::<bool>(), prop_oneof![Just(1.0f32), Just(0.5), Just(2.0), 0.05f32..20.0])
+        .prop_flat_map(|(n, v, pad, masked, broadcast, t)| {
+            let stride = v + pad;
+            let len = (n - 1) * stride + v;
+            let mrows = if broadcast { 1 } else { n };
+            // Keep at least column 0 unmasked in every row, so no row is all -inf.
+            let mask = prop::collection::vec(prop_oneof![4 => Just(0.0f32), 1 => Just(f32::NEG_INFINITY), 1 => -5f32..5f32], mrows * v)
+                .prop_map(move |mut m| {
+                    for r in 0..mrows {
+                        m[r * v] = 0.0;
+                    }
+                    m
+                });
+            (Just(n), Just(v), Just(stride), prop::collection::vec(logit(), len), mask.prop_map(move |m| masked.then_some(m)), Just(broadcast), Just(t))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matches_float64_reference((n, v, stride, x, mask, broadcast, t) in case()) {
+        let mrows = if broadcast { 1 } else { n };
+        check_matrix(&x, n, v, stride, mask.as_deref().map(|m| (m, mrows)), t, None);
+    }
+
+    #[test]
+    fn in_place_equals_out_of_place((n, v, stride, x, _m, _b, t) in case()) {
+        let opts = RowOptions::with_temperature(t);
+        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
+        let mut p = x.clone();
+        softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+        let mut q = x.clone();
+        softmax_inplace(MatMut::with_stride(&mut q, n, v, stride).unwrap(), &opts).unwrap();
+        prop_assert_eq!(p.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), q.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        let mut lp = x.clone();
+        log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
+        let mut lq = x.clone();
+        log_softmax_inplace(MatMut::with_stride(&mut lq, n, v, stride).unwrap(), &opts).unwrap();
+        prop_assert_eq!(lp.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), lq.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn every_isa_matches_the_reference_over_every_tail_length() {
+    let mut rng = Rng(7);
+    for isa in Isa::available() {
+        // Lengths 1..=600 cover every tail of 4, 8 and 16 lanes and of the 256-element blocks.
+        for v in 1..=600 {
+            let x = rng.vec(v, -30.0, 30.0);
+            let mask: Vec<f32> = (0..v).map(|j| if j > 0 && rng.below(5) == 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            check_matrix(&x, 1, v, v, None, 1.0, Some(isa));
+            check_matrix(&x, 1, v, v, Some((&mask, 1)), 0.7, Some(isa));
+        }
+    }
+}
+
+#[test]
+fn simd_agrees_with_scalar_kernels_over_every_tail_length() {
+    let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
+    let mut rng = Rng(11);
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for v in 0..=300 {
+            let x = rng.vec(v, -50.0, 50.0);
+            let a = k.max_sum(&x, None, 1.3);
+            let b = scalar.max_sum(&x, None, 1.3);
+            assert_eq!(a.max, b.max, "{isa} v={v}");
+            assert!((a.sum - b.sum).abs() <= 1e-6 * b.sum.max(1e-300), "{isa} v={v}: {} vs {}", a.sum, b.sum);
+            if v == 0 {
+                continue;
+            }
+            let mut out = vec![f32::NAN; v + 2];
+            let mut want = vec![0f32; v];
+            k.softmax_into(&x, None, 1.3, b, &mut out[1..v + 1]);
+            scalar.softmax_into(&x, None, 1.3, b, &mut want);
+            assert!(out[0].is_nan() && out[v + 1].is_nan(), "{isa}: softmax wrote outside its row");
+            for j in 0..v {
+                assert!((out[j + 1] - want[j]).abs() <= 2e-7 * want[j], "{isa} v={v} j={j}: {} vs {}", out[j + 1], want[j]);
+            }
+            k.log_softmax_into(&x, None, 1.3, b, &mut out[1..v + 1]);
+            scalar.log_softmax_into(&x, None, 1.3, b, &mut want);
+            assert!(out[0].is_nan() && out[v + 1].is_nan(), "{isa}: log_softmax wrote outside its row");
+            assert_eq!(&out[1..v + 1], &want[..], "{isa} v={v}: log-softmax is elementwise, so bit-equal");
+        }
+    }
+}
+
+#[test]
+fn extreme_logits_never_overflow_or_nan() {
+    for isa in Isa::available() {
+        for t in [1.0f32, 0.5, 3.0] {
+            let x = [3e38f32, -3e38, 3.4e38, -3.4e38, 0.0, 1e-45, f32::MAX, f32::MIN];
+            check_matrix(&x, 1, 8, 8, None, t, Some(isa));
+            let x = [-3e38f32, -3e38, -3e38 + 1e31];
+            check_matrix(&x, 1, 3, 3, None, t, Some(isa));
+        }
+    }
+}
+
+#[test]
+fn masked_entries_get_probability_zero() {
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let m = [0.0f32, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+    let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..Default::default() };
+    let p = softmax_vec(&x, &opts);
+    assert_eq!((p[1], p[3]), (0.0, 0.0));
+    let e = (1.0f64).exp() + (3.0f64).exp();
+    assert_prob_close(p[0], 1f64.exp() / e, "p0");
+    assert_prob_close(p[2], 3f64.exp() / e, "p2");
+    // A -inf inside the logits themselves is a masked entry too, as in PyTorch.
+    let p = softmax_vec(&[f32::NEG_INFINITY, 0.0], &RowOptions::default());
+    assert_eq!(p, vec![0.0, 1.0]);
+}
+
+#[test]
+fn long_row_of_2_pow_24() {
+    let v = 1 << 24;
+    let mut rng = Rng(3);
+    let x = rng.vec(v, -40.0, 40.0);
+    let mut lse = [0f32];
+    logsumexp(MatRef::from_row(&x), &mut lse, &RowOptions::default()).unwrap();
+    let (_, want_lse) = reference(&x, None, 1.0);
+    assert_log_close(lse[0], want_lse, 2e-6, "lse of 2^24");
+    let mut p = vec![0f32; v];
+    softmax(MatRef::from_row(&x), MatMut::from_row(&mut p), &RowOptions::default()).unwrap();
+    let sum: f64 = p.iter().map(|&q| q as f64).sum();
+    assert!((sum - 1.0).abs() <= 1e-6, "sum {sum}");
+    for j in (0..v).step_by(997) {
+        assert_prob_close(p[j], (x[j] as f64 - want_lse).exp(), "p of 2^24");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn results_are_bit_identical_for_any_thread_count() {
+    let mut rng = Rng(5);
+    let shapes = [(3usize, 300_001usize), (1, 1 << 20), (700, 777), (2, 65_537)];
+    for (n, v) in shapes {
+        let x = rng.vec(n * v, -20.0, 20.0);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let xv = MatRef::new(&x, n, v).unwrap();
+                let opts = RowOptions::with_temperature(0.9);
+                let mut p = vec![0f32; n * v];
+                let mut lp = vec![0f32; n * v];
+                let mut lse = vec![0f32; n];
+                softmax(xv, MatMut::new(&mut p, n, v).unwrap(), &opts).unwrap();
+                log_softmax(xv, MatMut::new(&mut lp, n, v).unwrap(), &opts).unwrap();
+                logsumexp(xv, &mut lse, &opts).unwrap();
+                (bits(&p), bits(&lp), bits(&lse))
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3, 4] {
+            assert!(run(threads) == one, "[{n}, {v}]: {threads} threads differ from 1");
+        }
+    }
+}
+
+#[test]
+fn nan_is_an_error_naming_row_and_column() {
+    let mut x = vec![0.5f32; 3 * 5];
+    x[2 * 5 + 3] = f32::NAN;
+    x[1 * 5 + 4] = f32::INFINITY;
+    let err = logsumexp(MatRef::new(&x, 3, 5).unwrap(), &mut [0.0; 3], &RowOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { row: 1, col: 4, .. }), "{err}");
+    assert_eq!(err.to_string(), "logits[1, 4] is inf; only finite values are allowed");
+    x[1 * 5 + 4] = 0.0;
+    let mut out = vec![7.0f32; 15];
+    let err = softmax(MatRef::new(&x, 3, 5).unwrap(), MatMut::new(&mut out, 3, 5).unwrap(), &RowOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { row: 2, col: 3, .. }), "{err}");
+    assert!(out[10..].iter().all(|&v| v == 7.0), "the bad row must be left untouched");
+    // Large inputs take the parallel path and still report the lowest bad row.
+    let (n, v) = (64, 4096);
+    let mut big = vec![0.0f32; n * v];
+    big[40 * v + 7] = f32::NAN;
+    big[9 * v + 100] = f32::NAN;
+    let err = log_softmax_inplace(MatMut::new(&mut big, n, v).unwrap(), &RowOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { row: 9, col: 100, .. }), "{err}");
+}
+
+#[test]
+fn nan_in_mask_is_named() {
+    let x = [0.0f32; 4];
+    let m = [0.0f32, 0.0, f32::NAN, 0.0];
+    let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..Default::default() };
+    let err = logsumexp(MatRef::from_row(&x), &mut [0.0], &opts).unwrap_err();
+    assert_eq!(err.to_string(), "mask[0, 2] is NaN; only finite values are allowed");
+}
+
+#[test]
+fn all_masked_row_is_an_error() {
+    let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let m = [0.0f32, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY];
+    let opts = RowOptions { mask: Some(MatRef::new(&m, 2, 3).unwrap()), ..Default::default() };
+    let err = logsumexp(MatRef::new(&x, 2, 3).unwrap(), &mut [0.0; 2], &opts).unwrap_err();
+    assert!(matches!(err, Error::AllMasked { row: 1 }), "{err}");
+    let long = vec![f32::NEG_INFINITY; 200_000];
+    let err = logsumexp(MatRef::from_row(&long), &mut [0.0], &RowOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::AllMasked { row: 0 }), "{err}");
+}
+
+#[test]
+fn bad_temperature_and_shapes_are_errors() {
+    let x = [1.0f32, 2.0];
+    for t in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        let err = logsumexp(MatRef::from_row(&x), &mut [0.0], &RowOptions::with_temperature(t)).unwrap_err();
+        assert!(matches!(err, Error::InvalidTemperature(_)), "{t}: {err}");
+    }
+    let err = logsumexp(MatRef::from_row(&x), &mut [0.0; 2], &RowOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Shape(_)));
+    let m = [0.0f32; 3];
+    let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..Default::default() };
+    let err = logsumexp(MatRef::from_row(&x), &mut [0.0], &opts).unwrap_err();
+    assert!(err.to_string().contains("mask is [1, 3]"), "{err}");
+    assert!(MatRef::with_stride(&x, 2, 2, 1).is_err());
+    assert!(MatRef::new(&x, 2, 2).is_err());
+}
+
+#[test]
+fn max_sum_merges_like_one_pass() {
+    let k = Kernels::best();
+    let mut rng = Rng(9);
+    let x = rng.vec(10_000, -60.0, 60.0);
+    let whole = k.max_sum(&x, None, 1.0);
+    let parts = x.chunks(1234).map(|c| k.max_sum(c, None, 1.0)).fold(softmax_layer::MaxSum::EMPTY, |a, b| a.merge(b, 1.0));
+    assert_eq!(whole.max, parts.max);
+    assert!((whole.sum - parts.sum).abs() <= 1e-6 * whole.sum);
+    let (_, lse) = reference(&x, None, 1.0);
+    assert!((parts.logsumexp(1.0) - lse).abs() <= 1e-6);
+}
