@@ -26,9 +26,17 @@
 //! NaN or `+inf` in the logits or the mask, and rows that are entirely `-inf`, are
 //! reported with their row and column. They are detected as a by-product of the online pass
 //! (a NaN or `+inf` makes the row's sum NaN; an all-`-inf` row has sum 0), so checking
-//! costs nothing. When an error is returned, the offending row of the output is untouched,
-//! but other rows may already hold their results (for the in-place functions: their
-//! softmax). The lowest offending row is the one reported.
+//! costs nothing. The lowest offending row is the one reported. When an error is
+//! returned, the contents of the output are unspecified; the in-place functions leave the
+//! offending row untouched, though other rows may already hold their results.
+//!
+//! # Algorithms
+//!
+//! Out-of-place softmax computes each exponential once: the online pass writes
+//! `exp((z - m_b) / T)` against the running maximum `m_b` of its block, then the output
+//! row, still in cache, is scaled per block by `exp((m_b - M) / T) / S`. In-place softmax
+//! and log-softmax use the classic two reads: the online pass, then a pass that writes
+//! the result, so that a row with an error is never modified.
 
 use crate::error::{Error, Result};
 use crate::kernels::{Isa, Kernels, MaxSum};
@@ -160,6 +168,42 @@ fn write_row(k: &Kernels, op: Op, src: Option<&[f32]>, mask: Option<&[f32]>, t: 
     }
 }
 
+/// Out-of-place softmax of one row in two steps: the online pass writes each
+/// `exp((z - m_b) / T)` once, relative to its block's running maximum, then a rescale of
+/// the (cache-resident) output row by `exp((m_b - M) / T) / S` per block. Each exponential
+/// is computed once. `Err(())` marks an invalid row; the error is rebuilt from `src`.
+fn fused_softmax_row(plan: &Plan<'_>, src: &[f32], mask: Option<&[f32]>, out: &mut [f32], i: usize, parallel: bool) -> std::result::Result<(), ()> {
+    const STACK_BLOCKS: usize = 256;
+    let nb = src.len().div_ceil(Kernels::BLOCK);
+    let mut stack = [0f32; STACK_BLOCKS];
+    let mut heap = Vec::new();
+    let block_max: &mut [f32] = if nb <= STACK_BLOCKS {
+        &mut stack[..nb]
+    } else {
+        heap.resize(nb, 0f32);
+        &mut heap
+    };
+    let per_chunk = CHUNK / Kernels::BLOCK;
+    let (k, t) = (plan.k, plan.t);
+    let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
+        let range = c * CHUNK..c * CHUNK + o.len();
+        k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
+    };
+    let stats = if parallel && src.len() > CHUNK {
+        let parts: Vec<MaxSum> = out.par_chunks_mut(CHUNK).zip(block_max.par_chunks_mut(per_chunk)).enumerate().map(pass1).collect();
+        parts.into_iter().fold(MaxSum::EMPTY, |a, b| a.merge(b, t))
+    } else {
+        out.chunks_mut(CHUNK).zip(block_max.chunks_mut(per_chunk)).enumerate().map(pass1).fold(MaxSum::EMPTY, |a, b| a.merge(b, t))
+    };
+    check_row(stats, src, mask, i).map_err(|_| ())?;
+    if parallel && src.len() > CHUNK {
+        out.par_chunks_mut(CHUNK).zip(block_max.par_chunks(per_chunk)).for_each(|(o, b)| k.rescale(o, b, t, stats));
+    } else {
+        k.rescale(out, block_max, t, stats);
+    }
+    Ok(())
+}
+
 /// Softmax or log-softmax of every row; `src = None` means in place in `out`.
 fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
     let (n, v) = (out.rows(), out.cols());
@@ -181,6 +225,12 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     let do_row = |i: usize, orow: &mut [f32]| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
+        if let (Op::Softmax, Some(srow)) = (op, srow) {
+            if fused_softmax_row(&plan, srow, mask, orow, i, false).is_err() {
+                first_bad.fetch_min(i, Ordering::Relaxed);
+            }
+            return;
+        }
         let stats = plan.stats(srow.unwrap_or(orow), mask, false);
         if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
             first_bad.fetch_min(i, Ordering::Relaxed);
@@ -198,6 +248,13 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             let orow = out.row_mut(i);
             let srow = src.map(|s| s.row(i));
             let mask = plan.mask_row(i);
+            if let (Op::Softmax, Some(srow)) = (op, srow) {
+                if fused_softmax_row(&plan, srow, mask, orow, i, true).is_err() {
+                    first_bad.fetch_min(i, Ordering::Relaxed);
+                    break;
+                }
+                continue;
+            }
             let stats = plan.stats(srow.unwrap_or(orow), mask, true);
             if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);

@@ -58,14 +58,26 @@ pub(crate) trait Vector: Copy {
     unsafe fn round(self) -> Self;
     /// `2^n` for lanes holding integers `n` in `[-126, 127]`.
     unsafe fn pow2i(self) -> Self;
+    /// `self * 2^n` for lanes `n` holding integers in `[-252, 252]`, rounded once (into
+    /// the subnormal range or to infinity when the result leaves the normal range).
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // Two exact steps, each a power of two in the normal range; only the last rounds.
+        unsafe {
+            let n1 = n.mul(Self::splat(0.5)).round();
+            let n2 = n.sub(n1);
+            self.mul(n1.pow2i()).mul(n2.pow2i())
+        }
+    }
     /// Maximum over the lanes, in a fixed order.
     unsafe fn reduce_max(self) -> f32;
     /// Sum over the lanes, in a fixed order.
     unsafe fn reduce_sum(self) -> f32;
 }
 
-/// Vectors per block of the online pass: a block is read twice from L1 (max, then sum).
-const BLOCK_VECS: usize = 16;
+/// Elements per block of the online pass: a block (4 KiB) is read twice from L1, once for
+/// its maximum and once for its terms. A multiple of every instruction set's lane count.
+pub(crate) const BLOCK: usize = 1024;
 
 /// Parameters shared by the row kernels.
 #[derive(Clone, Copy, Debug)]
@@ -100,19 +112,25 @@ const P5: f32 = 5.000_000_1e-1;
 const EXP_HI: f32 = 89.0;
 const EXP_LO: f32 = -104.0;
 
-/// `exp(hi + lo)` where `lo` is a small correction to `hi` (|lo| <= 1).
+/// Adding this rounds a value of magnitude < 2^22 to an integer (ties to even).
+const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+
+/// `exp(x + lo)`, where `lo` is a small correction to `x` (used when `EXT`), for `x` in
+/// `[-160, 89]`: no clamping, so callers bound `x` themselves.
 ///
-/// Accurate to about 1 ulp over the whole `f32` range, subnormal results included;
-/// `+inf -> +inf`, `-inf -> 0`, NaN propagates.
+/// `exp(x) = 2^n * exp(r)` with `n = round(x / ln 2)` and `|r| <= ln2 / 2`, the Cephes
+/// polynomial for `exp(r)`, and one final scaling. About 1 ulp over the whole range,
+/// subnormal results included (see the exp sweep test).
 #[inline(always)]
-pub(crate) unsafe fn exp_ext<V: Vector>(hi: V, lo: V) -> V {
+unsafe fn exp_core<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
     unsafe {
-        // `min`/`max` with the constant first propagate NaN (see `Vector::max`).
-        let x = V::splat(EXP_LO).max(V::splat(EXP_HI).min(hi));
-        let n = x.mul(V::splat(LOG2E)).round();
+        let n = x.mul_add(V::splat(LOG2E), V::splat(ROUND_MAGIC)).sub(V::splat(ROUND_MAGIC));
         // n * LN2_HI is exact, and x - n * LN2_HI is exact by Sterbenz-like cancellation.
         let r = n.mul_add(V::splat(-LN2_HI), x);
-        let r = n.mul_add(V::splat(-LN2_LO), r).add(lo);
+        let mut r = n.mul_add(V::splat(-LN2_LO), r);
+        if EXT {
+            r = r.add(lo);
+        }
         let mut p = V::splat(P0);
         p = p.mul_add(r, V::splat(P1));
         p = p.mul_add(r, V::splat(P2));
@@ -120,17 +138,21 @@ pub(crate) unsafe fn exp_ext<V: Vector>(hi: V, lo: V) -> V {
         p = p.mul_add(r, V::splat(P4));
         p = p.mul_add(r, V::splat(P5));
         let y = p.mul_add(r.mul(r), r).add(V::splat(1.0));
-        // n lies in [-150, 128]; scale in two exact steps so that only the last
-        // multiplication rounds (into the subnormal range or to infinity).
-        let n1 = n.mul(V::splat(0.5)).round();
-        let n2 = n.sub(n1);
-        y.mul(n1.pow2i()).mul(n2.pow2i())
+        y.scale_pow2(n)
     }
 }
 
+/// `exp(x)` over the whole `f32` range: `+inf -> +inf`, `-inf -> 0`, NaN propagates.
 #[inline(always)]
 pub(crate) unsafe fn exp<V: Vector>(x: V) -> V {
-    unsafe { exp_ext(x, V::splat(0.0)) }
+    // `min`/`max` with the constant first propagate NaN (see `Vector::max`).
+    unsafe { exp_core::<V, false>(V::splat(EXP_LO).max(V::splat(EXP_HI).min(x)), x) }
+}
+
+/// `exp(x)` for `x <= 0` (or NaN, which propagates): the online pass's terms.
+#[inline(always)]
+unsafe fn exp_nonpositive<V: Vector>(x: V) -> V {
+    unsafe { exp_core::<V, false>(V::splat(EXP_LO).max(x), x) }
 }
 
 /// Loads `z = x (+ mask)` at `i`, full vector.
@@ -160,6 +182,7 @@ unsafe fn load_z_partial<V: Vector, const MASK: bool>(
 ///
 /// The rounding of `z - m` (and of the division) would otherwise cost up to
 /// `|z - m| * 2^-24` of relative error in `exp`, i.e. 4e-6 for probabilities near 1e-30.
+/// `hi` is clamped to `>= -150` and `lo` to `[-1, 1]`, ready for [`exp_core`].
 #[inline(always)]
 unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V) -> (V, V) {
     unsafe {
@@ -175,9 +198,11 @@ unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V)
         } else {
             (d, err)
         };
-        // For masked entries (hi = -inf) the error terms are NaN; any bounded value will do
-        // there, since exp(-inf + lo) = 0. For finite hi, |lo| << 1.
-        (hi, lo.max(V::splat(-1.0)).min(V::splat(1.0)))
+        // Bound both parts for `exp_core`: below -150 the result is 0 anyway. Masked
+        // entries (z = -inf) and differences beyond the f32 range make `lo` NaN or huge;
+        // any value in [-1, 1] will do there. For the rest, |lo| is far below 1.
+        // (`max` with the constant first keeps a NaN `hi`, so errors still show in sums.)
+        (V::splat(-150.0).max(hi), lo.max(V::splat(-1.0)).min(V::splat(1.0)))
     }
 }
 
@@ -185,34 +210,49 @@ unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V)
 ///
 /// NaN or `+inf` anywhere in `z` makes `S` NaN; a row of `-inf` gives `S = 0` and
 /// `M = -f32::MAX`.
+///
+/// With `STORE`, it also writes `out[i] = exp((z_i - m_b) / T)`, where `m_b` is the running
+/// maximum after block `b` (of [`BLOCK`] elements), and stores `m_b` in `block_max[b]`;
+/// [`rescale_impl`] then turns these into probabilities. `out` may equal `x`.
 #[inline(always)]
-unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STORE: bool>(
     x: *const f32,
     mask: *const f32,
+    out: *mut f32,
+    block_max: *mut f32,
     len: usize,
     p: Params,
 ) -> MaxSum {
     unsafe {
         let lanes = V::LANES;
-        let block = lanes * BLOCK_VECS;
         // -f32::MAX rather than -inf: then z - m is never (-inf) - (-inf).
         let mut m = -f32::MAX;
         let mut s = 0f64;
-        let inv_t = V::splat(p.inv_t);
+        let (t, inv_t) = (V::splat(p.t), V::splat(p.inv_t));
         let mut i = 0;
+        let mut b = 0;
         while i < len {
-            let blen = block.min(len - i);
+            let blen = BLOCK.min(len - i);
             let full = blen / lanes;
             let tail = blen % lanes;
-            // Block maximum, four independent accumulators.
-            let mut a = [V::splat(-f32::MAX); 4];
-            for j in 0..full {
-                a[j % 4] = a[j % 4].max(load_z::<V, MASK>(x, mask, i + j * lanes));
+            // Block maximum, four independent accumulators (named, so they stay in registers).
+            let (mut a0, mut a1, mut a2, mut a3) = (V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX));
+            let mut j = 0;
+            while j + 4 <= full {
+                a0 = a0.max(load_z::<V, MASK>(x, mask, i + j * lanes));
+                a1 = a1.max(load_z::<V, MASK>(x, mask, i + (j + 1) * lanes));
+                a2 = a2.max(load_z::<V, MASK>(x, mask, i + (j + 2) * lanes));
+                a3 = a3.max(load_z::<V, MASK>(x, mask, i + (j + 3) * lanes));
+                j += 4;
+            }
+            while j < full {
+                a0 = a0.max(load_z::<V, MASK>(x, mask, i + j * lanes));
+                j += 1;
             }
             if tail > 0 {
-                a[0] = a[0].max(load_z_partial::<V, MASK>(x, mask, i + full * lanes, tail));
+                a1 = a1.max(load_z_partial::<V, MASK>(x, mask, i + full * lanes, tail));
             }
-            let bm = a[0].max(a[1]).max(a[2].max(a[3])).reduce_max();
+            let bm = a0.max(a1).max(a2.max(a3)).reduce_max();
             if bm > m {
                 // Rescale the running sum to the new maximum (skipped when s == 0).
                 if s != 0.0 {
@@ -221,25 +261,102 @@ unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
                 m = bm;
             }
             let mv = V::splat(m);
-            let mut acc = [V::splat(0.0); 4];
-            for j in 0..full {
-                let mut d = load_z::<V, MASK>(x, mask, i + j * lanes).sub(mv);
-                if SCALED {
-                    d = d.mul(inv_t);
+            #[inline(always)]
+            unsafe fn term<V: Vector, const SCALED: bool, const STORE: bool>(z: V, mv: V, t: V, inv_t: V) -> V {
+                unsafe {
+                    if STORE {
+                        // Stored terms become probabilities: keep them accurate to ~1 ulp.
+                        let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
+                        exp_core::<V, true>(hi, lo)
+                    } else {
+                        let d = z.sub(mv);
+                        exp_nonpositive(if SCALED { d.mul(inv_t) } else { d })
+                    }
                 }
-                acc[j % 4] = acc[j % 4].add(exp(d));
+            }
+            let (mut s0, mut s1, mut s2, mut s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
+            let mut j = 0;
+            macro_rules! step {
+                ($acc:ident, $k:expr) => {{
+                    let e = term::<V, SCALED, STORE>(load_z::<V, MASK>(x, mask, i + $k * lanes), mv, t, inv_t);
+                    if STORE {
+                        e.store(out.add(i + $k * lanes));
+                    }
+                    $acc = $acc.add(e);
+                }};
+            }
+            while j + 4 <= full {
+                step!(s0, j);
+                step!(s1, j + 1);
+                step!(s2, j + 2);
+                step!(s3, j + 3);
+                j += 4;
+            }
+            while j < full {
+                step!(s0, j);
+                j += 1;
             }
             if tail > 0 {
-                let mut d = load_z_partial::<V, MASK>(x, mask, i + full * lanes, tail).sub(mv);
-                if SCALED {
-                    d = d.mul(inv_t);
+                let z = load_z_partial::<V, MASK>(x, mask, i + full * lanes, tail);
+                let e = term::<V, SCALED, STORE>(z, mv, t, inv_t);
+                if STORE {
+                    e.store_partial(out.add(i + full * lanes), tail);
                 }
-                acc[0] = acc[0].add(exp(d));
+                s1 = s1.add(e);
             }
-            s += acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() as f64;
+            s += s0.add(s1).add(s2.add(s3)).reduce_sum() as f64;
+            if STORE {
+                *block_max.add(b) = m;
+            }
+            b += 1;
             i += blen;
         }
         MaxSum { max: m, sum: s }
+    }
+}
+
+#[inline(always)]
+unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
+    unsafe { online_impl::<V, MASK, SCALED, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
+}
+
+#[inline(always)]
+unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+    x: *const f32,
+    mask: *const f32,
+    out: *mut f32,
+    block_max: *mut f32,
+    len: usize,
+    p: Params,
+) -> MaxSum {
+    unsafe { online_impl::<V, MASK, SCALED, true>(x, mask, out, block_max, len, p) }
+}
+
+/// Second step after the `STORE` online pass: block `b` of `out` is multiplied by
+/// `exp((block_max[b] - M) / T) / S`, computed in `f64`.
+#[inline(always)]
+pub(crate) unsafe fn rescale<V: Vector>(out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64) {
+    unsafe {
+        let lanes = V::LANES;
+        let mut i = 0;
+        let mut b = 0;
+        while i < len {
+            let blen = BLOCK.min(len - i);
+            let f = (((*block_max.add(b) as f64 - m as f64) / p.t as f64).exp() / sum) as f32;
+            let fv = V::splat(f);
+            let full = blen / lanes;
+            for j in 0..full {
+                let q = out.add(i + j * lanes);
+                V::load(q).mul(fv).store(q);
+            }
+            let tail = blen % lanes;
+            if tail > 0 {
+                let q = out.add(i + full * lanes);
+                V::load_partial(q, tail, 0.0).mul(fv).store_partial(q, tail);
+            }
+            b += 1;
+            i += blen;
+        }
     }
 }
 
@@ -258,17 +375,23 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     unsafe {
         let lanes = V::LANES;
         let (mv, t, inv_t, sv) = (V::splat(m), V::splat(p.t), V::splat(p.inv_t), V::splat(scale));
+        // A closure here would not inherit the caller's target features, and is not inlined.
+        #[inline(always)]
+        unsafe fn f<V: Vector, const SCALED: bool>(z: V, mv: V, t: V, inv_t: V, sv: V) -> V {
+            unsafe {
+                let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
+                exp_core::<V, true>(hi, lo).mul(sv)
+            }
+        }
         let full = len / lanes;
         for j in 0..full {
             let z = load_z::<V, MASK>(x, mask, j * lanes);
-            let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
-            exp_ext(hi, lo).mul(sv).store(out.add(j * lanes));
+            f::<V, SCALED>(z, mv, t, inv_t, sv).store(out.add(j * lanes));
         }
         let tail = len % lanes;
         if tail > 0 {
             let z = load_z_partial::<V, MASK>(x, mask, full * lanes, tail);
-            let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
-            exp_ext(hi, lo).mul(sv).store_partial(out.add(full * lanes), tail);
+            f::<V, SCALED>(z, mv, t, inv_t, sv).store_partial(out.add(full * lanes), tail);
         }
     }
 }
@@ -292,14 +415,14 @@ unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
         // when z - m would (|z - m| > f32::MAX is finite after dividing by T > 1).
         let (half, two_inv_t) = (V::splat(0.5), V::splat(2.0 * p.inv_t));
         let mh = mv.mul(half);
-        let f = |z: V| z.mul(half).sub(mh).mul(two_inv_t).sub(lv);
         for j in 0..full {
-            f(load_z::<V, MASK>(x, mask, j * lanes)).store(out.add(j * lanes));
+            let z = load_z::<V, MASK>(x, mask, j * lanes);
+            z.mul(half).sub(mh).mul(two_inv_t).sub(lv).store(out.add(j * lanes));
         }
         let tail = len % lanes;
         if tail > 0 {
             let z = load_z_partial::<V, MASK>(x, mask, full * lanes, tail);
-            f(z).store_partial(out.add(full * lanes), tail);
+            z.mul(half).sub(mh).mul(two_inv_t).sub(lv).store_partial(out.add(full * lanes), tail);
         }
     }
 }
@@ -320,6 +443,19 @@ macro_rules! dispatch4 {
 #[inline(always)]
 pub(crate) unsafe fn max_sum<V: Vector>(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
     unsafe { dispatch4!(max_sum_impl, V, mask, p, (x, mask, len, p)) }
+}
+
+/// See [`online_impl`] with `STORE`. `block_max` is valid for `len.div_ceil(BLOCK)` writes.
+#[inline(always)]
+pub(crate) unsafe fn softmax_pass1<V: Vector>(
+    x: *const f32,
+    mask: *const f32,
+    out: *mut f32,
+    block_max: *mut f32,
+    len: usize,
+    p: Params,
+) -> MaxSum {
+    unsafe { dispatch4!(softmax_pass1_impl, V, mask, p, (x, mask, out, block_max, len, p)) }
 }
 
 /// See [`softmax_impl`].
@@ -380,6 +516,26 @@ macro_rules! instantiate {
         pub(crate) unsafe fn max_sum(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::max_sum::<$V>(x, mask, len, p) }
+        }
+
+        /// # Safety
+        /// As [`max_sum`]; `out` is valid for `len` writes and equals `x` or overlaps
+        /// neither `x` nor `mask`; `block_max` is valid for `len.div_ceil(BLOCK)` writes.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn softmax_pass1(
+            x: *const f32, mask: *const f32, out: *mut f32, block_max: *mut f32, len: usize, p: Params,
+        ) -> MaxSum {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::softmax_pass1::<$V>(x, mask, out, block_max, len, p) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `out` is valid for `len` reads
+        /// and writes, `block_max` for `len.div_ceil(BLOCK)` reads.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn rescale(out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::rescale::<$V>(out, block_max, len, p, m, sum) }
         }
 
         /// # Safety

@@ -119,8 +119,10 @@ impl Isa {
 }
 
 type MaxSumFn = unsafe fn(*const f32, *const f32, usize, Params) -> MaxSum;
-type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f32) -> ();
+type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f32);
 type ExpFn = unsafe fn(*const f32, *mut f32, usize);
+type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Params) -> MaxSum;
+type RescaleFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64);
 
 /// The row kernels of one instruction set.
 ///
@@ -137,6 +139,8 @@ pub struct Kernels {
     softmax: WriteFn,
     log_softmax: WriteFn,
     exp: ExpFn,
+    softmax_pass1: Pass1Fn,
+    rescale: RescaleFn,
 }
 
 impl fmt::Debug for Kernels {
@@ -151,6 +155,8 @@ static SCALAR: Kernels = Kernels {
     softmax: scalar::softmax,
     log_softmax: scalar::log_softmax,
     exp: scalar::exp,
+    softmax_pass1: scalar::softmax_pass1,
+    rescale: scalar::rescale,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -160,6 +166,8 @@ static AVX2: Kernels = Kernels {
     softmax: x86_64::avx2::softmax,
     log_softmax: x86_64::avx2::log_softmax,
     exp: x86_64::avx2::exp,
+    softmax_pass1: x86_64::avx2::softmax_pass1,
+    rescale: x86_64::avx2::rescale,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -169,6 +177,8 @@ static AVX512: Kernels = Kernels {
     softmax: x86_64::avx512::softmax,
     log_softmax: x86_64::avx512::log_softmax,
     exp: x86_64::avx512::exp,
+    softmax_pass1: x86_64::avx512::softmax_pass1,
+    rescale: x86_64::avx512::rescale,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -178,6 +188,8 @@ static NEON: Kernels = Kernels {
     softmax: aarch64::neon::softmax,
     log_softmax: aarch64::neon::log_softmax,
     exp: aarch64::neon::exp,
+    softmax_pass1: aarch64::neon::softmax_pass1,
+    rescale: aarch64::neon::rescale,
 };
 
 impl Kernels {
@@ -239,6 +251,48 @@ impl Kernels {
         let mask_ptr = mask_ptr(row.len(), mask);
         // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
         unsafe { (self.softmax)(row.as_ptr(), mask_ptr, out.as_mut_ptr(), row.len(), Params::new(t), stats.max, (1.0 / stats.sum) as f32) }
+    }
+
+    /// Elements per block of [`Kernels::softmax_pass1`]: `block_max` needs
+    /// `len.div_ceil(Kernels::BLOCK)` entries.
+    pub const BLOCK: usize = generic::BLOCK;
+
+    /// Step 1 of the fused two-step softmax: the online pass of [`Kernels::max_sum`] that
+    /// also writes `out[i] = exp((z_i - m_b) / t)`, with `m_b` the running maximum of block
+    /// `b`, stored in `block_max[b]`. Step 2 is [`Kernels::rescale`] with the row's final
+    /// [`MaxSum`] (merged over chunks, if the row was cut). Compared with
+    /// [`Kernels::softmax_into`], each exponential is computed once instead of twice.
+    ///
+    /// With `out == None` the row is overwritten in place.
+    ///
+    /// # Panics
+    /// If lengths differ or `block_max` is too short.
+    pub fn softmax_pass1(&self, row: &mut [f32], src: Option<&[f32]>, mask: Option<&[f32]>, t: f32, block_max: &mut [f32]) -> MaxSum {
+        let len = row.len();
+        assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
+        let mask_ptr = mask_ptr(len, mask);
+        let out = row.as_mut_ptr();
+        let x = match src {
+            Some(s) => {
+                assert_eq!(s.len(), len, "softmax_pass1: source and output lengths differ");
+                s.as_ptr()
+            }
+            None => out as *const f32,
+        };
+        // SAFETY: supported ISA; `x` is the distinct `src` or the output row itself, both
+        // of `len` elements; `block_max` was checked above.
+        unsafe { (self.softmax_pass1)(x, mask_ptr, out, block_max.as_mut_ptr(), len, Params::new(t)) }
+    }
+
+    /// Step 2 of the fused softmax: scales block `b` of `out` by
+    /// `exp((block_max[b] - stats.max) / t) / stats.sum`.
+    ///
+    /// # Panics
+    /// If `block_max` is too short.
+    pub fn rescale(&self, out: &mut [f32], block_max: &[f32], t: f32, stats: MaxSum) {
+        assert!(block_max.len() >= out.len().div_ceil(Self::BLOCK), "rescale: block_max too short");
+        // SAFETY: supported ISA; lengths checked above.
+        unsafe { (self.rescale)(out.as_mut_ptr(), block_max.as_ptr(), out.len(), Params::new(t), stats.max, stats.sum) }
     }
 
     /// In-place [`Kernels::softmax_into`].

@@ -81,6 +81,11 @@ impl Vector for F32x16 {
         F32x16(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127)))))
     }
     #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // One instruction, with a single rounding into the subnormal range or to infinity.
+        F32x16(_mm512_scalef_ps(self.0, n.0))
+    }
+    #[inline(always)]
     unsafe fn reduce_max(self) -> f32 {
         _mm512_reduce_max_ps(self.0)
     }
