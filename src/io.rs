@@ -70,9 +70,7 @@ impl TensorSpec {
             return Ok(TensorSpec::SafeTensors(file.into(), name.into()));
         }
         if s.ends_with(".safetensors") {
-            return Err(Error::InvalidArgument(format!(
-                "{s}: name the tensor inside the file, as {s}:NAME"
-            )));
+            return Err(Error::InvalidArgument(format!("{s}: name the tensor inside the file, as {s}:NAME")));
         }
         Ok(TensorSpec::Npy(s.into()))
     }
@@ -125,7 +123,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tensor").field("source", &self.source).field("dtype", &self.dtype).field("shape", &self.shape).finish()
+        f.debug_struct("Tensor")
+            .field("source", &self.source)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
     }
 }
 
@@ -263,7 +265,11 @@ impl Tensor {
         match self.shape[..] {
             [v] => Ok((1, v)),
             [n, v] => Ok((n, v)),
-            _ => Err(Error::Shape(format!("{}: expected a 1-D or 2-D tensor, got shape {}", self.source, shape_str(&self.shape)))),
+            _ => Err(Error::Shape(format!(
+                "{}: expected a 1-D or 2-D tensor, got shape {}",
+                self.source,
+                shape_str(&self.shape)
+            ))),
         }
     }
 }
@@ -292,13 +298,18 @@ fn byte_len(path: &Path, shape: &[usize], size: usize) -> Result<usize> {
 /// Parses a `.npy` header and maps the data.
 pub fn read_npy(path: &Path) -> Result<Tensor> {
     let storage = map_file(path)?;
-    let (dtype, big_endian, fortran, shape, offset) = parse_npy_header(storage.bytes()).map_err(|w| fmt_err(path, w))?;
+    let (dtype, big_endian, fortran, shape, offset) =
+        parse_npy_header(storage.bytes()).map_err(|w| fmt_err(path, w))?;
     let len = byte_len(path, &shape, dtype.size())?;
     let have = storage.bytes().len() - offset;
     if have < len {
         return Err(fmt_err(
             path,
-            format!("truncated: shape {} of {} needs {len} data bytes, the file has {have}", shape_str(&shape), dtype.name()),
+            format!(
+                "truncated: shape {} of {} needs {len} data bytes, the file has {have}",
+                shape_str(&shape),
+                dtype.name()
+            ),
         ));
     }
     Ok(Tensor { source: path.display().to_string(), dtype, shape, storage, offset, len, fortran, big_endian })
@@ -351,7 +362,11 @@ pub fn parse_npy_header(b: &[u8]) -> std::result::Result<(DType, bool, bool, Vec
         .ok_or_else(|| format!("bad shape '{shape_txt}' in the .npy header"))?;
     let mut shape = Vec::new();
     for part in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        shape.push(part.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad dimension '{part}' in the .npy shape"))?);
+        shape.push(
+            part.trim_end_matches('L')
+                .parse::<usize>()
+                .map_err(|_| format!("bad dimension '{part}' in the .npy shape"))?,
+        );
     }
     Ok((dtype, big_endian, fortran, shape, end))
 }
@@ -378,7 +393,8 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 pub fn read_safetensors(path: &Path, name: &str) -> Result<Tensor> {
     let storage = map_file(path)?;
     let bytes = storage.bytes();
-    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;
     let Some(info) = meta.info(name) else {
         let mut names: Vec<String> = meta.tensors().keys().cloned().collect();
         names.sort();
@@ -471,14 +487,26 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor<'_
     let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, shape, t)| match t {
-            OutTensor::F32(d) => (name.to_string(), safetensors::Dtype::F32, shape.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            OutTensor::I64(d) => (name.to_string(), safetensors::Dtype::I64, shape.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutTensor::F32(d) => (
+                name.to_string(),
+                safetensors::Dtype::F32,
+                shape.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            OutTensor::I64(d) => (
+                name.to_string(),
+                safetensors::Dtype::I64,
+                shape.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bufs
         .iter()
         .map(|(n, dt, s, b)| {
-            TensorView::new(*dt, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| fmt_err(path, format!("tensor '{n}': {e}")))
+            TensorView::new(*dt, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| fmt_err(path, format!("tensor '{n}': {e}")))
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, None).map_err(|e| fmt_err(path, e.to_string()))?;

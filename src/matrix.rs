@@ -66,7 +66,6 @@ impl<'a> MatRef<'a> {
         assert!(i < self.rows, "row {i} out of bounds for {} rows", self.rows);
         &self.data[i * self.stride..i * self.stride + self.cols]
     }
-
 }
 
 /// A mutable `[rows, cols]` view.

@@ -96,14 +96,14 @@ impl<'a> Plan<'a> {
         if n > 0 && v == 0 {
             return Err(Error::Shape(format!("logits are [{n}, 0]: a softmax over no classes is undefined")));
         }
-        if let Some(m) = opts.mask {
-            if m.cols() != v || (m.rows() != n && m.rows() != 1) {
-                return Err(Error::Shape(format!(
-                    "mask is [{}, {}], expected [{n}, {v}] or [1, {v}] for logits [{n}, {v}]",
-                    m.rows(),
-                    m.cols()
-                )));
-            }
+        if let Some(m) = opts.mask
+            && (m.cols() != v || (m.rows() != n && m.rows() != 1))
+        {
+            return Err(Error::Shape(format!(
+                "mask is [{}, {}], expected [{n}, {v}] or [1, {v}] for logits [{n}, {v}]",
+                m.rows(),
+                m.cols()
+            )));
         }
         Ok(Plan { k, t: opts.temperature, mask: opts.mask })
     }
@@ -172,7 +172,14 @@ fn write_row(k: &Kernels, op: Op, src: Option<&[f32]>, mask: Option<&[f32]>, t: 
 /// `exp((z - m_b) / T)` once, relative to its block's running maximum, then a rescale of
 /// the (cache-resident) output row by `exp((m_b - M) / T) / S` per block. Each exponential
 /// is computed once. `Err(())` marks an invalid row; the error is rebuilt from `src`.
-fn fused_softmax_row(plan: &Plan<'_>, src: &[f32], mask: Option<&[f32]>, out: &mut [f32], i: usize, parallel: bool) -> std::result::Result<(), ()> {
+fn fused_softmax_row(
+    plan: &Plan<'_>,
+    src: &[f32],
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+    i: usize,
+    parallel: bool,
+) -> std::result::Result<(), ()> {
     const STACK_BLOCKS: usize = 256;
     let nb = src.len().div_ceil(Kernels::BLOCK);
     let mut stack = [0f32; STACK_BLOCKS];
@@ -190,10 +197,15 @@ fn fused_softmax_row(plan: &Plan<'_>, src: &[f32], mask: Option<&[f32]>, out: &m
         k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
     };
     let stats = if parallel && src.len() > CHUNK {
-        let parts: Vec<MaxSum> = out.par_chunks_mut(CHUNK).zip(block_max.par_chunks_mut(per_chunk)).enumerate().map(pass1).collect();
+        let parts: Vec<MaxSum> =
+            out.par_chunks_mut(CHUNK).zip(block_max.par_chunks_mut(per_chunk)).enumerate().map(pass1).collect();
         parts.into_iter().fold(MaxSum::EMPTY, |a, b| a.merge(b, t))
     } else {
-        out.chunks_mut(CHUNK).zip(block_max.chunks_mut(per_chunk)).enumerate().map(pass1).fold(MaxSum::EMPTY, |a, b| a.merge(b, t))
+        out.chunks_mut(CHUNK)
+            .zip(block_max.chunks_mut(per_chunk))
+            .enumerate()
+            .map(pass1)
+            .fold(MaxSum::EMPTY, |a, b| a.merge(b, t))
     };
     check_row(stats, src, mask, i).map_err(|_| ())?;
     if parallel && src.len() > CHUNK {
@@ -207,10 +219,10 @@ fn fused_softmax_row(plan: &Plan<'_>, src: &[f32], mask: Option<&[f32]>, out: &m
 /// Softmax or log-softmax of every row; `src = None` means in place in `out`.
 fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
     let (n, v) = (out.rows(), out.cols());
-    if let Some(s) = src {
-        if (s.rows(), s.cols()) != (n, v) {
-            return Err(Error::Shape(format!("logits are [{}, {}] but the output is [{n}, {v}]", s.rows(), s.cols())));
-        }
+    if let Some(s) = src
+        && (s.rows(), s.cols()) != (n, v)
+    {
+        return Err(Error::Shape(format!("logits are [{}, {}] but the output is [{n}, {v}]", s.rows(), s.cols())));
     }
     let plan = Plan::new(opts, n, v)?;
     if n == 0 {
@@ -241,7 +253,12 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
 
     if big && n >= threads {
         let min_rows = (PAR_MIN / v).max(1);
-        out.data_mut().par_chunks_mut(stride).take(n).enumerate().with_min_len(min_rows).for_each(|(i, r)| do_row(i, &mut r[..v]));
+        out.data_mut()
+            .par_chunks_mut(stride)
+            .take(n)
+            .enumerate()
+            .with_min_len(min_rows)
+            .for_each(|(i, r)| do_row(i, &mut r[..v]));
     } else if big && v > CHUNK {
         // Few long rows: split each across threads.
         for i in 0..n {
@@ -282,7 +299,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             // Rebuild the error of the lowest bad row; it was left untouched.
             let row = match src {
                 Some(s) => s.row(i),
-                None => &out.as_ref().row(i)[..],
+                None => out.as_ref().row(i),
             };
             let mask = plan.mask_row(i);
             check_row(plan.stats(row, mask, false), row, mask, i)

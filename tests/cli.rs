@@ -72,14 +72,23 @@ fn bf16_safetensors_with_mask_round_trip() {
     // bf16 logits and an f32 mask that is broadcast over rows.
     let bf: Vec<u8> = x.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
     let mask = [0.0f32, f32::NEG_INFINITY, 0.0, 0.0, f32::NEG_INFINITY];
-    let views = vec![
-        ("logits".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![3, 5], &bf).unwrap()),
-    ];
+    let views = vec![(
+        "logits".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![3, 5], &bf).unwrap(),
+    )];
     let bytes = safetensors::serialize(views, None).unwrap();
     std::fs::write(dir.path().join("in.safetensors"), bytes).unwrap();
     write_safetensors(&dir.path().join("mask.safetensors"), &[("m", vec![5], OutTensor::F32(&mask))]).unwrap();
     let out = p(dir.path(), "lp.npy");
-    let r = run(&["log-softmax", "--logits", &format!("{}:logits", p(dir.path(), "in.safetensors")), "--mask", &format!("{}:m", p(dir.path(), "mask.safetensors")), "-o", &out]);
+    let r = run(&[
+        "log-softmax",
+        "--logits",
+        &format!("{}:logits", p(dir.path(), "in.safetensors")),
+        "--mask",
+        &format!("{}:m", p(dir.path(), "mask.safetensors")),
+        "-o",
+        &out,
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let y = read_npy(Path::new(&out)).unwrap().to_f32().unwrap().into_owned();
     let xr: Vec<f32> = x.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
@@ -113,8 +122,18 @@ fn write_raw_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
 fn f64_and_f16_npy_and_1d_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let x = [0.5f64, -1.25, 3.0, 2.0];
-    write_raw_npy(&dir.path().join("x64.npy"), "<f8", "(4,)", &x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
-    write_raw_npy(&dir.path().join("x16.npy"), "<f2", "(4,)", &x.iter().flat_map(|v| half::f16::from_f64(*v).to_bits().to_le_bytes()).collect::<Vec<_>>());
+    write_raw_npy(
+        &dir.path().join("x64.npy"),
+        "<f8",
+        "(4,)",
+        &x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+    );
+    write_raw_npy(
+        &dir.path().join("x16.npy"),
+        "<f2",
+        "(4,)",
+        &x.iter().flat_map(|v| half::f16::from_f64(*v).to_bits().to_le_bytes()).collect::<Vec<_>>(),
+    );
     let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
     let (lp, lse) = reference(&xf, None, 1.0);
     for f in ["x64.npy", "x16.npy"] {
@@ -150,7 +169,10 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     std::fs::write(d.join("trunc_header.npy"), &full[..20]).unwrap();
     fails(&["softmax", "--logits", &p(d, "trunc_header.npy"), "-o", &out], &["trunc_header.npy", "truncated"]);
     std::fs::write(d.join("trunc_data.npy"), &full[..full.len() - 5]).unwrap();
-    fails(&["softmax", "--logits", &p(d, "trunc_data.npy"), "-o", &out], &["trunc_data.npy", "truncated", "needs 24 data bytes"]);
+    fails(
+        &["softmax", "--logits", &p(d, "trunc_data.npy"), "-o", &out],
+        &["trunc_data.npy", "truncated", "needs 24 data bytes"],
+    );
     // Wrong dtype and rank.
     write_raw_npy(&d.join("ints.npy"), "<i4", "(2,)", &[1, 0, 0, 0, 2, 0, 0, 0]);
     fails(&["softmax", "--logits", &p(d, "ints.npy"), "-o", &out], &["ints.npy", "floating-point", "i32"]);
@@ -162,8 +184,16 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     write_npy_f32(&d.join("nan.npy"), &[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, f32::NAN]).unwrap();
     fails(&["log-softmax", "--logits", &p(d, "nan.npy"), "-o", &out], &["nan.npy", "logits[1, 2] is NaN"]);
     // An all-masked row.
-    write_npy_f32(&d.join("mask.npy"), &[2, 3], &[0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]).unwrap();
-    fails(&["softmax", "--logits", &good, "--mask", &p(d, "mask.npy"), "-o", &out], &["good.npy", "row 1", "all masked"]);
+    write_npy_f32(
+        &d.join("mask.npy"),
+        &[2, 3],
+        &[0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY],
+    )
+    .unwrap();
+    fails(
+        &["softmax", "--logits", &good, "--mask", &p(d, "mask.npy"), "-o", &out],
+        &["good.npy", "row 1", "all masked"],
+    );
     // A mask of the wrong shape.
     write_npy_f32(&d.join("mask4.npy"), &[4], &[0.0; 4]).unwrap();
     fails(&["softmax", "--logits", &good, "--mask", &p(d, "mask4.npy"), "-o", &out], &["mask4.npy", "does not fit"]);
@@ -175,16 +205,26 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     // safetensors: missing tensor name, unknown name.
     write_safetensors(&d.join("t.safetensors"), &[("a", vec![3], OutTensor::F32(&[1.0, 2.0, 3.0]))]).unwrap();
     fails(&["softmax", "--logits", &p(d, "t.safetensors"), "-o", &out], &["t.safetensors", ":NAME"]);
-    fails(&["softmax", "--logits", &format!("{}:b", p(d, "t.safetensors")), "-o", &out], &["t.safetensors", "no tensor named 'b'", "a"]);
+    fails(
+        &["softmax", "--logits", &format!("{}:b", p(d, "t.safetensors")), "-o", &out],
+        &["t.safetensors", "no tensor named 'b'", "a"],
+    );
     std::fs::write(d.join("bad.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
-    fails(&["softmax", "--logits", &format!("{}:a", p(d, "bad.safetensors")), "-o", &out], &["bad.safetensors", "not a valid .safetensors"]);
+    fails(
+        &["softmax", "--logits", &format!("{}:a", p(d, "bad.safetensors")), "-o", &out],
+        &["bad.safetensors", "not a valid .safetensors"],
+    );
     // Nothing was written by any failure.
     assert!(!Path::new(&out).exists(), "no output may be written on error");
     // An unwritable output.
     let unwritable = p(d, "no/such/dir/out.npy");
     fails(&["softmax", "--logits", &good, "-o", &unwritable], &["no/such/dir/out.npy"]);
     // No temporary files left behind.
-    let leftovers: Vec<PathBuf> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(".softmax-layer-")).collect();
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(".softmax-layer-"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

@@ -8,7 +8,13 @@ fn ulp_error(got: f32, want: f64) -> f64 {
     if want > f32::MAX as f64 {
         // The correctly rounded result is +inf once want >= MAX + ulp/2.
         let limit = f32::MAX as f64 + 2f64.powi(103);
-        return if got == f32::INFINITY { 0.0 } else if want < limit { ((got as f64 - want) / 2f64.powi(104)).abs() } else { f64::INFINITY };
+        return if got == f32::INFINITY {
+            0.0
+        } else if want < limit {
+            ((got as f64 - want) / 2f64.powi(104)).abs()
+        } else {
+            f64::INFINITY
+        };
     }
     if got.is_infinite() || got.is_nan() {
         return f64::INFINITY;
@@ -33,7 +39,23 @@ fn sweep(isa: Isa, stride: u32) -> (f64, f32, usize) {
             None => break,
         };
     }
-    for x in [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 88.72283, 88.72284, -87.33655, -103.27893, -103.97208, -104.0, 89.0, 1e-45, -1e-45] {
+    for x in [
+        0.0f32,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN,
+        88.72283,
+        88.72284,
+        -87.33655,
+        -103.27893,
+        -103.97208,
+        -104.0,
+        89.0,
+        1e-45,
+        -1e-45,
+    ] {
         xs.push(x);
     }
     let mut ys = vec![0f32; xs.len()];
@@ -80,7 +102,8 @@ fn exp_simd_matches_scalar_within_1_ulp_every_tail() {
         let k = Kernels::for_isa(isa).unwrap();
         for len in 0..=70 {
             for offset in 0..3 {
-                let buf: Vec<f32> = (0..len + offset).map(|i| -100.0 + 187.0 * ((i * 7919) % 1000) as f32 / 1000.0).collect();
+                let buf: Vec<f32> =
+                    (0..len + offset).map(|i| -100.0 + 187.0 * ((i * 7919) % 1000) as f32 / 1000.0).collect();
                 let x = &buf[offset..];
                 // NaN canaries around the output prove nothing outside it is written.
                 let mut out = vec![f32::NAN; len + 2];

@@ -100,14 +100,14 @@ impl Params {
 // Cephes-style expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-7 polynomial.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that `n * LN2_HI` is exact for |n| < 2^15.
-const LN2_HI: f32 = 0.693_359_375;
+const LN2_HI: f32 = f32::from_bits(0x3f31_8000); // 0.693359375 = 355/512
 const LN2_LO: f32 = -2.121_944_4e-4;
 const P0: f32 = 1.987_569_1e-4;
 const P1: f32 = 1.398_199_9e-3;
 const P2: f32 = 8.333_452e-3;
 const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 5.000_000_1e-1;
+const P5: f32 = 0.5; // Cephes' 5.0000001201e-1, rounded to f32
 /// Above this, exp overflows to +inf; below `EXP_LO`, it rounds to 0.
 const EXP_HI: f32 = 89.0;
 const EXP_LO: f32 = -104.0;
@@ -166,12 +166,7 @@ unsafe fn load_z<V: Vector, const MASK: bool>(x: *const f32, mask: *const f32, i
 
 /// Loads `z = x (+ mask)` at `i`, `len < LANES` values; other lanes are `-inf`.
 #[inline(always)]
-unsafe fn load_z_partial<V: Vector, const MASK: bool>(
-    x: *const f32,
-    mask: *const f32,
-    i: usize,
-    len: usize,
-) -> V {
+unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *const f32, i: usize, len: usize) -> V {
     unsafe {
         let v = V::load_partial(x.add(i), len, f32::NEG_INFINITY);
         if MASK { v.add(V::load_partial(mask.add(i), len, 0.0)) } else { v }
@@ -236,7 +231,8 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
             let full = blen / lanes;
             let tail = blen % lanes;
             // Block maximum, four independent accumulators (named, so they stay in registers).
-            let (mut a0, mut a1, mut a2, mut a3) = (V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX));
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX));
             let mut j = 0;
             while j + 4 <= full {
                 a0 = a0.max(load_z::<V, MASK>(x, mask, i + j * lanes));
@@ -316,7 +312,12 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
 }
 
 #[inline(always)]
-unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
+unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+    x: *const f32,
+    mask: *const f32,
+    len: usize,
+    p: Params,
+) -> MaxSum {
     unsafe { online_impl::<V, MASK, SCALED, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
 }
 

@@ -47,11 +47,8 @@ impl MaxSum {
     /// Combines the states of two disjoint parts of a row, at temperature `t`.
     pub fn merge(self, other: MaxSum, t: f32) -> MaxSum {
         let (hi, lo) = if other.max > self.max { (other, self) } else { (self, other) };
-        let sum = if lo.sum == 0.0 {
-            hi.sum
-        } else {
-            hi.sum + lo.sum * ((lo.max as f64 - hi.max as f64) / t as f64).exp()
-        };
+        let sum =
+            if lo.sum == 0.0 { hi.sum } else { hi.sum + lo.sum * ((lo.max as f64 - hi.max as f64) / t as f64).exp() };
         MaxSum { max: hi.max, sum }
     }
 
@@ -217,7 +214,9 @@ impl Kernels {
     pub fn best() -> &'static Kernels {
         static BEST: OnceLock<&'static Kernels> = OnceLock::new();
         BEST.get_or_init(|| {
-            if let Some(k) = std::env::var("SOFTMAX_LAYER_ISA").ok().as_deref().and_then(Isa::parse).and_then(Kernels::for_isa) {
+            if let Some(k) =
+                std::env::var("SOFTMAX_LAYER_ISA").ok().as_deref().and_then(Isa::parse).and_then(Kernels::for_isa)
+            {
                 return k;
             }
             let best = *Isa::available().last().expect("scalar is always available");
@@ -250,7 +249,17 @@ impl Kernels {
         assert_eq!(row.len(), out.len(), "softmax_into: row and out lengths differ");
         let mask_ptr = mask_ptr(row.len(), mask);
         // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
-        unsafe { (self.softmax)(row.as_ptr(), mask_ptr, out.as_mut_ptr(), row.len(), Params::new(t), stats.max, (1.0 / stats.sum) as f32) }
+        unsafe {
+            (self.softmax)(
+                row.as_ptr(),
+                mask_ptr,
+                out.as_mut_ptr(),
+                row.len(),
+                Params::new(t),
+                stats.max,
+                (1.0 / stats.sum) as f32,
+            )
+        }
     }
 
     /// Elements per block of [`Kernels::softmax_pass1`]: `block_max` needs
@@ -267,7 +276,14 @@ impl Kernels {
     ///
     /// # Panics
     /// If lengths differ or `block_max` is too short.
-    pub fn softmax_pass1(&self, row: &mut [f32], src: Option<&[f32]>, mask: Option<&[f32]>, t: f32, block_max: &mut [f32]) -> MaxSum {
+    pub fn softmax_pass1(
+        &self,
+        row: &mut [f32],
+        src: Option<&[f32]>,
+        mask: Option<&[f32]>,
+        t: f32,
+        block_max: &mut [f32],
+    ) -> MaxSum {
         let len = row.len();
         assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
         let mask_ptr = mask_ptr(len, mask);
@@ -311,7 +327,17 @@ impl Kernels {
         assert_eq!(row.len(), out.len(), "log_softmax_into: row and out lengths differ");
         let mask_ptr = mask_ptr(row.len(), mask);
         // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
-        unsafe { (self.log_softmax)(row.as_ptr(), mask_ptr, out.as_mut_ptr(), row.len(), Params::new(t), stats.max, stats.sum.ln() as f32) }
+        unsafe {
+            (self.log_softmax)(
+                row.as_ptr(),
+                mask_ptr,
+                out.as_mut_ptr(),
+                row.len(),
+                Params::new(t),
+                stats.max,
+                stats.sum.ln() as f32,
+            )
+        }
     }
 
     /// In-place [`Kernels::log_softmax_into`].

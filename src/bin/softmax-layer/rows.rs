@@ -57,7 +57,9 @@ pub fn run(op: Op, a: &RowArgs) -> Result<(), Failure> {
     // Name the file that holds the offending value.
     let name = |e: Error| -> Failure {
         let source = match &e {
-            Error::NonFinite { tensor, .. } if tensor == "mask" => mask_t.as_ref().map_or(&logits.source, |m| &m.source),
+            Error::NonFinite { tensor, .. } if tensor == "mask" => {
+                mask_t.as_ref().map_or(&logits.source, |m| &m.source)
+            }
             _ => &logits.source,
         };
         Failure(format!("{source}: {e}"))
