@@ -13,6 +13,10 @@ pub enum Error {
     NonFinite { tensor: String, row: usize, col: usize, value: f32 },
     /// Every entry of a row is `-inf` after masking, so it has no distribution.
     AllMasked { row: usize },
+    /// A target class id outside `[0, vocab)`: `targets[index] = value`.
+    TargetOutOfRange { index: usize, value: i64, vocab: usize },
+    /// Finite inputs whose logits overflow `f32` (|H·W + b| > 3.4e38) in this row.
+    LogitsOverflow { row: usize },
     /// A shape or length that does not fit: `what` explains, naming the tensors.
     Shape(String),
     /// An invalid argument value: `what` names the argument and the value.
@@ -36,6 +40,12 @@ impl fmt::Display for Error {
                 write!(f, "{tensor}[{row}, {col}] is {value}; only finite values are allowed")
             }
             Error::AllMasked { row } => write!(f, "row {row} is entirely -inf (all masked); it has no distribution"),
+            Error::TargetOutOfRange { index, value, vocab } => {
+                write!(f, "targets[{index}] = {value} is out of range [0, {vocab})")
+            }
+            Error::LogitsOverflow { row } => {
+                write!(f, "the logits of row {row} overflow f32 (|H·W + b| > 3.4e38); rescale the inputs")
+            }
             Error::Shape(what) => write!(f, "shape mismatch: {what}"),
             Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
             Error::UnsupportedIsa(isa) => write!(f, "instruction set {isa} is not supported by this CPU"),

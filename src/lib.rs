@@ -56,13 +56,16 @@
 //! - [`kernels`]: the per-row building blocks for tiled callers, and instruction-set choice.
 //! - [`io`]: `.npy` and `.safetensors` reading and atomic writing.
 
+pub mod engine;
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod layer;
 pub mod matrix;
 pub mod rows;
 
 pub use error::{Error, Result};
 pub use kernels::{Isa, Kernels, MaxSum};
-pub use matrix::{MatMut, MatRef};
+pub use layer::{LayerOptions, SoftmaxLayer, TopK};
+pub use matrix::{MatMut, MatRef, WeightLayout};
 pub use rows::{RowOptions, check_temperature, log_softmax, log_softmax_inplace, logsumexp, softmax, softmax_inplace};

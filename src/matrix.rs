@@ -58,6 +58,21 @@ impl<'a> MatRef<'a> {
         self.stride
     }
 
+    /// The rows in `range`, as a view.
+    ///
+    /// # Panics
+    /// If the range is out of bounds.
+    pub fn sub_rows(&self, range: std::ops::Range<usize>) -> MatRef<'a> {
+        assert!(range.start <= range.end && range.end <= self.rows, "rows {range:?} out of bounds for {}", self.rows);
+        let start = (range.start * self.stride).min(self.data.len());
+        MatRef { data: &self.data[start..], rows: range.len(), cols: self.cols, stride: self.stride }
+    }
+
+    /// Finds the first NaN or infinity, as `(row, col, value)`.
+    pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
+        (0..self.rows).find_map(|i| self.row(i).iter().position(|v| !v.is_finite()).map(|j| (i, j, self.row(i)[j])))
+    }
+
     /// Row `i`, of length `cols`.
     ///
     /// # Panics
@@ -123,5 +138,35 @@ impl<'a> MatMut<'a> {
     pub(crate) fn data_mut(&mut self) -> &mut [f32] {
         let n = required_len(self.rows, self.cols, self.stride).unwrap_or(0);
         &mut self.data[..n]
+    }
+}
+
+/// How a weight matrix `W` of a layer with `V` classes and hidden size `d` is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum WeightLayout {
+    /// `[V, d]`, row-major: PyTorch's `nn.Linear.weight` and Hugging Face's `lm_head.weight`.
+    /// Logits are `H · Wᵀ`.
+    #[default]
+    VocabMajor,
+    /// `[d, V]`, row-major: the textbook `H · W`.
+    HiddenMajor,
+}
+
+impl WeightLayout {
+    /// Parses the command-line words `vd` (VocabMajor) and `dv` (HiddenMajor).
+    pub fn parse(s: &str) -> Option<WeightLayout> {
+        match s {
+            "vd" => Some(WeightLayout::VocabMajor),
+            "dv" => Some(WeightLayout::HiddenMajor),
+            _ => None,
+        }
+    }
+
+    /// The shape `[rows, cols]` of a weight with `vocab` classes and `hidden` size.
+    pub fn shape(self, vocab: usize, hidden: usize) -> [usize; 2] {
+        match self {
+            WeightLayout::VocabMajor => [vocab, hidden],
+            WeightLayout::HiddenMajor => [hidden, vocab],
+        }
     }
 }

@@ -503,6 +503,55 @@ pub(crate) unsafe fn exp_slice<V: Vector>(x: *const f32, out: *mut f32, len: usi
     }
 }
 
+/// `Σ a[i] * b[i]` with four vector accumulators, in a fixed order.
+#[inline(always)]
+pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) -> f32 {
+    unsafe {
+        let lanes = V::LANES;
+        let (mut s0, mut s1, mut s2, mut s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
+        let full = len / lanes;
+        let mut j = 0;
+        while j + 4 <= full {
+            s0 = V::load(a.add(j * lanes)).mul_add(V::load(b.add(j * lanes)), s0);
+            s1 = V::load(a.add((j + 1) * lanes)).mul_add(V::load(b.add((j + 1) * lanes)), s1);
+            s2 = V::load(a.add((j + 2) * lanes)).mul_add(V::load(b.add((j + 2) * lanes)), s2);
+            s3 = V::load(a.add((j + 3) * lanes)).mul_add(V::load(b.add((j + 3) * lanes)), s3);
+            j += 4;
+        }
+        while j < full {
+            s0 = V::load(a.add(j * lanes)).mul_add(V::load(b.add(j * lanes)), s0);
+            j += 1;
+        }
+        let tail = len % lanes;
+        if tail > 0 {
+            let i = full * lanes;
+            s1 = V::load_partial(a.add(i), tail, 0.0).mul_add(V::load_partial(b.add(i), tail, 0.0), s1);
+        }
+        s0.add(s1).add(s2.add(s3)).reduce_sum()
+    }
+}
+
+/// `y[i] += alpha * x[i]`.
+#[inline(always)]
+pub(crate) unsafe fn axpy<V: Vector>(y: *mut f32, alpha: f32, x: *const f32, len: usize) {
+    unsafe {
+        let lanes = V::LANES;
+        let a = V::splat(alpha);
+        let full = len / lanes;
+        for j in 0..full {
+            let q = y.add(j * lanes);
+            V::load(x.add(j * lanes)).mul_add(a, V::load(q)).store(q);
+        }
+        let tail = len % lanes;
+        if tail > 0 {
+            let i = full * lanes;
+            V::load_partial(x.add(i), tail, 0.0)
+                .mul_add(a, V::load_partial(y.add(i), tail, 0.0))
+                .store_partial(y.add(i), tail);
+        }
+    }
+}
+
 /// Generates the four entry points of one instruction set, each compiled with its
 /// `#[target_feature]`s so that the generic code above inlines into native instructions.
 macro_rules! instantiate {
@@ -558,6 +607,24 @@ macro_rules! instantiate {
         ) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::log_softmax::<$V>(x, mask, out, len, p, m, ln_s) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `a` and `b` are valid for `len`
+        /// reads.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::dot::<$V>(a, b, len) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `y` is valid for `len` reads and
+        /// writes and does not overlap `x`, which is valid for `len` reads.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn axpy(y: *mut f32, alpha: f32, x: *const f32, len: usize) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::axpy::<$V>(y, alpha, x, len) }
         }
 
         /// # Safety

@@ -120,6 +120,8 @@ type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f
 type ExpFn = unsafe fn(*const f32, *mut f32, usize);
 type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Params) -> MaxSum;
 type RescaleFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64);
+type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
+type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 
 /// The row kernels of one instruction set.
 ///
@@ -138,6 +140,8 @@ pub struct Kernels {
     exp: ExpFn,
     softmax_pass1: Pass1Fn,
     rescale: RescaleFn,
+    dot: DotFn,
+    axpy: AxpyFn,
 }
 
 impl fmt::Debug for Kernels {
@@ -154,6 +158,8 @@ static SCALAR: Kernels = Kernels {
     exp: scalar::exp,
     softmax_pass1: scalar::softmax_pass1,
     rescale: scalar::rescale,
+    dot: scalar::dot,
+    axpy: scalar::axpy,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -165,6 +171,8 @@ static AVX2: Kernels = Kernels {
     exp: x86_64::avx2::exp,
     softmax_pass1: x86_64::avx2::softmax_pass1,
     rescale: x86_64::avx2::rescale,
+    dot: x86_64::avx2::dot,
+    axpy: x86_64::avx2::axpy,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -176,6 +184,8 @@ static AVX512: Kernels = Kernels {
     exp: x86_64::avx512::exp,
     softmax_pass1: x86_64::avx512::softmax_pass1,
     rescale: x86_64::avx512::rescale,
+    dot: x86_64::avx512::dot,
+    axpy: x86_64::avx512::axpy,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -187,6 +197,8 @@ static NEON: Kernels = Kernels {
     exp: aarch64::neon::exp,
     softmax_pass1: aarch64::neon::softmax_pass1,
     rescale: aarch64::neon::rescale,
+    dot: aarch64::neon::dot,
+    axpy: aarch64::neon::axpy,
 };
 
 impl Kernels {
@@ -356,6 +368,26 @@ impl Kernels {
         assert_eq!(x.len(), out.len(), "exp: lengths differ");
         // SAFETY: supported ISA; `out` is a distinct `&mut` of `x.len()` elements.
         unsafe { (self.exp)(x.as_ptr(), out.as_mut_ptr(), x.len()) }
+    }
+
+    /// `Σ a[i]·b[i]`, accumulated in `f32` in a fixed order.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: lengths differ");
+        // SAFETY: supported ISA; both slices hold `a.len()` elements.
+        unsafe { (self.dot)(a.as_ptr(), b.as_ptr(), a.len()) }
+    }
+
+    /// `y += alpha·x`.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn axpy(&self, y: &mut [f32], alpha: f32, x: &[f32]) {
+        assert_eq!(y.len(), x.len(), "axpy: lengths differ");
+        // SAFETY: supported ISA; `y` is a distinct `&mut` of `x.len()` elements.
+        unsafe { (self.axpy)(y.as_mut_ptr(), alpha, x.as_ptr(), x.len()) }
     }
 
     /// In-place [`Kernels::exp`].

@@ -1,0 +1,120 @@
+//! The tiled engine: every operation of the layer is one loop with a different consumer.
+//!
+//! ```text
+//! for each block of rows R (parallel)                 hidden[R] : r x d
+//!   for each segment of classes G, in order           (parallel too when rows are few)
+//!     for each tile of classes C in G, in order
+//!       tile = hidden[R] · W[C]ᵀ + b[C]               r x c, stays in cache
+//!       consumer.visit(state, tile, R, C)              online (max, sum) | gather | top-k | write-out
+//!   state[R] = merge(state[R, G0], state[R, G1], ...)  left to right
+//! ```
+//!
+//! Memory is `O(threads × r × c)` whatever `n` and `V` are: the `n × V` logits are never
+//! held unless a consumer writes them out.
+//!
+//! The split into row blocks, segments and tiles is fixed by [`Tiling`], never by the
+//! number of threads, and states merge in class order; so results are bit-identical for
+//! any thread count. Where `W` lives and what type it has is the [`LogitSource`]'s concern:
+//! an `f32` layer in memory today, bf16 weights or a vocabulary shard tomorrow.
+
+use crate::matrix::MatRef;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Computes tiles of logits: the engine's only view of the weights.
+pub trait LogitSource: Sync {
+    /// Number of classes `V`.
+    fn vocab(&self) -> usize;
+    /// Hidden size `d`.
+    fn hidden_dim(&self) -> usize;
+    /// Writes `tile[i * cols.len() + j] = hidden[i] · W[cols.start + j] + b[cols.start + j]`
+    /// for the `hidden.rows()` rows given. `tile` has exactly `hidden.rows() * cols.len()`
+    /// elements. Must be deterministic and must not use other threads.
+    fn logits_tile(&self, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]);
+}
+
+/// What the engine does with each tile of logits.
+pub trait Consumer: Sync {
+    /// Partial state for a block of rows over a range of classes.
+    type State: Send;
+    /// The state of `rows` before any class was seen.
+    fn init(&self, rows: Range<usize>) -> Self::State;
+    /// Folds one tile, `rows.len() x cols.len()`, row-major, into the state.
+    fn visit(&self, state: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>);
+    /// Combines the states of the same rows over two adjacent class ranges, `left` first.
+    fn merge(&self, left: Self::State, right: Self::State) -> Self::State;
+}
+
+/// The fixed decomposition of the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    /// Rows per block.
+    pub row_block: usize,
+    /// Classes per tile.
+    pub col_tile: usize,
+    /// Classes per segment (a multiple of `col_tile`): the unit of parallel work over `V`.
+    pub segment: usize,
+}
+
+impl Default for Tiling {
+    fn default() -> Self {
+        Tiling { row_block: 128, col_tile: 512, segment: 8192 }
+    }
+}
+
+fn ranges(len: usize, step: usize) -> Vec<Range<usize>> {
+    (0..len).step_by(step.max(1)).map(|s| s..(s + step).min(len)).collect()
+}
+
+/// Runs `consumer` over all of `hidden · Wᵀ + b` and returns one state per block of rows,
+/// in row order, with its row range.
+pub fn run<S: LogitSource + ?Sized, C: Consumer>(
+    source: &S,
+    hidden: MatRef<'_>,
+    consumer: &C,
+    tiling: Tiling,
+) -> Vec<(Range<usize>, C::State)> {
+    let (n, v) = (hidden.rows(), source.vocab());
+    assert_eq!(hidden.cols(), source.hidden_dim(), "engine: hidden size mismatch");
+    let segment = tiling.segment.max(tiling.col_tile).div_ceil(tiling.col_tile) * tiling.col_tile;
+    let row_blocks = ranges(n, tiling.row_block);
+    let segments = ranges(v, segment);
+    let work = |rows: &Range<usize>, seg: &Range<usize>| -> C::State {
+        let mut state = consumer.init(rows.clone());
+        let h = hidden.sub_rows(rows.clone());
+        let mut tile = vec![0f32; rows.len() * tiling.col_tile.min(seg.len())];
+        for s in (seg.start..seg.end).step_by(tiling.col_tile) {
+            let cols = s..(s + tiling.col_tile).min(seg.end);
+            let t = &mut tile[..rows.len() * cols.len()];
+            source.logits_tile(h, cols.clone(), t);
+            consumer.visit(&mut state, t, rows.clone(), cols);
+        }
+        state
+    };
+    let threads = rayon::current_num_threads();
+    if row_blocks.len() >= 2 * threads {
+        // Many rows: a task per row block, merging segment states as they come, so live
+        // states stay O(threads).
+        return row_blocks
+            .into_par_iter()
+            .map(|rows| {
+                let st = segments.iter().map(|seg| work(&rows, seg)).reduce(|a, b| consumer.merge(a, b));
+                let st = st.unwrap_or_else(|| consumer.init(rows.clone()));
+                (rows, st)
+            })
+            .collect();
+    }
+    // Few rows (decoding, small batches): a task per (row block, segment) pair, merged in
+    // the same left-to-right order afterwards.
+    let pairs: Vec<(usize, usize)> =
+        (0..row_blocks.len()).flat_map(|r| (0..segments.len()).map(move |g| (r, g))).collect();
+    let mut states: Vec<C::State> = pairs.par_iter().map(|&(r, g)| work(&row_blocks[r], &segments[g])).collect();
+    let mut out = Vec::with_capacity(row_blocks.len());
+    for rows in row_blocks.into_iter().rev() {
+        let tail = states.split_off(states.len() - segments.len());
+        let st = tail.into_iter().reduce(|a, b| consumer.merge(a, b)).unwrap_or_else(|| consumer.init(rows.clone()));
+        out.push((rows, st));
+    }
+    out.reverse();
+    out
+}

@@ -1,0 +1,593 @@
+//! The parameterized softmax layer `P = softmax((H·Wᵀ + b) / T)` and its forward operations.
+//!
+//! `hidden: [n, d]`, `weight: [V, d]` ([`WeightLayout::VocabMajor`], as PyTorch and
+//! Hugging Face store it) or `[d, V]` ([`WeightLayout::HiddenMajor`]), `bias: [V]`.
+//!
+//! Every operation runs through the tiled [`engine`](crate::engine). Those that reduce over
+//! the classes — [`SoftmaxLayer::logsumexp`], [`SoftmaxLayer::target_log_probs`],
+//! [`SoftmaxLayer::argmax`], [`SoftmaxLayer::top_k`] — never hold the `n × V` logits: their
+//! extra memory is a few tiles per thread.
+//!
+//! Logits are `f32` dot products (the matrix product accumulates in `f32`); everything
+//! after them is exact to `f32` rounding (see [`crate::rows`]).
+
+use crate::engine::{self, Consumer, LogitSource, Tiling};
+use crate::error::{Error, Result};
+use crate::kernels::{Kernels, MaxSum};
+use crate::matrix::{MatMut, MatRef, WeightLayout};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// Rows per tile below which the product is computed as dot products over the weight
+/// rows (memory-bound decoding) instead of by the blocked matrix product.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// A softmax output layer with `f32` weights, owned or borrowed (for example from a
+/// memory-mapped file).
+///
+/// ```
+/// use softmax_layer::{MatRef, SoftmaxLayer, WeightLayout, LayerOptions};
+/// // V = 3 classes, d = 2; W as PyTorch stores it, [V, d].
+/// let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+/// let b = [0.0f32, 0.0, -1.0];
+/// let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 3, 2, Some(&b[..]))?;
+/// let h = [2.0f32, 1.0];
+/// let mut lse = [0f32];
+/// layer.logsumexp(MatRef::new(&h, 1, 2)?, &mut lse, &LayerOptions::default())?;
+/// // logits = [2, 1, 2]
+/// let want = (2f64.exp() + 1f64.exp() + 2f64.exp()).ln();
+/// assert!((lse[0] as f64 - want).abs() < 1e-6);
+/// # Ok::<(), softmax_layer::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct SoftmaxLayer<'a> {
+    weight: Cow<'a, [f32]>,
+    bias: Option<Cow<'a, [f32]>>,
+    layout: WeightLayout,
+    vocab: usize,
+    hidden: usize,
+    kernels: &'static Kernels,
+    tiling: Tiling,
+}
+
+/// Options of the forward operations.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerOptions {
+    /// Divides the logits before the softmax; finite and `> 0`. Default 1.
+    /// [`SoftmaxLayer::logits`] ignores it.
+    pub temperature: f32,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions { temperature: 1.0 }
+    }
+}
+
+/// The `k` most probable classes of each row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopK {
+    /// `k` per row.
+    pub k: usize,
+    /// Log-probabilities, `[n, k]`, each row in descending order.
+    pub log_probs: Vec<f32>,
+    /// Class ids, `[n, k]`; ties are broken by the lower id.
+    pub indices: Vec<usize>,
+}
+
+impl<'a> SoftmaxLayer<'a> {
+    /// A layer over `weight` (laid out as `layout`, `V = vocab` classes, hidden size
+    /// `hidden`) and an optional `bias` of length `V`. Borrowed slices are not copied.
+    ///
+    /// Errors on lengths that do not match the shape, and on NaN or infinity in the weight
+    /// or the bias (named with their row and column).
+    pub fn new(
+        weight: impl Into<Cow<'a, [f32]>>,
+        layout: WeightLayout,
+        vocab: usize,
+        hidden: usize,
+        bias: Option<impl Into<Cow<'a, [f32]>>>,
+    ) -> Result<Self> {
+        let weight = weight.into();
+        let bias = bias.map(Into::into);
+        if vocab == 0 || hidden == 0 {
+            return Err(Error::Shape(format!(
+                "a layer needs V > 0 classes and d > 0 hidden units, got V = {vocab}, d = {hidden}"
+            )));
+        }
+        let [r, c] = layout.shape(vocab, hidden);
+        if weight.len() != r * c {
+            return Err(Error::Shape(format!(
+                "weight has {} elements, expected [{r}, {c}] = {} for V = {vocab}, d = {hidden}",
+                weight.len(),
+                r * c
+            )));
+        }
+        if let Some((i, j, v)) = MatRef::new(&weight, r, c)?.find_non_finite() {
+            return Err(Error::NonFinite { tensor: "weight".into(), row: i, col: j, value: v });
+        }
+        if let Some(b) = &bias {
+            if b.len() != vocab {
+                return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
+            }
+            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] });
+            }
+        }
+        Ok(SoftmaxLayer { weight, bias, layout, vocab, hidden, kernels: Kernels::best(), tiling: Tiling::default() })
+    }
+
+    /// Number of classes `V`.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// Hidden size `d`.
+    pub fn hidden_dim(&self) -> usize {
+        self.hidden
+    }
+    /// The weight's layout.
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+    /// The weight, in its layout.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+    /// Overrides the engine's tiling (for tuning; results depend on it only through the
+    /// summation order of the dot products).
+    pub fn with_tiling(mut self, tiling: Tiling) -> Self {
+        self.tiling = tiling;
+        self
+    }
+
+    fn check(&self, hidden: MatRef<'_>, opts: &LayerOptions) -> Result<()> {
+        crate::check_temperature(opts.temperature)?;
+        if hidden.cols() != self.hidden {
+            return Err(Error::Shape(format!(
+                "hidden is [{}, {}] but the layer has d = {} (weight [{}])",
+                hidden.rows(),
+                hidden.cols(),
+                self.hidden,
+                self.layout.shape(self.vocab, self.hidden).map(|x| x.to_string()).join(", ")
+            )));
+        }
+        if let Some((i, j, v)) = hidden.find_non_finite() {
+            return Err(Error::NonFinite { tensor: "hidden".into(), row: i, col: j, value: v });
+        }
+        Ok(())
+    }
+
+    fn run<C: Consumer>(&self, hidden: MatRef<'_>, c: &C) -> Vec<(Range<usize>, C::State)> {
+        engine::run(self, hidden, c, self.tiling)
+    }
+
+    /// `out = H·Wᵀ + b`, `[n, V]` (no temperature).
+    pub fn logits(&self, hidden: MatRef<'_>, out: MatMut<'_>) -> Result<()> {
+        self.materialize(hidden, out, &LayerOptions::default(), Materialize::Logits)
+    }
+
+    /// `out = softmax((H·Wᵀ + b) / T)`, `[n, V]`.
+    pub fn probs(&self, hidden: MatRef<'_>, out: MatMut<'_>, opts: &LayerOptions) -> Result<()> {
+        self.materialize(hidden, out, opts, Materialize::Probs)
+    }
+
+    /// `out = log_softmax((H·Wᵀ + b) / T)`, `[n, V]`.
+    pub fn log_probs(&self, hidden: MatRef<'_>, out: MatMut<'_>, opts: &LayerOptions) -> Result<()> {
+        self.materialize(hidden, out, opts, Materialize::LogProbs)
+    }
+
+    fn materialize(
+        &self,
+        hidden: MatRef<'_>,
+        mut out: MatMut<'_>,
+        opts: &LayerOptions,
+        what: Materialize,
+    ) -> Result<()> {
+        self.check(hidden, opts)?;
+        let n = hidden.rows();
+        if (out.rows(), out.cols()) != (n, self.vocab) {
+            return Err(Error::Shape(format!(
+                "output is [{}, {}], expected [{n}, {}]",
+                out.rows(),
+                out.cols(),
+                self.vocab
+            )));
+        }
+        let t = opts.temperature;
+        let stride = out.row_stride();
+        let consumer = WriteOut {
+            out: SharedOut(out.data_mut().as_mut_ptr()),
+            stride,
+            stats: what != Materialize::Logits,
+            t,
+            k: self.kernels,
+        };
+        let states = self.run(hidden, &consumer);
+        if what == Materialize::Logits {
+            return Ok(());
+        }
+        let stats: Vec<MaxSum> = states.into_iter().flat_map(|(_, s)| s).collect();
+        if let Some(row) = stats.iter().position(|s| !s.sum.is_finite()) {
+            return Err(Error::LogitsOverflow { row });
+        }
+        let k = self.kernels;
+        out.data_mut().par_chunks_mut(stride).take(n).zip(stats.par_iter()).for_each(|(row, &st)| {
+            let row = &mut row[..self.vocab];
+            match what {
+                Materialize::Probs => k.softmax_in_place(row, None, t, st),
+                _ => k.log_softmax_in_place(row, None, t, st),
+            }
+        });
+        Ok(())
+    }
+
+    /// `out[i] = logsumexp((H·Wᵀ + b)[i] / T)`, `[n]`, without holding the logits.
+    pub fn logsumexp(&self, hidden: MatRef<'_>, out: &mut [f32], opts: &LayerOptions) -> Result<()> {
+        self.check(hidden, opts)?;
+        check_len(out.len(), hidden.rows(), "logsumexp output")?;
+        let c = Stats { t: opts.temperature, k: self.kernels };
+        let mut i = 0;
+        for (_, st) in self.run(hidden, &c) {
+            for s in st {
+                if !s.sum.is_finite() {
+                    return Err(Error::LogitsOverflow { row: i });
+                }
+                out[i] = s.logsumexp(opts.temperature) as f32;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[i] = log softmax((H·Wᵀ + b)[i] / T)[targets[i]]`, `[n]`, without holding the
+    /// logits. Targets must lie in `[0, V)`.
+    pub fn target_log_probs(
+        &self,
+        hidden: MatRef<'_>,
+        targets: &[i64],
+        out: &mut [f32],
+        opts: &LayerOptions,
+    ) -> Result<()> {
+        self.check(hidden, opts)?;
+        check_len(targets.len(), hidden.rows(), "targets")?;
+        check_len(out.len(), hidden.rows(), "target log-prob output")?;
+        check_targets(targets, self.vocab)?;
+        let c = Target { targets, t: opts.temperature, k: self.kernels };
+        let t = opts.temperature as f64;
+        let mut i = 0;
+        for (_, (stats, z)) in self.run(hidden, &c) {
+            for (s, z) in stats.into_iter().zip(z) {
+                if !s.sum.is_finite() {
+                    return Err(Error::LogitsOverflow { row: i });
+                }
+                out[i] = ((z as f64 - s.max as f64) / t - s.sum.ln()) as f32;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[i]` = the class with the largest logit of row `i` (the lowest id on ties).
+    pub fn argmax(&self, hidden: MatRef<'_>, out: &mut [usize]) -> Result<()> {
+        self.check(hidden, &LayerOptions::default())?;
+        check_len(out.len(), hidden.rows(), "argmax output")?;
+        let mut i = 0;
+        for (_, st) in self.run(hidden, &Argmax) {
+            for (_, j) in st {
+                out[i] = j;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `k` most probable classes of each row with their log-probabilities, sorted in
+    /// descending order, ties broken by the lower class id.
+    pub fn top_k(&self, hidden: MatRef<'_>, k: usize, opts: &LayerOptions) -> Result<TopK> {
+        self.check(hidden, opts)?;
+        if k == 0 || k > self.vocab {
+            return Err(Error::InvalidArgument(format!("k = {k} must be in [1, V = {}]", self.vocab)));
+        }
+        let n = hidden.rows();
+        let c = TopKConsumer { k, t: opts.temperature, kern: self.kernels };
+        let t = opts.temperature as f64;
+        let mut log_probs = Vec::with_capacity(n * k);
+        let mut indices = Vec::with_capacity(n * k);
+        let mut i = 0;
+        for (_, rows) in self.run(hidden, &c) {
+            for (s, mut cand) in rows {
+                if !s.sum.is_finite() {
+                    return Err(Error::LogitsOverflow { row: i });
+                }
+                cand.finish(k);
+                let ln_s = s.sum.ln();
+                for &(z, j) in &cand.items {
+                    log_probs.push(((z as f64 - s.max as f64) / t - ln_s) as f32);
+                    indices.push(j as usize);
+                }
+                i += 1;
+            }
+        }
+        Ok(TopK { k, log_probs, indices })
+    }
+}
+
+fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
+    if got == want { Ok(()) } else { Err(Error::Shape(format!("{what} has length {got}, expected n = {want}"))) }
+}
+
+fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
+    match targets.iter().position(|&y| y < 0 || y as u64 >= vocab as u64) {
+        Some(i) => Err(Error::TargetOutOfRange { index: i, value: targets[i], vocab }),
+        None => Ok(()),
+    }
+}
+
+impl LogitSource for SoftmaxLayer<'_> {
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn hidden_dim(&self) -> usize {
+        self.hidden
+    }
+    fn logits_tile(&self, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]) {
+        let (m, c, d) = (hidden.rows(), cols.len(), self.hidden);
+        debug_assert_eq!(tile.len(), m * c);
+        match &self.bias {
+            Some(b) => tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()])),
+            None => tile.fill(0.0),
+        }
+        let k = self.kernels;
+        match self.layout {
+            WeightLayout::VocabMajor if m <= GEMV_MAX_ROWS => {
+                // Decoding: memory-bound, one pass over the weight rows.
+                for (j, w) in self.weight[cols.start * d..cols.end * d].chunks_exact(d).enumerate() {
+                    for i in 0..m {
+                        tile[i * c + j] += k.dot(hidden.row(i), w);
+                    }
+                }
+            }
+            WeightLayout::HiddenMajor if m <= GEMV_MAX_ROWS => {
+                for i in 0..m {
+                    let h = hidden.row(i);
+                    let out = &mut tile[i * c..(i + 1) * c];
+                    for (p, &hp) in h.iter().enumerate() {
+                        k.axpy(out, hp, &self.weight[p * self.vocab + cols.start..p * self.vocab + cols.end]);
+                    }
+                }
+            }
+            layout => {
+                let (rhs_off, rhs_cs, rhs_rs) = match layout {
+                    // W[cols]ᵀ: element (p, j) at W[(cols.start + j) * d + p].
+                    WeightLayout::VocabMajor => (cols.start * d, d as isize, 1isize),
+                    // W[:, cols]: element (p, j) at W[p * V + cols.start + j].
+                    WeightLayout::HiddenMajor => (cols.start, 1isize, self.vocab as isize),
+                };
+                let rhs = &self.weight[rhs_off..];
+                let h_data = hidden.row(0).as_ptr();
+                // SAFETY: dst is `tile`, m x c row-major (row stride c, column stride 1).
+                // lhs is `hidden`, m x d with row stride `row_stride()`, column stride 1,
+                // all within its backing slice. rhs addresses, for p < d and j < c, the
+                // elements listed above, which lie inside `self.weight` because
+                // cols.end <= V. `read_dst` makes dst = 1·dst + 1·lhs·rhs, so the bias
+                // written above is added. No other thread touches `tile`.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        c,
+                        d,
+                        tile.as_mut_ptr(),
+                        1,
+                        c as isize,
+                        true,
+                        h_data,
+                        1,
+                        hidden.row_stride() as isize,
+                        rhs.as_ptr(),
+                        rhs_cs,
+                        rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Where an `[n, V]` output is written from many tasks at once.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint regions (each (row, class) belongs to exactly one tile of
+// one task), and the engine joins every task before the output is used again.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Materialize {
+    Logits,
+    Probs,
+    LogProbs,
+}
+
+/// Writes each tile into the output; optionally tracks each row's [`MaxSum`].
+struct WriteOut {
+    out: SharedOut,
+    stride: usize,
+    stats: bool,
+    t: f32,
+    k: &'static Kernels,
+}
+
+impl Consumer for WriteOut {
+    type State = Vec<MaxSum>;
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        vec![MaxSum::EMPTY; if self.stats { rows.len() } else { 0 }]
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>) {
+        for (i, row) in tile.chunks_exact(cols.len()).enumerate() {
+            // SAFETY: (rows.start + i, cols) lies inside the [n, V] output with this row
+            // stride, and only this task writes it (see `SharedOut`).
+            unsafe {
+                let dst = self.out.0.add((rows.start + i) * self.stride + cols.start);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, row.len());
+            }
+            if self.stats {
+                st[i] = st[i].merge(self.k.max_sum(row, None, self.t), self.t);
+            }
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        a.into_iter().zip(b).map(|(x, y)| x.merge(y, self.t)).collect()
+    }
+}
+
+/// Each row's [`MaxSum`]: logsumexp.
+struct Stats {
+    t: f32,
+    k: &'static Kernels,
+}
+
+impl Consumer for Stats {
+    type State = Vec<MaxSum>;
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        vec![MaxSum::EMPTY; rows.len()]
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
+        for (s, row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
+            *s = s.merge(self.k.max_sum(row, None, self.t), self.t);
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        a.into_iter().zip(b).map(|(x, y)| x.merge(y, self.t)).collect()
+    }
+}
+
+/// Each row's [`MaxSum`] and its target's logit.
+struct Target<'t> {
+    targets: &'t [i64],
+    t: f32,
+    k: &'static Kernels,
+}
+
+impl Consumer for Target<'_> {
+    type State = (Vec<MaxSum>, Vec<f32>);
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        (vec![MaxSum::EMPTY; rows.len()], vec![0.0; rows.len()])
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>) {
+        for (i, row) in tile.chunks_exact(cols.len()).enumerate() {
+            st.0[i] = st.0[i].merge(self.k.max_sum(row, None, self.t), self.t);
+            let y = self.targets[rows.start + i] as usize;
+            if cols.contains(&y) {
+                st.1[i] = row[y - cols.start];
+            }
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        // A target lies in exactly one class range; the other side holds 0.
+        let stats = a.0.into_iter().zip(b.0).map(|(x, y)| x.merge(y, self.t)).collect();
+        let z = a.1.into_iter().zip(b.1).map(|(x, y)| x + y).collect();
+        (stats, z)
+    }
+}
+
+/// Each row's largest logit and its class (lowest id on ties).
+struct Argmax;
+
+impl Consumer for Argmax {
+    type State = Vec<(f32, usize)>;
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        vec![(f32::NEG_INFINITY, usize::MAX); rows.len()]
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
+        for (s, row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
+            for (j, &z) in row.iter().enumerate() {
+                if z > s.0 || s.1 == usize::MAX {
+                    *s = (z, cols.start + j);
+                }
+            }
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        a.into_iter().zip(b).map(|(x, y)| if y.0 > x.0 || x.1 == usize::MAX { y } else { x }).collect()
+    }
+}
+
+/// Top-k candidates of one row: at most `2k` `(logit, class)` pairs above a threshold,
+/// pruned to the best `k` when full. Order: larger logit first, then lower class.
+#[derive(Clone, Debug, Default)]
+struct Candidates {
+    items: Vec<(f32, u32)>,
+    /// The k-th best logit after the last prune; anything at or below it cannot enter
+    /// (ties lose to the lower class ids seen earlier).
+    threshold: f32,
+}
+
+fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+impl Candidates {
+    fn new() -> Self {
+        Candidates { items: Vec::new(), threshold: f32::NEG_INFINITY }
+    }
+    fn prune(&mut self, k: usize) {
+        if self.items.len() > k {
+            self.items.select_nth_unstable_by(k - 1, better);
+            self.items.truncate(k);
+            self.threshold = self.items.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
+        }
+    }
+    fn finish(&mut self, k: usize) {
+        self.prune(k);
+        self.items.sort_unstable_by(better);
+    }
+}
+
+struct TopKConsumer {
+    k: usize,
+    t: f32,
+    kern: &'static Kernels,
+}
+
+impl Consumer for TopKConsumer {
+    type State = Vec<(MaxSum, Candidates)>;
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        vec![(MaxSum::EMPTY, Candidates::new()); rows.len()]
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
+        for ((s, cand), row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
+            *s = s.merge(self.kern.max_sum(row, None, self.t), self.t);
+            for (j, &z) in row.iter().enumerate() {
+                // Strictly above: an equal logit seen later has a higher class id.
+                if z > cand.threshold || cand.items.len() < self.k {
+                    cand.items.push((z, (cols.start + j) as u32));
+                    if cand.items.len() >= 2 * self.k.max(16) {
+                        cand.prune(self.k);
+                    }
+                }
+            }
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        a.into_iter()
+            .zip(b)
+            .map(|((sa, mut ca), (sb, cb))| {
+                ca.items.extend(cb.items);
+                ca.prune(self.k);
+                (sa.merge(sb, self.t), ca)
+            })
+            .collect()
+    }
+}

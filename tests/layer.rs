@@ -1,0 +1,221 @@
+//! The layer's forward operations against float64 references.
+
+mod common;
+use common::{Rng, assert_log_close, assert_prob_close, reference};
+use softmax_layer::engine::Tiling;
+use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
+
+struct Case {
+    n: usize,
+    d: usize,
+    v: usize,
+    h: Vec<f32>,
+    w_vd: Vec<f32>,
+    w_dv: Vec<f32>,
+    b: Option<Vec<f32>>,
+}
+
+fn case(rng: &mut Rng, n: usize, d: usize, v: usize, bias: bool) -> Case {
+    let h = rng.vec(n * d, -1.0, 1.0);
+    let w_vd = rng.vec(v * d, -1.0, 1.0);
+    let mut w_dv = vec![0f32; v * d];
+    for j in 0..v {
+        for p in 0..d {
+            w_dv[p * v + j] = w_vd[j * d + p];
+        }
+    }
+    let b = bias.then(|| rng.vec(v, -2.0, 2.0));
+    Case { n, d, v, h, w_vd, w_dv, b }
+}
+
+impl Case {
+    fn layer(&self, layout: WeightLayout, tiling: Tiling) -> SoftmaxLayer<'_> {
+        let w = match layout {
+            WeightLayout::VocabMajor => &self.w_vd[..],
+            WeightLayout::HiddenMajor => &self.w_dv[..],
+        };
+        SoftmaxLayer::new(w, layout, self.v, self.d, self.b.as_deref()).unwrap().with_tiling(tiling)
+    }
+    /// Float64 logits and the bound on f32 dot-product rounding: d·2^-24·Σ|h·w| + 2^-24·|b|.
+    fn ref_logits(&self, i: usize) -> (Vec<f64>, Vec<f64>) {
+        let h = &self.h[i * self.d..(i + 1) * self.d];
+        (0..self.v)
+            .map(|j| {
+                let w = &self.w_vd[j * self.d..(j + 1) * self.d];
+                let dot: f64 = h.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = h.iter().zip(w).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                let b = self.b.as_ref().map_or(0.0, |b| b[j] as f64);
+                (dot + b, (self.d as f64 + 2.0) * 2f64.powi(-24) * (mag + b.abs()))
+            })
+            .unzip()
+    }
+}
+
+const SMALL: Tiling = Tiling { row_block: 8, col_tile: 64, segment: 256 };
+
+fn check_all(c: &Case, layout: WeightLayout, tiling: Tiling, t: f32) {
+    let layer = c.layer(layout, tiling);
+    let opts = LayerOptions { temperature: t };
+    let hv = MatRef::new(&c.h, c.n, c.d).unwrap();
+    let (n, v) = (c.n, c.v);
+    let mut logits = vec![0f32; n * v];
+    layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+    let mut probs = vec![0f32; n * v];
+    layer.probs(hv, MatMut::new(&mut probs, n, v).unwrap(), &opts).unwrap();
+    let mut lp = vec![0f32; n * v];
+    layer.log_probs(hv, MatMut::new(&mut lp, n, v).unwrap(), &opts).unwrap();
+    let mut lse = vec![0f32; n];
+    layer.logsumexp(hv, &mut lse, &opts).unwrap();
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % v) as i64).collect();
+    let mut tlp = vec![0f32; n];
+    layer.target_log_probs(hv, &targets, &mut tlp, &opts).unwrap();
+    let mut am = vec![0usize; n];
+    layer.argmax(hv, &mut am).unwrap();
+    let k = v.min(5);
+    let top = layer.top_k(hv, k, &opts).unwrap();
+    for i in 0..n {
+        // (a) The logits: float64 up to f32 rounding of the dot products.
+        let (want, tol) = c.ref_logits(i);
+        let row = &logits[i * v..(i + 1) * v];
+        for j in 0..v {
+            assert!(
+                (row[j] as f64 - want[j]).abs() <= tol[j],
+                "logit [{i},{j}] {} vs {} (tol {:e})",
+                row[j],
+                want[j],
+                tol[j]
+            );
+        }
+        // (b) Everything after the logits: exact to f32 rounding, against float64 of the
+        // same logits; no other error source.
+        let (ref_lp, ref_lse) = reference(row, None, t);
+        assert_log_close(lse[i], ref_lse, 2e-6, "lse");
+        for j in 0..v {
+            assert_prob_close(probs[i * v + j], ref_lp[j].exp(), "probs");
+            assert_log_close(lp[i * v + j], ref_lp[j], 2e-6, "log_probs");
+        }
+        assert_log_close(tlp[i], ref_lp[targets[i] as usize], 2e-6, "target_log_probs");
+        // argmax: the first maximum.
+        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(am[i], row.iter().position(|&z| z == mx).unwrap(), "argmax row {i}");
+        // top-k: sorted by logit descending, then lower id.
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        assert_eq!(&top.indices[i * k..(i + 1) * k], &order[..k], "top-k ids row {i}");
+        for (q, &j) in order[..k].iter().enumerate() {
+            assert_log_close(top.log_probs[i * k + q], ref_lp[j], 2e-6, "top-k values");
+        }
+    }
+}
+
+#[test]
+fn forward_ops_match_float64_over_shapes_layouts_and_tilings() {
+    let mut rng = Rng(21);
+    for &(n, d, v) in
+        &[(1, 1, 1), (1, 5, 7), (3, 64, 600), (17, 33, 1100), (130, 16, 300), (5, 100, 9000), (2, 768, 2000)]
+    {
+        for bias in [false, true] {
+            let c = case(&mut rng, n, d, v, bias);
+            for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+                for tiling in [Tiling::default(), SMALL] {
+                    for t in [1.0, 0.7] {
+                        check_all(&c, layout, tiling, t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn layouts_agree() {
+    let mut rng = Rng(4);
+    let c = case(&mut rng, 40, 50, 3000, true);
+    let hv = MatRef::new(&c.h, c.n, c.d).unwrap();
+    let mut a = vec![0f32; c.n];
+    let mut b = vec![0f32; c.n];
+    c.layer(WeightLayout::VocabMajor, Tiling::default()).logsumexp(hv, &mut a, &LayerOptions::default()).unwrap();
+    c.layer(WeightLayout::HiddenMajor, Tiling::default()).logsumexp(hv, &mut b, &LayerOptions::default()).unwrap();
+    for i in 0..c.n {
+        assert!((a[i] - b[i]).abs() <= 1e-5 * a[i].abs().max(1.0), "{} vs {}", a[i], b[i]);
+    }
+}
+
+#[test]
+fn ties_go_to_the_lower_class_id() {
+    // Classes 2, 5 and 6 share the largest logit; 1 and 4 the next.
+    let d = 2;
+    let w = [0.0f32, 0.0, 1.0, 0.0, 2.0, 0.0, 0.5, 0.0, 1.0, 0.0, 2.0, 0.0, 2.0, 0.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 7, d, None::<&[f32]>)
+        .unwrap()
+        .with_tiling(Tiling { row_block: 1, col_tile: 2, segment: 4 });
+    let h = [1.0f32, 0.0];
+    let hv = MatRef::new(&h, 1, 2).unwrap();
+    let mut am = [9usize];
+    layer.argmax(hv, &mut am).unwrap();
+    assert_eq!(am[0], 2);
+    let top = layer.top_k(hv, 5, &LayerOptions::default()).unwrap();
+    assert_eq!(top.indices, vec![2, 5, 6, 1, 4]);
+    assert_eq!(top.log_probs[0], top.log_probs[2]);
+}
+
+#[test]
+fn fused_ops_are_bit_identical_for_any_thread_count() {
+    let mut rng = Rng(8);
+    for &(n, d, v) in &[(1, 64, 20000), (9, 32, 20000), (300, 48, 5000)] {
+        let c = case(&mut rng, n, d, v, true);
+        let layer = c.layer(WeightLayout::VocabMajor, Tiling::default());
+        let hv = MatRef::new(&c.h, n, d).unwrap();
+        let targets: Vec<i64> = (0..n as i64).map(|i| i * 31 % v as i64).collect();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                let opts = LayerOptions { temperature: 0.8 };
+                let mut lse = vec![0f32; n];
+                let mut tlp = vec![0f32; n];
+                layer.logsumexp(hv, &mut lse, &opts).unwrap();
+                layer.target_log_probs(hv, &targets, &mut tlp, &opts).unwrap();
+                let top = layer.top_k(hv, 3, &opts).unwrap();
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                (bits(&lse), bits(&tlp), bits(&top.log_probs), top.indices)
+            })
+        };
+        let one = run(1);
+        for t in [2, 3] {
+            assert!(run(t) == one, "[{n},{d},{v}]: {t} threads differ");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let w = vec![0.5f32; 12];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap();
+    let h = [1.0f32, 2.0, f32::NAN, 0.0, 0.0, 0.0];
+    let err = layer.logsumexp(MatRef::new(&h, 2, 3).unwrap(), &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "hidden[0, 2] is NaN; only finite values are allowed");
+    let h = [1.0f32; 4];
+    let err = layer.logsumexp(MatRef::new(&h, 2, 2).unwrap(), &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Shape(_)), "{err}");
+    let h = [1.0f32; 6];
+    let hv = MatRef::new(&h, 2, 3).unwrap();
+    let err = layer.target_log_probs(hv, &[0, 4], &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "targets[1] = 4 is out of range [0, 4)");
+    let err = layer.target_log_probs(hv, &[-1, 0], &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::TargetOutOfRange { index: 0, value: -1, .. }));
+    assert!(layer.top_k(hv, 0, &LayerOptions::default()).is_err());
+    assert!(layer.top_k(hv, 5, &LayerOptions::default()).is_err());
+    assert!(layer.logsumexp(hv, &mut [0.0; 2], &LayerOptions { temperature: 0.0 }).is_err());
+    let mut bad_w = w.clone();
+    bad_w[7] = f32::INFINITY;
+    let err = SoftmaxLayer::new(&bad_w[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap_err();
+    assert_eq!(err.to_string(), "weight[2, 1] is inf; only finite values are allowed");
+    let err =
+        SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 4, 3, Some(&[0.0f32, 0.0, f32::NAN, 0.0][..])).unwrap_err();
+    assert_eq!(err.to_string(), "bias[0, 2] is NaN; only finite values are allowed");
+    assert!(SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 5, 3, None::<&[f32]>).is_err());
+    // Finite inputs whose logits overflow f32.
+    let big = vec![3e38f32; 12];
+    let layer = SoftmaxLayer::new(&big[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap();
+    let err = layer.logsumexp(hv, &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
+}
