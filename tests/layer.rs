@@ -214,7 +214,7 @@ fn bad_inputs_are_errors() {
     assert_eq!(err.to_string(), "bias[0, 2] is NaN; only finite values are allowed");
     assert!(SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 5, 3, None::<&[f32]>).is_err());
     // Finite inputs whose logits overflow f32.
-    let big = vec![3e38f32; 12];
+    let big = [3e38f32; 12];
     let layer = SoftmaxLayer::new(&big[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap();
     let err = layer.logsumexp(hv, &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
