@@ -48,6 +48,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const CHUNK: usize = 1 << 16;
 /// Below this many elements in all, work runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
+/// Outputs of at least this many bytes are written with non-temporal stores: they cannot
+/// stay in cache anyway, and streaming saves reading each output line before writing it.
+static STREAM_MIN_BYTES: AtomicUsize = AtomicUsize::new(64 << 20);
+
+/// Sets the output size from which streaming stores are used (default 64 MiB). The
+/// results are the same either way; tests use this to cover both paths.
+#[doc(hidden)]
+pub fn set_stream_min_bytes(bytes: usize) {
+    STREAM_MIN_BYTES.store(bytes, Ordering::Relaxed);
+}
+/// Rows up to this length keep the fused softmax's terms in a per-thread scratch row (in
+/// L2) when streaming, so the output is written once, with streaming stores.
+const SCRATCH_MAX: usize = 1 << 18;
 
 /// Options shared by the row functions.
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +192,7 @@ fn fused_softmax_row(
     out: &mut [f32],
     i: usize,
     parallel: bool,
+    scratch: Option<&mut Vec<f32>>,
 ) -> std::result::Result<(), ()> {
     const STACK_BLOCKS: usize = 256;
     let nb = src.len().div_ceil(Kernels::BLOCK);
@@ -192,6 +206,22 @@ fn fused_softmax_row(
     };
     let per_chunk = CHUNK / Kernels::BLOCK;
     let (k, t) = (plan.k, plan.t);
+    if let Some(scratch) = scratch.filter(|_| !parallel && src.len() <= SCRATCH_MAX) {
+        // Streaming: terms into the cache-resident scratch row, then one streamed write.
+        scratch.resize(src.len(), 0.0);
+        let stats = scratch
+            .chunks_mut(CHUNK)
+            .zip(block_max.chunks_mut(per_chunk))
+            .enumerate()
+            .map(|(c, (o, b))| {
+                let range = c * CHUNK..c * CHUNK + o.len();
+                k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
+            })
+            .fold(MaxSum::EMPTY, |a, b| a.merge(b, t));
+        check_row(stats, src, mask, i).map_err(|_| ())?;
+        k.rescale_into(scratch, block_max, t, stats, out, true);
+        return Ok(());
+    }
     let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
         let range = c * CHUNK..c * CHUNK + o.len();
         k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
@@ -234,11 +264,12 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     let stride = out.row_stride();
 
     // One row, entirely on this thread.
-    let do_row = |i: usize, orow: &mut [f32]| {
+    let stream = src.is_some() && n * v * 4 >= STREAM_MIN_BYTES.load(Ordering::Relaxed);
+    let do_row = |i: usize, orow: &mut [f32], scratch: &mut Vec<f32>| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
         if let (Op::Softmax, Some(srow)) = (op, srow) {
-            if fused_softmax_row(&plan, srow, mask, orow, i, false).is_err() {
+            if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch)).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
             }
             return;
@@ -248,7 +279,10 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             first_bad.fetch_min(i, Ordering::Relaxed);
             return;
         }
-        write_row(plan.k, op, srow, mask, plan.t, stats, orow);
+        match (op, srow) {
+            (Op::LogSoftmax, Some(s)) => plan.k.log_softmax_into_mode(s, mask, plan.t, stats, orow, stream),
+            _ => write_row(plan.k, op, srow, mask, plan.t, stats, orow),
+        }
     };
 
     if big && n >= threads {
@@ -258,7 +292,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             .take(n)
             .enumerate()
             .with_min_len(min_rows)
-            .for_each(|(i, r)| do_row(i, &mut r[..v]));
+            .for_each_init(Vec::new, |scratch, (i, r)| do_row(i, &mut r[..v], scratch));
     } else if big && v > CHUNK {
         // Few long rows: split each across threads.
         for i in 0..n {
@@ -266,7 +300,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             let srow = src.map(|s| s.row(i));
             let mask = plan.mask_row(i);
             if let (Op::Softmax, Some(srow)) = (op, srow) {
-                if fused_softmax_row(&plan, srow, mask, orow, i, true).is_err() {
+                if fused_softmax_row(&plan, srow, mask, orow, i, true, None).is_err() {
                     first_bad.fetch_min(i, Ordering::Relaxed);
                     break;
                 }
@@ -285,8 +319,9 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             });
         }
     } else {
+        let mut scratch = Vec::new();
         for i in 0..n {
-            do_row(i, out.row_mut(i));
+            do_row(i, out.row_mut(i), &mut scratch);
             if first_bad.load(Ordering::Relaxed) != usize::MAX {
                 break;
             }

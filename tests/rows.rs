@@ -381,3 +381,26 @@ fn max_sum_merges_like_one_pass() {
     let (_, lse) = reference(&x, None, 1.0);
     assert!((parts.logsumexp(1.0) - lse).abs() <= 1e-6);
 }
+
+#[test]
+fn streaming_stores_give_the_same_bits() {
+    let mut rng = Rng(13);
+    // Odd strides make every row start at a different alignment.
+    for (n, v, stride) in [(5usize, 3001usize, 3007usize), (64, 1000, 1003), (3, 70_000, 70_001)] {
+        let x = rng.vec((n - 1) * stride + v, -30.0, 30.0);
+        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
+        let run = |stream_min: usize| {
+            softmax_layer::rows::set_stream_min_bytes(stream_min);
+            let mut p = vec![f32::NAN; x.len()];
+            let mut lp = vec![f32::NAN; x.len()];
+            let opts = RowOptions::with_temperature(1.3);
+            softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+            log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
+            softmax_layer::rows::set_stream_min_bytes(64 << 20);
+            (bits(&p), bits(&lp))
+        };
+        let streamed = run(0);
+        assert!(streamed == run(usize::MAX), "[{n}, {v}] stride {stride}: streaming changed the results");
+        check_matrix(&x, n, v, stride, None, 1.3, None);
+    }
+}

@@ -69,6 +69,19 @@ pub(crate) trait Vector: Copy {
             self.mul(n1.pow2i()).mul(n2.pow2i())
         }
     }
+    /// Stores `LANES` values to `ptr`, which is aligned to `LANES * 4` bytes, bypassing the
+    /// caches where the instruction set can (non-temporal store). Call
+    /// [`Vector::stream_fence`] before the data are handed to another thread.
+    #[inline(always)]
+    unsafe fn store_stream(self, ptr: *mut f32) {
+        unsafe { self.store(ptr) }
+    }
+    /// Orders earlier non-temporal stores before later stores.
+    #[inline(always)]
+    unsafe fn stream_fence() {}
+    /// Hints that the cache line holding `ptr` will be read soon. Never faults.
+    #[inline(always)]
+    unsafe fn prefetch(_ptr: *const f32) {}
     /// Maximum over the lanes, in a fixed order.
     unsafe fn reduce_max(self) -> f32;
     /// Sum over the lanes, in a fixed order.
@@ -86,11 +99,17 @@ pub(crate) struct Params {
     pub t: f32,
     /// `1 / T` rounded to `f32`.
     pub inv_t: f32,
+    /// Write outputs with non-temporal stores (large outputs that will not be re-read soon).
+    pub stream: bool,
 }
 
 impl Params {
     pub(crate) fn new(t: f32) -> Self {
-        Params { t, inv_t: 1.0 / t }
+        Params { t, inv_t: 1.0 / t, stream: false }
+    }
+    pub(crate) fn streaming(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
     }
     fn scaled(&self) -> bool {
         self.t != 1.0
@@ -235,6 +254,11 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 (V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX));
             let mut j = 0;
             while j + 4 <= full {
+                // The next block, one cache line per vector (mask lines too).
+                V::prefetch(x.wrapping_add(i + BLOCK + j * lanes));
+                if MASK {
+                    V::prefetch(mask.wrapping_add(i + BLOCK + j * lanes));
+                }
                 a0 = a0.max(load_z::<V, MASK>(x, mask, i + j * lanes));
                 a1 = a1.max(load_z::<V, MASK>(x, mask, i + (j + 1) * lanes));
                 a2 = a2.max(load_z::<V, MASK>(x, mask, i + (j + 2) * lanes));
@@ -333,30 +357,92 @@ unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     unsafe { online_impl::<V, MASK, SCALED, true>(x, mask, out, block_max, len, p) }
 }
 
-/// Second step after the `STORE` online pass: block `b` of `out` is multiplied by
-/// `exp((block_max[b] - M) / T) / S`, computed in `f64`.
+/// Produces the output of a pass-2 kernel, one vector at a time.
+trait Producer<V: Vector> {
+    /// Values of elements `[i, i + LANES)`.
+    unsafe fn full(&self, i: usize) -> V;
+    /// Values of elements `[i, i + len)`, `len < LANES`; other lanes are ignored.
+    unsafe fn partial(&self, i: usize, len: usize) -> V;
+}
+
+/// Writes `out[i] = producer(i)` for `i` in `[start, end)`. With `STREAM`, full vectors
+/// go out as aligned non-temporal stores (the unaligned head and the tail as plain masked
+/// stores).
 #[inline(always)]
-pub(crate) unsafe fn rescale<V: Vector>(out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64) {
+unsafe fn write_span<V: Vector, P: Producer<V>, const STREAM: bool>(p: &P, out: *mut f32, start: usize, end: usize) {
     unsafe {
         let lanes = V::LANES;
+        let mut i = start;
+        if STREAM {
+            let misalign = (out.add(i) as usize % (lanes * 4)) / 4;
+            if misalign != 0 && i < end {
+                let head = (lanes - misalign).min(end - i);
+                p.partial(i, head).store_partial(out.add(i), head);
+                i += head;
+            }
+            while i + lanes <= end {
+                p.full(i).store_stream(out.add(i));
+                i += lanes;
+            }
+        } else {
+            while i + lanes <= end {
+                p.full(i).store(out.add(i));
+                i += lanes;
+            }
+        }
+        if i < end {
+            p.partial(i, end - i).store_partial(out.add(i), end - i);
+        }
+    }
+}
+
+/// `src[i] * f`.
+struct Scaled<V> {
+    src: *const f32,
+    f: V,
+}
+
+impl<V: Vector> Producer<V> for Scaled<V> {
+    #[inline(always)]
+    unsafe fn full(&self, i: usize) -> V {
+        unsafe { V::load(self.src.add(i)).mul(self.f) }
+    }
+    #[inline(always)]
+    unsafe fn partial(&self, i: usize, len: usize) -> V {
+        unsafe { V::load_partial(self.src.add(i), len, 0.0).mul(self.f) }
+    }
+}
+
+/// Second step after the `STORE` online pass: block `b` of `src` (the stored terms) is
+/// multiplied by `exp((block_max[b] - M) / T) / S`, computed in `f64`, into `out`.
+/// `out` may equal `src`, but then `p.stream` must be false.
+#[inline(always)]
+pub(crate) unsafe fn rescale<V: Vector>(
+    src: *const f32,
+    out: *mut f32,
+    block_max: *const f32,
+    len: usize,
+    p: Params,
+    m: f32,
+    sum: f64,
+) {
+    unsafe {
         let mut i = 0;
         let mut b = 0;
         while i < len {
-            let blen = BLOCK.min(len - i);
+            let end = (i + BLOCK).min(len);
             let f = (((*block_max.add(b) as f64 - m as f64) / p.t as f64).exp() / sum) as f32;
-            let fv = V::splat(f);
-            let full = blen / lanes;
-            for j in 0..full {
-                let q = out.add(i + j * lanes);
-                V::load(q).mul(fv).store(q);
-            }
-            let tail = blen % lanes;
-            if tail > 0 {
-                let q = out.add(i + full * lanes);
-                V::load_partial(q, tail, 0.0).mul(fv).store_partial(q, tail);
+            let prod = Scaled { src, f: V::splat(f) };
+            if p.stream {
+                write_span::<V, _, true>(&prod, out, i, end);
+            } else {
+                write_span::<V, _, false>(&prod, out, i, end);
             }
             b += 1;
-            i += blen;
+            i = end;
+        }
+        if p.stream {
+            V::stream_fence();
         }
     }
 }
@@ -397,7 +483,36 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     }
 }
 
-/// `out[i] = (z_i - M) / T - ln_s`. Same aliasing rules as [`softmax_impl`].
+/// `(z_i - M) / T - ln_s`, computed as `(z/2 - M/2) * (2/T) - ln_s`: halving is exact, and
+/// the difference cannot overflow even when `z - M` would (|z - M| > f32::MAX is finite after
+/// dividing by T > 1).
+struct LogSoftmaxOf<V, const MASK: bool> {
+    x: *const f32,
+    mask: *const f32,
+    mh: V,
+    two_inv_t: V,
+    ln_s: V,
+}
+
+impl<V: Vector, const MASK: bool> Producer<V> for LogSoftmaxOf<V, MASK> {
+    #[inline(always)]
+    unsafe fn full(&self, i: usize) -> V {
+        unsafe {
+            let z = load_z::<V, MASK>(self.x, self.mask, i);
+            z.mul(V::splat(0.5)).sub(self.mh).mul(self.two_inv_t).sub(self.ln_s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn partial(&self, i: usize, len: usize) -> V {
+        unsafe {
+            let z = load_z_partial::<V, MASK>(self.x, self.mask, i, len);
+            z.mul(V::splat(0.5)).sub(self.mh).mul(self.two_inv_t).sub(self.ln_s)
+        }
+    }
+}
+
+/// `out[i] = (z_i - M) / T - ln_s`. Same aliasing rules as [`softmax_impl`]; with
+/// `p.stream`, `out` must not equal `x`.
 #[inline(always)]
 unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     x: *const f32,
@@ -409,21 +524,18 @@ unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     ln_s: f32,
 ) {
     unsafe {
-        let lanes = V::LANES;
-        let (mv, lv) = (V::splat(m), V::splat(ln_s));
-        let full = len / lanes;
-        // (z/2 - m/2) * (2/T): halving is exact, and the difference cannot overflow even
-        // when z - m would (|z - m| > f32::MAX is finite after dividing by T > 1).
-        let (half, two_inv_t) = (V::splat(0.5), V::splat(2.0 * p.inv_t));
-        let mh = mv.mul(half);
-        for j in 0..full {
-            let z = load_z::<V, MASK>(x, mask, j * lanes);
-            z.mul(half).sub(mh).mul(two_inv_t).sub(lv).store(out.add(j * lanes));
-        }
-        let tail = len % lanes;
-        if tail > 0 {
-            let z = load_z_partial::<V, MASK>(x, mask, full * lanes, tail);
-            z.mul(half).sub(mh).mul(two_inv_t).sub(lv).store_partial(out.add(full * lanes), tail);
+        let prod = LogSoftmaxOf::<V, MASK> {
+            x,
+            mask,
+            mh: V::splat(m).mul(V::splat(0.5)),
+            two_inv_t: V::splat(2.0 * p.inv_t),
+            ln_s: V::splat(ln_s),
+        };
+        if p.stream {
+            write_span::<V, _, true>(&prod, out, 0, len);
+            V::stream_fence();
+        } else {
+            write_span::<V, _, false>(&prod, out, 0, len);
         }
     }
 }
@@ -580,12 +692,15 @@ macro_rules! instantiate {
         }
 
         /// # Safety
-        /// The CPU supports this module's instruction set; `out` is valid for `len` reads
-        /// and writes, `block_max` for `len.div_ceil(BLOCK)` reads.
+        /// The CPU supports this module's instruction set; `src` is valid for `len` reads,
+        /// `out` for `len` writes (equal to `src`, then without `p.stream`, or not
+        /// overlapping it), `block_max` for `len.div_ceil(BLOCK)` reads.
         $(#[target_feature(enable = $feature)])?
-        pub(crate) unsafe fn rescale(out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64) {
+        pub(crate) unsafe fn rescale(
+            src: *const f32, out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64,
+        ) {
             // SAFETY: forwarded from this function's contract.
-            unsafe { generic::rescale::<$V>(out, block_max, len, p, m, sum) }
+            unsafe { generic::rescale::<$V>(src, out, block_max, len, p, m, sum) }
         }
 
         /// # Safety

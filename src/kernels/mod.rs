@@ -119,7 +119,7 @@ type MaxSumFn = unsafe fn(*const f32, *const f32, usize, Params) -> MaxSum;
 type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f32);
 type ExpFn = unsafe fn(*const f32, *mut f32, usize);
 type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Params) -> MaxSum;
-type RescaleFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64);
+type RescaleFn = unsafe fn(*const f32, *mut f32, *const f32, usize, Params, f32, f64);
 type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 
@@ -319,8 +319,24 @@ impl Kernels {
     /// If `block_max` is too short.
     pub fn rescale(&self, out: &mut [f32], block_max: &[f32], t: f32, stats: MaxSum) {
         assert!(block_max.len() >= out.len().div_ceil(Self::BLOCK), "rescale: block_max too short");
-        // SAFETY: supported ISA; lengths checked above.
-        unsafe { (self.rescale)(out.as_mut_ptr(), block_max.as_ptr(), out.len(), Params::new(t), stats.max, stats.sum) }
+        let p = out.as_mut_ptr();
+        // SAFETY: supported ISA; lengths checked above; in place without streaming.
+        unsafe { (self.rescale)(p, p, block_max.as_ptr(), out.len(), Params::new(t), stats.max, stats.sum) }
+    }
+
+    /// [`Kernels::rescale`] from the stored terms `src` into `out`; `stream` writes `out` with
+    /// non-temporal stores (for outputs too large to be re-read from cache).
+    ///
+    /// # Panics
+    /// If lengths differ or `block_max` is too short.
+    pub fn rescale_into(&self, src: &[f32], block_max: &[f32], t: f32, stats: MaxSum, out: &mut [f32], stream: bool) {
+        assert_eq!(src.len(), out.len(), "rescale_into: lengths differ");
+        assert!(block_max.len() >= out.len().div_ceil(Self::BLOCK), "rescale_into: block_max too short");
+        let p = Params::new(t).streaming(stream);
+        // SAFETY: supported ISA; `out` is a distinct `&mut`; lengths checked above.
+        unsafe {
+            (self.rescale)(src.as_ptr(), out.as_mut_ptr(), block_max.as_ptr(), out.len(), p, stats.max, stats.sum)
+        }
     }
 
     /// In-place [`Kernels::softmax_into`].
@@ -336,6 +352,19 @@ impl Kernels {
     /// # Panics
     /// If the lengths of `row`, `mask` and `out` differ.
     pub fn log_softmax_into(&self, row: &[f32], mask: Option<&[f32]>, t: f32, stats: MaxSum, out: &mut [f32]) {
+        self.log_softmax_into_mode(row, mask, t, stats, out, false)
+    }
+
+    /// [`Kernels::log_softmax_into`]; `stream` writes `out` with non-temporal stores.
+    pub fn log_softmax_into_mode(
+        &self,
+        row: &[f32],
+        mask: Option<&[f32]>,
+        t: f32,
+        stats: MaxSum,
+        out: &mut [f32],
+        stream: bool,
+    ) {
         assert_eq!(row.len(), out.len(), "log_softmax_into: row and out lengths differ");
         let mask_ptr = mask_ptr(row.len(), mask);
         // SAFETY: supported ISA; `out` is a distinct `&mut` of `row.len()` elements.
@@ -345,7 +374,7 @@ impl Kernels {
                 mask_ptr,
                 out.as_mut_ptr(),
                 row.len(),
-                Params::new(t),
+                Params::new(t).streaming(stream),
                 stats.max,
                 stats.sum.ln() as f32,
             )

@@ -24,6 +24,21 @@ impl Vector for F32x16 {
     const LANES: usize = 16;
 
     #[inline(always)]
+    unsafe fn store_stream(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees `ptr` is aligned to 64 bytes and valid.
+        unsafe { _mm512_stream_ps(ptr, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn stream_fence() {
+        _mm_sfence()
+    }
+    #[inline(always)]
+    unsafe fn prefetch(ptr: *const f32) {
+        // SAFETY: prefetching is a hint and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8) }
+    }
+
+    #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
         F32x16(_mm512_set1_ps(x))
     }
@@ -103,6 +118,21 @@ pub(crate) struct F32x8(__m256);
 // stack buffer and copy exactly `len` elements.
 impl Vector for F32x8 {
     const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn store_stream(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees `ptr` is aligned to 32 bytes and valid.
+        unsafe { _mm256_stream_ps(ptr, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn stream_fence() {
+        _mm_sfence()
+    }
+    #[inline(always)]
+    unsafe fn prefetch(ptr: *const f32) {
+        // SAFETY: prefetching is a hint and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8) }
+    }
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {

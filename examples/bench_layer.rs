@@ -1,0 +1,119 @@
+//! Times one layer operation, for `scripts/compare_torch.py` and the README:
+//! `bench_layer OP N D V REPEATS [K]` prints one JSON line with the median time, the
+//! throughput and the peak extra heap (beyond inputs and outputs).
+//!
+//! OP: gemm (the bare product H·Wᵀ into [n, V], 2 threads inside the gemm crate),
+//! logits, probs, logsumexp, target_log_probs, top_k, argmax, read (a plain read of W).
+#[path = "../benches/support/alloc.rs"]
+mod alloc;
+
+use rayon::prelude::*;
+use softmax_layer::{LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let mut s = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+        for y in chunk {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *y = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+        }
+    });
+    out
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() < 6 {
+        eprintln!("usage: bench_layer OP N D V REPEATS [K]");
+        std::process::exit(2);
+    }
+    let op = a[1].as_str();
+    let [n, d, v, reps]: [usize; 4] = std::array::from_fn(|i| a[i + 2].parse().unwrap());
+    let k: usize = a.get(6).map_or(10, |s| s.parse().unwrap());
+    let h = fill(n * d, 1, 1.0);
+    let w = fill(v * d, 2, (3.0 / d as f32).sqrt());
+    let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = LayerOptions::default();
+    let needs_out = matches!(op, "gemm" | "logits" | "probs");
+    let mut out = if needs_out { vec![0f32; n * v] } else { Vec::new() };
+    let mut small = vec![0f32; n];
+    let mut idx = vec![0usize; n];
+    let mut f = || match op {
+        // SAFETY: out is n x V row-major, h is n x d row-major, w is V x d row-major (read
+        // as its transpose with strides (d, 1)); all in bounds.
+        "gemm" => unsafe {
+            gemm::gemm(
+                n,
+                v,
+                d,
+                out.as_mut_ptr(),
+                1,
+                v as isize,
+                false,
+                h.as_ptr(),
+                1,
+                d as isize,
+                w.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            )
+        },
+        "logits" => layer.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap(),
+        "probs" => layer.probs(hv, MatMut::new(&mut out, n, v).unwrap(), &opts).unwrap(),
+        "logsumexp" => layer.logsumexp(hv, &mut small, &opts).unwrap(),
+        "target_log_probs" => layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap(),
+        "argmax" => layer.argmax(hv, &mut idx).unwrap(),
+        "top_k" => {
+            std::hint::black_box(layer.top_k(hv, k, &opts).unwrap());
+        }
+        "read" => {
+            let s: f32 = w
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    c.chunks_exact(16)
+                        .fold([0f32; 16], |mut acc, x| {
+                            for q in 0..16 {
+                                acc[q] += x[q];
+                            }
+                            acc
+                        })
+                        .iter()
+                        .sum::<f32>()
+                })
+                .sum();
+            std::hint::black_box(s);
+        }
+        _ => panic!("unknown op {op}"),
+    };
+    let ((), peak) = alloc::peak_extra(&mut f);
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    let med = t[t.len() / 2];
+    let gflops = 2.0 * (n * d * v) as f64 / med / 1e9;
+    let w_gbs = (v * d * 4) as f64 / med / 1e9;
+    println!(
+        "{{\"op\": \"{op}\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"median_s\": {med:.6}, \"gflops\": {gflops:.1}, \"w_gb_per_s\": {w_gbs:.2}, \"peak_extra_heap_mib\": {:.2}}}",
+        peak as f64 / (1 << 20) as f64
+    );
+}
