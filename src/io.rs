@@ -217,6 +217,18 @@ impl Tensor {
         Ok(Cow::Owned(self.c_order(out)))
     }
 
+    /// The elements as `f64` in C order (any float dtype; integers convert exactly up to 2^53).
+    pub fn to_f64(&self) -> Result<Vec<f64>> {
+        let be = self.big_endian;
+        let raw = self.raw();
+        let v: Vec<f64> = match self.dtype {
+            DType::F64 => raw.chunks_exact(8).map(|c| f64::from_bits(word64(c, be))).collect(),
+            DType::I32 | DType::I64 => self.to_i64()?.into_iter().map(|x| x as f64).collect(),
+            _ => return Ok(self.to_f32()?.iter().map(|&x| x as f64).collect()),
+        };
+        Ok(self.c_order(v))
+    }
+
     /// The elements as `i64` in C order. Float tensors are an error.
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         let be = self.big_endian;

@@ -2,6 +2,7 @@
 //!
 //! Every failure prints one line on stderr and exits with status 2.
 
+mod layer;
 mod rows;
 mod selfcheck;
 
@@ -25,11 +26,92 @@ enum Command {
     Softmax(rows::RowArgs),
     /// Log-softmax of each row of the logits, written as f32 .npy.
     LogSoftmax(rows::RowArgs),
-    /// Logsumexp of each row of the logits, written as f32 .npy of shape [n].
-    Logsumexp(rows::RowArgs),
+    /// Logsumexp of each row, from --logits or fused from --hidden and --weight; f32 .npy [n].
+    Logsumexp(LogsumexpArgs),
+    /// The logits H·Wᵀ + b, f32 .npy [n, V].
+    Logits(layer::LayerArgs),
+    /// softmax((H·Wᵀ + b) / T), f32 .npy [n, V].
+    Probs(layer::LayerArgs),
+    /// log_softmax((H·Wᵀ + b) / T), f32 .npy [n, V]; with --targets, only the targets'
+    /// log-probabilities, [n], without materializing the logits.
+    LogProbs(LogProbsArgs),
+    /// The most probable class of each row (lowest id on ties), int64 .npy [n].
+    Argmax(layer::LayerArgs),
+    /// The k most probable classes of each row: a .safetensors with `values` (log-probs,
+    /// f32 [n, k], descending) and `indices` (int64 [n, k]; ties to the lower id).
+    TopK(TopKArgs),
     /// Checks the row kernels against float64 on built-in data and prints their
     /// throughput next to a plain copy and a plain read of the same bytes.
     Selfcheck(selfcheck::SelfcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct LogProbsArgs {
+    #[command(flatten)]
+    layer: layer::LayerArgs,
+    /// Target class ids, int32 or int64 .npy [n]: write their log-probabilities only.
+    #[arg(long, value_name = "Y")]
+    targets: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct TopKArgs {
+    #[command(flatten)]
+    layer: layer::LayerArgs,
+    /// How many classes per row, in [1, V].
+    #[arg(long, value_name = "K")]
+    k: usize,
+}
+
+#[derive(clap::Args)]
+struct LogsumexpArgs {
+    /// Logits [n, V] (or [V]): FILE.npy or FILE.safetensors:NAME.
+    #[arg(long, value_name = "L", required_unless_present = "hidden", conflicts_with = "hidden")]
+    logits: Option<String>,
+    /// Hidden states [n, d], with --weight: the fused layer logsumexp.
+    #[arg(long, value_name = "H", requires = "weight")]
+    hidden: Option<String>,
+    /// Weights [V, d] (vd) or [d, V] (dv).
+    #[arg(long, value_name = "W", requires = "hidden")]
+    weight: Option<String>,
+    /// Bias [V] (with --hidden).
+    #[arg(long, value_name = "B", requires = "hidden")]
+    bias: Option<String>,
+    /// `vd` or `dv` (with --hidden).
+    #[arg(long, value_name = "vd|dv", default_value = "vd")]
+    weight_layout: String,
+    /// Additive mask (with --logits).
+    #[arg(long, value_name = "M", conflicts_with = "hidden")]
+    mask: Option<String>,
+    /// Divide the logits by T (finite, > 0).
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Output .npy file (f32 [n]).
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    output: std::path::PathBuf,
+}
+
+fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
+    match (a.logits, a.hidden, a.weight) {
+        (Some(logits), _, _) => rows::run(
+            rows::Op::Logsumexp,
+            &rows::RowArgs { logits, temperature: a.temperature, mask: a.mask, output: a.output },
+        ),
+        (None, Some(hidden), Some(weight)) => layer::run(
+            layer::LayerOp::Logsumexp,
+            &layer::LayerArgs {
+                hidden,
+                weight,
+                bias: a.bias,
+                weight_layout: a.weight_layout,
+                temperature: a.temperature,
+                output: a.output,
+            },
+            None,
+            None,
+        ),
+        _ => Err(Failure("logsumexp needs --logits L, or --hidden H with --weight W".into())),
+    }
 }
 
 /// A failure: the one line printed on stderr.
@@ -69,7 +151,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Softmax(a) => rows::run(rows::Op::Softmax, &a),
         Command::LogSoftmax(a) => rows::run(rows::Op::LogSoftmax, &a),
-        Command::Logsumexp(a) => rows::run(rows::Op::Logsumexp, &a),
+        Command::Logsumexp(a) => logsumexp(a),
+        Command::Logits(a) => layer::run(layer::LayerOp::Logits, &a, None, None),
+        Command::Probs(a) => layer::run(layer::LayerOp::Probs, &a, None, None),
+        Command::LogProbs(a) => layer::run(layer::LayerOp::LogProbs, &a.layer, a.targets.as_deref(), None),
+        Command::Argmax(a) => layer::run(layer::LayerOp::Argmax, &a, None, None),
+        Command::TopK(a) => layer::run(layer::LayerOp::TopK, &a.layer, None, Some(a.k)),
         Command::Selfcheck(a) => selfcheck::run(&a),
     };
     match result {

@@ -9,16 +9,16 @@ use std::path::PathBuf;
 pub struct RowArgs {
     /// Logits [n, V] (or [V], one row): FILE.npy or FILE.safetensors:NAME; f32, f64, f16 or bf16.
     #[arg(long, value_name = "L")]
-    logits: String,
+    pub logits: String,
     /// Divide the (masked) logits by T, finite and > 0.
     #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
-    temperature: f32,
+    pub temperature: f32,
     /// Additive mask, [n, V] or [V] (broadcast to every row); -inf removes an entry.
     #[arg(long, value_name = "M")]
-    mask: Option<String>,
+    pub mask: Option<String>,
     /// Output .npy file (f32).
     #[arg(short = 'o', long = "output", value_name = "OUT")]
-    output: PathBuf,
+    pub output: PathBuf,
 }
 
 #[derive(Clone, Copy)]

@@ -1,0 +1,193 @@
+//! The layer commands: `logits`, `probs`, `log-probs`, `logsumexp` (with --hidden),
+//! `argmax` and `top-k`, over hidden states and weights.
+
+use crate::Failure;
+use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_npy_i64, write_safetensors};
+use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct LayerArgs {
+    /// Hidden states H, [n, d] (or [d], one row): FILE.npy or FILE.safetensors:NAME.
+    #[arg(long, value_name = "H")]
+    pub hidden: String,
+    /// Weights W: [V, d] with --weight-layout vd (PyTorch, the default) or [d, V] with dv.
+    #[arg(long, value_name = "W")]
+    pub weight: String,
+    /// Bias b, [V].
+    #[arg(long, value_name = "B")]
+    pub bias: Option<String>,
+    /// `vd`: W is [V, d] (nn.Linear, lm_head.weight); `dv`: W is [d, V].
+    #[arg(long, value_name = "vd|dv", default_value = "vd")]
+    pub weight_layout: String,
+    /// Divide the logits by T (finite, > 0) before the softmax.
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Output file.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum LayerOp {
+    Logits,
+    Probs,
+    LogProbs,
+    Logsumexp,
+    Argmax,
+    TopK,
+}
+
+fn load(spec: &str) -> Result<Tensor, Failure> {
+    Ok(Tensor::load(&TensorSpec::parse(spec)?)?)
+}
+
+fn shape_str(s: &[usize]) -> String {
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// The loaded inputs: tensors stay memory-mapped; `f32` weights are used without a copy.
+struct Inputs {
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    layout: WeightLayout,
+    n: usize,
+    d: usize,
+    v: usize,
+    one_row: bool,
+}
+
+fn inputs(a: &LayerArgs) -> Result<Inputs, Failure> {
+    let layout = WeightLayout::parse(&a.weight_layout).ok_or_else(|| {
+        Failure(format!("--weight-layout must be 'vd' ([V, d]) or 'dv' ([d, V]), got '{}'", a.weight_layout))
+    })?;
+    softmax_layer::check_temperature(a.temperature)?;
+    let hidden = load(&a.hidden)?;
+    let weight = load(&a.weight)?;
+    let (n, d, one_row) = match hidden.shape[..] {
+        [d] => (1, d, true),
+        [n, d] => (n, d, false),
+        _ => {
+            return Err(Failure(format!(
+                "{}: hidden must be [n, d] or [d], got {}",
+                hidden.source,
+                shape_str(&hidden.shape)
+            )));
+        }
+    };
+    let (v, wd) = match (&weight.shape[..], layout) {
+        (&[v, wd], WeightLayout::VocabMajor) => (v, wd),
+        (&[wd, v], WeightLayout::HiddenMajor) => (v, wd),
+        _ => return Err(Failure(format!("{}: weight must be 2-D, got {}", weight.source, shape_str(&weight.shape)))),
+    };
+    if wd != d {
+        let want = if layout == WeightLayout::VocabMajor { "[V, d]" } else { "[d, V]" };
+        return Err(Failure(format!(
+            "shape mismatch: hidden {} is {} (d = {d}) but weight {} is {} as {want} (d = {wd})",
+            hidden.source,
+            shape_str(&hidden.shape),
+            weight.source,
+            shape_str(&weight.shape)
+        )));
+    }
+    let bias = a.bias.as_deref().map(load).transpose()?;
+    if let Some(b) = &bias
+        && b.shape != [v]
+    {
+        return Err(Failure(format!(
+            "shape mismatch: bias {} is {}, expected [{v}] (V of weight {})",
+            b.source,
+            shape_str(&b.shape),
+            weight.source
+        )));
+    }
+    Ok(Inputs { hidden, weight, bias, layout, n, d, v, one_row })
+}
+
+/// Prefixes a library error with the file that holds the offending tensor.
+fn named(e: Error, inp: &Inputs, targets: Option<&str>) -> Failure {
+    let source = match &e {
+        Error::NonFinite { tensor, .. } if tensor == "hidden" => Some(inp.hidden.source.as_str()),
+        Error::NonFinite { tensor, .. } if tensor == "weight" => Some(inp.weight.source.as_str()),
+        Error::NonFinite { tensor, .. } if tensor == "bias" => inp.bias.as_ref().map(|b| b.source.as_str()),
+        Error::TargetOutOfRange { .. } => targets,
+        _ => None,
+    };
+    match source {
+        Some(s) => Failure(format!("{s}: {e}")),
+        None => Failure(e.to_string()),
+    }
+}
+
+pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) -> Result<(), Failure> {
+    let inp = inputs(a)?;
+    let (n, d, v) = (inp.n, inp.d, inp.v);
+    let h = inp.hidden.to_f32()?;
+    let w = inp.weight.to_f32()?;
+    let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
+    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let hv = MatRef::new(&h, n, d)?;
+    let opts = LayerOptions { temperature: a.temperature };
+    let row_shape = |cols: usize| if inp.one_row { vec![cols] } else { vec![n, cols] };
+    let out = &a.output;
+    match op {
+        LayerOp::Logits | LayerOp::Probs | LayerOp::LogProbs if targets.is_none() => {
+            let mut buf = vec![0f32; n * v];
+            let m = MatMut::new(&mut buf, n, v)?;
+            match op {
+                LayerOp::Logits => layer.logits(hv, m),
+                LayerOp::Probs => layer.probs(hv, m, &opts),
+                _ => layer.log_probs(hv, m, &opts),
+            }
+            .map_err(|e| named(e, &inp, None))?;
+            write_npy_f32(out, &row_shape(v), &buf)?;
+        }
+        LayerOp::Logits | LayerOp::Probs | LayerOp::LogProbs => {
+            let spec = targets.expect("only log-probs takes targets");
+            let t = load(spec)?;
+            if t.shape != [n] && !(inp.one_row && t.shape.is_empty()) {
+                return Err(Failure(format!(
+                    "shape mismatch: targets {} is {}, expected [{n}] (one per row of hidden {})",
+                    t.source,
+                    shape_str(&t.shape),
+                    inp.hidden.source
+                )));
+            }
+            let y = t.to_i64()?;
+            let mut lp = vec![0f32; n];
+            layer.target_log_probs(hv, &y, &mut lp, &opts).map_err(|e| named(e, &inp, Some(&t.source)))?;
+            write_npy_f32(out, &[n], &lp)?;
+        }
+        LayerOp::Logsumexp => {
+            let mut lse = vec![0f32; n];
+            layer.logsumexp(hv, &mut lse, &opts).map_err(|e| named(e, &inp, None))?;
+            write_npy_f32(out, &[n], &lse)?;
+        }
+        LayerOp::Argmax => {
+            let mut idx = vec![0usize; n];
+            layer.argmax(hv, &mut idx).map_err(|e| named(e, &inp, None))?;
+            let idx: Vec<i64> = idx.into_iter().map(|j| j as i64).collect();
+            write_npy_i64(out, &[n], &idx)?;
+        }
+        LayerOp::TopK => {
+            let k = k.ok_or_else(|| Failure("top-k needs --k K".into()))?;
+            if k == 0 || k > v {
+                return Err(Failure(format!(
+                    "--k must be in [1, V = {v}] (V from weight {}), got {k}",
+                    inp.weight.source
+                )));
+            }
+            let top = layer.top_k(hv, k, &opts).map_err(|e| named(e, &inp, None))?;
+            let idx: Vec<i64> = top.indices.iter().map(|&j| j as i64).collect();
+            write_safetensors(
+                out,
+                &[
+                    ("values", row_shape(k), OutTensor::F32(&top.log_probs)),
+                    ("indices", row_shape(k), OutTensor::I64(&idx)),
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}

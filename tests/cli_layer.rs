@@ -1,0 +1,194 @@
+//! The layer commands against PyTorch fixtures (tests/fixtures/layer_forward.safetensors,
+//! written by scripts/make_fixtures.py), and their bad-input errors.
+
+use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_safetensors};
+use std::path::Path;
+use std::process::Command;
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layer_forward.safetensors");
+
+fn fx(name: &str) -> String {
+    format!("{FIX}:{name}")
+}
+
+fn load(spec: &str) -> Tensor {
+    Tensor::load(&TensorSpec::parse(spec).unwrap()).unwrap()
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_softmax-layer")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok(args: &[&str]) {
+    let (code, err) = run(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+}
+
+fn fails(args: &[&str], needles: &[&str]) {
+    let (code, err) = run(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} should contain {n:?}");
+    }
+}
+
+fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}[{i}]: {g} vs {w}");
+    }
+}
+
+#[test]
+fn layer_commands_match_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let t = "0.7";
+    let common = ["--hidden", &fx("hidden"), "--weight", &fx("weight"), "--bias", &fx("bias")];
+    let with = |cmd: &str, extra: &[&str], out: &str| {
+        let mut a = vec![cmd];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["-o", out]);
+        ok(&a.iter().map(|s| &**s).collect::<Vec<_>>());
+    };
+    // Logits: f32 dot products of length 24, so agreement to ~1e-6.
+    with("logits", &[], &o("logits.npy"));
+    close(&load(&o("logits.npy")).to_f64().unwrap(), &load(&fx("logits")).to_f64().unwrap(), 2e-6, "logits");
+    with("log-probs", &["--temperature", t], &o("lp.npy"));
+    close(&load(&o("lp.npy")).to_f64().unwrap(), &load(&fx("log_probs")).to_f64().unwrap(), 5e-6, "log_probs");
+    with("probs", &["--temperature", t], &o("p.npy"));
+    let want: Vec<f64> = load(&fx("log_probs")).to_f64().unwrap().iter().map(|x| x.exp()).collect();
+    close(&load(&o("p.npy")).to_f64().unwrap(), &want, 5e-6, "probs");
+    with("logsumexp", &["--temperature", t], &o("lse.npy"));
+    close(&load(&o("lse.npy")).to_f64().unwrap(), &load(&fx("logsumexp")).to_f64().unwrap(), 5e-6, "logsumexp");
+    with("log-probs", &["--temperature", t, "--targets", &fx("targets")], &o("tlp.npy"));
+    close(&load(&o("tlp.npy")).to_f64().unwrap(), &load(&fx("target_log_probs")).to_f64().unwrap(), 5e-6, "target");
+    with("argmax", &[], &o("am.npy"));
+    assert_eq!(load(&o("am.npy")).to_i64().unwrap(), load(&fx("argmax")).to_i64().unwrap());
+    with("top-k", &["--temperature", t, "--k", "5"], &o("top.safetensors"));
+    let top = format!("{}:", o("top.safetensors"));
+    assert_eq!(load(&(top.clone() + "indices")).to_i64().unwrap(), load(&fx("topk_indices")).to_i64().unwrap());
+    assert_eq!(load(&(top.clone() + "values")).shape, vec![7, 5]);
+    close(&load(&(top + "values")).to_f64().unwrap(), &load(&fx("topk_values")).to_f64().unwrap(), 5e-6, "top-k");
+}
+
+#[test]
+fn hidden_major_layout_gives_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = load(&fx("weight"));
+    let (v, d) = (w.shape[0], w.shape[1]);
+    let w = w.to_f32().unwrap();
+    let mut wt = vec![0f32; v * d];
+    for j in 0..v {
+        for p in 0..d {
+            wt[p * v + j] = w[j * d + p];
+        }
+    }
+    let wt_path = dir.path().join("wt.npy");
+    write_npy_f32(&wt_path, &[d, v], &wt).unwrap();
+    let out = dir.path().join("lse.npy");
+    ok(&[
+        "logsumexp",
+        "--hidden",
+        &fx("hidden"),
+        "--weight",
+        wt_path.to_str().unwrap(),
+        "--weight-layout",
+        "dv",
+        "--bias",
+        &fx("bias"),
+        "--temperature",
+        "0.7",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    close(
+        &load(out.to_str().unwrap()).to_f64().unwrap(),
+        &load(&fx("logsumexp")).to_f64().unwrap(),
+        5e-6,
+        "dv logsumexp",
+    );
+}
+
+#[test]
+fn layer_bad_inputs_exit_2_naming_tensor_shape_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let out = p("out.npy");
+    let (h, w, b) = (fx("hidden"), fx("weight"), fx("bias"));
+    // Shape mismatches between H, W, b and Y.
+    write_npy_f32(Path::new(&p("h5.npy")), &[7, 5], &[0.0; 35]).unwrap();
+    fails(
+        &["logits", "--hidden", &p("h5.npy"), "--weight", &w, "-o", &out],
+        &["h5.npy", "[7, 5]", "[301, 24]", "d = 24"],
+    );
+    write_npy_f32(Path::new(&p("b3.npy")), &[3], &[0.0; 3]).unwrap();
+    fails(
+        &["probs", "--hidden", &h, "--weight", &w, "--bias", &p("b3.npy"), "-o", &out],
+        &["b3.npy", "[3]", "expected [301]"],
+    );
+    write_safetensors(
+        Path::new(&p("y.safetensors")),
+        &[("short", vec![2], OutTensor::I64(&[0, 1])), ("bad", vec![7], OutTensor::I64(&[0, 1, 2, 3, 301, 5, 6]))],
+    )
+    .unwrap();
+    fails(
+        &[
+            "log-probs",
+            "--hidden",
+            &h,
+            "--weight",
+            &w,
+            "--targets",
+            &format!("{}:short", p("y.safetensors")),
+            "-o",
+            &out,
+        ],
+        &["targets", "[2]", "expected [7]"],
+    );
+    // A target id out of [0, V).
+    fails(
+        &["log-probs", "--hidden", &h, "--weight", &w, "--targets", &format!("{}:bad", p("y.safetensors")), "-o", &out],
+        &["y.safetensors:bad", "targets[4] = 301 is out of range [0, 301)"],
+    );
+    // Float targets are not ids.
+    write_npy_f32(Path::new(&p("yf.npy")), &[7], &[0.0; 7]).unwrap();
+    fails(
+        &["log-probs", "--hidden", &h, "--weight", &w, "--targets", &p("yf.npy"), "-o", &out],
+        &["yf.npy", "integer", "f32"],
+    );
+    // k = 0 and k > V.
+    fails(
+        &["top-k", "--hidden", &h, "--weight", &w, "--k", "0", "-o", &p("t.safetensors")],
+        &["--k must be in [1, V = 301]", "got 0"],
+    );
+    fails(&["top-k", "--hidden", &h, "--weight", &w, "--k", "302", "-o", &p("t.safetensors")], &["got 302"]);
+    // NaN or inf in H, W or b.
+    let mut hv = load(&h).to_f32().unwrap().into_owned();
+    hv[2 * 24 + 5] = f32::NAN;
+    write_npy_f32(Path::new(&p("hnan.npy")), &[7, 24], &hv).unwrap();
+    fails(&["logsumexp", "--hidden", &p("hnan.npy"), "--weight", &w, "-o", &out], &["hnan.npy", "hidden[2, 5] is NaN"]);
+    let mut wv = load(&w).to_f32().unwrap().into_owned();
+    wv[300 * 24 + 1] = f32::INFINITY;
+    write_npy_f32(Path::new(&p("winf.npy")), &[301, 24], &wv).unwrap();
+    fails(&["argmax", "--hidden", &h, "--weight", &p("winf.npy"), "-o", &out], &["winf.npy", "weight[300, 1] is inf"]);
+    let mut bv = vec![0f32; 301];
+    bv[17] = f32::NEG_INFINITY;
+    write_npy_f32(Path::new(&p("binf.npy")), &[301], &bv).unwrap();
+    fails(
+        &["logits", "--hidden", &h, "--weight", &w, "--bias", &p("binf.npy"), "-o", &out],
+        &["binf.npy", "bias", "17", "-inf"],
+    );
+    // An unknown layout word.
+    fails(
+        &["logits", "--hidden", &h, "--weight", &w, "--weight-layout", "vdx", "-o", &out],
+        &["--weight-layout", "'vdx'"],
+    );
+    // The dv layout checks the other dimension.
+    fails(&["logits", "--hidden", &h, "--weight", &w, "--weight-layout", "dv", "-o", &out], &["[301, 24]", "[d, V]"]);
+    assert!(!Path::new(&out).exists());
+}
