@@ -119,7 +119,7 @@ fn layer_bad_inputs_exit_2_naming_tensor_shape_and_value() {
     let d = dir.path();
     let p = |name: &str| d.join(name).to_str().unwrap().to_string();
     let out = p("out.npy");
-    let (h, w, b) = (fx("hidden"), fx("weight"), fx("bias"));
+    let (h, w) = (fx("hidden"), fx("weight"));
     // Shape mismatches between H, W, b and Y.
     write_npy_f32(Path::new(&p("h5.npy")), &[7, 5], &[0.0; 35]).unwrap();
     fails(
