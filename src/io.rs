@@ -309,7 +309,16 @@ fn byte_len(path: &Path, shape: &[usize], size: usize) -> Result<usize> {
 
 /// Parses a `.npy` header and maps the data.
 pub fn read_npy(path: &Path) -> Result<Tensor> {
-    let storage = map_file(path)?;
+    npy_from_storage(map_file(path)?, path)
+}
+
+/// Parses a whole `.npy` file held in memory; `path` only names it in messages.
+/// (The entry point of the fuzz target.)
+pub fn npy_from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Tensor> {
+    npy_from_storage(Storage::Owned(bytes), path)
+}
+
+fn npy_from_storage(storage: Storage, path: &Path) -> Result<Tensor> {
     let (dtype, big_endian, fortran, shape, offset) =
         parse_npy_header(storage.bytes()).map_err(|w| fmt_err(path, w))?;
     let len = byte_len(path, &shape, dtype.size())?;
@@ -403,7 +412,16 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Reads the tensor `name` of a `.safetensors` file.
 pub fn read_safetensors(path: &Path, name: &str) -> Result<Tensor> {
-    let storage = map_file(path)?;
+    safetensors_from_storage(map_file(path)?, path, name)
+}
+
+/// Parses a whole `.safetensors` file held in memory and takes tensor `name`; `path` only
+/// names it in messages. (The entry point of the fuzz target.)
+pub fn safetensors_from_bytes(bytes: Vec<u8>, path: &Path, name: &str) -> Result<Tensor> {
+    safetensors_from_storage(Storage::Owned(bytes), path, name)
+}
+
+fn safetensors_from_storage(storage: Storage, path: &Path, name: &str) -> Result<Tensor> {
     let bytes = storage.bytes();
     let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;

@@ -1,0 +1,81 @@
+//! The parsers never panic on corrupt input: every truncation and many byte flips of valid
+//! files are either parsed consistently or rejected with an error. (The fuzz targets in
+//! fuzz/ go further; this is the quick version that runs in CI.)
+
+mod common;
+use common::Rng;
+use softmax_layer::io::{OutTensor, Tensor, npy_from_bytes, safetensors_from_bytes, write_npy_f32, write_safetensors};
+use std::path::Path;
+
+fn exercise(t: &Tensor) {
+    // Conversions must agree with the shape, whatever the header said.
+    let n = t.numel();
+    if let Ok(v) = t.to_f32() {
+        assert_eq!(v.len(), n);
+    }
+    if let Ok(v) = t.to_i64() {
+        assert_eq!(v.len(), n);
+    }
+    if let Ok(v) = t.to_f64() {
+        assert_eq!(v.len(), n);
+    }
+}
+
+#[test]
+fn corrupt_npy_is_an_error_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.npy");
+    write_npy_f32(&path, &[3, 5], &[1.5; 15]).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let t = npy_from_bytes(good.clone(), Path::new("x.npy")).unwrap();
+    assert_eq!(t.shape, vec![3, 5]);
+    assert_eq!(&t.to_f32().unwrap()[..], &[1.5; 15][..]);
+    for len in 0..good.len() {
+        let r = npy_from_bytes(good[..len].to_vec(), Path::new("x.npy"));
+        assert!(r.is_err(), "a file cut to {len} bytes was accepted");
+    }
+    let mut rng = Rng(99);
+    for _ in 0..20_000 {
+        let mut b = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(b.len().min(128));
+            b[i] = rng.next_u64() as u8;
+        }
+        if let Ok(t) = npy_from_bytes(b, Path::new("x.npy")) {
+            exercise(&t);
+        }
+    }
+    // A header claiming an enormous shape is rejected before any allocation.
+    let huge = b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }\n".to_vec();
+    assert!(npy_from_bytes(huge, Path::new("huge.npy")).is_err());
+}
+
+#[test]
+fn corrupt_safetensors_is_an_error_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    write_safetensors(&path, &[("a", vec![2, 3], OutTensor::F32(&[1.0; 6])), ("b", vec![4], OutTensor::I64(&[1, 2, 3, 4]))]).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    assert_eq!(safetensors_from_bytes(good.clone(), &path, "b").unwrap().to_i64().unwrap(), vec![1, 2, 3, 4]);
+    for len in 0..good.len() {
+        for name in ["a", "b"] {
+            if let Ok(t) = safetensors_from_bytes(good[..len].to_vec(), &path, name) {
+                // Only the tensors wholly inside the kept bytes can load.
+                exercise(&t);
+            }
+        }
+    }
+    let mut rng = Rng(7);
+    for _ in 0..20_000 {
+        let mut b = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(b.len());
+            b[i] = rng.next_u64() as u8;
+        }
+        for name in ["a", "b"] {
+            if let Ok(t) = safetensors_from_bytes(b.clone(), &path, name) {
+                exercise(&t);
+            }
+        }
+    }
+}
