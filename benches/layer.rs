@@ -57,15 +57,34 @@ fn main_case(c: &mut Criterion) {
             // SAFETY: out is n x V, h is n x d, w is V x d (read transposed); all in bounds.
             unsafe {
                 gemm::gemm(
-                    n, v, d, out.as_mut_ptr(), 1, v as isize, false, h.as_ptr(), 1, d as isize, w.as_ptr(), d as isize,
-                    1, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                    n,
+                    v,
+                    d,
+                    out.as_mut_ptr(),
+                    1,
+                    v as isize,
+                    false,
+                    h.as_ptr(),
+                    1,
+                    d as isize,
+                    w.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
                 )
             }
         })
     });
     g.bench_function("logits", |b| b.iter(|| layer.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap()));
     g.bench_function("logsumexp", |b| b.iter(|| layer.logsumexp(hv, &mut small, &opts).unwrap()));
-    g.bench_function("target_log_probs", |b| b.iter(|| layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap()));
+    g.bench_function("target_log_probs", |b| {
+        b.iter(|| layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap())
+    });
     g.bench_function("top_k_10", |b| b.iter(|| black_box(layer.top_k(hv, 10, &opts).unwrap())));
     g.finish();
 }

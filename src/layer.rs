@@ -14,6 +14,7 @@
 use crate::engine::{self, Consumer, LogitSource, Tiling};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, MaxSum};
+use crate::linalg::{self, Operand};
 use crate::matrix::{MatMut, MatRef, WeightLayout};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -362,45 +363,43 @@ impl LogitSource for SoftmaxLayer<'_> {
                 }
             }
             layout => {
-                let (rhs_off, rhs_cs, rhs_rs) = match layout {
-                    // W[cols]ᵀ: element (p, j) at W[(cols.start + j) * d + p].
-                    WeightLayout::VocabMajor => (cols.start * d, d as isize, 1isize),
-                    // W[:, cols]: element (p, j) at W[p * V + cols.start + j].
-                    WeightLayout::HiddenMajor => (cols.start, 1isize, self.vocab as isize),
-                };
-                let rhs = &self.weight[rhs_off..];
-                let h_data = hidden.row(0).as_ptr();
-                // SAFETY: dst is `tile`, m x c row-major (row stride c, column stride 1).
-                // lhs is `hidden`, m x d with row stride `row_stride()`, column stride 1,
-                // all within its backing slice. rhs addresses, for p < d and j < c, the
-                // elements listed above, which lie inside `self.weight` because
-                // cols.end <= V. `read_dst` makes dst = 1·dst + 1·lhs·rhs, so the bias
-                // written above is added. No other thread touches `tile`.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        c,
-                        d,
-                        tile.as_mut_ptr(),
-                        1,
-                        c as isize,
-                        true,
-                        h_data,
-                        1,
-                        hidden.row_stride() as isize,
-                        rhs.as_ptr(),
-                        rhs_cs,
-                        rhs_rs,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
+                let c_op = Operand { ptr: tile.as_mut_ptr(), rs: c as isize, cs: 1 };
+                // SAFETY: `tile` is m x c row-major and ours alone; `hidden` is m x d within
+                // its slice; `weight_block` addresses W inside `self.weight` (cols.end <= V).
+                // The bias written above is accumulated onto.
+                unsafe { linalg::gemm(m, c, d, c_op, true, hidden_op(hidden), self.weight_block(layout, cols.start)) }
             }
         }
+    }
+}
+
+/// `hidden` as a product operand.
+pub(crate) fn hidden_op(hidden: MatRef<'_>) -> Operand {
+    Operand { ptr: hidden.row(0).as_ptr(), rs: hidden.row_stride() as isize, cs: 1 }
+}
+
+impl SoftmaxLayer<'_> {
+    /// `W[cols]ᵀ` from class `start` on, as the `d x c` right operand of `H · Wᵀ`.
+    pub(crate) fn weight_block(&self, layout: WeightLayout, start: usize) -> Operand {
+        let d = self.hidden;
+        match layout {
+            // Element (p, j) at W[(start + j) * d + p].
+            WeightLayout::VocabMajor => Operand { ptr: self.weight[start * d..].as_ptr(), rs: 1, cs: d as isize },
+            // Element (p, j) at W[p * V + start + j].
+            WeightLayout::HiddenMajor => Operand { ptr: self.weight[start..].as_ptr(), rs: self.vocab as isize, cs: 1 },
+        }
+    }
+
+    pub(crate) fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    pub(crate) fn tiling(&self) -> Tiling {
+        self.tiling
+    }
+
+    pub(crate) fn check_inputs(&self, hidden: MatRef<'_>, temperature: f32) -> Result<()> {
+        self.check(hidden, &LayerOptions { temperature })
     }
 }
 

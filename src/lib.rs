@@ -61,6 +61,8 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod layer;
+mod linalg;
+pub mod loss;
 pub mod matrix;
 pub mod rows;
 

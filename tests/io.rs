@@ -46,7 +46,9 @@ fn corrupt_npy_is_an_error_never_a_panic() {
         }
     }
     // A header claiming an enormous shape is rejected before any allocation.
-    let huge = b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }\n".to_vec();
+    let huge =
+        b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }\n"
+            .to_vec();
     assert!(npy_from_bytes(huge, Path::new("huge.npy")).is_err());
 }
 
@@ -54,7 +56,11 @@ fn corrupt_npy_is_an_error_never_a_panic() {
 fn corrupt_safetensors_is_an_error_never_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.safetensors");
-    write_safetensors(&path, &[("a", vec![2, 3], OutTensor::F32(&[1.0; 6])), ("b", vec![4], OutTensor::I64(&[1, 2, 3, 4]))]).unwrap();
+    write_safetensors(
+        &path,
+        &[("a", vec![2, 3], OutTensor::F32(&[1.0; 6])), ("b", vec![4], OutTensor::I64(&[1, 2, 3, 4]))],
+    )
+    .unwrap();
     let good = std::fs::read(&path).unwrap();
     assert_eq!(safetensors_from_bytes(good.clone(), &path, "b").unwrap().to_i64().unwrap(), vec![1, 2, 3, 4]);
     for len in 0..good.len() {

@@ -540,6 +540,110 @@ unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     }
 }
 
+/// The gradient of the cross-entropy with respect to the logits `x`, from the (softcapped)
+/// logits `z` of one row: `out_j = (a * p_j - b * w_j) * g_j`, with
+/// `p_j = exp((z_j - M) / T) / S`, `w_j` the class weight (1 without weights) and
+/// `g_j = dz_j/dx_j = (1 - (z_j / s)^2) / T` under a softcap `s`, else `1 / T`.
+struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> {
+    z: *const f32,
+    w: *const f32,
+    m: V,
+    t: V,
+    inv_t: V,
+    inv_sum: V,
+    a: V,
+    b: V,
+    inv_cap: V,
+}
+
+impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad<V, CAP, WEIGHTS, SCALED> {
+    #[inline(always)]
+    unsafe fn value(&self, z: V, w: V) -> V {
+        unsafe {
+            let (hi, lo) = scaled_diff::<V, SCALED>(z, self.m, self.t, self.inv_t);
+            let p = exp_core::<V, true>(hi, lo).mul(self.inv_sum);
+            let bw = if WEIGHTS { self.b.mul(w) } else { self.b };
+            let g = if CAP {
+                let u = z.mul(self.inv_cap);
+                V::splat(1.0).sub(u.mul(u)).mul(self.inv_t)
+            } else {
+                self.inv_t
+            };
+            self.a.mul(p).sub(bw).mul(g)
+        }
+    }
+}
+
+impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> Producer<V>
+    for CeGrad<V, CAP, WEIGHTS, SCALED>
+{
+    #[inline(always)]
+    unsafe fn full(&self, i: usize) -> V {
+        unsafe {
+            let w = if WEIGHTS { V::load(self.w.add(i)) } else { V::splat(1.0) };
+            self.value(V::load(self.z.add(i)), w)
+        }
+    }
+    #[inline(always)]
+    unsafe fn partial(&self, i: usize, len: usize) -> V {
+        unsafe {
+            let w = if WEIGHTS { V::load_partial(self.w.add(i), len, 0.0) } else { V::splat(1.0) };
+            self.value(V::load_partial(self.z.add(i), len, 0.0), w)
+        }
+    }
+}
+
+/// Coefficients of [`ce_grad`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CeCoef {
+    pub a: f32,
+    pub b: f32,
+    /// `1 / s` for a softcap `s`, or 0 for none.
+    pub inv_cap: f32,
+}
+
+/// Overwrites the logits row `z` (length `len`) with the cross-entropy gradient
+/// (see [`CeGrad`]); `w` is null or the class weights of the same length.
+#[inline(always)]
+pub(crate) unsafe fn ce_grad<V: Vector>(
+    z: *mut f32,
+    w: *const f32,
+    len: usize,
+    p: Params,
+    m: f32,
+    sum: f64,
+    c: CeCoef,
+) {
+    unsafe {
+        macro_rules! go {
+            ($cap:literal, $w:literal, $s:literal) => {{
+                let g = CeGrad::<V, $cap, $w, $s> {
+                    z,
+                    w,
+                    m: V::splat(m),
+                    t: V::splat(p.t),
+                    inv_t: V::splat(p.inv_t),
+                    inv_sum: V::splat((1.0 / sum) as f32),
+                    a: V::splat(c.a),
+                    b: V::splat(c.b),
+                    inv_cap: V::splat(c.inv_cap),
+                };
+                write_span::<V, _, false>(&g, z, 0, len)
+            }};
+        }
+        match (c.inv_cap != 0.0, !w.is_null(), p.scaled()) {
+            (false, false, false) => go!(false, false, false),
+            (false, false, true) => go!(false, false, true),
+            (false, true, false) => go!(false, true, false),
+            (false, true, true) => go!(false, true, true),
+            (true, false, false) => go!(true, false, false),
+            (true, false, true) => go!(true, false, true),
+            (true, true, false) => go!(true, true, false),
+            (true, true, true) => go!(true, true, true),
+        }
+    }
+}
+
 /// Dispatches on the presence of a mask and on `T != 1` to the four instantiations.
 macro_rules! dispatch4 {
     ($f:ident, $V:ty, $mask:expr, $p:expr, ($($arg:expr),*)) => {
@@ -722,6 +826,17 @@ macro_rules! instantiate {
         ) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::log_softmax::<$V>(x, mask, out, len, p, m, ln_s) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `z` is valid for `len` reads and
+        /// writes; `w` is null or valid for `len` reads and does not overlap `z`.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn ce_grad(
+            z: *mut f32, w: *const f32, len: usize, p: Params, m: f32, sum: f64, c: generic::CeCoef,
+        ) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::ce_grad::<$V>(z, w, len, p, m, sum, c) }
         }
 
         /// # Safety

@@ -122,6 +122,7 @@ type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Para
 type RescaleFn = unsafe fn(*const f32, *mut f32, *const f32, usize, Params, f32, f64);
 type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
+type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
 /// The row kernels of one instruction set.
 ///
@@ -142,6 +143,7 @@ pub struct Kernels {
     rescale: RescaleFn,
     dot: DotFn,
     axpy: AxpyFn,
+    ce_grad: CeGradFn,
 }
 
 impl fmt::Debug for Kernels {
@@ -160,6 +162,7 @@ static SCALAR: Kernels = Kernels {
     rescale: scalar::rescale,
     dot: scalar::dot,
     axpy: scalar::axpy,
+    ce_grad: scalar::ce_grad,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -173,6 +176,7 @@ static AVX2: Kernels = Kernels {
     rescale: x86_64::avx2::rescale,
     dot: x86_64::avx2::dot,
     axpy: x86_64::avx2::axpy,
+    ce_grad: x86_64::avx2::ce_grad,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -186,6 +190,7 @@ static AVX512: Kernels = Kernels {
     rescale: x86_64::avx512::rescale,
     dot: x86_64::avx512::dot,
     axpy: x86_64::avx512::axpy,
+    ce_grad: x86_64::avx512::ce_grad,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -199,6 +204,7 @@ static NEON: Kernels = Kernels {
     rescale: aarch64::neon::rescale,
     dot: aarch64::neon::dot,
     axpy: aarch64::neon::axpy,
+    ce_grad: aarch64::neon::ce_grad,
 };
 
 impl Kernels {
@@ -417,6 +423,36 @@ impl Kernels {
         assert_eq!(y.len(), x.len(), "axpy: lengths differ");
         // SAFETY: supported ISA; `y` is a distinct `&mut` of `x.len()` elements.
         unsafe { (self.axpy)(y.as_mut_ptr(), alpha, x.as_ptr(), x.len()) }
+    }
+
+    /// Overwrites a row of (softcapped) logits `z` with `(a·p_j − b·w_j)·g_j`, where
+    /// `p = softmax(z / t)` from the row's `stats`, `w` the class weights (1 without) and
+    /// `g_j = (1 − (z_j/s)²)/t` for a softcap `s` (`inv_cap = 1/s`), else `1/t`: the gradient
+    /// of a (smoothed, weighted, z-regularized) cross-entropy with respect to the raw logits,
+    /// before the target's own term.
+    ///
+    /// # Panics
+    /// If `weights` has a different length.
+    pub fn ce_grad_in_place(
+        &self,
+        z: &mut [f32],
+        weights: Option<&[f32]>,
+        t: f32,
+        stats: MaxSum,
+        a: f32,
+        b: f32,
+        inv_cap: f32,
+    ) {
+        let w = match weights {
+            Some(w) => {
+                assert_eq!(w.len(), z.len(), "ce_grad: weights and row lengths differ");
+                w.as_ptr()
+            }
+            None => std::ptr::null(),
+        };
+        let c = generic::CeCoef { a, b, inv_cap };
+        // SAFETY: supported ISA; `z` is a `&mut` of its length; `w` is null or checked above.
+        unsafe { (self.ce_grad)(z.as_mut_ptr(), w, z.len(), Params::new(t), stats.max, stats.sum, c) }
     }
 
     /// In-place [`Kernels::exp`].

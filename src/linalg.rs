@@ -1,0 +1,77 @@
+//! The matrix products behind the engine and the gradients, in one place.
+//!
+//! `C ← [C +] A·B` for strided `f32` matrices, single-threaded (callers parallelize over
+//! tiles, so results never depend on the thread count). Backed by the `gemm` crate, chosen
+//! by measurement (see the notes of the layer issue).
+
+/// A strided operand: element `(i, j)` at `ptr + i * rs + j * cs` (in elements).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// `C (m x n) ← [C +] A (m x k) · B (k x n)`.
+///
+/// # Safety
+/// For all `i < m`, `j < n`, `p < k`: `c.ptr + i*rs + j*cs` is valid for reads (if
+/// `accumulate`) and writes, `a` at `(i, p)` and `b` at `(p, j)` are valid for reads; no
+/// other thread writes any of these elements during the call, and `C` does not overlap `A`
+/// or `B`.
+pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, c: Operand, accumulate: bool, a: Operand, b: Operand) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m as isize {
+                for j in 0..n as isize {
+                    // SAFETY: in bounds by the contract.
+                    unsafe { *(c.ptr as *mut f32).offset(i * c.rs + j * c.cs) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded from this function's contract; `gemm::gemm` computes
+    // dst = alpha·dst + beta·lhs·rhs and reads dst only when `read_dst`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.ptr as *mut f32,
+            c.cs,
+            c.rs,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A raw pointer that may cross threads: tasks write disjoint parts of one buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SharedMut(pub *mut f32);
+impl SharedMut {
+    /// The pointer. (A method, so that closures capture the `Sync` wrapper, not the field.)
+    pub fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: every user documents why the tasks' writes are disjoint and joined before reuse.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}

@@ -1,0 +1,551 @@
+//! Fused cross-entropy of the layer, with its gradients, never holding the `n × V` logits.
+//!
+//! With `x = H·Wᵀ + b`, the optional softcap `z = s·tanh(x/s)` (else `z = x`), the
+//! temperature `T`, `lse_i = logsumexp(z_i / T)` and `log p_ij = z_ij / T − lse_i`, row `i`
+//! with target `y_i` (not `ignore_index`) contributes
+//!
+//! ```text
+//! loss_i = (1 − ε)·w_y·(−log p_iy) + (ε / V)·Σ_j w_j·(−log p_ij)      PyTorch's cross_entropy
+//! zl_i   = z_loss·lse_i²                                               the z-loss
+//! ```
+//!
+//! with class weights `w` (all 1 without). `Mean` divides `Σ loss_i` by `Σ w_{y_i}` (the
+//! count of non-ignored rows without weights) and `Σ zl_i` by that count; `Sum` adds;
+//! `None` returns `loss_i + zl_i` per row (0 for ignored rows).
+//!
+//! **Difference from PyTorch:** when every row is ignored, `Mean` gives a loss of 0 and
+//! zero gradients; PyTorch gives NaN.
+//!
+//! # The gradients
+//!
+//! `∂(loss_i + zl_i)/∂x_ij = [a_i·p_ij − b_i·w_j − c_i·(1−ε)·w_y·[j = y_i]]·g_ij`, where
+//! `g_ij = (1 − (z_ij/s)²)/T` (or `1/T`), `a_i = c_i·((1−ε)·w_y + ε·Σw/V) + c'_i·2·z_loss·lse_i`,
+//! `b_i = c_i·ε/V`, and `c_i`, `c'_i` are the upstream gradient over the reduction's
+//! denominators. Then `dH = dX·W`, `dW = dXᵀ·H` (in `W`'s layout) and `db = Σ_i dX_i`.
+//!
+//! # The plan
+//!
+//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 32 MiB), one after
+//! the other; within a block, work is spread over fixed segments of classes:
+//!
+//! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,
+//!    target logit and weighted sum; these merge in class order into `lse` and the loss;
+//! 2. each segment turns its logits into `dX` in place and adds `dXᵀ·H[R]` into its own
+//!    rows of `dW` (and `db`);
+//! 3. `dH[R] = dX·W`, split over columns of `dH`.
+//!
+//! Three matrix products in all (Liger's plan; recomputing the logits in a backward pass,
+//! as Cut Cross-Entropy does, would cost a fourth). Every sum has a fixed order, so 1 and 2
+//! threads give the same bits. Extra memory is the block buffer, independent of `n`.
+
+use crate::error::{Error, Result};
+use crate::kernels::MaxSum;
+use crate::layer::{SoftmaxLayer, hidden_op};
+use crate::linalg::{self, Operand, SharedMut};
+use crate::matrix::{MatRef, WeightLayout};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// How per-row losses are combined, as in PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// Weighted mean over the non-ignored rows.
+    #[default]
+    Mean,
+    /// Sum over the rows.
+    Sum,
+    /// One loss per row.
+    None,
+}
+
+impl Reduction {
+    /// Parses `mean`, `sum` or `none`.
+    pub fn parse(s: &str) -> Option<Reduction> {
+        match s {
+            "mean" => Some(Reduction::Mean),
+            "sum" => Some(Reduction::Sum),
+            "none" => Some(Reduction::None),
+            _ => None,
+        }
+    }
+}
+
+/// Options of [`cross_entropy`], with PyTorch's defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropyOptions<'a> {
+    /// Rows whose target equals this add nothing (default −100).
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    /// ε in [0, 1] (default 0).
+    pub label_smoothing: f32,
+    /// Per-class weights `[V]`, finite and ≥ 0.
+    pub class_weights: Option<&'a [f32]>,
+    /// Coefficient of `lse²` per non-ignored row (default 0).
+    pub z_loss: f32,
+    /// Logit softcap `s > 0`: `x ← s·tanh(x/s)`, before the temperature.
+    pub softcap: Option<f32>,
+    /// Divides the (softcapped) logits; finite and > 0 (default 1).
+    pub temperature: f32,
+}
+
+impl Default for CrossEntropyOptions<'_> {
+    fn default() -> Self {
+        CrossEntropyOptions {
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.0,
+            class_weights: None,
+            z_loss: 0.0,
+            softcap: None,
+            temperature: 1.0,
+        }
+    }
+}
+
+/// The loss and each row's `lse`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossEntropyOutput {
+    /// One value for `Mean` and `Sum`, `n` for `None`.
+    pub loss: Vec<f32>,
+    /// `logsumexp(z_i / T)` per row, `[n]` (for ignored rows too).
+    pub lse: Vec<f32>,
+}
+
+/// The upstream gradient `∂L/∂loss`.
+#[derive(Clone, Copy, Debug)]
+pub enum Upstream<'a> {
+    /// For `Mean` and `Sum`; for `None`, the same value for every row.
+    Scalar(f32),
+    /// For `None`: one value per row, `[n]`.
+    PerRow(&'a [f32]),
+}
+
+/// Gradient buffers supplied by the caller. They are **overwritten**, not accumulated into.
+#[derive(Debug)]
+pub struct GradientsMut<'g> {
+    /// `dL/dH`, `[n, d]` (contiguous).
+    pub hidden: &'g mut [f32],
+    /// `dL/dW`, in the layer's layout (`[V, d]` or `[d, V]`).
+    pub weight: &'g mut [f32],
+    /// `dL/db`, `[V]`; `None` when the layer has no bias.
+    pub bias: Option<&'g mut [f32]>,
+}
+
+/// Owned gradients.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    pub hidden: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// The loss of `softmax(layer(hidden))` against `targets` (`[n]`), without gradients.
+pub fn cross_entropy(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    opts: &CrossEntropyOptions<'_>,
+) -> Result<CrossEntropyOutput> {
+    run(layer, hidden, targets, opts, None)
+}
+
+/// The loss and its gradients with respect to `hidden`, the weight and the bias.
+pub fn cross_entropy_with_grad(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    opts: &CrossEntropyOptions<'_>,
+    upstream: Upstream<'_>,
+) -> Result<(CrossEntropyOutput, Gradients)> {
+    let (n, d, v) = (hidden.rows(), layer.hidden_dim(), layer.vocab());
+    let mut gh = vec![0f32; n * d];
+    let mut gw = vec![0f32; v * d];
+    let mut gb = layer.bias().map(|_| vec![0f32; v]);
+    let out = cross_entropy_with_grad_into(
+        layer,
+        hidden,
+        targets,
+        opts,
+        upstream,
+        GradientsMut { hidden: &mut gh, weight: &mut gw, bias: gb.as_deref_mut() },
+    )?;
+    Ok((out, Gradients { hidden: gh, weight: gw, bias: gb }))
+}
+
+/// [`cross_entropy_with_grad`] into caller buffers, which are overwritten (so a training
+/// loop can reuse them).
+pub fn cross_entropy_with_grad_into(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    opts: &CrossEntropyOptions<'_>,
+    upstream: Upstream<'_>,
+    grads: GradientsMut<'_>,
+) -> Result<CrossEntropyOutput> {
+    run(layer, hidden, targets, opts, Some((upstream, grads)))
+}
+
+/// Validated, per-call constants.
+struct Setup<'a> {
+    t: f32,
+    eps: f64,
+    weights: Option<&'a [f32]>,
+    /// Σ_j w_j (V without weights).
+    w_sum: f64,
+    inv_cap: f32,
+    cap: Option<f32>,
+    z_loss: f64,
+    /// The reduction's denominators: of the loss, and of the z-loss.
+    denom: f64,
+    denom_z: f64,
+}
+
+fn check(layer: &SoftmaxLayer<'_>, hidden: MatRef<'_>, targets: &[i64], o: &CrossEntropyOptions<'_>) -> Result<()> {
+    layer.check_inputs(hidden, o.temperature)?;
+    let (n, v) = (hidden.rows(), layer.vocab());
+    if targets.len() != n {
+        return Err(Error::Shape(format!(
+            "targets have length {}, expected n = {n} (one per row of hidden)",
+            targets.len()
+        )));
+    }
+    if let Some(i) = targets.iter().position(|&y| y != o.ignore_index && (y < 0 || y as u64 >= v as u64)) {
+        return Err(Error::TargetOutOfRange { index: i, value: targets[i], vocab: v });
+    }
+    if !(0.0..=1.0).contains(&o.label_smoothing) {
+        return Err(Error::InvalidArgument(format!("label_smoothing must be in [0, 1], got {}", o.label_smoothing)));
+    }
+    if let Some(w) = o.class_weights {
+        if w.len() != v {
+            return Err(Error::Shape(format!("class_weights have length {}, expected V = {v}", w.len())));
+        }
+        if let Some(j) = w.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(Error::InvalidArgument(format!("class_weights[{j}] = {} must be finite and >= 0", w[j])));
+        }
+    }
+    if !(o.z_loss.is_finite() && o.z_loss >= 0.0) {
+        return Err(Error::InvalidArgument(format!("z_loss must be finite and >= 0, got {}", o.z_loss)));
+    }
+    if let Some(s) = o.softcap
+        && !(s.is_finite() && s > 0.0)
+    {
+        return Err(Error::InvalidArgument(format!("softcap must be finite and > 0, got {s}")));
+    }
+    Ok(())
+}
+
+fn setup<'a>(layer: &SoftmaxLayer<'_>, targets: &[i64], o: &CrossEntropyOptions<'a>) -> Setup<'a> {
+    let v = layer.vocab();
+    let weights = o.class_weights;
+    let w_of = |y: i64| weights.map_or(1.0, |w| w[y as usize] as f64);
+    let kept = targets.iter().filter(|&&y| y != o.ignore_index);
+    let (denom, count) = kept.fold((0f64, 0f64), |(s, c), &y| (s + w_of(y), c + 1.0));
+    let (denom, denom_z) = match o.reduction {
+        Reduction::Mean => (denom, count),
+        _ => (1.0, 1.0),
+    };
+    Setup {
+        t: o.temperature,
+        eps: o.label_smoothing as f64,
+        weights,
+        w_sum: weights.map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum()),
+        inv_cap: o.softcap.map_or(0.0, |s| 1.0 / s),
+        cap: o.softcap,
+        z_loss: o.z_loss as f64,
+        denom,
+        denom_z,
+    }
+}
+
+/// What one segment of classes knows about one row after phase 1.
+#[derive(Clone, Copy, Debug)]
+struct RowPart {
+    stats: MaxSum,
+    /// The target's (softcapped) logit, if the target is in this segment (else 0).
+    zy: f32,
+    /// Σ_j w_j·z_j over the segment, for label smoothing.
+    wz: f64,
+}
+
+fn rows_per_block(v: usize) -> usize {
+    (((32usize << 20) / (4 * v.max(1))) / 16 * 16).clamp(16, 256)
+}
+
+fn run(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    o: &CrossEntropyOptions<'_>,
+    grad: Option<(Upstream<'_>, GradientsMut<'_>)>,
+) -> Result<CrossEntropyOutput> {
+    check(layer, hidden, targets, o)?;
+    let (n, d, v) = (hidden.rows(), layer.hidden_dim(), layer.vocab());
+    let s = setup(layer, targets, o);
+    let mut grad = match grad {
+        Some((up, mut g)) => {
+            if g.hidden.len() != n * d || g.weight.len() != v * d {
+                return Err(Error::Shape(format!(
+                    "gradient buffers have {} and {} elements, expected n·d = {} and V·d = {}",
+                    g.hidden.len(),
+                    g.weight.len(),
+                    n * d,
+                    v * d
+                )));
+            }
+            if g.bias.is_some() != layer.bias().is_some() || g.bias.as_ref().is_some_and(|b| b.len() != v) {
+                return Err(Error::Shape(
+                    "the bias gradient buffer must be [V] exactly when the layer has a bias".into(),
+                ));
+            }
+            let up_row: Vec<f32> = match up {
+                Upstream::Scalar(g) => vec![g; n],
+                Upstream::PerRow(u) => {
+                    if o.reduction != Reduction::None {
+                        return Err(Error::InvalidArgument(
+                            "a per-row upstream gradient needs reduction 'none'".into(),
+                        ));
+                    }
+                    if u.len() != n {
+                        return Err(Error::Shape(format!(
+                            "upstream gradient has length {}, expected n = {n}",
+                            u.len()
+                        )));
+                    }
+                    u.to_vec()
+                }
+            };
+            if let Some(i) = up_row.iter().position(|g| !g.is_finite()) {
+                return Err(Error::NonFinite { tensor: "upstream gradient".into(), row: 0, col: i, value: up_row[i] });
+            }
+            g.weight.fill(0.0);
+            if let Some(b) = g.bias.as_deref_mut() {
+                b.fill(0.0);
+            }
+            Some((up_row, g))
+        }
+        None => None,
+    };
+
+    let k = layer.kernels();
+    let col_tile = layer.tiling().col_tile;
+    let seg_len = v.div_ceil(32).div_ceil(col_tile).max(1) * col_tile;
+    let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
+    let r = rows_per_block(v).min(n.max(1));
+    let mut zbuf = vec![0f32; r * v];
+    let mut lse = vec![0f32; n];
+    let mut loss_rows = vec![0f64; n];
+    let mut zl_rows = vec![0f64; n];
+    let ones;
+    let wvec: &[f32] = match s.weights {
+        Some(w) => w,
+        None => {
+            ones = vec![1f32; v];
+            &ones
+        }
+    };
+
+    for r0 in (0..n).step_by(r) {
+        let rows = r0..(r0 + r).min(n);
+        let m = rows.len();
+        let h = hidden.sub_rows(rows.clone());
+        let z = SharedMut(zbuf.as_mut_ptr());
+        let y = &targets[rows.clone()];
+
+        // Phase 1: logits into the block buffer, per-segment row parts.
+        let parts: Vec<Vec<RowPart>> = segments
+            .par_iter()
+            .map(|seg| {
+                let mut part = vec![RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 }; m];
+                for c0 in (seg.start..seg.end).step_by(col_tile) {
+                    let cols = c0..(c0 + col_tile).min(seg.end);
+                    // SAFETY: this task alone writes columns `cols` of the block buffer
+                    // (segments are disjoint); rows < m <= r, columns < V: in bounds.
+                    unsafe { layer_logits_into(layer, h, cols.clone(), z.ptr().add(cols.start), v) };
+                    for (i, p) in part.iter_mut().enumerate() {
+                        // SAFETY: row i, columns `cols` of the buffer, written just above by
+                        // this task and touched by no other.
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
+                        if let Some(cap) = s.cap {
+                            row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+                        }
+                        p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
+                        let yi = y[i];
+                        if yi != o.ignore_index && cols.contains(&(yi as usize)) {
+                            p.zy = row[yi as usize - cols.start];
+                        }
+                        if s.eps > 0.0 {
+                            p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
+                        }
+                    }
+                }
+                part
+            })
+            .collect();
+
+        // Merge in class order; the loss of each row.
+        let mut row_stats = Vec::with_capacity(m);
+        for i in 0..m {
+            let mut acc = RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 };
+            for p in &parts {
+                acc.stats = acc.stats.merge(p[i].stats, s.t);
+                acc.zy += p[i].zy;
+                acc.wz += p[i].wz;
+            }
+            if !acc.stats.sum.is_finite() {
+                return Err(Error::LogitsOverflow { row: r0 + i });
+            }
+            let l = acc.stats.logsumexp(s.t);
+            lse[r0 + i] = l as f32;
+            if y[i] != o.ignore_index {
+                let t = s.t as f64;
+                let wy = s.weights.map_or(1.0, |w| w[y[i] as usize] as f64);
+                let nll = l - acc.zy as f64 / t;
+                let smooth = s.w_sum * l - acc.wz / t;
+                loss_rows[r0 + i] = (1.0 - s.eps) * wy * nll + s.eps / v as f64 * smooth;
+                zl_rows[r0 + i] = s.z_loss * l * l;
+            }
+            row_stats.push((acc.stats, acc.zy));
+        }
+
+        let Some((up, g)) = grad.as_mut() else { continue };
+        let gw = SharedMut(g.weight.as_mut_ptr());
+        let gb = g.bias.as_deref_mut().map(|b| SharedMut(b.as_mut_ptr()));
+        // Per-row coefficients of dX.
+        let coef: Vec<Option<(f32, f32, f32)>> = (0..m)
+            .map(|i| {
+                if y[i] == o.ignore_index {
+                    return None;
+                }
+                let (c, cz) = (up[r0 + i] as f64 / s.denom, up[r0 + i] as f64 / s.denom_z);
+                if s.denom == 0.0 {
+                    return None;
+                }
+                let wy = s.weights.map_or(1.0, |w| w[y[i] as usize] as f64);
+                let l = lse[r0 + i] as f64;
+                let a = c * ((1.0 - s.eps) * wy + s.eps * s.w_sum / v as f64) + cz * 2.0 * s.z_loss * l;
+                let b = c * s.eps / v as f64;
+                let target = c * (1.0 - s.eps) * wy;
+                Some((a as f32, b as f32, target as f32))
+            })
+            .collect();
+
+        // Phase 2: dX in place, dW[C] += dXᵀ·H[R], db[C] += Σ_i dX_i.
+        segments.par_iter().for_each(|seg| {
+            for c0 in (seg.start..seg.end).step_by(col_tile) {
+                let cols = c0..(c0 + col_tile).min(seg.end);
+                for i in 0..m {
+                    // SAFETY: row i, columns `cols` of the block buffer: this task's alone.
+                    let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
+                    match coef[i] {
+                        None => row.fill(0.0),
+                        Some((a, b, target)) => {
+                            let (stats, zy) = row_stats[i];
+                            let w = s.weights.map(|w| &w[cols.clone()]);
+                            k.ce_grad_in_place(row, w, s.t, stats, a, b, s.inv_cap);
+                            let yi = y[i] as usize;
+                            if cols.contains(&yi) {
+                                let gy = if s.cap.is_some() { 1.0 - (zy * s.inv_cap).powi(2) } else { 1.0 };
+                                row[yi - cols.start] -= target * gy / s.t;
+                            }
+                        }
+                    }
+                    if let Some(gb) = gb {
+                        // SAFETY: db[cols] is this task's alone (segments are disjoint).
+                        let db = unsafe { std::slice::from_raw_parts_mut(gb.ptr().add(cols.start), cols.len()) };
+                        k.axpy(db, 1.0, row);
+                    }
+                }
+                // SAFETY: dW's rows (or columns) `cols` belong to this task alone; the block
+                // buffer's columns `cols` were written by this task; H[R] is read-only.
+                unsafe { weight_grad(layer, h, cols, z.ptr() as *const f32, v, gw.ptr()) };
+            }
+        });
+
+        // Phase 3: dH[R] = dX · W, split over columns of dH.
+        let gh = SharedMut(g.hidden.as_mut_ptr());
+        let dchunk = 64usize;
+        (0..d).step_by(dchunk).collect::<Vec<_>>().par_iter().for_each(|&p0| {
+            let cols = p0..(p0 + dchunk).min(d);
+            let c_op =
+                Operand { ptr: (gh.ptr() as *const f32).wrapping_add(r0 * d + cols.start), rs: d as isize, cs: 1 };
+            let a_op = Operand { ptr: z.ptr(), rs: v as isize, cs: 1 };
+            let w = layer.weight();
+            let b_op = match layer.layout() {
+                // W[j, p]: (k = j, n = p).
+                WeightLayout::VocabMajor => Operand { ptr: w[cols.start..].as_ptr(), rs: d as isize, cs: 1 },
+                // W[p, j]: (k = j, n = p).
+                WeightLayout::HiddenMajor => Operand { ptr: w[cols.start * v..].as_ptr(), rs: 1, cs: v as isize },
+            };
+            // SAFETY: dH rows R, columns `cols` are this task's alone; the block buffer
+            // (m x V, read-only now) and W are in bounds for k = V.
+            unsafe { linalg::gemm(m, cols.len(), v, c_op, false, a_op, b_op) };
+        });
+    }
+
+    let loss = match o.reduction {
+        Reduction::None => loss_rows.iter().zip(&zl_rows).map(|(a, b)| (a + b) as f32).collect(),
+        r => {
+            let (num, num_z): (f64, f64) = (loss_rows.iter().sum(), zl_rows.iter().sum());
+            let (dn, dz) = if r == Reduction::Mean { (s.denom, s.denom_z) } else { (1.0, 1.0) };
+            let part = |x: f64, den: f64| if den == 0.0 { 0.0 } else { x / den };
+            vec![(part(num, dn) + part(num_z, dz)) as f32]
+        }
+    };
+    Ok(CrossEntropyOutput { loss, lse })
+}
+
+/// Logits of rows `h` and classes `cols` into `out` (row stride `ldc`).
+///
+/// # Safety
+/// `out` is valid for `h.rows()` rows of `cols.len()` elements at row stride `ldc`, and no
+/// other thread touches them.
+unsafe fn layer_logits_into(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize>, out: *mut f32, ldc: usize) {
+    let (m, c, d) = (h.rows(), cols.len(), layer.hidden_dim());
+    for i in 0..m {
+        // SAFETY: row i of the output block, per the contract.
+        let row = unsafe { std::slice::from_raw_parts_mut(out.add(i * ldc), c) };
+        match layer.bias() {
+            Some(b) => row.copy_from_slice(&b[cols.clone()]),
+            None => row.fill(0.0),
+        }
+    }
+    let c_op = Operand { ptr: out, rs: ldc as isize, cs: 1 };
+    // SAFETY: output per the contract; `h` and the weight block are in bounds.
+    unsafe { linalg::gemm(m, c, d, c_op, true, hidden_op(h), layer.weight_block(layer.layout(), cols.start)) };
+}
+
+/// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
+///
+/// # Safety
+/// `dx` holds `h.rows()` rows at stride `ldx` covering `cols`; `gw` is the `V·d` gradient
+/// buffer, whose part for `cols` no other thread touches.
+unsafe fn weight_grad(
+    layer: &SoftmaxLayer<'_>,
+    h: MatRef<'_>,
+    cols: Range<usize>,
+    dx: *const f32,
+    ldx: usize,
+    gw: *mut f32,
+) {
+    let (m, c, d, v) = (h.rows(), cols.len(), layer.hidden_dim(), layer.vocab());
+    let hs = h.row_stride() as isize;
+    let hp = h.row(0).as_ptr();
+    // SAFETY (both arms): all operands in bounds per the contract and the shapes.
+    match layer.layout() {
+        WeightLayout::VocabMajor => {
+            // dW[cols] (c x d) += dXᵀ (c x m) · H (m x d).
+            let c_op = Operand { ptr: gw.wrapping_add(cols.start * d), rs: d as isize, cs: 1 };
+            let a_op = Operand { ptr: dx.wrapping_add(cols.start), rs: 1, cs: ldx as isize };
+            let b_op = Operand { ptr: hp, rs: hs, cs: 1 };
+            unsafe { linalg::gemm(c, d, m, c_op, true, a_op, b_op) }
+        }
+        WeightLayout::HiddenMajor => {
+            // dW[:, cols] (d x c) += Hᵀ (d x m) · dX (m x c).
+            let c_op = Operand { ptr: gw.wrapping_add(cols.start), rs: v as isize, cs: 1 };
+            let a_op = Operand { ptr: hp, rs: 1, cs: hs };
+            let b_op = Operand { ptr: dx.wrapping_add(cols.start), rs: ldx as isize, cs: 1 };
+            unsafe { linalg::gemm(d, c, m, c_op, true, a_op, b_op) }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The fused cross-entropy against PyTorch fixtures (F.linear + F.cross_entropy + autograd
+//! in float64, written by scripts/make_fixtures.py), finite differences, and its errors.
+
+mod common;
+use common::Rng;
+use softmax_layer::io::{Tensor, TensorSpec};
+use softmax_layer::loss::{CrossEntropyOptions, Reduction, Upstream, cross_entropy, cross_entropy_with_grad};
+use softmax_layer::{Error, MatRef, SoftmaxLayer, WeightLayout};
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cross_entropy.safetensors");
+
+fn get(name: &str) -> Option<Tensor> {
+    Tensor::load(&TensorSpec::parse(&format!("{FIX}:{name}")).unwrap()).ok()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_f32().unwrap().into_owned()
+}
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_f64().unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖ (Frobenius).
+fn rel_frob(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = w[i * cols + j];
+        }
+    }
+    t
+}
+
+fn check_case(name: &str) {
+    let t = |k: &str| get(&format!("{name}.{k}"));
+    let h = t("hidden").unwrap();
+    let (n, d) = (h.shape[0], h.shape[1]);
+    let w = f32s(&t("weight").unwrap());
+    let v = w.len() / d;
+    let b = t("bias").map(|x| f32s(&x));
+    let y = t("targets").unwrap().to_i64().unwrap();
+    let cw = t("class_weights").map(|x| f32s(&x));
+    let o = f64s(&t("options").unwrap());
+    let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][o[0] as usize];
+    let opts = CrossEntropyOptions {
+        ignore_index: o[5] as i64,
+        reduction,
+        label_smoothing: o[1] as f32,
+        class_weights: cw.as_deref(),
+        z_loss: o[2] as f32,
+        softcap: (o[3] != 0.0).then_some(o[3] as f32),
+        temperature: o[4] as f32,
+    };
+    let up = f32s(&t("upstream").unwrap());
+    let upstream = if reduction == Reduction::None { Upstream::PerRow(&up) } else { Upstream::Scalar(up[0]) };
+    let hv = f32s(&h);
+    let want_loss = f64s(&t("loss").unwrap());
+    let want_lse = f64s(&t("lse").unwrap());
+    let want_gh = f64s(&t("grad_hidden").unwrap());
+    let want_gw = f64s(&t("grad_weight").unwrap());
+    let want_gb = t("grad_bias").map(|x| f64s(&x));
+    for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+        let wl = if layout == WeightLayout::VocabMajor { w.clone() } else { transpose(&w, v, d) };
+        let layer = SoftmaxLayer::new(&wl[..], layout, v, d, b.as_deref()).unwrap();
+        let hm = MatRef::new(&hv, n, d).unwrap();
+        let fwd = cross_entropy(&layer, hm, &y, &opts).unwrap();
+        let (out, g) = cross_entropy_with_grad(&layer, hm, &y, &opts, upstream).unwrap();
+        assert_eq!(fwd, out, "{name}: the forward-only loss differs from the one with gradients");
+        assert_eq!(out.loss.len(), want_loss.len());
+        for (a, b) in out.loss.iter().zip(&want_loss) {
+            assert!((*a as f64 - b).abs() <= 1e-5 * b.abs().max(1e-3), "{name} {layout:?}: loss {a} vs {b}");
+        }
+        for (a, b) in out.lse.iter().zip(&want_lse) {
+            assert!((*a as f64 - b).abs() <= 2e-6 * b.abs().max(1.0), "{name}: lse {a} vs {b}");
+        }
+        let gw = if layout == WeightLayout::VocabMajor { g.weight.clone() } else { transpose(&g.weight, d, v) };
+        let e = [rel_frob(&g.hidden, &want_gh), rel_frob(&gw, &want_gw)];
+        assert!(e[0] <= 1e-4 && e[1] <= 1e-4, "{name} {layout:?}: grad errors {e:?}");
+        match (&g.bias, &want_gb) {
+            (Some(gb), Some(wb)) => assert!(rel_frob(gb, wb) <= 1e-4, "{name}: grad_bias"),
+            (None, None) => {}
+            _ => panic!("{name}: bias gradient presence differs"),
+        }
+    }
+}
+
+#[test]
+fn matches_pytorch_mean() {
+    check_case("mean_basic");
+}
+
+#[test]
+fn matches_pytorch_smoothing_weights_ignore_index() {
+    check_case("smooth_weights_ignore");
+}
+
+#[test]
+fn matches_pytorch_none_with_upstream() {
+    check_case("none_upstream");
+}
+
+#[test]
+fn matches_pytorch_softcap_temperature_zloss() {
+    check_case("softcap_temp_zloss");
+}
+
+#[test]
+fn matches_pytorch_sum_custom_ignore_index() {
+    check_case("sum_ignore_custom");
+}
+
+fn small_layer(rng: &mut Rng, n: usize, d: usize, v: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i64>) {
+    let h = rng.vec(n * d, -1.0, 1.0);
+    let w = rng.vec(v * d, -0.5, 0.5);
+    let b = rng.vec(v, -0.5, 0.5);
+    let y = (0..n).map(|_| rng.below(v) as i64).collect();
+    (h, w, b, y)
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let mut rng = Rng(31);
+    let (n, d, v) = (5, 4, 9);
+    let (h, w, b, mut y) = small_layer(&mut rng, n, d, v);
+    y[3] = -100;
+    let cw: Vec<f32> = (0..v).map(|j| 0.5 + j as f32 / 9.0).collect();
+    let opts = CrossEntropyOptions {
+        label_smoothing: 0.1,
+        class_weights: Some(&cw),
+        z_loss: 0.05,
+        softcap: Some(3.0),
+        temperature: 0.9,
+        ..Default::default()
+    };
+    let loss = |h: &[f32], w: &[f32], b: &[f32]| {
+        let layer = SoftmaxLayer::new(w, WeightLayout::VocabMajor, v, d, Some(b)).unwrap();
+        cross_entropy(&layer, MatRef::new(h, n, d).unwrap(), &y, &opts).unwrap().loss[0] as f64
+    };
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let (_, g) =
+        cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &opts, Upstream::Scalar(1.0)).unwrap();
+    let step = 1e-2f32;
+    let fd = |f: &dyn Fn(f32) -> f64| (f(step) - f(-step)) / (2.0 * step as f64);
+    for i in 0..h.len() {
+        let num = fd(&|e| {
+            let mut x = h.clone();
+            x[i] += e;
+            loss(&x, &w, &b)
+        });
+        assert!((num - g.hidden[i] as f64).abs() <= 2e-3 * num.abs().max(0.05), "dH[{i}]: fd {num} vs {}", g.hidden[i]);
+    }
+    for i in (0..w.len()).step_by(5) {
+        let num = fd(&|e| {
+            let mut x = w.clone();
+            x[i] += e;
+            loss(&h, &x, &b)
+        });
+        assert!((num - g.weight[i] as f64).abs() <= 2e-3 * num.abs().max(0.05), "dW[{i}]: fd {num} vs {}", g.weight[i]);
+    }
+    for i in 0..v {
+        let num = fd(&|e| {
+            let mut x = b.clone();
+            x[i] += e;
+            loss(&h, &w, &x)
+        });
+        let gb = g.bias.as_ref().unwrap()[i] as f64;
+        assert!((num - gb).abs() <= 2e-3 * num.abs().max(0.05), "db[{i}]: fd {num} vs {gb}");
+    }
+}
+
+#[test]
+fn all_rows_ignored_gives_zero_under_mean() {
+    let mut rng = Rng(2);
+    let (n, d, v) = (4, 3, 6);
+    let (h, w, b, _) = small_layer(&mut rng, n, d, v);
+    let y = vec![-100i64; n];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let (out, g) = cross_entropy_with_grad(
+        &layer,
+        MatRef::new(&h, n, d).unwrap(),
+        &y,
+        &CrossEntropyOptions::default(),
+        Upstream::Scalar(1.0),
+    )
+    .unwrap();
+    assert_eq!(out.loss, vec![0.0]);
+    assert!(g.hidden.iter().chain(&g.weight).chain(g.bias.as_ref().unwrap()).all(|&x| x == 0.0));
+}
+
+#[test]
+fn bit_identical_for_any_thread_count() {
+    let mut rng = Rng(3);
+    let (n, d, v) = (300, 40, 5000);
+    let (h, w, b, y) = small_layer(&mut rng, n, d, v);
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let opts = CrossEntropyOptions { label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+            cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &opts, Upstream::Scalar(1.0)).unwrap()
+        })
+    };
+    let one = run(1);
+    for t in [2, 3] {
+        assert!(run(t) == one, "{t} threads differ from 1");
+    }
+}
+
+#[test]
+fn bad_options_are_errors() {
+    let mut rng = Rng(4);
+    let (n, d, v) = (3, 2, 5);
+    let (h, w, _, y) = small_layer(&mut rng, n, d, v);
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let hm = MatRef::new(&h, n, d).unwrap();
+    let e = |o: CrossEntropyOptions, y: &[i64]| cross_entropy(&layer, hm, y, &o).unwrap_err().to_string();
+    assert_eq!(e(Default::default(), &[0, 5, 1]), "targets[1] = 5 is out of range [0, 5)");
+    assert!(e(Default::default(), &[0, 1]).contains("targets have length 2, expected n = 3"));
+    assert!(
+        e(CrossEntropyOptions { label_smoothing: 1.5, ..Default::default() }, &y)
+            .contains("label_smoothing must be in [0, 1], got 1.5")
+    );
+    let neg = [1.0f32, -0.5, 1.0, 1.0, 1.0];
+    assert!(
+        e(CrossEntropyOptions { class_weights: Some(&neg), ..Default::default() }, &y)
+            .contains("class_weights[1] = -0.5")
+    );
+    let short = [1.0f32; 4];
+    assert!(
+        e(CrossEntropyOptions { class_weights: Some(&short), ..Default::default() }, &y)
+            .contains("length 4, expected V = 5")
+    );
+    assert!(e(CrossEntropyOptions { softcap: Some(0.0), ..Default::default() }, &y).contains("softcap"));
+    assert!(e(CrossEntropyOptions { temperature: -1.0, ..Default::default() }, &y).contains("temperature"));
+    let mut bad = h.clone();
+    bad[3] = f32::INFINITY;
+    let err = cross_entropy(&layer, MatRef::new(&bad, n, d).unwrap(), &y, &Default::default()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { row: 1, col: 1, .. }), "{err}");
+    let up = [1.0f32; 3];
+    let err = cross_entropy_with_grad(&layer, hm, &y, &Default::default(), Upstream::PerRow(&up)).unwrap_err();
+    assert!(err.to_string().contains("needs reduction 'none'"), "{err}");
+}
