@@ -39,7 +39,7 @@
 //! threads give the same bits. Extra memory is the block buffer, independent of `n`.
 
 use crate::error::{Error, Result};
-use crate::kernels::MaxSum;
+use crate::kernels::{CeGradCoef, MaxSum};
 use crate::layer::{SoftmaxLayer, hidden_op};
 use crate::linalg::{self, Operand, SharedMut};
 use crate::matrix::{MatRef, WeightLayout};
@@ -442,7 +442,7 @@ fn run(
                         Some((a, b, target)) => {
                             let (stats, zy) = row_stats[i];
                             let w = s.weights.map(|w| &w[cols.clone()]);
-                            k.ce_grad_in_place(row, w, s.t, stats, a, b, s.inv_cap);
+                            k.ce_grad_in_place(row, w, s.t, stats, CeGradCoef { a, b, inv_cap: s.inv_cap });
                             let yi = y[i] as usize;
                             if cols.contains(&yi) {
                                 let gy = if s.cap.is_some() { 1.0 - (zy * s.inv_cap).powi(2) } else { 1.0 };

@@ -58,6 +58,15 @@ impl MaxSum {
     }
 }
 
+/// Coefficients of [`Kernels::ce_grad_in_place`]: `out_j = (a·p_j − b·w_j)·g_j`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CeGradCoef {
+    pub a: f32,
+    pub b: f32,
+    /// `1/s` for a softcap `s`, 0 for none.
+    pub inv_cap: f32,
+}
+
 /// An instruction set the row kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
@@ -433,16 +442,7 @@ impl Kernels {
     ///
     /// # Panics
     /// If `weights` has a different length.
-    pub fn ce_grad_in_place(
-        &self,
-        z: &mut [f32],
-        weights: Option<&[f32]>,
-        t: f32,
-        stats: MaxSum,
-        a: f32,
-        b: f32,
-        inv_cap: f32,
-    ) {
+    pub fn ce_grad_in_place(&self, z: &mut [f32], weights: Option<&[f32]>, t: f32, stats: MaxSum, coef: CeGradCoef) {
         let w = match weights {
             Some(w) => {
                 assert_eq!(w.len(), z.len(), "ce_grad: weights and row lengths differ");
@@ -450,7 +450,7 @@ impl Kernels {
             }
             None => std::ptr::null(),
         };
-        let c = generic::CeCoef { a, b, inv_cap };
+        let c = generic::CeCoef { a: coef.a, b: coef.b, inv_cap: coef.inv_cap };
         // SAFETY: supported ISA; `z` is a `&mut` of its length; `w` is null or checked above.
         unsafe { (self.ce_grad)(z.as_mut_ptr(), w, z.len(), Params::new(t), stats.max, stats.sum, c) }
     }
