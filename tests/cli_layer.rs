@@ -192,3 +192,72 @@ fn layer_bad_inputs_exit_2_naming_tensor_shape_and_value() {
     fails(&["logits", "--hidden", &h, "--weight", &w, "--weight-layout", "dv", "-o", &out], &["[301, 24]", "[d, V]"]);
     assert!(!Path::new(&out).exists());
 }
+
+const CE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cross_entropy.safetensors");
+
+#[test]
+fn loss_command_matches_pytorch_with_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("loss.safetensors");
+    let out = out.to_str().unwrap();
+    let c = |k: &str| format!("{CE}:smooth_weights_ignore.{k}");
+    ok(&[
+        "loss",
+        "--hidden",
+        &c("hidden"),
+        "--weight",
+        &c("weight"),
+        "--bias",
+        &c("bias"),
+        "--targets",
+        &c("targets"),
+        "--label-smoothing",
+        "0.1",
+        "--class-weights",
+        &c("class_weights"),
+        "--grad",
+        "-o",
+        out,
+    ]);
+    let got = |k: &str| load(&format!("{out}:{k}")).to_f64().unwrap();
+    let want = |k: &str| load(&c(k)).to_f64().unwrap();
+    assert_eq!(load(&format!("{out}:loss")).shape, Vec::<usize>::new(), "a scalar loss has shape []");
+    close(&got("loss"), &want("loss"), 1e-5, "loss");
+    close(&got("lse"), &want("lse"), 2e-6, "lse");
+    // The fixture's upstream gradient is 0.75; the command's is 1.
+    for k in ["grad_hidden", "grad_weight", "grad_bias"] {
+        let w: Vec<f64> = want(k).iter().map(|x| x / 0.75).collect();
+        close(&got(k), &w, 1e-4, k);
+    }
+    assert_eq!(load(&format!("{out}:grad_weight")).shape, vec![37, 11]);
+}
+
+#[test]
+fn loss_bad_inputs_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.safetensors");
+    let out = out.to_str().unwrap();
+    let c = |k: &str| format!("{CE}:mean_basic.{k}");
+    let base = ["loss", "--hidden", &c("hidden"), "--weight", &c("weight"), "--targets", &c("targets")];
+    let with = |extra: &[&str], needles: &[&str]| {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["-o", out]);
+        fails(&a, needles);
+    };
+    with(&["--label-smoothing", "1.5"], &["label_smoothing must be in [0, 1], got 1.5"]);
+    with(&["--reduction", "avg"], &["--reduction", "'avg'"]);
+    with(&["--softcap", "-2"], &["softcap must be finite and > 0, got -2"]);
+    let cw = dir.path().join("cw.npy");
+    let mut w = vec![1.0f32; 37];
+    w[3] = -1.0;
+    write_npy_f32(&cw, &[37], &w).unwrap();
+    with(&["--class-weights", cw.to_str().unwrap()], &["cw.npy", "class_weights[3] = -1"]);
+    write_npy_f32(&cw, &[36], &w[..36]).unwrap();
+    with(&["--class-weights", cw.to_str().unwrap()], &["cw.npy", "[36]", "expected [37]"]);
+    fails(
+        &["loss", "--hidden", &c("hidden"), "--weight", &c("weight"), "--targets", &c("weight"), "-o", out],
+        &["targets", "[37, 11]", "expected [13]"],
+    );
+    assert!(!Path::new(out).exists());
+}

@@ -191,3 +191,104 @@ pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) 
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct LossArgs {
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    /// Target class ids, int32 or int64 [n].
+    #[arg(long, value_name = "Y")]
+    pub targets: String,
+    /// Rows with this target add nothing.
+    #[arg(long, value_name = "I", default_value_t = -100, allow_negative_numbers = true)]
+    pub ignore_index: i64,
+    /// mean, sum or none.
+    #[arg(long, value_name = "mean|sum|none", default_value = "mean")]
+    pub reduction: String,
+    /// Label smoothing ε in [0, 1].
+    #[arg(long, value_name = "E", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub label_smoothing: f32,
+    /// Class weights [V], finite and >= 0.
+    #[arg(long, value_name = "CW")]
+    pub class_weights: Option<String>,
+    /// z-loss coefficient: adds z·lse² per non-ignored row.
+    #[arg(long, value_name = "Z", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub z_loss: f32,
+    /// Logit softcap s > 0: logits ← s·tanh(logits/s), before the temperature.
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    pub softcap: Option<f32>,
+    /// Also write grad_hidden, grad_weight and grad_bias (upstream gradient 1).
+    #[arg(long)]
+    pub grad: bool,
+}
+
+pub fn loss(a: &LossArgs) -> Result<(), Failure> {
+    use softmax_layer::loss::{CrossEntropyOptions, Reduction, Upstream, cross_entropy, cross_entropy_with_grad};
+    let reduction = Reduction::parse(&a.reduction)
+        .ok_or_else(|| Failure(format!("--reduction must be mean, sum or none, got '{}'", a.reduction)))?;
+    let inp = inputs(&a.layer)?;
+    let (n, d, v) = (inp.n, inp.d, inp.v);
+    let yt = load(&a.targets)?;
+    if yt.shape != [n] {
+        return Err(Failure(format!(
+            "shape mismatch: targets {} is {}, expected [{n}] (one per row of hidden {})",
+            yt.source,
+            shape_str(&yt.shape),
+            inp.hidden.source
+        )));
+    }
+    let y = yt.to_i64()?;
+    let cw_t = a.class_weights.as_deref().map(load).transpose()?;
+    if let Some(c) = &cw_t
+        && c.shape != [v]
+    {
+        return Err(Failure(format!(
+            "shape mismatch: class weights {} is {}, expected [{v}]",
+            c.source,
+            shape_str(&c.shape)
+        )));
+    }
+    let cw = cw_t.as_ref().map(|c| c.to_f32()).transpose()?;
+    let h = inp.hidden.to_f32()?;
+    let w = inp.weight.to_f32()?;
+    let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
+    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let hv = MatRef::new(&h, n, d)?;
+    let opts = CrossEntropyOptions {
+        ignore_index: a.ignore_index,
+        reduction,
+        label_smoothing: a.label_smoothing,
+        class_weights: cw.as_deref(),
+        z_loss: a.z_loss,
+        softcap: a.softcap,
+        temperature: a.layer.temperature,
+    };
+    let name_err = |e: Error| match &e {
+        Error::InvalidArgument(m) if m.starts_with("class_weights") => {
+            Failure(format!("{}: {e}", cw_t.as_ref().map_or("class weights", |c| c.source.as_str())))
+        }
+        _ => named(e, &inp, Some(&yt.source)),
+    };
+    let loss_shape = if reduction == Reduction::None { vec![n] } else { vec![] };
+    if a.grad {
+        let (out, g) = cross_entropy_with_grad(&layer, hv, &y, &opts, Upstream::Scalar(1.0)).map_err(name_err)?;
+        let wshape = inp.layout.shape(v, d).to_vec();
+        let mut t = vec![
+            ("loss", loss_shape, OutTensor::F32(&out.loss)),
+            ("lse", vec![n], OutTensor::F32(&out.lse)),
+            ("grad_hidden", vec![n, d], OutTensor::F32(&g.hidden)),
+            ("grad_weight", wshape, OutTensor::F32(&g.weight)),
+        ];
+        if let Some(gb) = &g.bias {
+            t.push(("grad_bias", vec![v], OutTensor::F32(gb)));
+        }
+        write_safetensors(&a.layer.output, &t)?;
+    } else {
+        let out = cross_entropy(&layer, hv, &y, &opts).map_err(name_err)?;
+        write_safetensors(
+            &a.layer.output,
+            &[("loss", loss_shape, OutTensor::F32(&out.loss)), ("lse", vec![n], OutTensor::F32(&out.lse))],
+        )?;
+    }
+    Ok(())
+}

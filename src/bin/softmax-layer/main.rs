@@ -37,6 +37,10 @@ enum Command {
     LogProbs(LogProbsArgs),
     /// The most probable class of each row (lowest id on ties), int64 .npy [n].
     Argmax(layer::LayerArgs),
+    /// Fused cross-entropy (PyTorch semantics) of softmax(H·Wᵀ + b) against targets: a
+    /// .safetensors with `loss` and `lse`; with --grad also `grad_hidden`, `grad_weight` (in
+    /// W's layout) and `grad_bias`.
+    Loss(layer::LossArgs),
     /// The k most probable classes of each row: a .safetensors with `values` (log-probs,
     /// f32 [n, k], descending) and `indices` (int64 [n, k]; ties to the lower id).
     TopK(TopKArgs),
@@ -156,6 +160,7 @@ fn main() -> ExitCode {
         Command::Probs(a) => layer::run(layer::LayerOp::Probs, &a, None, None),
         Command::LogProbs(a) => layer::run(layer::LayerOp::LogProbs, &a.layer, a.targets.as_deref(), None),
         Command::Argmax(a) => layer::run(layer::LayerOp::Argmax, &a, None, None),
+        Command::Loss(a) => layer::loss(&a),
         Command::TopK(a) => layer::run(layer::LayerOp::TopK, &a.layer, None, Some(a.k)),
         Command::Selfcheck(a) => selfcheck::run(&a),
     };
