@@ -247,3 +247,41 @@ fn bad_options_are_errors() {
     let err = cross_entropy_with_grad(&layer, hm, &y, &Default::default(), Upstream::PerRow(&up)).unwrap_err();
     assert!(err.to_string().contains("needs reduction 'none'"), "{err}");
 }
+
+/// SplitMix64 as in scripts/make_fixtures.py: the i-th output (from 1) of `seed`.
+fn splitmix(seed: u64, count: usize) -> Vec<u64> {
+    let mut r = Rng(seed);
+    (0..count).map(|_| r.next_u64()).collect()
+}
+
+fn uniform(seed: u64, count: usize, scale: f64) -> Vec<f32> {
+    splitmix(seed, count).into_iter().map(|z| (((z >> 40) as f64 / 16_777_216.0 * 2.0 - 1.0) * scale) as f32).collect()
+}
+
+#[test]
+fn agrees_with_pytorch_at_full_scale() {
+    let big = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cross_entropy_big.safetensors");
+    let get = |k: &str| Tensor::load(&TensorSpec::parse(&format!("{big}:{k}")).unwrap()).unwrap();
+    let (n, d, v) = (2048, 768, 50257);
+    let h = uniform(1, n * d, 1.0);
+    let w = uniform(2, v * d, 1.0 / 16.0);
+    let y: Vec<i64> = splitmix(3, n).into_iter().map(|z| (z % v as u64) as i64).collect();
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let (out, g) = cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &CrossEntropyOptions::default(), Upstream::Scalar(1.0)).unwrap();
+    let want_loss = f64s(&get("loss"))[0];
+    let rel = (out.loss[0] as f64 - want_loss).abs() / want_loss.abs();
+    assert!(rel <= 1e-5, "loss {} vs {want_loss}: rel {rel:e}", out.loss[0]);
+    for (a, b) in out.lse.iter().zip(f64s(&get("lse"))) {
+        assert!((*a as f64 - b).abs() <= 2e-6 * b.abs().max(1.0), "lse {a} vs {b}");
+    }
+    let eh = rel_frob(&g.hidden, &f64s(&get("grad_hidden")));
+    assert!(eh <= 1e-4, "grad_hidden rel Frobenius error {eh:e}");
+    let rows = get("grad_weight_rows").to_i64().unwrap();
+    let sampled: Vec<f32> = rows.iter().flat_map(|&j| g.weight[j as usize * d..(j as usize + 1) * d].iter().copied()).collect();
+    let ew = rel_frob(&sampled, &f64s(&get("grad_weight_sampled")));
+    assert!(ew <= 1e-4, "grad_weight (256 sampled rows) rel Frobenius error {ew:e}");
+    let norm = g.weight.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let want_norm = f64s(&get("grad_weight_norm"))[0];
+    assert!((norm - want_norm).abs() <= 1e-4 * want_norm, "‖dW‖ {norm} vs {want_norm}");
+    println!("n=2048 d=768 V=50257: loss rel err {rel:.2e}, dH {eh:.2e}, dW rows {ew:.2e}");
+}
