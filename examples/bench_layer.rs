@@ -3,7 +3,8 @@
 //! throughput and the peak extra heap (beyond inputs and outputs).
 //!
 //! OP: gemm (the bare product H·Wᵀ into [n, V], 2 threads inside the gemm crate),
-//! logits, probs, logsumexp, target_log_probs, top_k, argmax, read (a plain read of W).
+//! logits, probs, logsumexp, target_log_probs, top_k, argmax, loss, loss_grad (fused
+//! cross-entropy forward, and forward+backward), read (a plain read of W).
 #[path = "../benches/support/alloc.rs"]
 mod alloc;
 
@@ -40,13 +41,20 @@ fn main() {
     let h = fill(n * d, 1, 1.0);
     let w = fill(v * d, 2, (3.0 / d as f32).sqrt());
     let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
-    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let mut layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    // BENCH_TILING=rows,cols,segment overrides the engine's tiling (for tuning).
+    if let Ok(t) = std::env::var("BENCH_TILING") {
+        let p: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect();
+        layer = layer.with_tiling(softmax_layer::engine::Tiling { row_block: p[0], col_tile: p[1], segment: p[2] });
+    }
     let hv = MatRef::new(&h, n, d).unwrap();
     let opts = LayerOptions::default();
     let needs_out = matches!(op, "gemm" | "logits" | "probs");
     let mut out = if needs_out { vec![0f32; n * v] } else { Vec::new() };
     let mut small = vec![0f32; n];
     let mut idx = vec![0usize; n];
+    // Gradient outputs (not counted as extra heap: they are outputs).
+    let (mut gh, mut gw) = if op == "loss_grad" { (vec![0f32; n * d], vec![0f32; v * d]) } else { (Vec::new(), Vec::new()) };
     let mut f = || match op {
         // SAFETY: out is n x V row-major, h is n x d row-major, w is V x d row-major (read
         // as its transpose with strides (d, 1)); all in bounds.
@@ -78,6 +86,16 @@ fn main() {
         "logsumexp" => layer.logsumexp(hv, &mut small, &opts).unwrap(),
         "target_log_probs" => layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap(),
         "argmax" => layer.argmax(hv, &mut idx).unwrap(),
+        "loss" => {
+            let o = softmax_layer::loss::CrossEntropyOptions::default();
+            std::hint::black_box(softmax_layer::loss::cross_entropy(&layer, hv, &targets, &o).unwrap());
+        }
+        "loss_grad" => {
+            let o = softmax_layer::loss::CrossEntropyOptions::default();
+            let up = softmax_layer::loss::Upstream::Scalar(1.0);
+            let g = softmax_layer::loss::GradientsMut { hidden: &mut gh, weight: &mut gw, bias: None };
+            std::hint::black_box(softmax_layer::loss::cross_entropy_with_grad_into(&layer, hv, &targets, &o, up, g).unwrap());
+        }
         "top_k" => {
             std::hint::black_box(layer.top_k(hv, k, &opts).unwrap());
         }

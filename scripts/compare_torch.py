@@ -90,7 +90,27 @@ def layer(args):
         print(f"{op:>18} {t * 1e3:10.1f} {o * 1e3:10.1f} {t / o:7.2f}x {o / res['gemm'][1]:10.3f} {heap:9.2f}")
     print(f"{'':>18} torch gemm {2 * n * d * v / res['gemm'][0] / 1e9:.0f} GFLOP/s, "
           f"ours {2 * n * d * v / res['gemm'][1] / 1e9:.0f} GFLOP/s (gemm crate baseline)")
-    del h, w
+    # The fused loss, forward + backward, against PyTorch eager and three bare products.
+    hg = h.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    yy = y[:, 0]
+
+    def torch_loss():
+        hg.grad = None
+        wg.grad = None
+        loss = F.cross_entropy(F.linear(hg, wg), yy)
+        loss.backward()
+        return loss.detach()
+
+    tt, oo = [], []
+    for _ in range(args.rounds):
+        tt.append(timed(torch_loss, 3))
+        oo.append(ours_layer("loss_grad", n, d, v, 3)["median_s"])
+    t, o = statistics.median(tt), statistics.median(oo)
+    g3 = 3 * res["gemm"][1]
+    print(f"\nloss fwd+bwd n={n} d={d} V={v}: torch {t * 1e3:.0f} ms, ours {o * 1e3:.0f} ms ({t / o:.2f}x); "
+          f"ours / (3 bare products) = {o / g3:.2f}")
+    del h, w, hg, wg
     # The decode step: one row, d=4096, V=128256, logits + softmax.
     n, d, v = 1, 4096, 128256
     h = torch.rand(n, d, generator=g) * 2 - 1

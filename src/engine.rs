@@ -23,14 +23,20 @@ use std::ops::Range;
 
 /// Computes tiles of logits: the engine's only view of the weights.
 pub trait LogitSource: Sync {
+    /// Per-task state for one block of hidden rows: for example the rows packed once for
+    /// the matrix product, and scratch space, reused by every tile of the task.
+    type Rows;
     /// Number of classes `V`.
     fn vocab(&self) -> usize;
     /// Hidden size `d`.
     fn hidden_dim(&self) -> usize;
+    /// Prepares a block of hidden rows for [`LogitSource::logits_tile`].
+    fn prepare_rows(&self, hidden: MatRef<'_>) -> Self::Rows;
     /// Writes `tile[i * cols.len() + j] = hidden[i] · W[cols.start + j] + b[cols.start + j]`
-    /// for the `hidden.rows()` rows given. `tile` has exactly `hidden.rows() * cols.len()`
-    /// elements. Must be deterministic and must not use other threads.
-    fn logits_tile(&self, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]);
+    /// for the `hidden.rows()` rows given (those `rows` was prepared from). `tile` has
+    /// exactly `hidden.rows() * cols.len()` elements. Must be deterministic and must not
+    /// use other threads.
+    fn logits_tile(&self, rows: &mut Self::Rows, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]);
 }
 
 /// What the engine does with each tile of logits.
@@ -58,7 +64,7 @@ pub struct Tiling {
 
 impl Default for Tiling {
     fn default() -> Self {
-        Tiling { row_block: 128, col_tile: 512, segment: 8192 }
+        Tiling { row_block: 256, col_tile: 512, segment: 8192 }
     }
 }
 
@@ -82,11 +88,12 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
     let work = |rows: &Range<usize>, seg: &Range<usize>| -> C::State {
         let mut state = consumer.init(rows.clone());
         let h = hidden.sub_rows(rows.clone());
+        let mut prepared = source.prepare_rows(h);
         let mut tile = vec![0f32; rows.len() * tiling.col_tile.min(seg.len())];
         for s in (seg.start..seg.end).step_by(tiling.col_tile) {
             let cols = s..(s + tiling.col_tile).min(seg.end);
             let t = &mut tile[..rows.len() * cols.len()];
-            source.logits_tile(h, cols.clone(), t);
+            source.logits_tile(&mut prepared, h, cols.clone(), t);
             consumer.visit(&mut state, t, rows.clone(), cols);
         }
         state

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{Kernels, MaxSum};
 use crate::linalg::{self, Operand};
 use crate::matrix::{MatMut, MatRef, WeightLayout};
+use crate::tile_gemm;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
@@ -329,14 +330,33 @@ fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
     }
 }
 
+/// Hidden rows prepared for the tile product: packed once per task for the blocked
+/// kernel (weights `[V, d]`), with the kernel's scratch space.
+pub struct PreparedRows {
+    packed: Option<tile_gemm::PackedA>,
+    scratch: tile_gemm::Scratch,
+}
+
 impl LogitSource for SoftmaxLayer<'_> {
+    type Rows = PreparedRows;
+
+    fn prepare_rows(&self, hidden: MatRef<'_>) -> PreparedRows {
+        let m = hidden.rows();
+        let packed = (self.layout == WeightLayout::VocabMajor && m > GEMV_MAX_ROWS).then(|| {
+            let mut p = tile_gemm::PackedA::new();
+            p.pack(hidden.as_slice(), m, self.hidden, hidden.row_stride());
+            p
+        });
+        PreparedRows { packed, scratch: tile_gemm::Scratch::new() }
+    }
+
     fn vocab(&self) -> usize {
         self.vocab
     }
     fn hidden_dim(&self) -> usize {
         self.hidden
     }
-    fn logits_tile(&self, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]) {
+    fn logits_tile(&self, rows: &mut PreparedRows, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]) {
         let (m, c, d) = (hidden.rows(), cols.len(), self.hidden);
         debug_assert_eq!(tile.len(), m * c);
         match &self.bias {
@@ -344,6 +364,12 @@ impl LogitSource for SoftmaxLayer<'_> {
             None => tile.fill(0.0),
         }
         let k = self.kernels;
+        if let Some(packed) = &rows.packed {
+            // The blocked kernel (weights [V, d]): H packed once per task, W[cols] per tile.
+            let w = &self.weight[cols.start * d..cols.end * d];
+            tile_gemm::gemm_packed(packed, w, tile_gemm::BLayout::VocabMajor, c, d, tile, c, true, &mut rows.scratch);
+            return;
+        }
         match self.layout {
             WeightLayout::VocabMajor if m <= GEMV_MAX_ROWS => {
                 // Decoding: memory-bound, one pass over the weight rows.

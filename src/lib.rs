@@ -62,6 +62,8 @@ pub mod io;
 pub mod kernels;
 pub mod layer;
 mod linalg;
+#[doc(hidden)]
+pub mod tile_gemm;
 pub mod loss;
 pub mod matrix;
 pub mod rows;

@@ -68,6 +68,11 @@ impl<'a> MatRef<'a> {
         MatRef { data: &self.data[start..], rows: range.len(), cols: self.cols, stride: self.stride }
     }
 
+    /// The backing slice from the first element of the view to its last.
+    pub(crate) fn as_slice(&self) -> &'a [f32] {
+        &self.data[..required_len(self.rows, self.cols, self.stride).unwrap_or(0)]
+    }
+
     /// Finds the first NaN or infinity, as `(row, col, value)`.
     pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
         (0..self.rows).find_map(|i| self.row(i).iter().position(|v| !v.is_finite()).map(|j| (i, j, self.row(i)[j])))
