@@ -372,10 +372,21 @@ impl LogitSource for SoftmaxLayer<'_> {
         }
         match self.layout {
             WeightLayout::VocabMajor if m <= GEMV_MAX_ROWS => {
-                // Decoding: memory-bound, one pass over the weight rows.
-                for (j, w) in self.weight[cols.start * d..cols.end * d].chunks_exact(d).enumerate() {
+                // Decoding: memory-bound, one pass over the weight rows, four at a time.
+                let wb = &self.weight[cols.start * d..cols.end * d];
+                let quads = c / 4;
+                for q in 0..quads {
+                    let r = |x: usize| &wb[(4 * q + x) * d..(4 * q + x + 1) * d];
                     for i in 0..m {
-                        tile[i * c + j] += k.dot(hidden.row(i), w);
+                        let z = k.dot4(hidden.row(i), [r(0), r(1), r(2), r(3)]);
+                        for (x, zx) in z.into_iter().enumerate() {
+                            tile[i * c + 4 * q + x] += zx;
+                        }
+                    }
+                }
+                for j in 4 * quads..c {
+                    for i in 0..m {
+                        tile[i * c + j] += k.dot(hidden.row(i), &wb[j * d..(j + 1) * d]);
                     }
                 }
             }
@@ -593,7 +604,11 @@ impl Consumer for TopKConsumer {
     }
     fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
         for ((s, cand), row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
-            *s = s.merge(self.kern.max_sum(row, None, self.t), self.t);
+            let ms = self.kern.max_sum(row, None, self.t);
+            *s = s.merge(ms, self.t);
+            if cand.items.len() >= self.k && ms.max <= cand.threshold {
+                continue; // nothing in this tile row can enter
+            }
             for (j, &z) in row.iter().enumerate() {
                 // Strictly above: an equal logit seen later has a higher class id.
                 if z > cand.threshold || cand.items.len() < self.k {

@@ -62,11 +62,11 @@ pub mod io;
 pub mod kernels;
 pub mod layer;
 mod linalg;
-#[doc(hidden)]
-pub mod tile_gemm;
 pub mod loss;
 pub mod matrix;
 pub mod rows;
+#[doc(hidden)]
+pub mod tile_gemm;
 
 pub use error::{Error, Result};
 pub use kernels::{Isa, Kernels, MaxSum};

@@ -466,9 +466,7 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
                 // slice was checked to hold (n-1)*ldb+k elements, so rows j0..j0+ncols,
                 // columns pc..pc+kc are in bounds (ncols <= NR here). The scratch holds
                 // >= kcb*gw >= kc*NR floats and is 64-byte aligned (`Line` buffer).
-                BLayout::VocabMajor => unsafe {
-                    K::pack_vocab(b.as_ptr().add(j0 * ldb + pc), ldb, ncols, kc, bp)
-                },
+                BLayout::VocabMajor => unsafe { K::pack_vocab(b.as_ptr().add(j0 * ldb + pc), ldb, ncols, kc, bp) },
                 // SAFETY: as above with the bound (k-1)*ldb+n for rows pc..pc+kc, columns
                 // j0..j0+ncols; the scratch holds npan*kc*NR floats.
                 BLayout::HiddenMajor => unsafe {
@@ -555,7 +553,16 @@ struct Pf {
 /// Appends to `out` one element offset per cache line of the source region of the `B`
 /// micro-panel `(j0.., pc..)` (`nr` columns of C, `kc` steps of k).
 #[allow(clippy::too_many_arguments)]
-fn prefetch_lines(b: &[f32], layout: BLayout, ldb: usize, j0: usize, nr: usize, pc: usize, kc: usize, out: &mut Vec<usize>) {
+fn prefetch_lines(
+    b: &[f32],
+    layout: BLayout,
+    ldb: usize,
+    j0: usize,
+    nr: usize,
+    pc: usize,
+    kc: usize,
+    out: &mut Vec<usize>,
+) {
     let (off, runs, len) = match layout {
         BLayout::VocabMajor => (j0 * ldb + pc, nr, kc),
         BLayout::HiddenMajor => (pc * ldb + j0, kc, nr),
@@ -708,7 +715,16 @@ mod x86 {
 
         /// # Safety
         /// See [`Kern::kernel`].
-        unsafe fn kernel(rows: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool, pf: Pf) {
+        unsafe fn kernel(
+            rows: usize,
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+            pf: Pf,
+        ) {
             // SAFETY: forwarded contract of `Kern::kernel` (ISA checked by caller).
             unsafe { kernel_avx2::<MR, NV>(rows, kc, a, b, c, ldc, add, pf) }
         }
@@ -794,7 +810,16 @@ mod x86 {
 
         /// # Safety
         /// See [`Kern::kernel`].
-        unsafe fn kernel(rows: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool, pf: Pf) {
+        unsafe fn kernel(
+            rows: usize,
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+            pf: Pf,
+        ) {
             // SAFETY (all arms): forwarded contract of `Kern::kernel`; each variant computes
             // R >= rows rows, reading only the first R floats of every MR-float A group.
             // Edge calls (rows < MR) write into a MAX_TILE staging buffer with ldc == NR,

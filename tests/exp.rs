@@ -119,3 +119,33 @@ fn exp_simd_matches_scalar_within_1_ulp_every_tail() {
         }
     }
 }
+
+#[test]
+fn dot_dot4_axpy_match_scalar_over_every_tail_length() {
+    let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
+    let val = |i: usize, s: usize| ((i * 7919 + s * 104729) % 2001) as f32 / 1000.0 - 1.0;
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for len in 0..=300 {
+            let a: Vec<f32> = (0..len).map(|i| val(i, 1)).collect();
+            let b: Vec<Vec<f32>> = (0..4).map(|r| (0..len).map(|i| val(i, r + 2)).collect()).collect();
+            let exact = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+            let mag = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum::<f64>();
+            let tol = |x: &[f32], y: &[f32]| (len as f64 + 2.0) * 6e-8 * mag(x, y) + 1e-30;
+            let d = k.dot(&a, &b[0]);
+            assert!((d as f64 - exact(&a, &b[0])).abs() <= tol(&a, &b[0]), "{isa} dot len {len}");
+            assert!((d - scalar.dot(&a, &b[0])).abs() as f64 <= 2.0 * tol(&a, &b[0]), "{isa} dot vs scalar len {len}");
+            let q = k.dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
+            for r in 0..4 {
+                assert!((q[r] as f64 - exact(&a, &b[r])).abs() <= tol(&a, &b[r]), "{isa} dot4[{r}] len {len}");
+            }
+            let mut y = vec![f32::NAN; len + 2];
+            y[1..len + 1].copy_from_slice(&b[1]);
+            k.axpy(&mut y[1..len + 1], 0.5, &a);
+            assert!(y[0].is_nan() && y[len + 1].is_nan(), "{isa}: axpy wrote outside");
+            for i in 0..len {
+                assert_eq!(y[i + 1], 0.5f32.mul_add(a[i], b[1][i]), "{isa} axpy len {len}");
+            }
+        }
+    }
+}

@@ -267,7 +267,14 @@ fn agrees_with_pytorch_at_full_scale() {
     let w = uniform(2, v * d, 1.0 / 16.0);
     let y: Vec<i64> = splitmix(3, n).into_iter().map(|z| (z % v as u64) as i64).collect();
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
-    let (out, g) = cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &CrossEntropyOptions::default(), Upstream::Scalar(1.0)).unwrap();
+    let (out, g) = cross_entropy_with_grad(
+        &layer,
+        MatRef::new(&h, n, d).unwrap(),
+        &y,
+        &CrossEntropyOptions::default(),
+        Upstream::Scalar(1.0),
+    )
+    .unwrap();
     let want_loss = f64s(&get("loss"))[0];
     let rel = (out.loss[0] as f64 - want_loss).abs() / want_loss.abs();
     assert!(rel <= 1e-5, "loss {} vs {want_loss}: rel {rel:e}", out.loss[0]);
@@ -277,7 +284,8 @@ fn agrees_with_pytorch_at_full_scale() {
     let eh = rel_frob(&g.hidden, &f64s(&get("grad_hidden")));
     assert!(eh <= 1e-4, "grad_hidden rel Frobenius error {eh:e}");
     let rows = get("grad_weight_rows").to_i64().unwrap();
-    let sampled: Vec<f32> = rows.iter().flat_map(|&j| g.weight[j as usize * d..(j as usize + 1) * d].iter().copied()).collect();
+    let sampled: Vec<f32> =
+        rows.iter().flat_map(|&j| g.weight[j as usize * d..(j as usize + 1) * d].iter().copied()).collect();
     let ew = rel_frob(&sampled, &f64s(&get("grad_weight_sampled")));
     assert!(ew <= 1e-4, "grad_weight (256 sampled rows) rel Frobenius error {ew:e}");
     let norm = g.weight.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();

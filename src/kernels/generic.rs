@@ -728,6 +728,9 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) ->
         let full = len / lanes;
         let mut j = 0;
         while j + 4 <= full {
+            // `b` streams from memory in decoding (a weight row); fetch 2 KiB ahead.
+            V::prefetch(b.wrapping_add(j * lanes + 512));
+            V::prefetch(b.wrapping_add((j + 2) * lanes + 512));
             s0 = V::load(a.add(j * lanes)).mul_add(V::load(b.add(j * lanes)), s0);
             s1 = V::load(a.add((j + 1) * lanes)).mul_add(V::load(b.add((j + 1) * lanes)), s1);
             s2 = V::load(a.add((j + 2) * lanes)).mul_add(V::load(b.add((j + 2) * lanes)), s2);
@@ -744,6 +747,48 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) ->
             s1 = V::load_partial(a.add(i), tail, 0.0).mul_add(V::load_partial(b.add(i), tail, 0.0), s1);
         }
         s0.add(s1).add(s2.add(s3)).reduce_sum()
+    }
+}
+
+/// `[a·b0, a·b1, a·b2, a·b3]`: four weight rows against one vector, read as four
+/// concurrent streams (more memory-level parallelism than one row at a time).
+#[inline(always)]
+pub(crate) unsafe fn dot4<V: Vector>(a: *const f32, b: [*const f32; 4], len: usize) -> [f32; 4] {
+    unsafe {
+        let lanes = V::LANES;
+        let mut s = [V::splat(0.0); 4];
+        let mut t = [V::splat(0.0); 4];
+        let full = len / lanes;
+        let mut j = 0;
+        while j + 2 <= full {
+            let (x0, x1) = (V::load(a.add(j * lanes)), V::load(a.add((j + 1) * lanes)));
+            for r in 0..4 {
+                s[r] = x0.mul_add(V::load(b[r].add(j * lanes)), s[r]);
+                t[r] = x1.mul_add(V::load(b[r].add((j + 1) * lanes)), t[r]);
+            }
+            j += 2;
+        }
+        while j < full {
+            let x0 = V::load(a.add(j * lanes));
+            for r in 0..4 {
+                s[r] = x0.mul_add(V::load(b[r].add(j * lanes)), s[r]);
+            }
+            j += 1;
+        }
+        let tail = len % lanes;
+        if tail > 0 {
+            let i = full * lanes;
+            let x = V::load_partial(a.add(i), tail, 0.0);
+            for r in 0..4 {
+                t[r] = x.mul_add(V::load_partial(b[r].add(i), tail, 0.0), t[r]);
+            }
+        }
+        [
+            s[0].add(t[0]).reduce_sum(),
+            s[1].add(t[1]).reduce_sum(),
+            s[2].add(t[2]).reduce_sum(),
+            s[3].add(t[3]).reduce_sum(),
+        ]
     }
 }
 
@@ -846,6 +891,15 @@ macro_rules! instantiate {
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `a` and each of `b` are valid
+        /// for `len` reads.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn dot4(a: *const f32, b: [*const f32; 4], len: usize) -> [f32; 4] {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::dot4::<$V>(a, b, len) }
         }
 
         /// # Safety

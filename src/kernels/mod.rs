@@ -131,6 +131,7 @@ type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Para
 type RescaleFn = unsafe fn(*const f32, *mut f32, *const f32, usize, Params, f32, f64);
 type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
+type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
 type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
 /// The row kernels of one instruction set.
@@ -152,6 +153,7 @@ pub struct Kernels {
     rescale: RescaleFn,
     dot: DotFn,
     axpy: AxpyFn,
+    dot4: Dot4Fn,
     ce_grad: CeGradFn,
 }
 
@@ -171,6 +173,7 @@ static SCALAR: Kernels = Kernels {
     rescale: scalar::rescale,
     dot: scalar::dot,
     axpy: scalar::axpy,
+    dot4: scalar::dot4,
     ce_grad: scalar::ce_grad,
 };
 
@@ -185,6 +188,7 @@ static AVX2: Kernels = Kernels {
     rescale: x86_64::avx2::rescale,
     dot: x86_64::avx2::dot,
     axpy: x86_64::avx2::axpy,
+    dot4: x86_64::avx2::dot4,
     ce_grad: x86_64::avx2::ce_grad,
 };
 
@@ -199,6 +203,7 @@ static AVX512: Kernels = Kernels {
     rescale: x86_64::avx512::rescale,
     dot: x86_64::avx512::dot,
     axpy: x86_64::avx512::axpy,
+    dot4: x86_64::avx512::dot4,
     ce_grad: x86_64::avx512::ce_grad,
 };
 
@@ -213,6 +218,7 @@ static NEON: Kernels = Kernels {
     rescale: aarch64::neon::rescale,
     dot: aarch64::neon::dot,
     axpy: aarch64::neon::axpy,
+    dot4: aarch64::neon::dot4,
     ce_grad: aarch64::neon::ce_grad,
 };
 
@@ -422,6 +428,16 @@ impl Kernels {
         assert_eq!(a.len(), b.len(), "dot: lengths differ");
         // SAFETY: supported ISA; both slices hold `a.len()` elements.
         unsafe { (self.dot)(a.as_ptr(), b.as_ptr(), a.len()) }
+    }
+
+    /// `[a·b[0], a·b[1], a·b[2], a·b[3]]`, each accumulated in a fixed order.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn dot4(&self, a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+        assert!(b.iter().all(|r| r.len() == a.len()), "dot4: lengths differ");
+        // SAFETY: supported ISA; all five slices hold `a.len()` elements.
+        unsafe { (self.dot4)(a.as_ptr(), b.map(|r| r.as_ptr()), a.len()) }
     }
 
     /// `y += alpha·x`.
