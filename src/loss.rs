@@ -30,17 +30,20 @@
 //!
 //! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,
 //!    target logit and weighted sum; these merge in class order into `lse` and the loss;
-//! 2. each segment turns its logits into `dX` in place and adds `dXᵀ·H[R]` into its own
-//!    rows of `dW` (and `db`);
-//! 3. `dH[R] = dX·W`, split over columns of `dH`.
+//! 2. each segment `G` turns its logits into `dX` in place, adds `dX[:, G]ᵀ·H[R]` into its
+//!    own rows of `dW` (and `db`), and computes its part `dX[:, G]·W[G]` of `dH[R]` while
+//!    `dX[:, G]` is still in cache;
+//! 3. `dH[R]` is the sum of the segments' parts, in segment order.
 //!
 //! Three matrix products in all (Liger's plan; recomputing the logits in a backward pass,
 //! as Cut Cross-Entropy does, would cost a fourth). Every sum has a fixed order, so 1 and 2
-//! threads give the same bits. Extra memory is the block buffer, independent of `n`.
+//! threads give the same bits. Extra memory is the block buffer and the `dH` parts (one
+//! `r × d` block per segment), independent of `n`.
 
+use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
-use crate::layer::{SoftmaxLayer, hidden_op};
+use crate::layer::SoftmaxLayer;
 use crate::linalg::{self, Operand, SharedMut};
 use crate::matrix::{MatRef, WeightLayout};
 use rayon::prelude::*;
@@ -329,9 +332,12 @@ fn run(
     let k = layer.kernels();
     let col_tile = layer.tiling().col_tile;
     let seg_len = v.div_ceil(32).div_ceil(col_tile).max(1) * col_tile;
+    debug_assert!(seg_len >= col_tile);
     let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
     let r = rows_per_block(v).min(n.max(1));
     let mut zbuf = vec![0f32; r * v];
+    // Each segment's part of dH for the current block of rows.
+    let mut dh_part = if grad.is_some() { vec![0f32; segments.len() * r * d] } else { Vec::new() };
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
@@ -356,16 +362,14 @@ fn run(
             .par_iter()
             .map(|seg| {
                 let mut part = vec![RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 }; m];
+                // The engine's tile product: H[R] prepared (packed) once per task.
+                let mut prepared = layer.prepare_rows(h);
+                let mut tile = vec![0f32; m * col_tile.min(seg.len())];
                 for c0 in (seg.start..seg.end).step_by(col_tile) {
                     let cols = c0..(c0 + col_tile).min(seg.end);
-                    // SAFETY: this task alone writes columns `cols` of the block buffer
-                    // (segments are disjoint); rows < m <= r, columns < V: in bounds.
-                    unsafe { layer_logits_into(layer, h, cols.clone(), z.ptr().add(cols.start), v) };
-                    for (i, p) in part.iter_mut().enumerate() {
-                        // SAFETY: row i, columns `cols` of the buffer, written just above by
-                        // this task and touched by no other.
-                        let row =
-                            unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
+                    let tile = &mut tile[..m * cols.len()];
+                    layer.logits_tile(&mut prepared, h, cols.clone(), tile);
+                    for ((i, p), row) in part.iter_mut().enumerate().zip(tile.chunks_exact_mut(cols.len())) {
                         if let Some(cap) = s.cap {
                             row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
                         }
@@ -377,6 +381,11 @@ fn run(
                         if s.eps > 0.0 {
                             p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
                         }
+                        // SAFETY: row i, columns `cols` of the block buffer belong to this
+                        // task alone (segments are disjoint); in bounds (i < m <= r, cols < V).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), z.ptr().add(i * v + cols.start), row.len())
+                        };
                     }
                 }
                 part
@@ -430,57 +439,56 @@ fn run(
             })
             .collect();
 
-        // Phase 2: dX in place, dW[C] += dXᵀ·H[R], db[C] += Σ_i dX_i.
-        segments.par_iter().for_each(|seg| {
-            for c0 in (seg.start..seg.end).step_by(col_tile) {
-                let cols = c0..(c0 + col_tile).min(seg.end);
-                for i in 0..m {
-                    // SAFETY: row i, columns `cols` of the block buffer: this task's alone.
-                    let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
-                    match coef[i] {
-                        None => row.fill(0.0),
-                        Some((a, b, target)) => {
-                            let (stats, zy) = row_stats[i];
-                            let w = s.weights.map(|w| &w[cols.clone()]);
-                            k.ce_grad_in_place(row, w, s.t, stats, CeGradCoef { a, b, inv_cap: s.inv_cap });
-                            let yi = y[i] as usize;
-                            if cols.contains(&yi) {
-                                let gy = if s.cap.is_some() { 1.0 - (zy * s.inv_cap).powi(2) } else { 1.0 };
-                                row[yi - cols.start] -= target * gy / s.t;
-                            }
+        // Phase 2, per segment G: dX[:, G] in place, db[G] += Σ_i dX_i, dW[G] += dX[:, G]ᵀ·H[R],
+        // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
+        let dh_parts = SharedMut(dh_part.as_mut_ptr());
+        segments.par_iter().enumerate().for_each(|(gi, seg)| {
+            for i in 0..m {
+                // SAFETY: row i, columns `seg` of the block buffer: this task's alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + seg.start), seg.len()) };
+                match coef[i] {
+                    None => row.fill(0.0),
+                    Some((a, b, target)) => {
+                        let (stats, zy) = row_stats[i];
+                        let w = s.weights.map(|w| &w[seg.clone()]);
+                        k.ce_grad_in_place(row, w, s.t, stats, CeGradCoef { a, b, inv_cap: s.inv_cap });
+                        let yi = y[i] as usize;
+                        if seg.contains(&yi) {
+                            let gy = if s.cap.is_some() { 1.0 - (zy * s.inv_cap).powi(2) } else { 1.0 };
+                            row[yi - seg.start] -= target * gy / s.t;
                         }
                     }
-                    if let Some(gb) = gb {
-                        // SAFETY: db[cols] is this task's alone (segments are disjoint).
-                        let db = unsafe { std::slice::from_raw_parts_mut(gb.ptr().add(cols.start), cols.len()) };
-                        k.axpy(db, 1.0, row);
-                    }
                 }
-                // SAFETY: dW's rows (or columns) `cols` belong to this task alone; the block
-                // buffer's columns `cols` were written by this task; H[R] is read-only.
-                unsafe { weight_grad(layer, h, cols, z.ptr() as *const f32, v, gw.ptr()) };
+                if let Some(gb) = gb {
+                    // SAFETY: db[seg] is this task's alone (segments are disjoint).
+                    let db = unsafe { std::slice::from_raw_parts_mut(gb.ptr().add(seg.start), seg.len()) };
+                    k.axpy(db, 1.0, row);
+                }
             }
-        });
-
-        // Phase 3: dH[R] = dX · W, split over columns of dH.
-        let gh = SharedMut(g.hidden.as_mut_ptr());
-        let dchunk = 64usize;
-        (0..d).step_by(dchunk).collect::<Vec<_>>().par_iter().for_each(|&p0| {
-            let cols = p0..(p0 + dchunk).min(d);
-            let c_op =
-                Operand { ptr: (gh.ptr() as *const f32).wrapping_add(r0 * d + cols.start), rs: d as isize, cs: 1 };
-            let a_op = Operand { ptr: z.ptr(), rs: v as isize, cs: 1 };
+            // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
+            // buffer's columns `seg` were written by this task; H[R] is read-only.
+            unsafe { weight_grad(layer, h, seg.clone(), z.ptr() as *const f32, v, gw.ptr()) };
+            // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
+            let c_op = Operand { ptr: dh_parts.ptr().wrapping_add(gi * r * d), rs: d as isize, cs: 1 };
+            let a_op = Operand { ptr: z.ptr().wrapping_add(seg.start), rs: v as isize, cs: 1 };
             let w = layer.weight();
             let b_op = match layer.layout() {
                 // W[j, p]: (k = j, n = p).
-                WeightLayout::VocabMajor => Operand { ptr: w[cols.start..].as_ptr(), rs: d as isize, cs: 1 },
+                WeightLayout::VocabMajor => Operand { ptr: w[seg.start * d..].as_ptr(), rs: d as isize, cs: 1 },
                 // W[p, j]: (k = j, n = p).
-                WeightLayout::HiddenMajor => Operand { ptr: w[cols.start * v..].as_ptr(), rs: 1, cs: v as isize },
+                WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: 1, cs: v as isize },
             };
-            // SAFETY: dH rows R, columns `cols` are this task's alone; the block buffer
-            // (m x V, read-only now) and W are in bounds for k = V.
-            unsafe { linalg::gemm(m, cols.len(), v, c_op, false, a_op, b_op) };
+            // SAFETY: part `gi` of the dH parts (m x d) is this task's alone; dX[:, G] and
+            // W[G] are in bounds for k = |G|.
+            unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
         });
+
+        // Phase 3: dH[R] = Σ_G parts, in segment order.
+        let gh = &mut g.hidden[r0 * d..(r0 + m) * d];
+        gh.copy_from_slice(&dh_part[..m * d]);
+        for gi in 1..segments.len() {
+            k.axpy(gh, 1.0, &dh_part[gi * r * d..gi * r * d + m * d]);
+        }
     }
 
     let loss = match o.reduction {
@@ -493,26 +501,6 @@ fn run(
         }
     };
     Ok(CrossEntropyOutput { loss, lse })
-}
-
-/// Logits of rows `h` and classes `cols` into `out` (row stride `ldc`).
-///
-/// # Safety
-/// `out` is valid for `h.rows()` rows of `cols.len()` elements at row stride `ldc`, and no
-/// other thread touches them.
-unsafe fn layer_logits_into(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize>, out: *mut f32, ldc: usize) {
-    let (m, c, d) = (h.rows(), cols.len(), layer.hidden_dim());
-    for i in 0..m {
-        // SAFETY: row i of the output block, per the contract.
-        let row = unsafe { std::slice::from_raw_parts_mut(out.add(i * ldc), c) };
-        match layer.bias() {
-            Some(b) => row.copy_from_slice(&b[cols.clone()]),
-            None => row.fill(0.0),
-        }
-    }
-    let c_op = Operand { ptr: out, rs: ldc as isize, cs: 1 };
-    // SAFETY: output per the contract; `h` and the weight block are in bounds.
-    unsafe { linalg::gemm(m, c, d, c_op, true, hidden_op(h), layer.weight_block(layer.layout(), cols.start)) };
 }
 
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
