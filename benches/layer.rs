@@ -6,6 +6,8 @@
 
 #[path = "support/alloc.rs"]
 mod alloc;
+#[path = "support/read.rs"]
+mod read;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
@@ -99,23 +101,7 @@ fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("decode_1x{d}x{v}"));
     g.sample_size(20).measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Bytes((v * d * 4) as u64)); // bytes of W
-    g.bench_function("read_w", |b| {
-        b.iter(|| {
-            let s: f32 = w
-                .par_chunks(1 << 16)
-                .map(|c| {
-                    let mut acc = [0f32; 16];
-                    for x in c.chunks_exact(16) {
-                        for q in 0..16 {
-                            acc[q] += x[q];
-                        }
-                    }
-                    acc.iter().sum::<f32>()
-                })
-                .sum();
-            black_box(s)
-        })
-    });
+    g.bench_function("read_w", |b| b.iter(|| black_box(read::read_all(&w))));
     g.bench_function("probs", |b| {
         b.iter(|| layer.probs(hv, MatMut::new(&mut p, 1, v).unwrap(), &LayerOptions::default()).unwrap())
     });

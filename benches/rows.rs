@@ -3,6 +3,9 @@
 //! `cargo bench --bench rows` — compare each op's time with `copy` (softmax, log_softmax:
 //! one read + one write per element) or `read` (logsumexp: one read per element).
 
+#[path = "support/read.rs"]
+mod read;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use softmax_layer::{MatMut, MatRef, RowOptions};
@@ -21,21 +24,6 @@ fn logits(n: usize) -> Vec<f32> {
         }
     });
     out
-}
-
-/// A plain parallel read: the fastest way to touch every byte once.
-fn read_all(x: &[f32]) -> f32 {
-    x.par_chunks(1 << 16)
-        .map(|c| {
-            let mut acc = [0f32; 16];
-            for v in c.chunks_exact(16) {
-                for k in 0..16 {
-                    acc[k] += v[k];
-                }
-            }
-            acc.iter().sum::<f32>()
-        })
-        .sum()
 }
 
 fn bench_shape(c: &mut Criterion, n: usize, v: usize) {
@@ -61,7 +49,7 @@ fn bench_shape(c: &mut Criterion, n: usize, v: usize) {
         b.iter(|| softmax_layer::softmax_inplace(MatMut::new(&mut out, n, v).unwrap(), &opts).unwrap())
     });
     g.throughput(Throughput::Bytes(bytes));
-    g.bench_function(BenchmarkId::new("read", "r"), |b| b.iter(|| black_box(read_all(&x))));
+    g.bench_function(BenchmarkId::new("read", "r"), |b| b.iter(|| black_box(read::read_all(&x))));
     g.bench_function(BenchmarkId::new("logsumexp", "r"), |b| {
         b.iter(|| softmax_layer::logsumexp(xv, &mut lse, &opts).unwrap())
     });

@@ -7,6 +7,8 @@
 //! cross-entropy forward, and forward+backward), read (a plain read of W).
 #[path = "../benches/support/alloc.rs"]
 mod alloc;
+#[path = "../benches/support/read.rs"]
+mod read;
 
 use rayon::prelude::*;
 use softmax_layer::{LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
@@ -103,10 +105,7 @@ fn main() {
             std::hint::black_box(layer.top_k(hv, k, &opts).unwrap());
         }
         "read" => {
-            // A plain read of W with our AVX-512 dot kernel (x·x): each byte read once.
-            let k = softmax_layer::Kernels::best();
-            let s: f32 = w.par_chunks(1 << 16).map(|c| k.dot(c, c)).sum();
-            std::hint::black_box(s);
+            std::hint::black_box(read::read_all(&w));
         }
         _ => panic!("unknown op {op}"),
     };

@@ -1,6 +1,9 @@
 //! Times one row operation for `scripts/compare_torch.py`:
 //! `bench_rows OP N V REPEATS` prints `{"op":..., "median_s":...}` on stdout.
 //! OP is softmax, log_softmax, logsumexp, copy or read.
+#[path = "../benches/support/read.rs"]
+mod read;
+
 use rayon::prelude::*;
 use softmax_layer::{MatMut, MatRef, RowOptions};
 use std::time::Instant;
@@ -33,21 +36,7 @@ fn main() {
         "logsumexp" => softmax_layer::logsumexp(xv, &mut lse, &opts).unwrap(),
         "copy" => out.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(o, i)| o.copy_from_slice(i)),
         "read" => {
-            let s: f32 = x
-                .par_chunks(1 << 16)
-                .map(|c| {
-                    c.chunks_exact(16)
-                        .fold([0f32; 16], |mut acc, v| {
-                            for k in 0..16 {
-                                acc[k] += v[k];
-                            }
-                            acc
-                        })
-                        .iter()
-                        .sum::<f32>()
-                })
-                .sum();
-            std::hint::black_box(s);
+            std::hint::black_box(read::read_all(&x));
         }
         _ => panic!("unknown op {op}"),
     };

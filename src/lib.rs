@@ -3,10 +3,11 @@
 //! The parameterized softmax layer `P = softmax(H·W + b)` — the output layer of language
 //! models and classifiers — computed exactly and at the machine's speed on a CPU.
 //!
-//! This release provides the row numerics everything else builds on: softmax,
-//! log-softmax and logsumexp over the rows of a matrix, with a temperature and an additive
-//! mask, that never overflow or produce NaN on finite input, read each element at most
-//! twice, and run on AVX-512, AVX2+FMA, NEON or portable code chosen at run time.
+//! It provides the row numerics (softmax, log-softmax and logsumexp over the rows of a
+//! matrix, with a temperature and an additive mask, that never overflow or produce NaN on
+//! finite input, read each element at most twice, and run on AVX-512, AVX2+FMA, NEON or
+//! portable code chosen at run time), the layer with fused forward operations that never
+//! hold the `n × V` logits, and the fused cross-entropy with its gradients.
 //!
 //! ```text
 //! softmax(z / T)_j = exp((z_j - M) / T) / S,   M = max_j z_j,   S = Σ_j exp((z_j - M) / T)
@@ -50,11 +51,43 @@
 //! # Ok::<(), softmax_layer::Error>(())
 //! ```
 //!
+//! ## The layer, fused operations and the loss
+//!
+//! ```
+//! use softmax_layer::loss::{cross_entropy_with_grad, CrossEntropyOptions, Upstream};
+//! use softmax_layer::{LayerOptions, MatRef, SoftmaxLayer, WeightLayout};
+//!
+//! // V = 3 classes, d = 2; W as PyTorch stores it ([V, d]), with a bias.
+//! let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+//! let b = [0.0f32, 0.5, -0.5];
+//! let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 3, 2, Some(&b[..]))?;
+//! let h = [2.0f32, 1.0, 0.5, -1.0]; // two rows of hidden states
+//! let hv = MatRef::new(&h, 2, 2)?;
+//!
+//! // Row 0's logits are [2, 1.5, 2.5]: class 2 first, then 0.
+//! let top = layer.top_k(hv, 2, &LayerOptions::default())?;
+//! assert_eq!(&top.indices[..2], &[2, 0]);
+//! let mut lp = [0f32; 2];
+//! layer.target_log_probs(hv, &[2, 0], &mut lp, &LayerOptions::default())?;
+//! assert_eq!(lp[0], top.log_probs[0]);
+//!
+//! // Mean cross-entropy and its gradients, PyTorch's semantics.
+//! let opts = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+//! let (out, grads) = cross_entropy_with_grad(&layer, hv, &[2, 0], &opts, Upstream::Scalar(1.0))?;
+//! assert!(out.loss[0] > 0.0);
+//! assert_eq!((grads.hidden.len(), grads.weight.len(), grads.bias.unwrap().len()), (4, 6, 3));
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+//!
 //! ## Modules
 //!
 //! - [`rows`]: whole-matrix softmax, log-softmax and logsumexp (re-exported at the root).
 //! - [`kernels`]: the per-row building blocks for tiled callers, and instruction-set choice.
-//! - [`io`]: `.npy` and `.safetensors` reading and atomic writing.
+//! - [`layer`]: [`SoftmaxLayer`] and its forward operations.
+//! - [`loss`]: the fused cross-entropy and its gradients.
+//! - [`engine`]: the tiled loop every operation runs through ([`engine::LogitSource`],
+//!   [`engine::Consumer`]).
+//! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing.
 
 pub mod engine;
 pub mod error;
