@@ -6,11 +6,12 @@
 
 #[path = "support/alloc.rs"]
 mod alloc;
+#[path = "support/data.rs"]
+mod data;
 #[path = "support/read.rs"]
 mod read;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rayon::prelude::*;
 use softmax_layer::{LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
 use std::hint::black_box;
 use std::time::Duration;
@@ -18,24 +19,11 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
 
-fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-        for y in chunk {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *y = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-        }
-    });
-    out
-}
-
 fn main_case(c: &mut Criterion) {
     let (n, d, v) = (2048, 768, 50257);
-    let h = fill(n * d, 1, 1.0);
-    let w = fill(v * d, 2, (3.0 / d as f32).sqrt());
+    let h = data::fill(n * d, 1, -1.0, 1.0);
+    let ws = (3.0 / d as f32).sqrt();
+    let w = data::fill(v * d, 2, -ws, ws);
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
     let hv = MatRef::new(&h, n, d).unwrap();
     let targets: Vec<i64> = (0..n as i64).map(|i| i * 7919 % v as i64).collect();
@@ -54,34 +42,7 @@ fn main_case(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("layer_{n}x{d}x{v}"));
     g.sample_size(10).measurement_time(Duration::from_secs(20)).warm_up_time(Duration::from_secs(2));
     g.throughput(Throughput::Elements((2 * n * d * v) as u64)); // FLOPs
-    g.bench_function("gemm_bare", |b| {
-        b.iter(|| {
-            // SAFETY: out is n x V, h is n x d, w is V x d (read transposed); all in bounds.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    v,
-                    d,
-                    out.as_mut_ptr(),
-                    1,
-                    v as isize,
-                    false,
-                    h.as_ptr(),
-                    1,
-                    d as isize,
-                    w.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                )
-            }
-        })
-    });
+    g.bench_function("gemm_bare", |b| b.iter(|| data::bare_product(&h, &w, &mut out, n, d, v)));
     g.bench_function("logits", |b| b.iter(|| layer.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap()));
     g.bench_function("logsumexp", |b| b.iter(|| layer.logsumexp(hv, &mut small, &opts).unwrap()));
     g.bench_function("target_log_probs", |b| {
@@ -93,8 +54,9 @@ fn main_case(c: &mut Criterion) {
 
 fn decode(c: &mut Criterion) {
     let (d, v) = (4096, 128256);
-    let h = fill(d, 3, 1.0);
-    let w = fill(v * d, 4, (3.0 / d as f32).sqrt());
+    let h = data::fill(d, 3, -1.0, 1.0);
+    let ws = (3.0 / d as f32).sqrt();
+    let w = data::fill(v * d, 4, -ws, ws);
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
     let hv = MatRef::new(&h, 1, d).unwrap();
     let mut p = vec![0f32; v];

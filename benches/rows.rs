@@ -3,6 +3,8 @@
 //! `cargo bench --bench rows` — compare each op's time with `copy` (softmax, log_softmax:
 //! one read + one write per element) or `read` (logsumexp: one read per element).
 
+#[path = "support/data.rs"]
+mod data;
 #[path = "support/read.rs"]
 mod read;
 
@@ -12,22 +14,8 @@ use softmax_layer::{MatMut, MatRef, RowOptions};
 use std::hint::black_box;
 use std::time::Duration;
 
-fn logits(n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for v in chunk {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 24.0 - 12.0;
-        }
-    });
-    out
-}
-
 fn bench_shape(c: &mut Criterion, n: usize, v: usize) {
-    let x = logits(n * v);
+    let x = data::fill(n * v, 0, -12.0, 12.0);
     let mut out = vec![0f32; n * v];
     let mut lse = vec![0f32; n];
     let xv = MatRef::new(&x, n, v).unwrap();

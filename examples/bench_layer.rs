@@ -7,29 +7,15 @@
 //! cross-entropy forward, and forward+backward), read (a plain read of W).
 #[path = "../benches/support/alloc.rs"]
 mod alloc;
+#[path = "../benches/support/data.rs"]
+mod data;
 #[path = "../benches/support/read.rs"]
 mod read;
 
-use rayon::prelude::*;
 use softmax_layer::{LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
-use std::time::Instant;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
-
-fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-        for y in chunk {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *y = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-        }
-    });
-    out
-}
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -40,8 +26,9 @@ fn main() {
     let op = a[1].as_str();
     let [n, d, v, reps]: [usize; 4] = std::array::from_fn(|i| a[i + 2].parse().unwrap());
     let k: usize = a.get(6).map_or(10, |s| s.parse().unwrap());
-    let h = fill(n * d, 1, 1.0);
-    let w = fill(v * d, 2, (3.0 / d as f32).sqrt());
+    let h = data::fill(n * d, 1, -1.0, 1.0);
+    let ws = (3.0 / d as f32).sqrt();
+    let w = data::fill(v * d, 2, -ws, ws);
     let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
     let mut layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
     // BENCH_TILING=rows,cols,segment overrides the engine's tiling (for tuning).
@@ -59,31 +46,7 @@ fn main() {
     let (mut gh, mut gw) =
         if op == "loss_grad" { (vec![0f32; n * d], vec![0f32; v * d]) } else { (Vec::new(), Vec::new()) };
     let mut f = || match op {
-        // SAFETY: out is n x V row-major, h is n x d row-major, w is V x d row-major (read
-        // as its transpose with strides (d, 1)); all in bounds.
-        "gemm" => unsafe {
-            gemm::gemm(
-                n,
-                v,
-                d,
-                out.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                h.as_ptr(),
-                1,
-                d as isize,
-                w.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            )
-        },
+        "gemm" => data::bare_product(&h, &w, &mut out, n, d, v),
         "logits" => layer.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap(),
         "probs" => layer.probs(hv, MatMut::new(&mut out, n, v).unwrap(), &opts).unwrap(),
         "logsumexp" => layer.logsumexp(hv, &mut small, &opts).unwrap(),
@@ -110,15 +73,7 @@ fn main() {
         _ => panic!("unknown op {op}"),
     };
     let ((), peak) = alloc::peak_extra(&mut f);
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    let med = t[t.len() / 2];
+    let med = data::median_secs(reps, f);
     let gflops = 2.0 * (n * d * v) as f64 / med / 1e9;
     let w_gbs = (v * d * 4) as f64 / med / 1e9;
     println!(

@@ -29,14 +29,7 @@ def torch_median(op, x, repeats):
         "log_softmax": lambda: torch.log_softmax(x, dim=-1),
         "logsumexp": lambda: torch.logsumexp(x, dim=-1),
     }[op]
-    f()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        y = f()
-        ts.append(time.perf_counter() - t)
-        del y
-    return statistics.median(ts)
+    return timed(f, repeats)
 
 
 def ours_median(op, n, v, repeats):
