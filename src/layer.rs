@@ -3,7 +3,7 @@
 //! `hidden: [n, d]`, `weight: [V, d]` ([`WeightLayout::VocabMajor`], as PyTorch and
 //! Hugging Face store it) or `[d, V]` ([`WeightLayout::HiddenMajor`]), `bias: [V]`.
 //!
-//! Every operation runs through the tiled [`engine`](crate::engine). Those that reduce over
+//! Every operation runs through the tiled [`crate::engine`]. Those that reduce over
 //! the classes — [`SoftmaxLayer::logsumexp`], [`SoftmaxLayer::target_log_probs`],
 //! [`SoftmaxLayer::argmax`], [`SoftmaxLayer::top_k`] — never hold the `n × V` logits: their
 //! extra memory is a few tiles per thread.

@@ -237,3 +237,18 @@ fn an_existing_output_survives_a_failed_run() {
     fails(&["softmax", "--logits", &p(dir.path(), "nan.npy"), "-o", out.to_str().unwrap()], &["NaN"]);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
 }
+
+#[test]
+fn an_impossible_allocation_is_an_error_not_an_abort() {
+    let r = run(&["selfcheck", "--rows", "2000000000", "--cols", "2000000000"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot allocate"), "{}", r.stderr);
+}
+
+#[test]
+fn selfcheck_runs_and_checks_against_float64() {
+    let out = bin().args(["selfcheck", "--rows", "64", "--cols", "3000", "--repeats", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("accuracy vs float64") && text.contains("softmax"), "{text}");
+}

@@ -133,7 +133,7 @@ pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) 
     let out = &a.output;
     match op {
         LayerOp::Logits | LayerOp::Probs | LayerOp::LogProbs if targets.is_none() => {
-            let mut buf = vec![0f32; n * v];
+            let mut buf = crate::output_buffer(n, v, "output")?;
             let m = MatMut::new(&mut buf, n, v)?;
             match op {
                 LayerOp::Logits => layer.logits(hv, m),

@@ -121,6 +121,18 @@ fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
 /// A failure: the one line printed on stderr.
 pub struct Failure(pub String);
 
+/// A zeroed output buffer of `rows x cols` floats, or a clear failure when it cannot be
+/// had (instead of an abort on a huge allocation).
+pub fn output_buffer(rows: usize, cols: usize, what: &str) -> Result<Vec<f32>, Failure> {
+    let n = rows.checked_mul(cols).ok_or_else(|| Failure(format!("the {what} [{rows}, {cols}] is too large")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Failure(format!("cannot allocate {:.1} GB for the {what} [{rows}, {cols}]", n as f64 * 4.0 / 1e9))
+    })?;
+    v.resize(n, 0f32);
+    Ok(v)
+}
+
 impl From<softmax_layer::Error> for Failure {
     fn from(e: softmax_layer::Error) -> Self {
         Failure(e.to_string())

@@ -71,7 +71,7 @@ pub fn run(op: Op, a: &RowArgs) -> Result<(), Failure> {
             write_npy_f32(&a.output, &[n], &out)?;
         }
         Op::Softmax | Op::LogSoftmax => {
-            let mut out = vec![0f32; n * v];
+            let mut out = crate::output_buffer(n, v, "output")?;
             let ov = MatMut::new(&mut out, n, v)?;
             match op {
                 Op::Softmax => softmax_layer::softmax(xv, ov, &opts),

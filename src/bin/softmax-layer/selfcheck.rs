@@ -21,8 +21,7 @@ pub struct SelfcheckArgs {
 }
 
 /// Deterministic pseudo-random logits in [-12, 12), like a language model's.
-fn logits(n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
+fn fill_logits(out: &mut [f32]) {
     out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
         let mut s = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
         for v in chunk {
@@ -32,7 +31,6 @@ fn logits(n: usize) -> Vec<f32> {
             *v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 24.0 - 12.0;
         }
     });
-    out
 }
 
 fn median_secs(repeats: usize, mut f: impl FnMut()) -> f64 {
@@ -74,8 +72,9 @@ pub fn run(a: &SelfcheckArgs) -> Result<(), Failure> {
         rayon::current_num_threads(),
         Kernels::best().isa()
     );
-    let x = logits(n * v);
-    let mut out = vec![0f32; n * v];
+    let mut x = crate::output_buffer(n, v, "built-in logits")?;
+    fill_logits(&mut x);
+    let mut out = crate::output_buffer(n, v, "output")?;
     let mut lse = vec![0f32; n];
     let xv = MatRef::new(&x, n, v)?;
     let opts = RowOptions::default();
