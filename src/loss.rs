@@ -533,6 +533,7 @@ unsafe fn weight_grad(
             let c_op = Operand { ptr: gw.wrapping_add(cols.start), rs: v as isize, cs: 1 };
             let a_op = Operand { ptr: hp, rs: 1, cs: hs };
             let b_op = Operand { ptr: dx.wrapping_add(cols.start), rs: ldx as isize, cs: 1 };
+            // SAFETY: as above, for the [d, V] layout.
             unsafe { linalg::gemm(d, c, m, c_op, true, a_op, b_op) }
         }
     }

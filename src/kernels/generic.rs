@@ -63,6 +63,8 @@ pub(crate) trait Vector: Copy {
     #[inline(always)]
     unsafe fn scale_pow2(self, n: Self) -> Self {
         // Two exact steps, each a power of two in the normal range; only the last rounds.
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let n1 = n.mul(Self::splat(0.5)).round();
             let n2 = n.sub(n1);
@@ -74,6 +76,8 @@ pub(crate) trait Vector: Copy {
     /// [`Vector::stream_fence`] before the data are handed to another thread.
     #[inline(always)]
     unsafe fn store_stream(self, ptr: *mut f32) {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe { self.store(ptr) }
     }
     /// Orders earlier non-temporal stores before later stores.
@@ -140,8 +144,14 @@ const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
 /// `exp(x) = 2^n * exp(r)` with `n = round(x / ln 2)` and `|r| <= ln2 / 2`, the Cephes
 /// polynomial for `exp(r)`, and one final scaling. About 1 ulp over the whole range,
 /// subnormal results included (see the exp sweep test).
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn exp_core<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let n = x.mul_add(V::splat(LOG2E), V::splat(ROUND_MAGIC)).sub(V::splat(ROUND_MAGIC));
         // n * LN2_HI is exact, and x - n * LN2_HI is exact by Sterbenz-like cancellation.
@@ -162,21 +172,39 @@ unsafe fn exp_core<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
 }
 
 /// `exp(x)` over the whole `f32` range: `+inf -> +inf`, `-inf -> 0`, NaN propagates.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn exp<V: Vector>(x: V) -> V {
     // `min`/`max` with the constant first propagate NaN (see `Vector::max`).
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { exp_core::<V, false>(V::splat(EXP_LO).max(V::splat(EXP_HI).min(x)), x) }
 }
 
 /// `exp(x)` for `x <= 0` (or NaN, which propagates): the online pass's terms.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn exp_nonpositive<V: Vector>(x: V) -> V {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { exp_core::<V, false>(V::splat(EXP_LO).max(x), x) }
 }
 
 /// Loads `z = x (+ mask)` at `i`, full vector.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn load_z<V: Vector, const MASK: bool>(x: *const f32, mask: *const f32, i: usize) -> V {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let v = V::load(x.add(i));
         if MASK { v.add(V::load(mask.add(i))) } else { v }
@@ -184,8 +212,14 @@ unsafe fn load_z<V: Vector, const MASK: bool>(x: *const f32, mask: *const f32, i
 }
 
 /// Loads `z = x (+ mask)` at `i`, `len < LANES` values; other lanes are `-inf`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *const f32, i: usize, len: usize) -> V {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let v = V::load_partial(x.add(i), len, f32::NEG_INFINITY);
         if MASK { v.add(V::load_partial(mask.add(i), len, 0.0)) } else { v }
@@ -197,8 +231,14 @@ unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *cons
 /// The rounding of `z - m` (and of the division) would otherwise cost up to
 /// `|z - m| * 2^-24` of relative error in `exp`, i.e. 4e-6 for probabilities near 1e-30.
 /// `hi` is clamped to `>= -150` and `lo` to `[-1, 1]`, ready for [`exp_core`].
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V) -> (V, V) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         // TwoSum: d + err == z - m exactly.
         let d = z.sub(m);
@@ -228,6 +268,10 @@ unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V)
 /// With `STORE`, it also writes `out[i] = exp((z_i - m_b) / T)`, where `m_b` is the running
 /// maximum after block `b` (of [`BLOCK`] elements), and stores `m_b` in `block_max[b]`;
 /// [`rescale_impl`] then turns these into probabilities. `out` may equal `x`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STORE: bool>(
     x: *const f32,
@@ -237,6 +281,8 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
     len: usize,
     p: Params,
 ) -> MaxSum {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         // -f32::MAX rather than -inf: then z - m is never (-inf) - (-inf).
@@ -281,8 +327,13 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 m = bm;
             }
             let mv = V::splat(m);
+            /// # Safety
+            /// The instruction set of `V` is available, and every pointer is valid for the
+            /// elements this function reads or writes.
             #[inline(always)]
             unsafe fn term<V: Vector, const SCALED: bool, const STORE: bool>(z: V, mv: V, t: V, inv_t: V) -> V {
+                // SAFETY: the caller upholds this function's contract: the instruction set is
+                // available and every pointer is valid for the elements the loops touch.
                 unsafe {
                     if STORE {
                         // Stored terms become probabilities: keep them accurate to ~1 ulp.
@@ -335,6 +386,9 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
     }
 }
 
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes.
 #[inline(always)]
 unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     x: *const f32,
@@ -342,9 +396,14 @@ unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     len: usize,
     p: Params,
 ) -> MaxSum {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { online_impl::<V, MASK, SCALED, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
 }
 
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes.
 #[inline(always)]
 unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     x: *const f32,
@@ -354,22 +413,38 @@ unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     len: usize,
     p: Params,
 ) -> MaxSum {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { online_impl::<V, MASK, SCALED, true>(x, mask, out, block_max, len, p) }
 }
 
 /// Produces the output of a pass-2 kernel, one vector at a time.
 trait Producer<V: Vector> {
     /// Values of elements `[i, i + LANES)`.
+    ///
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes, as described above.
     unsafe fn full(&self, i: usize) -> V;
     /// Values of elements `[i, i + len)`, `len < LANES`; other lanes are ignored.
+    ///
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes, as described above.
     unsafe fn partial(&self, i: usize, len: usize) -> V;
 }
 
 /// Writes `out[i] = producer(i)` for `i` in `[start, end)`. With `STREAM`, full vectors
 /// go out as aligned non-temporal stores (the unaligned head and the tail as plain masked
 /// stores).
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn write_span<V: Vector, P: Producer<V>, const STREAM: bool>(p: &P, out: *mut f32, start: usize, end: usize) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let mut i = start;
@@ -403,12 +478,22 @@ struct Scaled<V> {
 }
 
 impl<V: Vector> Producer<V> for Scaled<V> {
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn full(&self, i: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe { V::load(self.src.add(i)).mul(self.f) }
     }
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn partial(&self, i: usize, len: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe { V::load_partial(self.src.add(i), len, 0.0).mul(self.f) }
     }
 }
@@ -416,6 +501,10 @@ impl<V: Vector> Producer<V> for Scaled<V> {
 /// Second step after the `STORE` online pass: block `b` of `src` (the stored terms) is
 /// multiplied by `exp((block_max[b] - M) / T) / S`, computed in `f64`, into `out`.
 /// `out` may equal `src`, but then `p.stream` must be false.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn rescale<V: Vector>(
     src: *const f32,
@@ -426,6 +515,8 @@ pub(crate) unsafe fn rescale<V: Vector>(
     m: f32,
     sum: f64,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let mut i = 0;
         let mut b = 0;
@@ -449,6 +540,10 @@ pub(crate) unsafe fn rescale<V: Vector>(
 
 /// `out[i] = exp((z_i - M) / T) * scale`, where `scale = 1 / S`.
 /// `out` may equal `x` (in place); it may not otherwise overlap `x` or `mask`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     x: *const f32,
@@ -459,12 +554,19 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     m: f32,
     scale: f32,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let (mv, t, inv_t, sv) = (V::splat(m), V::splat(p.t), V::splat(p.inv_t), V::splat(scale));
         // A closure here would not inherit the caller's target features, and is not inlined.
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         #[inline(always)]
         unsafe fn f<V: Vector, const SCALED: bool>(z: V, mv: V, t: V, inv_t: V, sv: V) -> V {
+            // SAFETY: the caller upholds this function's contract: the instruction set is
+            // available and every pointer is valid for the elements the loops touch.
             unsafe {
                 let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
                 exp_core::<V, true>(hi, lo).mul(sv)
@@ -495,15 +597,25 @@ struct LogSoftmaxOf<V, const MASK: bool> {
 }
 
 impl<V: Vector, const MASK: bool> Producer<V> for LogSoftmaxOf<V, MASK> {
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn full(&self, i: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let z = load_z::<V, MASK>(self.x, self.mask, i);
             z.mul(V::splat(0.5)).sub(self.mh).mul(self.two_inv_t).sub(self.ln_s)
         }
     }
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn partial(&self, i: usize, len: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let z = load_z_partial::<V, MASK>(self.x, self.mask, i, len);
             z.mul(V::splat(0.5)).sub(self.mh).mul(self.two_inv_t).sub(self.ln_s)
@@ -513,6 +625,10 @@ impl<V: Vector, const MASK: bool> Producer<V> for LogSoftmaxOf<V, MASK> {
 
 /// `out[i] = (z_i - M) / T - ln_s`. Same aliasing rules as [`softmax_impl`]; with
 /// `p.stream`, `out` must not equal `x`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     x: *const f32,
@@ -523,6 +639,8 @@ unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     m: f32,
     ln_s: f32,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let prod = LogSoftmaxOf::<V, MASK> {
             x,
@@ -557,8 +675,13 @@ struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> {
 }
 
 impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad<V, CAP, WEIGHTS, SCALED> {
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn value(&self, z: V, w: V) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let (hi, lo) = scaled_diff::<V, SCALED>(z, self.m, self.t, self.inv_t);
             let p = exp_core::<V, true>(hi, lo).mul(self.inv_sum);
@@ -577,15 +700,25 @@ impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad
 impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> Producer<V>
     for CeGrad<V, CAP, WEIGHTS, SCALED>
 {
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn full(&self, i: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let w = if WEIGHTS { V::load(self.w.add(i)) } else { V::splat(1.0) };
             self.value(V::load(self.z.add(i)), w)
         }
     }
+    /// # Safety
+    /// The instruction set of `V` is available, and every pointer is valid for the
+    /// elements this function reads or writes.
     #[inline(always)]
     unsafe fn partial(&self, i: usize, len: usize) -> V {
+        // SAFETY: the caller upholds this function's contract: the instruction set is
+        // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let w = if WEIGHTS { V::load_partial(self.w.add(i), len, 0.0) } else { V::splat(1.0) };
             self.value(V::load_partial(self.z.add(i), len, 0.0), w)
@@ -604,6 +737,10 @@ pub(crate) struct CeCoef {
 
 /// Overwrites the logits row `z` (length `len`) with the cross-entropy gradient
 /// (see [`CeGrad`]); `w` is null or the class weights of the same length.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn ce_grad<V: Vector>(
     z: *mut f32,
@@ -614,6 +751,8 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
     sum: f64,
     c: CeCoef,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         macro_rules! go {
             ($cap:literal, $w:literal, $s:literal) => {{
@@ -657,12 +796,22 @@ macro_rules! dispatch4 {
 }
 
 /// See [`max_sum_impl`]. `mask` is null or valid for `len` reads.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn max_sum<V: Vector>(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { dispatch4!(max_sum_impl, V, mask, p, (x, mask, len, p)) }
 }
 
 /// See [`online_impl`] with `STORE`. `block_max` is valid for `len.div_ceil(BLOCK)` writes.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn softmax_pass1<V: Vector>(
     x: *const f32,
@@ -672,10 +821,16 @@ pub(crate) unsafe fn softmax_pass1<V: Vector>(
     len: usize,
     p: Params,
 ) -> MaxSum {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { dispatch4!(softmax_pass1_impl, V, mask, p, (x, mask, out, block_max, len, p)) }
 }
 
 /// See [`softmax_impl`].
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn softmax<V: Vector>(
     x: *const f32,
@@ -686,10 +841,16 @@ pub(crate) unsafe fn softmax<V: Vector>(
     m: f32,
     scale: f32,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { dispatch4!(softmax_impl, V, mask, p, (x, mask, out, len, p, m, scale)) }
 }
 
 /// See [`log_softmax_impl`].
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn log_softmax<V: Vector>(
     x: *const f32,
@@ -700,12 +861,20 @@ pub(crate) unsafe fn log_softmax<V: Vector>(
     m: f32,
     ln_s: f32,
 ) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe { dispatch4!(log_softmax_impl, V, mask, p, (x, mask, out, len, p, m, ln_s)) }
 }
 
 /// `out[i] = exp(x[i])`; `out` may equal `x`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn exp_slice<V: Vector>(x: *const f32, out: *mut f32, len: usize) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let full = len / lanes;
@@ -720,8 +889,14 @@ pub(crate) unsafe fn exp_slice<V: Vector>(x: *const f32, out: *mut f32, len: usi
 }
 
 /// `Σ a[i] * b[i]` with four vector accumulators, in a fixed order.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) -> f32 {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let (mut s0, mut s1, mut s2, mut s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
@@ -752,8 +927,14 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) ->
 
 /// `[a·b0, a·b1, a·b2, a·b3]`: four weight rows against one vector, read as four
 /// concurrent streams (more memory-level parallelism than one row at a time).
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn dot4<V: Vector>(a: *const f32, b: [*const f32; 4], len: usize) -> [f32; 4] {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let mut s = [V::splat(0.0); 4];
@@ -793,8 +974,14 @@ pub(crate) unsafe fn dot4<V: Vector>(a: *const f32, b: [*const f32; 4], len: usi
 }
 
 /// `y[i] += alpha * x[i]`.
+///
+/// # Safety
+/// The instruction set of `V` is available, and every pointer is valid for the
+/// elements this function reads or writes, as described above.
 #[inline(always)]
 pub(crate) unsafe fn axpy<V: Vector>(y: *mut f32, alpha: f32, x: *const f32, len: usize) {
+    // SAFETY: the caller upholds this function's contract: the instruction set is
+    // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
         let a = V::splat(alpha);
@@ -824,6 +1011,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `x` (and `mask`, unless null)
         /// are valid for `len` reads.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn max_sum(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::max_sum::<$V>(x, mask, len, p) }
@@ -833,6 +1023,9 @@ macro_rules! instantiate {
         /// As [`max_sum`]; `out` is valid for `len` writes and equals `x` or overlaps
         /// neither `x` nor `mask`; `block_max` is valid for `len.div_ceil(BLOCK)` writes.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn softmax_pass1(
             x: *const f32, mask: *const f32, out: *mut f32, block_max: *mut f32, len: usize, p: Params,
         ) -> MaxSum {
@@ -845,6 +1038,9 @@ macro_rules! instantiate {
         /// `out` for `len` writes (equal to `src`, then without `p.stream`, or not
         /// overlapping it), `block_max` for `len.div_ceil(BLOCK)` reads.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn rescale(
             src: *const f32, out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64,
         ) {
@@ -856,6 +1052,9 @@ macro_rules! instantiate {
         /// As [`max_sum`], and `out` is valid for `len` writes; it equals `x` or overlaps
         /// neither `x` nor `mask`.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn softmax(
             x: *const f32, mask: *const f32, out: *mut f32, len: usize, p: Params, m: f32, scale: f32,
         ) {
@@ -866,6 +1065,9 @@ macro_rules! instantiate {
         /// # Safety
         /// As [`softmax`].
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn log_softmax(
             x: *const f32, mask: *const f32, out: *mut f32, len: usize, p: Params, m: f32, ln_s: f32,
         ) {
@@ -877,6 +1079,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `z` is valid for `len` reads and
         /// writes; `w` is null or valid for `len` reads and does not overlap `z`.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn ce_grad(
             z: *mut f32, w: *const f32, len: usize, p: Params, m: f32, sum: f64, c: generic::CeCoef,
         ) {
@@ -888,6 +1093,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `a` and `b` are valid for `len`
         /// reads.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len) }
@@ -897,6 +1105,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `a` and each of `b` are valid
         /// for `len` reads.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn dot4(a: *const f32, b: [*const f32; 4], len: usize) -> [f32; 4] {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot4::<$V>(a, b, len) }
@@ -906,6 +1117,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `y` is valid for `len` reads and
         /// writes and does not overlap `x`, which is valid for `len` reads.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn axpy(y: *mut f32, alpha: f32, x: *const f32, len: usize) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::axpy::<$V>(y, alpha, x, len) }
@@ -915,6 +1129,9 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `x` is valid for `len` reads and
         /// `out` for `len` writes, and they are equal or do not overlap.
         $(#[target_feature(enable = $feature)])?
+        /// # Safety
+        /// The instruction set of `V` is available, and every pointer is valid for the
+        /// elements this function reads or writes.
         pub(crate) unsafe fn exp(x: *const f32, out: *mut f32, len: usize) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::exp_slice::<$V>(x, out, len) }
