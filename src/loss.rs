@@ -371,7 +371,7 @@ fn run(
                     layer.logits_tile(&mut prepared, h, cols.clone(), tile);
                     for ((i, p), row) in part.iter_mut().enumerate().zip(tile.chunks_exact_mut(cols.len())) {
                         if let Some(cap) = s.cap {
-                            row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+                            k.softcap_in_place(row, cap);
                         }
                         p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
                         let yi = y[i];

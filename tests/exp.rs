@@ -149,3 +149,30 @@ fn dot_dot4_axpy_match_scalar_over_every_tail_length() {
         }
     }
 }
+
+#[test]
+fn softcap_is_within_a_few_ulps_of_the_cap() {
+    let mut xs: Vec<f32> = (-20000..=20000).map(|i| i as f32 * 0.37).collect();
+    xs.extend([0.0f32, -0.0, 1e-30, -1e-30, 1e-45, 3e38, -3e38, f32::MAX, f32::MIN]);
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for cap in [1.0f32, 30.0, 50.0] {
+            let mut z = xs.clone();
+            k.softcap_in_place(&mut z, cap);
+            let mut worst = 0f64;
+            for (&x, &zv) in xs.iter().zip(&z) {
+                let want = cap as f64 * (x as f64 / cap as f64).tanh();
+                let err = (zv as f64 - want).abs();
+                worst = worst.max(err / cap as f64);
+                assert!(err <= 3e-7 * cap as f64, "{isa} cap {cap}: softcap({x}) = {zv}, want {want}");
+                assert!(zv.abs() <= cap, "{isa}: |softcap({x})| = {zv} exceeds the cap");
+                assert_eq!(
+                    zv.signum(),
+                    if want == 0.0 { zv.signum() } else { want.signum() as f32 },
+                    "{isa}: sign of softcap({x})"
+                );
+            }
+            println!("softcap[{isa}] cap {cap}: worst |error| / cap = {worst:.2e}");
+        }
+    }
+}

@@ -62,6 +62,10 @@ impl Vector for F32x4 {
         F32x4(vmulq_f32(self.0, b.0))
     }
     #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        F32x4(vdivq_f32(self.0, b.0))
+    }
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         F32x4(vfmaq_f32(c.0, self.0, b.0))
     }

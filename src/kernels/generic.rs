@@ -47,6 +47,7 @@ pub(crate) trait Vector: Copy {
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn sub(self, b: Self) -> Self;
     unsafe fn mul(self, b: Self) -> Self;
+    unsafe fn div(self, b: Self) -> Self;
     /// `self * b + c`, with a single rounding.
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     /// Lane-wise `if self > b { self } else { b }`: a NaN in `self` yields `b`, a NaN in `b`
@@ -888,6 +889,53 @@ pub(crate) unsafe fn exp_slice<V: Vector>(x: *const f32, out: *mut f32, len: usi
     }
 }
 
+/// The logit softcap `z = s·tanh(x/s)`, in place: `tanh(u) = sign(u)·(1 − e)/(1 + e)` with
+/// `e = exp(−2|u|)`. The result is within a few `f32` ulps of `s` in absolute terms (it
+/// lies in `[−s, s]`), which is the precision the logits carry at that scale.
+///
+/// # Safety
+/// The instruction set of `V` is available and `x` is valid for `len` reads and writes.
+#[inline(always)]
+pub(crate) unsafe fn softcap<V: Vector>(x: *mut f32, len: usize, cap: f32) {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        struct Cap<V> {
+            x: *const f32,
+            inv: V,
+            cap: V,
+        }
+        impl<V: Vector> Cap<V> {
+            #[inline(always)]
+            unsafe fn value(&self, x: V) -> V {
+                // SAFETY: pure arithmetic on registers.
+                unsafe {
+                    let u = x.mul(self.inv);
+                    let neg_abs = u.min(V::splat(0.0).sub(u));
+                    let e = exp_core::<V, false>(V::splat(EXP_LO).max(neg_abs.add(neg_abs)), neg_abs);
+                    let t = V::splat(1.0).sub(e).div(V::splat(1.0).add(e));
+                    // sign(u), exactly ±1 unless |u| < 2^-100 (where t, too, is ~0).
+                    let sgn = V::splat(-1.0).max(V::splat(1.0).min(u.mul(V::splat(1.2676506e30))));
+                    self.cap.mul(sgn).mul(t)
+                }
+            }
+        }
+        impl<V: Vector> Producer<V> for Cap<V> {
+            #[inline(always)]
+            unsafe fn full(&self, i: usize) -> V {
+                // SAFETY: `i + LANES <= len`, per `write_span`.
+                unsafe { self.value(V::load(self.x.add(i))) }
+            }
+            #[inline(always)]
+            unsafe fn partial(&self, i: usize, len: usize) -> V {
+                // SAFETY: `i + len <= len` of the row, per `write_span`.
+                unsafe { self.value(V::load_partial(self.x.add(i), len, 0.0)) }
+            }
+        }
+        let c = Cap { x, inv: V::splat(1.0 / cap), cap: V::splat(cap) };
+        write_span::<V, _, false>(&c, x, 0, len);
+    }
+}
+
 /// `Σ a[i] * b[i]` with four vector accumulators, in a fixed order.
 ///
 /// # Safety
@@ -1099,6 +1147,15 @@ macro_rules! instantiate {
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `x` is valid for `len` reads and
+        /// writes.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn softcap(x: *mut f32, len: usize, cap: f32) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::softcap::<$V>(x, len, cap) }
         }
 
         /// # Safety

@@ -132,6 +132,7 @@ type RescaleFn = unsafe fn(*const f32, *mut f32, *const f32, usize, Params, f32,
 type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
+type SoftcapFn = unsafe fn(*mut f32, usize, f32);
 type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
 /// The row kernels of one instruction set.
@@ -154,6 +155,7 @@ pub struct Kernels {
     dot: DotFn,
     axpy: AxpyFn,
     dot4: Dot4Fn,
+    softcap: SoftcapFn,
     ce_grad: CeGradFn,
 }
 
@@ -174,6 +176,7 @@ static SCALAR: Kernels = Kernels {
     dot: scalar::dot,
     axpy: scalar::axpy,
     dot4: scalar::dot4,
+    softcap: scalar::softcap,
     ce_grad: scalar::ce_grad,
 };
 
@@ -189,6 +192,7 @@ static AVX2: Kernels = Kernels {
     dot: x86_64::avx2::dot,
     axpy: x86_64::avx2::axpy,
     dot4: x86_64::avx2::dot4,
+    softcap: x86_64::avx2::softcap,
     ce_grad: x86_64::avx2::ce_grad,
 };
 
@@ -204,6 +208,7 @@ static AVX512: Kernels = Kernels {
     dot: x86_64::avx512::dot,
     axpy: x86_64::avx512::axpy,
     dot4: x86_64::avx512::dot4,
+    softcap: x86_64::avx512::softcap,
     ce_grad: x86_64::avx512::ce_grad,
 };
 
@@ -219,6 +224,7 @@ static NEON: Kernels = Kernels {
     dot: aarch64::neon::dot,
     axpy: aarch64::neon::axpy,
     dot4: aarch64::neon::dot4,
+    softcap: aarch64::neon::softcap,
     ce_grad: aarch64::neon::ce_grad,
 };
 
@@ -469,6 +475,13 @@ impl Kernels {
         let c = generic::CeCoef { a: coef.a, b: coef.b, inv_cap: coef.inv_cap };
         // SAFETY: supported ISA; `z` is a `&mut` of its length; `w` is null or checked above.
         unsafe { (self.ce_grad)(z.as_mut_ptr(), w, z.len(), Params::new(t), stats.max, stats.sum, c) }
+    }
+
+    /// The logit softcap in place: `x ← s·tanh(x/s)` for `s = cap > 0` (Gemma 2). Absolute
+    /// error within a few ulps of `s`.
+    pub fn softcap_in_place(&self, x: &mut [f32], cap: f32) {
+        // SAFETY: supported ISA; `x` is a `&mut` of its length.
+        unsafe { (self.softcap)(x.as_mut_ptr(), x.len(), cap) }
     }
 
     /// In-place [`Kernels::exp`].

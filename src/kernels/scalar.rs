@@ -43,6 +43,10 @@ impl Vector for F32x1 {
         F32x1(self.0 * b.0)
     }
     #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        F32x1(self.0 / b.0)
+    }
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         F32x1(self.0.mul_add(b.0, c.0))
     }

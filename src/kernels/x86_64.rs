@@ -75,6 +75,10 @@ impl Vector for F32x16 {
         F32x16(_mm512_mul_ps(self.0, b.0))
     }
     #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        F32x16(_mm512_div_ps(self.0, b.0))
+    }
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         F32x16(_mm512_fmadd_ps(self.0, b.0, c.0))
     }
@@ -177,6 +181,10 @@ impl Vector for F32x8 {
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         F32x8(_mm256_mul_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        F32x8(_mm256_div_ps(self.0, b.0))
     }
     #[inline(always)]
     unsafe fn mul_add(self, b: Self, c: Self) -> Self {
