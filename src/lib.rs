@@ -87,6 +87,7 @@
 //! - [`loss`]: the fused cross-entropy and its gradients.
 //! - [`engine`]: the tiled loop every operation runs through ([`engine::LogitSource`],
 //!   [`engine::Consumer`]).
+//! - [`rank`]: Plackett–Luce probabilities of rankings, their gradients, and sampling.
 //! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing.
 
 pub mod engine;
@@ -97,6 +98,7 @@ pub mod layer;
 mod linalg;
 pub mod loss;
 pub mod matrix;
+pub mod rank;
 pub mod rows;
 #[doc(hidden)]
 pub mod tile_gemm;
