@@ -141,3 +141,166 @@ pub fn sample_gumbel_top_k(scores: &[f32], k: usize, seed: u64) -> Result<Vec<us
     keyed.sort_unstable_by(cmp);
     Ok(keyed.into_iter().map(|(_, j)| j).collect())
 }
+
+/// Options of [`fit`].
+#[derive(Clone, Copy, Debug)]
+pub struct FitOptions {
+    /// L2 penalty `α/2·‖θ‖²` on the log-strengths; 0 is pure maximum likelihood.
+    pub l2: f64,
+    /// Stop when no log-strength moves by more than this in an iteration.
+    pub tolerance: f64,
+    pub max_iterations: usize,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions { l2: 0.0, tolerance: 1e-10, max_iterations: 100_000 }
+    }
+}
+
+/// The fitted log-strengths and how the fit went.
+#[derive(Clone, Debug)]
+pub struct Fit {
+    /// `θ_j`, one per item; under pure maximum likelihood they are centred (mean 0), since
+    /// strengths are identified only up to an additive constant.
+    pub log_strengths: Vec<f64>,
+    pub iterations: usize,
+    /// The penalized log-likelihood at the end.
+    pub objective: f64,
+}
+
+/// Fits Plackett–Luce log-strengths `θ` to observed rankings by minorize–maximize.
+///
+/// Each ranking orders the items it lists, best first; items it does not list did not take
+/// part. (Item ids are `0..m`, with `m` the largest id + 1.) Each iteration bounds
+/// `−log Σ_{l∈R} e^{θ_l}` below by its tangent, which splits the objective into one concave
+/// problem per item: `w_j − S_j·e^{θ_j} − α·θ_j = 0`, where `w_j` counts the times item `j`
+/// is chosen and `S_j = Σ_{sets R ∋ j} 1 / Σ_{l∈R} e^{θ_l}`. With `α = 0` this is Hunter's
+/// (2004) MM update `e^{θ_j} = w_j / S_j`. Every step increases the objective.
+///
+/// Pure maximum likelihood needs every item to win at least once and the comparisons to be
+/// connected; otherwise this is an error suggesting an L2 prior (`α > 0`), under which the
+/// fit always exists and is unique.
+pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
+    if rankings.is_empty() {
+        return Err(Error::InvalidArgument("there are no rankings to fit".into()));
+    }
+    if !(opts.l2.is_finite() && opts.l2 >= 0.0) {
+        return Err(Error::InvalidArgument(format!("the L2 penalty must be finite and >= 0, got {}", opts.l2)));
+    }
+    let m = rankings.iter().flatten().max().map_or(0, |&x| x + 1);
+    for (i, r) in rankings.iter().enumerate() {
+        check_ranking(m, r).map_err(|e| Error::InvalidArgument(format!("ranking {i}: {e}")))?;
+    }
+    // Wins per item (the last item of a ranking is not a choice).
+    let mut wins = vec![0f64; m];
+    let mut appears = vec![false; m];
+    for r in rankings {
+        r.iter().for_each(|&j| appears[j] = true);
+        r[..r.len() - 1].iter().for_each(|&j| wins[j] += 1.0);
+    }
+    let alpha = opts.l2;
+    if alpha == 0.0 {
+        if let Some(j) = (0..m).find(|&j| !appears[j]) {
+            return Err(Error::InvalidArgument(format!(
+                "item {j} appears in no ranking, so its strength is not identified; add an L2 prior (--l2)"
+            )));
+        }
+        if let Some(j) = (0..m).find(|&j| wins[j] == 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "item {j} is never ranked above another item, so maximum likelihood does not exist; add an L2 prior (--l2)"
+            )));
+        }
+    }
+    let objective = |theta: &[f64]| -> f64 {
+        let mut ll = 0.0;
+        for r in rankings {
+            // Backward logaddexp over the suffixes, as in `log_prob`.
+            let mut acc = f64::NEG_INFINITY;
+            for &j in r.iter().rev() {
+                acc = logaddexp(acc, theta[j]);
+                ll += theta[j] - acc;
+            }
+        }
+        ll - 0.5 * alpha * theta.iter().map(|t| t * t).sum::<f64>()
+    };
+    let mut theta = vec![0f64; m];
+    let mut s = vec![0f64; m];
+    for it in 1..=opts.max_iterations {
+        s.iter_mut().for_each(|x| *x = 0.0);
+        for r in rankings {
+            // 1 / Σ_{l∈R_i} e^{θ_l} for the choice sets R_i (suffixes), each added to its members.
+            let mut acc = f64::NEG_INFINITY;
+            let mut inv = Vec::with_capacity(r.len());
+            for &j in r.iter().rev() {
+                acc = logaddexp(acc, theta[j]);
+                inv.push((-acc).exp());
+            }
+            inv.reverse(); // inv[i] for suffix R_i
+            let mut cum = 0.0;
+            for (i, &j) in r.iter().enumerate() {
+                if i + 1 < r.len() {
+                    cum += inv[i];
+                }
+                s[j] += cum;
+            }
+        }
+        let mut moved = 0f64;
+        for j in 0..m {
+            let new = solve_item(wins[j], s[j], alpha, theta[j]);
+            moved = moved.max((new - theta[j]).abs());
+            theta[j] = new;
+        }
+        if !theta.iter().all(|t| t.is_finite()) {
+            return Err(Error::InvalidArgument(
+                "the fit diverged; the comparisons may be disconnected: add an L2 prior (--l2)".into(),
+            ));
+        }
+        if moved <= opts.tolerance {
+            if alpha == 0.0 {
+                let mean = theta.iter().sum::<f64>() / m as f64;
+                theta.iter_mut().for_each(|t| *t -= mean);
+            }
+            let objective = objective(&theta);
+            return Ok(Fit { log_strengths: theta, iterations: it, objective });
+        }
+    }
+    Err(Error::InvalidArgument(format!(
+        "the fit did not converge in {} iterations; the comparisons may be disconnected: add an L2 prior (--l2)",
+        opts.max_iterations
+    )))
+}
+
+/// Solves `w − S·e^θ − α·θ = 0` for θ (the MM step of one item), by safeguarded Newton.
+fn solve_item(w: f64, s: f64, alpha: f64, start: f64) -> f64 {
+    if alpha == 0.0 {
+        return (w / s).ln();
+    }
+    if s == 0.0 {
+        return w / alpha;
+    }
+    // f is strictly decreasing; bracket the root, then Newton with bisection fallback.
+    let f = |t: f64| w - s * t.exp() - alpha * t;
+    let (mut lo, mut hi) = (start.min(-1.0), start.max(1.0));
+    while f(lo) < 0.0 {
+        lo = 2.0 * lo - 1.0;
+    }
+    while f(hi) > 0.0 {
+        hi = 2.0 * hi + 1.0;
+    }
+    let mut t = start.clamp(lo, hi);
+    for _ in 0..100 {
+        let ft = f(t);
+        if ft > 0.0 {
+            lo = t;
+        } else {
+            hi = t;
+        }
+        let next = t + ft / (s * t.exp() + alpha);
+        t = if next > lo && next < hi { next } else { 0.5 * (lo + hi) };
+        if (hi - lo).abs() < 1e-15 * (1.0 + t.abs()) || ft == 0.0 {
+            break;
+        }
+    }
+    t
+}

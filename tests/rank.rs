@@ -117,3 +117,76 @@ fn gumbel_top_k_samples_follow_plackett_luce() {
     }
     assert!(chi2 < 31.3, "chi-square {chi2}");
 }
+
+use softmax_layer::rank::{FitOptions, fit};
+
+/// Σ over rankings of ∂ log P / ∂θ, each ranking over the items it lists.
+fn likelihood_gradient(theta: &[f64], rankings: &[Vec<usize>]) -> Vec<f64> {
+    let mut g = vec![0f64; theta.len()];
+    for r in rankings {
+        let scores: Vec<f32> = r.iter().map(|&j| theta[j] as f32).collect();
+        let local: Vec<usize> = (0..r.len()).collect();
+        let (_, gl) = log_prob_with_grad(&scores, &local).unwrap();
+        for (q, &j) in r.iter().enumerate() {
+            g[j] += gl[q];
+        }
+    }
+    g
+}
+
+fn synthetic(true_theta: &[f32], count: u64) -> Vec<Vec<usize>> {
+    let m = true_theta.len();
+    (0..count)
+        .map(|seed| {
+            // A random subset of 3..=m participants, ranked by Plackett–Luce.
+            let size = 3 + (seed as usize * 7919) % (m - 2);
+            let start = (seed as usize * 104_729) % m;
+            let items: Vec<usize> = (0..size).map(|q| (start + q) % m).collect();
+            let scores: Vec<f32> = items.iter().map(|&j| true_theta[j]).collect();
+            sample_gumbel_top_k(&scores, size, seed).unwrap().into_iter().map(|q| items[q]).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn maximum_likelihood_recovers_strengths_and_is_stationary() {
+    let truth = [1.0f32, 0.5, 0.0, -0.5, -1.0, 0.25];
+    let rankings = synthetic(&truth, 4000);
+    let f = fit(&rankings, &FitOptions::default()).unwrap();
+    let mean = truth.iter().sum::<f32>() / truth.len() as f32;
+    for (j, (&t, &e)) in truth.iter().zip(&f.log_strengths).enumerate() {
+        assert!((e - (t - mean) as f64).abs() < 0.1, "item {j}: fitted {e}, true {}", t - mean);
+    }
+    assert!(f.log_strengths.iter().sum::<f64>().abs() < 1e-9, "centred");
+    // At the optimum the gradient of the log-likelihood vanishes (f32 scores: 1e-3).
+    let g = likelihood_gradient(&f.log_strengths, &rankings);
+    assert!(g.iter().all(|x| x.abs() < 1e-3 * rankings.len() as f64 / 100.0), "{g:?}");
+}
+
+#[test]
+fn l2_prior_makes_disconnected_data_converge() {
+    // Items {0, 1} and {2, 3} are never compared with each other; item 3 never wins.
+    let rankings = vec![vec![0, 1], vec![1, 0], vec![0, 1], vec![2, 3], vec![2, 3]];
+    assert!(fit(&rankings, &FitOptions::default()).unwrap_err().to_string().contains("item 3 is never ranked above"));
+    let alpha = 0.5;
+    let f = fit(&rankings, &FitOptions { l2: alpha, ..Default::default() }).unwrap();
+    // Stationary for the penalized objective: ∇ log-likelihood − α θ = 0.
+    let g = likelihood_gradient(&f.log_strengths, &rankings);
+    for (j, (gj, t)) in g.iter().zip(&f.log_strengths).enumerate() {
+        assert!((gj - alpha * t).abs() < 1e-5, "item {j}: {gj} vs {}", alpha * t);
+    }
+    assert!(f.log_strengths[0] > f.log_strengths[1] && f.log_strengths[2] > f.log_strengths[3]);
+}
+
+#[test]
+fn fit_errors() {
+    assert!(fit(&[], &FitOptions::default()).unwrap_err().to_string().contains("no rankings"));
+    assert!(fit(&[vec![0, 1, 0]], &FitOptions::default()).unwrap_err().to_string().contains("repeats"));
+    assert!(
+        fit(&[vec![0, 2], vec![2, 0]], &FitOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("item 1 appears in no ranking")
+    );
+    assert!(fit(&[vec![0, 1]], &FitOptions { l2: -1.0, ..Default::default() }).is_err());
+}
