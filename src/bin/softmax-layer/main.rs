@@ -3,6 +3,7 @@
 //! Every failure prints one line on stderr and exits with status 2.
 
 mod layer;
+mod rank;
 mod rows;
 mod selfcheck;
 
@@ -44,6 +45,12 @@ enum Command {
     /// The k most probable classes of each row: a .safetensors with `values` (log-probs,
     /// f32 [n, k], descending) and `indices` (int64 [n, k]; ties to the lower id).
     TopK(TopKArgs),
+    /// The Plackett–Luce log-probability of a (full or top-k) ranking under softmax scores:
+    /// writes {"logprob": x}.
+    RankProb(rank::RankProbArgs),
+    /// Fits Plackett–Luce log-strengths to rankings (one per line, best first) by maximum
+    /// likelihood, or with an L2 prior; writes f32 .npy [m].
+    FitPl(rank::FitPlArgs),
     /// Checks the row kernels against float64 on built-in data and prints their
     /// throughput next to a plain copy and a plain read of the same bytes.
     Selfcheck(selfcheck::SelfcheckArgs),
@@ -175,6 +182,8 @@ fn main() -> ExitCode {
         Command::Loss(a) => layer::loss(&a),
         Command::TopK(a) => layer::run(layer::LayerOp::TopK, &a.layer, None, Some(a.k)),
         Command::Selfcheck(a) => selfcheck::run(&a),
+        Command::RankProb(a) => rank::rank_prob(&a),
+        Command::FitPl(a) => rank::fit_pl(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

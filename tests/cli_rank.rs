@@ -1,0 +1,80 @@
+//! `rank-prob` and `fit-pl` on the command line, with their bad-input errors.
+
+use softmax_layer::io::{read_npy, write_npy_f32, write_npy_i64};
+use std::path::Path;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_softmax-layer")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn fails(args: &[&str], needles: &[&str]) {
+    let (code, err) = run(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} should contain {n:?}");
+    }
+}
+
+#[test]
+fn rank_prob_writes_the_log_probability() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    write_npy_f32(Path::new(&p("s.npy")), &[3], &[0.0, 1.0, 2.0]).unwrap();
+    write_npy_i64(Path::new(&p("r.npy")), &[2], &[2, 0]).unwrap();
+    let (code, err) = run(&["rank-prob", "--scores", &p("s.npy"), "--ranking", &p("r.npy"), "-o", &p("o.json")]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(p("o.json")).unwrap();
+    let x: f64 = text.trim().trim_start_matches("{\"logprob\": ").trim_end_matches('}').parse().unwrap();
+    let z = 1f64.exp() + 2f64.exp() + 1.0;
+    let want = (2.0 - z.ln()) + (0.0 - (1.0 + 1f64.exp()).ln());
+    assert!((x - want).abs() < 1e-12, "{x} vs {want}");
+    write_npy_i64(Path::new(&p("dup.npy")), &[2], &[1, 1]).unwrap();
+    fails(
+        &["rank-prob", "--scores", &p("s.npy"), "--ranking", &p("dup.npy"), "-o", &p("o2.json")],
+        &["dup.npy", "repeats"],
+    );
+    write_npy_i64(Path::new(&p("unk.npy")), &[1], &[7]).unwrap();
+    fails(
+        &["rank-prob", "--scores", &p("s.npy"), "--ranking", &p("unk.npy"), "-o", &p("o2.json")],
+        &["ranking[0] = 7 is not an item"],
+    );
+    write_npy_i64(Path::new(&p("neg.npy")), &[1], &[-1]).unwrap();
+    fails(
+        &["rank-prob", "--scores", &p("s.npy"), "--ranking", &p("neg.npy"), "-o", &p("o2.json")],
+        &["ranking[0] = -1"],
+    );
+}
+
+#[test]
+fn fit_pl_fits_and_reports_bad_files() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // Item 0 beats 1 beats 2 most of the time.
+    let mut text = String::new();
+    for _ in 0..6 {
+        text.push_str("0 1 2\n");
+    }
+    text.push_str("1 0 2\n2 1 0\n\n1 2\n");
+    std::fs::write(p("r.txt"), &text).unwrap();
+    let (code, err) = run(&["fit-pl", "--rankings", &p("r.txt"), "-o", &p("t.npy")]);
+    assert_eq!(code, 0, "{err}");
+    let t = read_npy(Path::new(&p("t.npy"))).unwrap();
+    assert_eq!(t.shape, vec![3]);
+    let t = t.to_f32().unwrap();
+    assert!(t[0] > t[1] && t[1] > t[2], "{t:?}");
+    assert!(t.iter().sum::<f32>().abs() < 1e-5, "centred: {t:?}");
+    std::fs::write(p("bad.txt"), "0 1\n0 x 2\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("bad.txt"), "-o", &p("t2.npy")], &["bad.txt:2", "'x' is not an item id"]);
+    std::fs::write(p("dup.txt"), "0 1\n2 0 2\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("dup.txt"), "-o", &p("t2.npy")], &["dup.txt:2", "item 2 appears twice"]);
+    std::fs::write(p("empty.txt"), "\n\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("empty.txt"), "-o", &p("t2.npy")], &["empty.txt", "no rankings"]);
+    std::fs::write(p("disc.txt"), "0 1\n2 3\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("disc.txt"), "-o", &p("t2.npy")], &["never ranked above", "--l2"]);
+    let (code, err) = run(&["fit-pl", "--rankings", &p("disc.txt"), "--l2", "0.1", "-o", &p("t3.npy")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!Path::new(&p("t2.npy")).exists());
+}
