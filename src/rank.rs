@@ -304,3 +304,57 @@ fn solve_item(w: f64, s: f64, alpha: f64, start: f64) -> f64 {
     }
     t
 }
+
+/// ListMLE through the layer: scores `s_i = W·h_i + b` for each query row `i` of `hidden`,
+/// and the loss `L = −Σ_i log P(rankings[i] | s_i)` (each ranking a full or top-k ranking
+/// of the `V` classes), with its gradients with respect to `hidden` (`[n, d]`), the weight
+/// (in the layer's layout) and the bias (when the layer has one).
+///
+/// Materializes the `[n, V]` scores: meant for ranking a few queries at a time.
+pub fn list_mle(
+    layer: &crate::SoftmaxLayer<'_>,
+    hidden: crate::MatRef<'_>,
+    rankings: &[Vec<usize>],
+) -> Result<(f64, crate::loss::Gradients)> {
+    use crate::WeightLayout;
+    let (n, d, v) = (hidden.rows(), layer.hidden_dim(), layer.vocab());
+    if rankings.len() != n {
+        return Err(Error::Shape(format!("{} rankings for {n} rows of hidden; expected one per row", rankings.len())));
+    }
+    let mut scores = vec![0f32; n * v];
+    layer.logits(hidden, crate::MatMut::new(&mut scores, n, v)?)?;
+    let k = crate::Kernels::best();
+    let w = layer.weight();
+    let mut loss = 0f64;
+    let mut gh = vec![0f32; n * d];
+    let mut gw = vec![0f32; v * d];
+    let mut gb = layer.bias().map(|_| vec![0f32; v]);
+    for (i, r) in rankings.iter().enumerate() {
+        let row = &scores[i * v..(i + 1) * v];
+        let (lp, g) = log_prob_with_grad(row, r).map_err(|e| Error::InvalidArgument(format!("ranking {i}: {e}")))?;
+        loss -= lp;
+        let h = hidden.row(i);
+        for (j, &gj) in g.iter().enumerate() {
+            let dz = -gj as f32; // ∂L/∂s_ij
+            if dz == 0.0 {
+                continue;
+            }
+            match layer.layout() {
+                WeightLayout::VocabMajor => {
+                    k.axpy(&mut gh[i * d..(i + 1) * d], dz, &w[j * d..(j + 1) * d]);
+                    k.axpy(&mut gw[j * d..(j + 1) * d], dz, h);
+                }
+                WeightLayout::HiddenMajor => {
+                    for p in 0..d {
+                        gh[i * d + p] += dz * w[p * v + j];
+                        gw[p * v + j] += dz * h[p];
+                    }
+                }
+            }
+            if let Some(gb) = gb.as_mut() {
+                gb[j] += dz;
+            }
+        }
+    }
+    Ok((loss, crate::loss::Gradients { hidden: gh, weight: gw, bias: gb }))
+}

@@ -190,3 +190,51 @@ fn fit_errors() {
     );
     assert!(fit(&[vec![0, 1]], &FitOptions { l2: -1.0, ..Default::default() }).is_err());
 }
+
+#[test]
+fn list_mle_gradients_match_finite_differences() {
+    use softmax_layer::rank::list_mle;
+    use softmax_layer::{MatRef, SoftmaxLayer, WeightLayout};
+    let (n, d, v) = (2, 3, 6);
+    let h: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0).collect();
+    let w: Vec<f32> = (0..v * d).map(|i| ((i * 53 % 13) as f32 - 6.0) / 6.0).collect();
+    let b: Vec<f32> = (0..v).map(|i| (i as f32 - 2.5) / 4.0).collect();
+    let rankings = vec![vec![3, 0, 5], vec![1, 2, 0, 4, 5, 3]];
+    let loss = |h: &[f32], w: &[f32], b: &[f32]| {
+        let layer = SoftmaxLayer::new(w, WeightLayout::VocabMajor, v, d, Some(b)).unwrap();
+        list_mle(&layer, MatRef::new(h, n, d).unwrap(), &rankings).unwrap().0
+    };
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let (l0, g) = list_mle(&layer, MatRef::new(&h, n, d).unwrap(), &rankings).unwrap();
+    // The loss is the sum of the rankings' negative log-probabilities.
+    let mut logits = vec![0f32; n * v];
+    layer.logits(MatRef::new(&h, n, d).unwrap(), softmax_layer::MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+    let want = -(log_prob(&logits[..v], &rankings[0]).unwrap() + log_prob(&logits[v..], &rankings[1]).unwrap());
+    assert!((l0 - want).abs() < 1e-9);
+    let e = 1e-2f32;
+    let fd = |f: &dyn Fn(f32) -> f64| (f(e) - f(-e)) / (2.0 * e as f64);
+    for i in 0..h.len() {
+        let num = fd(&|t| {
+            let mut x = h.clone();
+            x[i] += t;
+            loss(&x, &w, &b)
+        });
+        assert!((num - g.hidden[i] as f64).abs() < 2e-3, "dH[{i}]: {num} vs {}", g.hidden[i]);
+    }
+    for i in 0..w.len() {
+        let num = fd(&|t| {
+            let mut x = w.clone();
+            x[i] += t;
+            loss(&h, &x, &b)
+        });
+        assert!((num - g.weight[i] as f64).abs() < 2e-3, "dW[{i}]: {num} vs {}", g.weight[i]);
+    }
+    for i in 0..v {
+        let num = fd(&|t| {
+            let mut x = b.clone();
+            x[i] += t;
+            loss(&h, &w, &x)
+        });
+        assert!((num - g.bias.as_ref().unwrap()[i] as f64).abs() < 2e-3, "db[{i}]");
+    }
+}
