@@ -319,6 +319,164 @@ impl<'a> SoftmaxLayer<'a> {
     }
 }
 
+/// What [`SoftmaxLayer::target_stats`] reports for one row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetStat {
+    /// `log softmax(z / T)[target]`.
+    pub log_prob: f32,
+    /// 1 + the number of classes whose logit is strictly greater than the target's: 1 for
+    /// the argmax, and ties count in the target's favour.
+    pub rank: usize,
+    /// The `top` most probable classes with their log-probabilities, descending, ties to
+    /// the lower id (empty when `top` is 0).
+    pub top: Vec<(usize, f32)>,
+}
+
+impl SoftmaxLayer<'_> {
+    /// For each row: the target's log-probability, its rank among all classes, and
+    /// optionally the `top` most probable classes, in one fused pass that never holds the
+    /// `n × V` logits.
+    ///
+    /// The rank is exact with respect to the logits the pass computes: the target's logit is
+    /// estimated first by a dot product, classes far from the estimate (beyond the bound on
+    /// `f32` rounding) are counted on the fly, and the few within it are compared with the
+    /// target's own logit at the end.
+    pub fn target_stats(
+        &self,
+        hidden: MatRef<'_>,
+        targets: &[i64],
+        top: usize,
+        opts: &LayerOptions,
+    ) -> Result<Vec<TargetStat>> {
+        self.check(hidden, opts)?;
+        let (n, d) = (hidden.rows(), self.hidden);
+        check_len(targets.len(), n, "targets")?;
+        check_targets(targets, self.vocab)?;
+        if top > self.vocab {
+            return Err(Error::InvalidArgument(format!("top = {top} must be at most V = {}", self.vocab)));
+        }
+        // Estimates of the target logits and a bound on how far the tile product can be.
+        let est: Vec<(f32, f32)> = (0..n)
+            .map(|i| {
+                let (h, y) = (hidden.row(i), targets[i] as usize);
+                let (mut dot, mut mag) = (0f64, 0f64);
+                for (p, &hp) in h.iter().enumerate() {
+                    let w = match self.layout {
+                        WeightLayout::VocabMajor => self.weight[y * d + p],
+                        WeightLayout::HiddenMajor => self.weight[p * self.vocab + y],
+                    };
+                    dot += hp as f64 * w as f64;
+                    mag += (hp as f64 * w as f64).abs();
+                }
+                let b = self.bias.as_ref().map_or(0.0, |b| b[y] as f64);
+                let z = dot + b;
+                let delta = 4.0 * (d as f64 + 2.0) * f64::from(f32::EPSILON) * (mag + b.abs()) + 1e-30;
+                (z as f32, delta as f32)
+            })
+            .collect();
+        let c = Scorer { targets, est: &est, top, t: opts.temperature, kern: self.kernels };
+        let t = opts.temperature as f64;
+        let mut out = Vec::with_capacity(n);
+        for (rows, states) in self.run(hidden, &c) {
+            for (i, mut st) in rows.zip(states) {
+                if !st.stats.sum.is_finite() {
+                    return Err(Error::LogitsOverflow { row: i });
+                }
+                let y = targets[i] as u32;
+                let near_above = st.window.iter().filter(|&&(z, j)| j != y && z > st.zy).count();
+                let ln_s = st.stats.sum.ln();
+                let lp = |z: f32| ((z as f64 - st.stats.max as f64) / t - ln_s) as f32;
+                let topv = if top > 0 {
+                    st.cand.finish(top);
+                    st.cand.items.iter().map(|&(z, j)| (j as usize, lp(z))).collect()
+                } else {
+                    Vec::new()
+                };
+                out.push(TargetStat { log_prob: lp(st.zy), rank: 1 + st.above + near_above, top: topv });
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct ScoreState {
+    stats: MaxSum,
+    zy: f32,
+    above: usize,
+    window: Vec<(f32, u32)>,
+    cand: Candidates,
+}
+
+struct Scorer<'a> {
+    targets: &'a [i64],
+    est: &'a [(f32, f32)],
+    top: usize,
+    t: f32,
+    kern: &'static Kernels,
+}
+
+impl Consumer for Scorer<'_> {
+    type State = Vec<ScoreState>;
+    fn init(&self, rows: Range<usize>) -> Self::State {
+        (0..rows.len())
+            .map(|_| ScoreState {
+                stats: MaxSum::EMPTY,
+                zy: 0.0,
+                above: 0,
+                window: Vec::new(),
+                cand: Candidates::new(),
+            })
+            .collect()
+    }
+    fn visit(&self, st: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>) {
+        for ((s, row), i) in st.iter_mut().zip(tile.chunks_exact(cols.len())).zip(rows) {
+            let ms = self.kern.max_sum(row, None, self.t);
+            s.stats = s.stats.merge(ms, self.t);
+            let y = self.targets[i] as usize;
+            if cols.contains(&y) {
+                s.zy = row[y - cols.start];
+            }
+            let (e, delta) = self.est[i];
+            let (lo, hi) = (e - delta, e + delta);
+            if ms.max >= lo {
+                for (j, &z) in row.iter().enumerate() {
+                    if z > hi {
+                        s.above += 1;
+                    } else if z >= lo {
+                        s.window.push((z, (cols.start + j) as u32));
+                    }
+                }
+            }
+            if self.top > 0 && !(s.cand.items.len() >= self.top && ms.max <= s.cand.threshold) {
+                for (j, &z) in row.iter().enumerate() {
+                    if z > s.cand.threshold || s.cand.items.len() < self.top {
+                        s.cand.items.push((z, (cols.start + j) as u32));
+                        if s.cand.items.len() >= 2 * self.top.max(16) {
+                            s.cand.prune(self.top);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
+        a.into_iter()
+            .zip(b)
+            .map(|(mut x, y)| {
+                x.stats = x.stats.merge(y.stats, self.t);
+                x.zy += y.zy; // the target lies in exactly one class range
+                x.above += y.above;
+                x.window.extend(y.window);
+                if self.top > 0 {
+                    x.cand.items.extend(y.cand.items);
+                    x.cand.prune(self.top);
+                }
+                x
+            })
+            .collect()
+    }
+}
+
 fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
     if got == want { Ok(()) } else { Err(Error::Shape(format!("{what} has length {got}, expected n = {want}"))) }
 }

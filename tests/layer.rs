@@ -219,3 +219,48 @@ fn bad_inputs_are_errors() {
     let err = layer.logsumexp(hv, &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
 }
+
+#[test]
+fn target_stats_rank_and_top_agree_with_the_logits() {
+    let mut rng = Rng(77);
+    for &(n, d, v, top) in &[(1usize, 8usize, 300usize, 3usize), (37, 24, 5000, 5), (300, 16, 1200, 0)] {
+        let c = case(&mut rng, n, d, v, true);
+        for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+            for tiling in [Tiling::default(), SMALL] {
+                let layer = c.layer(layout, tiling);
+                let hv = MatRef::new(&c.h, n, d).unwrap();
+                let y: Vec<i64> = (0..n).map(|i| ((i * 131 + 7) % v) as i64).collect();
+                let opts = LayerOptions { temperature: 0.9 };
+                let stats = layer.target_stats(hv, &y, top, &opts).unwrap();
+                let mut logits = vec![0f32; n * v];
+                layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+                let tk = (top > 0).then(|| layer.top_k(hv, top, &opts).unwrap());
+                for i in 0..n {
+                    let row = &logits[i * v..(i + 1) * v];
+                    let zy = row[y[i] as usize];
+                    let rank = 1 + row.iter().filter(|&&z| z > zy).count();
+                    assert_eq!(stats[i].rank, rank, "row {i} {layout:?}");
+                    let (lp, _) = reference(row, None, 0.9);
+                    assert_log_close(stats[i].log_prob, lp[y[i] as usize], 2e-6, "target log-prob");
+                    if let Some(tk) = &tk {
+                        let want: Vec<(usize, f32)> =
+                            (0..top).map(|q| (tk.indices[i * top + q], tk.log_probs[i * top + q])).collect();
+                        assert_eq!(stats[i].top, want);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn target_stats_ties_count_in_the_targets_favour() {
+    // Classes 1, 3 and 4 share the largest logit.
+    let w = [0.0f32, 2.0, 1.0, 2.0, 2.0, -1.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 6, 1, None::<&[f32]>).unwrap();
+    let h = [1.0f32, 1.0, 1.0, 1.0];
+    let hv = MatRef::new(&h, 4, 1).unwrap();
+    let st = layer.target_stats(hv, &[3, 4, 2, 5], 2, &LayerOptions::default()).unwrap();
+    assert_eq!(st.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![1, 1, 4, 6]);
+    assert_eq!(st[0].top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+}
