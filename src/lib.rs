@@ -87,6 +87,7 @@
 //! - [`loss`]: the fused cross-entropy and its gradients.
 //! - [`engine`]: the tiled loop every operation runs through ([`engine::LogitSource`],
 //!   [`engine::Consumer`]).
+//! - [`score`]: sequence scoring with explicit alignment, and candidate ranking.
 //! - [`rank`]: Plackett–Luce probabilities of rankings, their gradients, and sampling.
 //! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing.
 
@@ -100,6 +101,7 @@ pub mod loss;
 pub mod matrix;
 pub mod rank;
 pub mod rows;
+pub mod score;
 #[doc(hidden)]
 pub mod tile_gemm;
 
