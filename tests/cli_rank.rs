@@ -78,3 +78,107 @@ fn fit_pl_fits_and_reports_bad_files() {
     assert_eq!(code, 0, "{err}");
     assert!(!Path::new(&p("t2.npy")).exists());
 }
+
+#[test]
+fn score_command_writes_one_json_line_per_sequence() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // V = d = 3, W = I; row t puts 8 on class pred[t].
+    let pred = [1usize, 2, 0, 2];
+    let h: Vec<f32> = pred.iter().flat_map(|&c| (0..3).map(move |j| if j == c { 8.0 } else { 0.0 })).collect();
+    let w: Vec<f32> = (0..9).map(|i| if i % 4 == 0 { 1.0 } else { 0.0 }).collect();
+    write_npy_f32(Path::new(&p("h.npy")), &[4, 3], &h).unwrap();
+    write_npy_f32(Path::new(&p("w.npy")), &[3, 3], &w).unwrap();
+    write_npy_i64(Path::new(&p("y.npy")), &[4], &[0, 1, 2, 1]).unwrap();
+    write_npy_i64(Path::new(&p("l.npy")), &[2], &[3, 1]).unwrap();
+    write_npy_i64(Path::new(&p("b.npy")), &[2], &[7, 0]).unwrap();
+    let (code, err) = run(&[
+        "score",
+        "--hidden",
+        &p("h.npy"),
+        "--weight",
+        &p("w.npy"),
+        "--targets",
+        &p("y.npy"),
+        "--lengths",
+        &p("l.npy"),
+        "--shifted",
+        "--top-logprobs",
+        "1",
+        "--bytes",
+        &p("b.npy"),
+        "-o",
+        &p("s.jsonl"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(p("s.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    // Sequence 0: rows 0→y1 = 1 (hit), 1→y2 = 2 (hit); sequence 1 has one row: nothing scored.
+    assert!(lines[0].contains("\"num_scored\": 2") && lines[0].contains("\"is_greedy\": true"), "{}", lines[0]);
+    assert!(lines[0].contains("\"target\": 1") && lines[0].contains("\"rank\": 1"), "{}", lines[0]);
+    assert!(lines[0].contains("\"top_logprobs\": [{\"token\": 1, "), "{}", lines[0]);
+    assert!(lines[1].contains("\"num_scored\": 0") && lines[1].contains("\"mean_logprob\": null"), "{}", lines[1]);
+    assert!(lines[1].contains("\"perplexity\": null") && lines[1].contains("\"bits_per_byte\": null"), "{}", lines[1]);
+    let want_bpb = -2.0 * (8.0 - (8f64.exp() + 2.0).ln()) / 7.0 / std::f64::consts::LN_2;
+    let got: f64 = lines[0].split("\"bits_per_byte\": ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!((got - want_bpb).abs() < 1e-6, "{got} vs {want_bpb}");
+    // Bad input: lengths that do not sum to n, a mask of the wrong length, a negative count.
+    write_npy_i64(Path::new(&p("l5.npy")), &[2], &[3, 2]).unwrap();
+    fails(
+        &[
+            "score",
+            "--hidden",
+            &p("h.npy"),
+            "--weight",
+            &p("w.npy"),
+            "--targets",
+            &p("y.npy"),
+            "--lengths",
+            &p("l5.npy"),
+            "-o",
+            &p("x.jsonl"),
+        ],
+        &["lengths sum to 5"],
+    );
+    write_npy_i64(Path::new(&p("m.npy")), &[3], &[1, 1, 1]).unwrap();
+    fails(
+        &[
+            "score",
+            "--hidden",
+            &p("h.npy"),
+            "--weight",
+            &p("w.npy"),
+            "--targets",
+            &p("y.npy"),
+            "--mask",
+            &p("m.npy"),
+            "-o",
+            &p("x.jsonl"),
+        ],
+        &["mask has length 3"],
+    );
+    write_npy_i64(Path::new(&p("neg.npy")), &[2], &[-1, 5]).unwrap();
+    fails(
+        &[
+            "score",
+            "--hidden",
+            &p("h.npy"),
+            "--weight",
+            &p("w.npy"),
+            "--targets",
+            &p("y.npy"),
+            "--lengths",
+            &p("neg.npy"),
+            "-o",
+            &p("x.jsonl"),
+        ],
+        &["neg.npy", "lengths[0] = -1 is negative"],
+    );
+    write_npy_i64(Path::new(&p("ybad.npy")), &[4], &[0, 1, 7, 1]).unwrap();
+    fails(
+        &["score", "--hidden", &p("h.npy"), "--weight", &p("w.npy"), "--targets", &p("ybad.npy"), "-o", &p("x.jsonl")],
+        &["ybad.npy", "targets[2] = 7 is out of range [0, 3)"],
+    );
+    assert!(!Path::new(&p("x.jsonl")).exists());
+}

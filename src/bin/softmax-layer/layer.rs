@@ -292,3 +292,124 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    /// Token ids Y [n], int32 or int64.
+    #[arg(long, value_name = "Y")]
+    pub targets: String,
+    /// Rows per sequence [k], summing to n (default: one sequence).
+    #[arg(long, value_name = "L")]
+    pub lengths: Option<String>,
+    /// 0/1 [n]: which target positions are scored (default: all).
+    #[arg(long, value_name = "M")]
+    pub mask: Option<String>,
+    /// Causal-LM alignment: row t scores Y[t+1] of the same sequence.
+    #[arg(long)]
+    pub shifted: bool,
+    /// Report the K most probable alternatives per token (plus the target).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// UTF-8 bytes per sequence [k], for bits_per_byte.
+    #[arg(long, value_name = "BYTES")]
+    pub bytes: Option<String>,
+    /// Characters per sequence [k], for logprob_per_char.
+    #[arg(long, value_name = "CHARS")]
+    pub chars: Option<String>,
+}
+
+/// A non-negative integer vector from a tensor file.
+fn counts(spec: &str, what: &str) -> Result<Vec<usize>, Failure> {
+    let t = load(spec)?;
+    if t.shape.len() != 1 {
+        return Err(Failure(format!("{}: {what} must be 1-D, got shape {}", t.source, shape_str(&t.shape))));
+    }
+    t.to_i64()?
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| usize::try_from(x).map_err(|_| Failure(format!("{}: {what}[{i}] = {x} is negative", t.source))))
+        .collect()
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() { format!("{x}") } else { "null".into() }
+}
+
+pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
+    use softmax_layer::score::{Alignment, ScoreOptions, score_sequences};
+    let inp = inputs(&a.layer)?;
+    let (n, d, v) = (inp.n, inp.d, inp.v);
+    let yt = load(&a.targets)?;
+    if yt.shape != [n] {
+        return Err(Failure(format!(
+            "shape mismatch: targets {} is {}, expected [{n}]",
+            yt.source,
+            shape_str(&yt.shape)
+        )));
+    }
+    let y = yt.to_i64()?;
+    let lengths = a.lengths.as_deref().map(|s| counts(s, "lengths")).transpose()?;
+    let mask = a
+        .mask
+        .as_deref()
+        .map(|s| counts(s, "mask").map(|m| m.into_iter().map(|x| x != 0).collect::<Vec<bool>>()))
+        .transpose()?;
+    let bytes = a.bytes.as_deref().map(|s| counts(s, "bytes")).transpose()?;
+    let chars = a.chars.as_deref().map(|s| counts(s, "chars")).transpose()?;
+    let h = inp.hidden.to_f32()?;
+    let w = inp.weight.to_f32()?;
+    let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
+    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let opts = ScoreOptions {
+        lengths: lengths.as_deref(),
+        mask: mask.as_deref(),
+        alignment: if a.shifted { Alignment::Shifted } else { Alignment::Aligned },
+        top_logprobs: a.top_logprobs,
+        temperature: a.layer.temperature,
+        bytes: bytes.as_deref(),
+        chars: chars.as_deref(),
+    };
+    let scores =
+        score_sequences(&layer, MatRef::new(&h, n, d)?, &y, &opts).map_err(|e| named(e, &inp, Some(&yt.source)))?;
+    let mut out = String::new();
+    for s in &scores {
+        let tokens: Vec<String> = s
+            .tokens
+            .iter()
+            .map(|t| {
+                let top = if a.top_logprobs > 0 {
+                    let alts: Vec<String> = t
+                        .top_logprobs
+                        .iter()
+                        .map(|&(j, lp)| format!("{{\"token\": {j}, \"logprob\": {}}}", json_num(lp as f64)))
+                        .collect();
+                    format!(", \"top_logprobs\": [{}]", alts.join(", "))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{{\"target\": {}, \"logprob\": {}, \"rank\": {}{top}}}",
+                    t.target,
+                    json_num(t.logprob as f64),
+                    t.rank
+                )
+            })
+            .collect();
+        let opt = |x: Option<f64>| x.map_or("null".to_string(), json_num);
+        out.push_str(&format!(
+            "{{\"sum_logprob\": {}, \"num_scored\": {}, \"mean_logprob\": {}, \"perplexity\": {}, \"is_greedy\": {}, \"bits_per_byte\": {}, \"logprob_per_char\": {}, \"tokens\": [{}]}}\n",
+            json_num(s.sum_logprob),
+            s.num_scored,
+            opt(s.mean_logprob),
+            opt(s.perplexity),
+            s.is_greedy,
+            opt(s.bits_per_byte),
+            opt(s.logprob_per_char),
+            tokens.join(", ")
+        ));
+    }
+    softmax_layer::io::write_atomic(&a.layer.output, out.as_bytes())?;
+    Ok(())
+}

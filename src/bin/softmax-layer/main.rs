@@ -45,6 +45,9 @@ enum Command {
     /// The k most probable classes of each row: a .safetensors with `values` (log-probs,
     /// f32 [n, k], descending) and `indices` (int64 [n, k]; ties to the lower id).
     TopK(TopKArgs),
+    /// Scores target tokens (aligned, or --shifted for causal LMs) per sequence: one JSON
+    /// object per sequence with sum/mean log-probability, perplexity, greediness, and tokens.
+    Score(layer::ScoreArgs),
     /// The Plackett–Luce log-probability of a (full or top-k) ranking under softmax scores:
     /// writes {"logprob": x}.
     RankProb(rank::RankProbArgs),
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
         Command::TopK(a) => layer::run(layer::LayerOp::TopK, &a.layer, None, Some(a.k)),
         Command::Selfcheck(a) => selfcheck::run(&a),
         Command::RankProb(a) => rank::rank_prob(&a),
+        Command::Score(a) => layer::score(&a),
         Command::FitPl(a) => rank::fit_pl(&a),
     };
     match result {
