@@ -3,7 +3,8 @@
 //! throughput and the peak extra heap (beyond inputs and outputs).
 //!
 //! OP: gemm (the bare product H·Wᵀ into [n, V], 2 threads inside the gemm crate),
-//! logits, probs, logsumexp, target_log_probs, top_k, argmax, loss, loss_grad (fused
+//! logits, probs, logsumexp, target_log_probs, score (sequence scoring), top_k, argmax,
+//! loss, loss_grad (fused
 //! cross-entropy forward, and forward+backward), read (a plain read of W).
 #[path = "../benches/support/alloc.rs"]
 mod alloc;
@@ -63,6 +64,10 @@ fn main() {
             std::hint::black_box(
                 softmax_layer::loss::cross_entropy_with_grad_into(&layer, hv, &targets, &o, up, g).unwrap(),
             );
+        }
+        "score" => {
+            let o = softmax_layer::score::ScoreOptions::default();
+            std::hint::black_box(softmax_layer::score::score_sequences(&layer, hv, &targets, &o).unwrap());
         }
         "top_k" => {
             std::hint::black_box(layer.top_k(hv, k, &opts).unwrap());

@@ -370,7 +370,10 @@ impl SoftmaxLayer<'_> {
                 }
                 let b = self.bias.as_ref().map_or(0.0, |b| b[y] as f64);
                 let z = dot + b;
-                let delta = 4.0 * (d as f64 + 2.0) * f64::from(f32::EPSILON) * (mag + b.abs()) + 1e-30;
+                // |fl(Σ) − Σ| ≤ γ_m·Σ|terms|, γ_m = m·u/(1 − m·u), u = 2^-24, for any summation
+                // order, with m = d products and sums plus the bias; doubled for margin.
+                let mu = (d as f64 + 2.0) * 2f64.powi(-24);
+                let delta = 2.0 * mu / (1.0 - mu) * (mag + b.abs()) + 1e-30;
                 (z as f32, delta as f32)
             })
             .collect();
@@ -439,11 +442,19 @@ impl Consumer for Scorer<'_> {
             let (e, delta) = self.est[i];
             let (lo, hi) = (e - delta, e + delta);
             if ms.max >= lo {
-                for (j, &z) in row.iter().enumerate() {
-                    if z > hi {
-                        s.above += 1;
-                    } else if z >= lo {
-                        s.window.push((z, (cols.start + j) as u32));
+                let above = self.kern.count_greater(row, hi);
+                s.above += above;
+                // Values in [lo, hi] are few: find the 64-element pieces that hold any,
+                // and look at those one by one.
+                if self.kern.count_greater(row, lo.next_down()) > above {
+                    for (q, piece) in row.chunks(64).enumerate() {
+                        if self.kern.count_greater(piece, lo.next_down()) > self.kern.count_greater(piece, hi) {
+                            for (j, &z) in piece.iter().enumerate() {
+                                if z <= hi && z >= lo {
+                                    s.window.push((z, (cols.start + q * 64 + j) as u32));
+                                }
+                            }
+                        }
                     }
                 }
             }

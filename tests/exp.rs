@@ -176,3 +176,17 @@ fn softcap_is_within_a_few_ulps_of_the_cap() {
         }
     }
 }
+
+#[test]
+fn count_greater_matches_a_plain_count_over_every_tail() {
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for len in 0..=200 {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+            for t in [-100.0f32, -10.5, 0.0, 3.0, 50.0, f32::NEG_INFINITY] {
+                let want = x.iter().filter(|&&v| v > t).count();
+                assert_eq!(k.count_greater(&x, t), want, "{isa} len {len} t {t}");
+            }
+        }
+    }
+}

@@ -87,6 +87,8 @@ pub(crate) trait Vector: Copy {
     /// Hints that the cache line holding `ptr` will be read soon. Never faults.
     #[inline(always)]
     unsafe fn prefetch(_ptr: *const f32) {}
+    /// How many lanes hold a value strictly greater than the same lane of `t`.
+    unsafe fn count_gt(self, t: Self) -> usize;
     /// Maximum over the lanes, in a fixed order.
     unsafe fn reduce_max(self) -> f32;
     /// Sum over the lanes, in a fixed order.
@@ -936,6 +938,30 @@ pub(crate) unsafe fn softcap<V: Vector>(x: *mut f32, len: usize, cap: f32) {
     }
 }
 
+/// `#{i : x[i] > t}`.
+///
+/// # Safety
+/// The instruction set of `V` is available and `x` is valid for `len` reads.
+#[inline(always)]
+pub(crate) unsafe fn count_greater<V: Vector>(x: *const f32, len: usize, t: f32) -> usize {
+    // SAFETY: the caller upholds this function's contract.
+    unsafe {
+        let lanes = V::LANES;
+        let tv = V::splat(t);
+        let full = len / lanes;
+        let mut n = 0;
+        for j in 0..full {
+            n += V::load(x.add(j * lanes)).count_gt(tv);
+        }
+        let tail = len % lanes;
+        if tail > 0 {
+            // The fill (-inf) is never greater than t.
+            n += V::load_partial(x.add(full * lanes), tail, f32::NEG_INFINITY).count_gt(tv);
+        }
+        n
+    }
+}
+
 /// `Σ a[i] * b[i]` with four vector accumulators, in a fixed order.
 ///
 /// # Safety
@@ -1147,6 +1173,14 @@ macro_rules! instantiate {
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `x` is valid for `len` reads.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn count_greater(x: *const f32, len: usize, t: f32) -> usize {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::count_greater::<$V>(x, len, t) }
         }
 
         /// # Safety

@@ -133,6 +133,7 @@ type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
 type SoftcapFn = unsafe fn(*mut f32, usize, f32);
+type CountFn = unsafe fn(*const f32, usize, f32) -> usize;
 type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
 /// The row kernels of one instruction set.
@@ -156,6 +157,7 @@ pub struct Kernels {
     axpy: AxpyFn,
     dot4: Dot4Fn,
     softcap: SoftcapFn,
+    count_greater: CountFn,
     ce_grad: CeGradFn,
 }
 
@@ -177,6 +179,7 @@ static SCALAR: Kernels = Kernels {
     axpy: scalar::axpy,
     dot4: scalar::dot4,
     softcap: scalar::softcap,
+    count_greater: scalar::count_greater,
     ce_grad: scalar::ce_grad,
 };
 
@@ -193,6 +196,7 @@ static AVX2: Kernels = Kernels {
     axpy: x86_64::avx2::axpy,
     dot4: x86_64::avx2::dot4,
     softcap: x86_64::avx2::softcap,
+    count_greater: x86_64::avx2::count_greater,
     ce_grad: x86_64::avx2::ce_grad,
 };
 
@@ -209,6 +213,7 @@ static AVX512: Kernels = Kernels {
     axpy: x86_64::avx512::axpy,
     dot4: x86_64::avx512::dot4,
     softcap: x86_64::avx512::softcap,
+    count_greater: x86_64::avx512::count_greater,
     ce_grad: x86_64::avx512::ce_grad,
 };
 
@@ -225,6 +230,7 @@ static NEON: Kernels = Kernels {
     axpy: aarch64::neon::axpy,
     dot4: aarch64::neon::dot4,
     softcap: aarch64::neon::softcap,
+    count_greater: aarch64::neon::count_greater,
     ce_grad: aarch64::neon::ce_grad,
 };
 
@@ -482,6 +488,12 @@ impl Kernels {
     pub fn softcap_in_place(&self, x: &mut [f32], cap: f32) {
         // SAFETY: supported ISA; `x` is a `&mut` of its length.
         unsafe { (self.softcap)(x.as_mut_ptr(), x.len(), cap) }
+    }
+
+    /// `#{i : x[i] > t}` (NaN counts as not greater).
+    pub fn count_greater(&self, x: &[f32], t: f32) -> usize {
+        // SAFETY: supported ISA; `x` is valid for its length.
+        unsafe { (self.count_greater)(x.as_ptr(), x.len(), t) }
     }
 
     /// In-place [`Kernels::exp`].
