@@ -88,6 +88,7 @@
 //! - [`engine`]: the tiled loop every operation runs through ([`engine::LogitSource`],
 //!   [`engine::Consumer`]).
 //! - [`score`]: sequence scoring with explicit alignment, and candidate ranking.
+//! - [`sample`]: one seeded decoding step with a configurable sampler chain.
 //! - [`rank`]: Plackett–Luce probabilities of rankings, their gradients, and sampling.
 //! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing.
 
@@ -101,6 +102,7 @@ pub mod loss;
 pub mod matrix;
 pub mod rank;
 pub mod rows;
+pub mod sample;
 pub mod score;
 #[doc(hidden)]
 pub mod tile_gemm;

@@ -1,0 +1,133 @@
+//! The sampler chain: exact truncation boundaries, greedy, penalties, and empirical
+//! frequencies against the processed distribution (chi-square at fixed seeds).
+
+use softmax_layer::sample::{SamplerConfig, Stage, sample_row};
+
+fn logits_of(p: &[f64]) -> Vec<f32> {
+    p.iter().map(|x| x.ln() as f32).collect()
+}
+
+fn kept(logits: &[f32], cfg: &SamplerConfig) -> Vec<usize> {
+    let mut s: Vec<usize> = (0..400)
+        .flat_map(|seed| {
+            let c = SamplerConfig { seed, ..cfg.clone() };
+            sample_row(logits, &[], &c, 1).unwrap().into_iter().map(|d| d.token)
+        })
+        .collect();
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
+#[test]
+fn top_p_and_min_p_boundaries_are_exact() {
+    let z = logits_of(&[0.5, 0.3, 0.15, 0.05]);
+    let cfg = |top_p: Option<f32>, min_p: Option<f32>| SamplerConfig { top_p, min_p, ..Default::default() };
+    assert_eq!(kept(&z, &cfg(Some(0.45), None)), vec![0]);
+    assert_eq!(kept(&z, &cfg(Some(0.75), None)), vec![0, 1], "the token that crosses p is kept");
+    assert_eq!(kept(&z, &cfg(Some(0.81), None)), vec![0, 1, 2]);
+    assert_eq!(kept(&z, &cfg(Some(1.0), None)), vec![0, 1, 2, 3]);
+    assert_eq!(kept(&z, &cfg(None, Some(0.29))), vec![0, 1, 2], "0.15 >= 0.29 * 0.5");
+    assert_eq!(kept(&z, &cfg(None, Some(0.31))), vec![0, 1], "0.15 < 0.31 * 0.5");
+    // The processed log-probability renormalizes over the kept set.
+    let d = sample_row(&z, &[], &cfg(Some(0.75), None), 1).unwrap()[0].clone();
+    let want = if d.token == 0 { (0.5f64 / 0.8).ln() } else { (0.3f64 / 0.8).ln() };
+    assert!((d.logprob as f64 - want).abs() < 1e-6);
+    assert!((d.logprob_raw as f64 - [0.5f64, 0.3][d.token].ln()).abs() < 1e-6);
+}
+
+#[test]
+fn temperature_zero_is_greedy_with_ties_to_the_lowest_id() {
+    let z = [1.0f32, 3.0, 0.5, 3.0, -2.0];
+    let g = sample_row(&z, &[], &SamplerConfig { temperature: 0.0, ..Default::default() }, 5).unwrap();
+    assert!(g.iter().all(|d| d.token == 1 && d.logprob == 0.0));
+    // A vanishing temperature gives the argmax too (here without a tie).
+    let z = [1.0f32, 3.0, 0.5, 2.9, -2.0];
+    for seed in 0..50 {
+        let d = sample_row(&z, &[], &SamplerConfig { temperature: 1e-3, seed, ..Default::default() }, 1).unwrap();
+        assert_eq!(d[0].token, 1);
+    }
+}
+
+#[test]
+fn penalties_and_biases() {
+    let z = [2.0f32, -1.0, 0.5, 1.0];
+    // Repetition penalty 2 on tokens 0 (positive: 2 -> 1) and 1 (negative: -1 -> -2),
+    // frequency 0.25 per occurrence and presence 0.5: token 0 seen twice -> 1 - 0.5 - 0.5 = 0.
+    let cfg = SamplerConfig {
+        repetition_penalty: 2.0,
+        frequency_penalty: 0.25,
+        presence_penalty: 0.5,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let d = sample_row(&z, &[0, 1, 0], &cfg, 1).unwrap();
+    assert_eq!(d[0].token, 3, "after penalties the logits are [0, -2.75, 0.5, 1]");
+    let cfg = SamplerConfig { temperature: 0.0, banned: vec![0, 3], ..Default::default() };
+    assert_eq!(sample_row(&z, &[], &cfg, 1).unwrap()[0].token, 2);
+    let cfg = SamplerConfig { temperature: 0.0, allowed: Some(vec![1]), ..Default::default() };
+    assert_eq!(sample_row(&z, &[], &cfg, 1).unwrap()[0].token, 1);
+    let cfg = SamplerConfig { temperature: 0.0, logit_bias: vec![(1, 10.0)], ..Default::default() };
+    assert_eq!(sample_row(&z, &[], &cfg, 1).unwrap()[0].token, 1);
+    // The penalty window only looks at the last tokens.
+    let cfg =
+        SamplerConfig { repetition_penalty: 100.0, penalty_window: Some(1), temperature: 0.0, ..Default::default() };
+    assert_eq!(sample_row(&z, &[3, 1], &cfg, 1).unwrap()[0].token, 0);
+}
+
+#[test]
+fn frequencies_match_the_processed_distribution() {
+    let z: Vec<f32> = (0..10).map(|i| ((i * 37) % 10) as f32 * 0.3).collect();
+    let t = 0.8f64;
+    let cfg = SamplerConfig { temperature: t as f32, top_k: Some(6), seed: 12345, ..Default::default() };
+    let draws = 30_000;
+    let d = sample_row(&z, &[], &cfg, draws).unwrap();
+    // Independent reference: the 6 largest logits, softmax at T.
+    let mut order: Vec<usize> = (0..10).collect();
+    order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    let top = &order[..6];
+    let w: Vec<f64> = top.iter().map(|&j| (z[j] as f64 / t).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut counts = vec![0usize; 10];
+    d.iter().for_each(|x| counts[x.token] += 1);
+    let mut chi2 = 0.0;
+    for (q, &j) in top.iter().enumerate() {
+        let e = draws as f64 * w[q] / total;
+        chi2 += (counts[j] as f64 - e).powi(2) / e;
+    }
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        counts.iter().enumerate().filter(|(j, _)| top.contains(j)).map(|(_, c)| c).sum::<usize>()
+    );
+    assert!(chi2 < 20.5, "chi-square {chi2} (5 degrees of freedom, 99.9% quantile 20.5)");
+    // Same seed, same draws.
+    assert_eq!(d, sample_row(&z, &[], &cfg, draws).unwrap());
+}
+
+#[test]
+fn llama_cpp_order_applies_temperature_last() {
+    let z = logits_of(&[0.5, 0.3, 0.15, 0.05]);
+    // With T = 10 first the distribution flattens and top-p 0.45 keeps more tokens than
+    // with T applied after the truncation.
+    let hf = SamplerConfig { temperature: 10.0, top_p: Some(0.45), ..Default::default() };
+    let llama = SamplerConfig {
+        order: vec![Stage::TopK, Stage::TopP, Stage::MinP, Stage::TypicalP, Stage::Temperature],
+        ..hf.clone()
+    };
+    assert_eq!(kept(&z, &llama), vec![0]);
+    assert_eq!(kept(&z, &hf), vec![0, 1]);
+}
+
+#[test]
+fn bad_settings_are_errors() {
+    let z = [0.0f32, 1.0];
+    let e = |c: SamplerConfig| sample_row(&z, &[], &c, 1).unwrap_err().to_string();
+    assert!(e(SamplerConfig { top_p: Some(0.0), ..Default::default() }).contains("top_p must be in (0, 1]"));
+    assert!(e(SamplerConfig { top_p: Some(1.5), ..Default::default() }).contains("top_p"));
+    assert!(e(SamplerConfig { min_p: Some(-0.1), ..Default::default() }).contains("min_p"));
+    assert!(e(SamplerConfig { top_k: Some(0), ..Default::default() }).contains("top_k must be >= 1"));
+    assert!(e(SamplerConfig { temperature: -1.0, ..Default::default() }).contains("temperature"));
+    assert!(e(SamplerConfig { banned: vec![0, 1], ..Default::default() }).contains("every token"));
+    assert!(e(SamplerConfig { banned: vec![5], ..Default::default() }).contains("token id 5 is out of range"));
+    assert!(sample_row(&z, &[7], &SamplerConfig::default(), 1).unwrap_err().to_string().contains("history token 7"));
+}
