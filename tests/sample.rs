@@ -88,7 +88,7 @@ fn frequencies_match_the_processed_distribution() {
     let top = &order[..6];
     let w: Vec<f64> = top.iter().map(|&j| (z[j] as f64 / t).exp()).collect();
     let total: f64 = w.iter().sum();
-    let mut counts = vec![0usize; 10];
+    let mut counts = [0usize; 10];
     d.iter().for_each(|x| counts[x.token] += 1);
     let mut chi2 = 0.0;
     for (q, &j) in top.iter().enumerate() {
