@@ -182,3 +182,40 @@ fn score_command_writes_one_json_line_per_sequence() {
     );
     assert!(!Path::new(&p("x.jsonl")).exists());
 }
+
+#[test]
+fn sample_command_is_seeded_and_validates() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // V = d = 3, W = I; row 0 strongly prefers class 2, row 1 is flat.
+    write_npy_f32(Path::new(&p("h.npy")), &[2, 3], &[0.0, 0.0, 9.0, 0.0, 0.0, 0.0]).unwrap();
+    let w: Vec<f32> = (0..9).map(|i| if i % 4 == 0 { 1.0 } else { 0.0 }).collect();
+    write_npy_f32(Path::new(&p("w.npy")), &[3, 3], &w).unwrap();
+    let args = |out: &str, extra: &[&str]| {
+        let mut a = vec!["sample".to_string(), "--hidden".into(), p("h.npy"), "--weight".into(), p("w.npy")];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(["-o".to_string(), p(out)]);
+        a
+    };
+    let go = |a: Vec<String>| run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(go(args("a.jsonl", &["--seed", "7", "--num-samples", "5"])).0, 0);
+    assert_eq!(go(args("b.jsonl", &["--seed", "7", "--num-samples", "5"])).0, 0);
+    let a = std::fs::read_to_string(p("a.jsonl")).unwrap();
+    assert_eq!(a, std::fs::read_to_string(p("b.jsonl")).unwrap(), "same seed, same samples");
+    assert!(a.lines().next().unwrap().starts_with("{\"row\": 0, \"samples\": [{\"token\": 2, "), "{a}");
+    assert_eq!(a.lines().count(), 2);
+    // Greedy with a flat row: the lowest id.
+    assert_eq!(go(args("g.jsonl", &["--temperature", "0"])).0, 0);
+    let g = std::fs::read_to_string(p("g.jsonl")).unwrap();
+    assert!(g.lines().nth(1).unwrap().contains("\"token\": 0, \"logprob\": 0"), "{g}");
+    fails(
+        &args("x.jsonl", &["--top-p", "0"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["top_p must be in (0, 1], got 0"],
+    );
+    fails(&args("x.jsonl", &["--top-k", "0"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["top_k must be >= 1"]);
+    fails(
+        &args("x.jsonl", &["--temperature", "-1"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["temperature must be finite and >= 0"],
+    );
+    assert!(!Path::new(&p("x.jsonl")).exists());
+}

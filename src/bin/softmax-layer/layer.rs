@@ -413,3 +413,98 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     softmax_layer::io::write_atomic(&a.layer.output, out.as_bytes())?;
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    /// Hidden states H, [n, d] (or [d]).
+    #[arg(long, value_name = "H")]
+    pub hidden: String,
+    /// Weights W, [V, d] (vd) or [d, V] (dv).
+    #[arg(long, value_name = "W")]
+    pub weight: String,
+    /// Bias b, [V].
+    #[arg(long, value_name = "B")]
+    pub bias: Option<String>,
+    #[arg(long, value_name = "vd|dv", default_value = "vd")]
+    pub weight_layout: String,
+    /// Temperature >= 0; 0 is greedy (ties to the lowest id).
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub typical_p: Option<f32>,
+    #[arg(long, value_name = "R", default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repetition_penalty: f32,
+    #[arg(long, value_name = "F", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    #[arg(long, value_name = "P", default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Token history [h] (int .npy) for the penalties, shared by every row.
+    #[arg(long, value_name = "IDS")]
+    pub history: Option<String>,
+    /// Row i uses seed S + i.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Independent draws per row from its processed distribution.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_samples: usize,
+    /// Output .jsonl: {"row": i, "samples": [{"token", "logprob", "logprob_raw"}, ...]} per row.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: PathBuf,
+}
+
+pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
+    use softmax_layer::sample::{SamplerConfig, sample_row};
+    let la = LayerArgs {
+        hidden: a.hidden.clone(),
+        weight: a.weight.clone(),
+        bias: a.bias.clone(),
+        weight_layout: a.weight_layout.clone(),
+        temperature: 1.0,
+        output: a.output.clone(),
+    };
+    let inp = inputs(&la)?;
+    let (n, d, v) = (inp.n, inp.d, inp.v);
+    let history = a.history.as_deref().map(|s| counts(s, "history")).transpose()?.unwrap_or_default();
+    let h = inp.hidden.to_f32()?;
+    let w = inp.weight.to_f32()?;
+    let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
+    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let mut logits = crate::output_buffer(n, v, "logits")?;
+    layer.logits(MatRef::new(&h, n, d)?, MatMut::new(&mut logits, n, v)?).map_err(|e| named(e, &inp, None))?;
+    let mut out = String::new();
+    for i in 0..n {
+        let cfg = SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            typical_p: a.typical_p,
+            repetition_penalty: a.repetition_penalty,
+            frequency_penalty: a.frequency_penalty,
+            presence_penalty: a.presence_penalty,
+            seed: a.seed.wrapping_add(i as u64),
+            ..Default::default()
+        };
+        let draws = sample_row(&logits[i * v..(i + 1) * v], &history, &cfg, a.num_samples)?;
+        let items: Vec<String> = draws
+            .iter()
+            .map(|d| {
+                format!(
+                    "{{\"token\": {}, \"logprob\": {}, \"logprob_raw\": {}}}",
+                    d.token,
+                    json_num(d.logprob as f64),
+                    json_num(d.logprob_raw as f64)
+                )
+            })
+            .collect();
+        out.push_str(&format!("{{\"row\": {i}, \"samples\": [{}]}}\n", items.join(", ")));
+    }
+    softmax_layer::io::write_atomic(&a.output, out.as_bytes())?;
+    Ok(())
+}

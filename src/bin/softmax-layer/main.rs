@@ -48,6 +48,9 @@ enum Command {
     /// Scores target tokens (aligned, or --shifted for causal LMs) per sequence: one JSON
     /// object per sequence with sum/mean log-probability, perplexity, greediness, and tokens.
     Score(layer::ScoreArgs),
+    /// One seeded decoding step per hidden row through the sampler chain (bias, penalties,
+    /// temperature, top-k, top-p, min-p, typical-p): one JSON line per row.
+    Sample(layer::SampleArgs),
     /// The Plackett–Luce log-probability of a (full or top-k) ranking under softmax scores:
     /// writes {"logprob": x}.
     RankProb(rank::RankProbArgs),
@@ -187,6 +190,7 @@ fn main() -> ExitCode {
         Command::Selfcheck(a) => selfcheck::run(&a),
         Command::RankProb(a) => rank::rank_prob(&a),
         Command::Score(a) => layer::score(&a),
+        Command::Sample(a) => layer::sample(&a),
         Command::FitPl(a) => rank::fit_pl(&a),
     };
     match result {
