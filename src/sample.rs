@@ -129,15 +129,6 @@ fn uniform(state: &mut u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// `ln Σ exp(z)` over finite-or-(−inf) values, in f64.
-fn lse(z: impl Iterator<Item = f64> + Clone) -> f64 {
-    let m = z.clone().fold(f64::NEG_INFINITY, f64::max);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + z.map(|x| (x - m).exp()).sum::<f64>().ln()
-}
-
 /// Applies the chain to `logits` and draws `num_samples` tokens from the result.
 pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_samples: usize) -> Result<Vec<Draw>> {
     let v = logits.len();
@@ -151,71 +142,104 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
     if let Some(&h) = history.iter().find(|&&h| h >= v) {
         return Err(Error::InvalidArgument(format!("history token {h} is out of range [0, {v})")));
     }
-    let raw_lse = lse(logits.iter().map(|&x| x as f64));
-    let mut z: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let k = crate::Kernels::best();
+    let raw_lse = k.max_sum(logits, None, 1.0).logsumexp(1.0);
+    let mut z: Vec<f32> = logits.to_vec();
     for &(j, b) in &cfg.logit_bias {
-        z[j] += b as f64;
+        z[j] += b;
     }
     if let Some(allowed) = &cfg.allowed {
         let mut keep = vec![false; v];
         allowed.iter().for_each(|&j| keep[j] = true);
-        z.iter_mut().zip(&keep).filter(|(_, k)| !**k).for_each(|(x, _)| *x = f64::NEG_INFINITY);
+        z.iter_mut().zip(&keep).filter(|(_, k)| !**k).for_each(|(x, _)| *x = f32::NEG_INFINITY);
     }
     for &j in &cfg.banned {
-        z[j] = f64::NEG_INFINITY;
+        z[j] = f32::NEG_INFINITY;
     }
     // Penalties over the (windowed) history.
     let window = &history[history.len().saturating_sub(cfg.penalty_window.unwrap_or(history.len()))..];
     let mut counts = std::collections::BTreeMap::new();
     window.iter().for_each(|&h| *counts.entry(h).or_insert(0usize) += 1);
-    let r = cfg.repetition_penalty as f64;
+    let r = cfg.repetition_penalty;
     for (&j, &c) in &counts {
-        if z[j] == f64::NEG_INFINITY {
+        if z[j] == f32::NEG_INFINITY {
             continue;
         }
         if r != 1.0 {
             z[j] = if z[j] > 0.0 { z[j] / r } else { z[j] * r };
         }
-        z[j] -= cfg.frequency_penalty as f64 * c as f64 + cfg.presence_penalty as f64;
+        z[j] -= cfg.frequency_penalty * c as f32 + cfg.presence_penalty;
     }
-    if z.iter().all(|x| *x == f64::NEG_INFINITY) {
+    if z.iter().all(|x| *x == f32::NEG_INFINITY) {
         return Err(Error::InvalidArgument("every token is banned or disallowed".into()));
     }
-    // Candidates: (id, logit), all finite ones to start with.
-    let mut cand: Vec<(usize, f64)> =
-        z.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(j, &x)| (j, x)).collect();
-    let by_logit = |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    // From here on in f32 with the vectorized kernels: `z` the current logits, `kept` the
+    // surviving ids (unordered), `p` the softmax of `z` over all ids when fresh.
+    let mut kept: Vec<u32> = (0..v as u32).filter(|&j| z[j as usize] != f32::NEG_INFINITY).collect();
+    let mut p = vec![0f32; v];
+    let mut p_fresh = false;
+    let refresh = |z: &[f32], p: &mut [f32]| {
+        let st = k.max_sum(z, None, 1.0);
+        k.softmax_into(z, None, 1.0, st, p);
+    };
+    // Order: larger logit first, then lower id.
+    let better = |z: &[f32], a: u32, b: u32| z[a as usize] > z[b as usize] || (z[a as usize] == z[b as usize] && a < b);
     let mut greedy = false;
     for stage in &cfg.order {
         match stage {
             Stage::Temperature if cfg.temperature == 0.0 => greedy = true,
             Stage::Temperature => {
-                let t = cfg.temperature as f64;
-                cand.iter_mut().for_each(|c| c.1 /= t);
+                let t = cfg.temperature;
+                z.iter_mut().for_each(|x| *x /= t);
+                p_fresh = false;
             }
             Stage::TopK => {
-                if let Some(k) = cfg.top_k
-                    && k < cand.len()
+                if let Some(kk) = cfg.top_k
+                    && kk < kept.len()
                 {
-                    cand.select_nth_unstable_by(k - 1, by_logit);
-                    cand.truncate(k);
+                    kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(&z, a, b)));
+                    kept.truncate(kk);
                 }
             }
             Stage::TopP => {
-                if let Some(p) = cfg.top_p {
-                    cand = top_p(cand, p as f64, by_logit);
+                if let Some(pp) = cfg.top_p {
+                    if !p_fresh {
+                        refresh(&z, &mut p);
+                        p_fresh = true;
+                    }
+                    let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
+                    let n = best_mass_prefix(&mut kept, |a, b| better(&z, a, b), &p, pp as f64 * total);
+                    kept.truncate(n);
                 }
             }
             Stage::MinP => {
                 if let Some(mp) = cfg.min_p {
-                    let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+                    let max = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
                     let floor = max + (mp as f64).ln();
-                    cand.retain(|c| c.1 >= floor);
+                    kept.retain(|&j| z[j as usize] as f64 >= floor);
                 }
             }
             Stage::TypicalP => {
-                if let Some(p) = cfg.typical_p {
-                    cand = typical_p(cand, p as f64);
+                if let Some(pp) = cfg.typical_p {
+                    if !p_fresh {
+                        refresh(&z, &mut p);
+                        p_fresh = true;
+                    }
+                    let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
+                    // Entropy of the kept distribution; closeness of each surprisal to it.
+                    let h: f64 = kept
+                        .iter()
+                        .map(|&j| {
+                            let q = p[j as usize] as f64 / total;
+                            if q > 0.0 { -q * q.ln() } else { 0.0 }
+                        })
+                        .sum();
+                    let dist = |j: u32| {
+                        let q = p[j as usize] as f64 / total;
+                        if q > 0.0 { (-q.ln() - h).abs() } else { f64::INFINITY }
+                    };
+                    let n = best_mass_prefix(&mut kept, |a, b| (dist(a), a) < (dist(b), b), &p, pp as f64 * total);
+                    kept.truncate(n);
                 }
             }
         }
@@ -223,76 +247,96 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
     let mut seed = cfg.seed;
     let raw = |j: usize| (logits[j] as f64 - raw_lse) as f32;
     if greedy {
-        let best = cand.iter().copied().min_by(|a, b| by_logit(a, b)).expect("non-empty").0;
+        let best =
+            kept.iter().copied().reduce(|a, b| if better(&z, b, a) { b } else { a }).expect("non-empty") as usize;
         return Ok((0..num_samples).map(|_| Draw { token: best, logprob_raw: raw(best), logprob: 0.0 }).collect());
     }
-    // The processed distribution, laid out by id for a reproducible inverse-CDF draw.
-    cand.sort_unstable_by_key(|c| c.0);
-    let l = lse(cand.iter().map(|c| c.1));
-    let probs: Vec<f64> = cand.iter().map(|c| (c.1 - l).exp()).collect();
-    let total: f64 = probs.iter().sum();
+    if !p_fresh {
+        refresh(&z, &mut p);
+    }
+    // The kept tokens by id (a bitmap, not a sort), for a reproducible inverse-CDF draw.
+    let mut mask = vec![false; v];
+    kept.iter().for_each(|&j| mask[j as usize] = true);
+    let ids: Vec<usize> = (0..v).filter(|&j| mask[j]).collect();
+    let total: f64 = ids.iter().map(|&j| p[j] as f64).sum();
+    if total == 0.0 || !total.is_finite() {
+        return Err(Error::InvalidArgument(
+            "the processed distribution has no mass (all kept probabilities underflow)".into(),
+        ));
+    }
     Ok((0..num_samples)
         .map(|_| {
             let u = uniform(&mut seed) * total;
             let mut acc = 0.0;
-            let mut pick = cand.len() - 1;
-            for (q, p) in probs.iter().enumerate() {
-                acc += p;
+            let mut pick = *ids.last().expect("non-empty");
+            for &j in &ids {
+                acc += p[j] as f64;
                 if u < acc {
-                    pick = q;
+                    pick = j;
                     break;
                 }
             }
-            let (token, zt) = cand[pick];
-            Draw { token, logprob_raw: raw(token), logprob: (zt - l) as f32 }
+            Draw { token: pick, logprob_raw: raw(pick), logprob: ((p[pick] as f64) / total).ln() as f32 }
         })
         .collect())
 }
 
-/// The smallest set of most probable candidates whose mass is ≥ p (the token that
-/// crosses p included), by growing partial selections rather than a full sort.
-fn top_p(
-    mut cand: Vec<(usize, f64)>,
-    p: f64,
-    by_logit: impl Fn(&(usize, f64), &(usize, f64)) -> std::cmp::Ordering + Copy,
-) -> Vec<(usize, f64)> {
-    let l = lse(cand.iter().map(|c| c.1));
-    let mut m = 256.min(cand.len());
-    loop {
-        if m < cand.len() {
-            cand.select_nth_unstable_by(m - 1, by_logit);
-        }
-        let head = &mut cand[..m];
-        head.sort_unstable_by(by_logit);
-        let mut mass = 0.0;
-        for (q, c) in head.iter().enumerate() {
-            mass += (c.1 - l).exp();
-            if mass >= p {
-                cand.truncate(q + 1);
-                return cand;
-            }
-        }
-        if m == cand.len() {
-            return cand; // rounding: p ~ 1 and the whole mass falls just short
-        }
-        m = (2 * m).min(cand.len());
+/// A total order from a strict "comes before" on distinct ids.
+fn order_of(a: u32, b: u32, a_before_b: bool) -> std::cmp::Ordering {
+    if a == b {
+        std::cmp::Ordering::Equal
+    } else if a_before_b {
+        std::cmp::Ordering::Less
+    } else {
+        std::cmp::Ordering::Greater
     }
 }
 
-/// Typical sampling (Meister et al.): keep the tokens whose surprisal is closest to the
-/// entropy, in that order, until their mass is ≥ p.
-fn typical_p(mut cand: Vec<(usize, f64)>, p: f64) -> Vec<(usize, f64)> {
-    let l = lse(cand.iter().map(|c| c.1));
-    let entropy: f64 = cand.iter().map(|c| -(c.1 - l).exp() * (c.1 - l)).sum();
-    let key = |c: &(usize, f64)| ((l - c.1) - entropy).abs();
-    cand.sort_unstable_by(|a, b| key(a).total_cmp(&key(b)).then(a.0.cmp(&b.0)));
-    let mut mass = 0.0;
-    for q in 0..cand.len() {
-        mass += (cand[q].1 - l).exp();
-        if mass >= p {
-            cand.truncate(q + 1);
-            break;
+/// Reorders `idx` so that its first `n` entries are the shortest prefix, in the order
+/// `before`, whose weights sum to at least `need` (all of them if the total falls short),
+/// and returns `n`. Weighted quickselect: expected linear time, no full sort.
+fn best_mass_prefix(idx: &mut [u32], before: impl Fn(u32, u32) -> bool, w: &[f32], mut need: f64) -> usize {
+    let (mut lo, mut hi) = (0, idx.len());
+    while hi - lo > 32 {
+        // Median-of-three pivot, moved to `lo`.
+        let mid = lo + (hi - lo) / 2;
+        let (a, b, c) = (idx[lo], idx[mid], idx[hi - 1]);
+        let m = if before(a, b) == before(b, c) {
+            mid
+        } else if before(b, a) == before(a, c) {
+            lo
+        } else {
+            hi - 1
+        };
+        idx.swap(lo, m);
+        let pivot = idx[lo];
+        // Partition (lo+1..hi) into [before pivot | the rest].
+        let mut split = lo + 1;
+        for q in lo + 1..hi {
+            if before(idx[q], pivot) {
+                idx.swap(q, split);
+                split += 1;
+            }
+        }
+        // Put the pivot right after the better part.
+        idx.swap(lo, split - 1);
+        let pos = split - 1;
+        let mass_better: f64 = idx[lo..pos].iter().map(|&j| w[j as usize] as f64).sum();
+        if mass_better >= need {
+            hi = pos;
+        } else if mass_better + w[pivot as usize] as f64 >= need {
+            return pos + 1;
+        } else {
+            need -= mass_better + w[pivot as usize] as f64;
+            lo = pos + 1;
         }
     }
-    cand
+    idx[lo..hi].sort_unstable_by(|&a, &b| order_of(a, b, before(a, b)));
+    for q in lo..hi {
+        need -= w[idx[q] as usize] as f64;
+        if need <= 0.0 {
+            return q + 1;
+        }
+    }
+    hi
 }
