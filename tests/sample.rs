@@ -131,3 +131,38 @@ fn bad_settings_are_errors() {
     assert!(e(SamplerConfig { banned: vec![5], ..Default::default() }).contains("token id 5 is out of range"));
     assert!(sample_row(&z, &[7], &SamplerConfig::default(), 1).unwrap_err().to_string().contains("history token 7"));
 }
+
+#[test]
+fn large_vocabulary_top_p_and_top_k_match_a_full_sort() {
+    let v = 20_000;
+    let z: Vec<f32> = (0..v).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 12.0).collect();
+    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let p: Vec<f64> = z.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let total: f64 = p.iter().sum();
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    for (top_k, top_p) in [(None, 0.9f32), (None, 0.3), (Some(500), 0.99), (Some(50), 0.5), (None, 0.999)] {
+        // Naive: sort, cut at k, then the shortest prefix with mass >= p of the kept mass.
+        let pool = &order[..top_k.unwrap_or(v)];
+        let pool_mass: f64 = pool.iter().map(|&j| p[j]).sum();
+        let mut acc = 0.0;
+        let mut n = pool.len();
+        for (q, &j) in pool.iter().enumerate() {
+            acc += p[j];
+            if acc >= top_p as f64 * pool_mass {
+                n = q + 1;
+                break;
+            }
+        }
+        let want: std::collections::HashSet<usize> = pool[..n].iter().copied().collect();
+        let kept_mass: f64 = pool[..n].iter().map(|&j| p[j]).sum::<f64>() / total;
+        for seed in 0..50 {
+            let cfg = SamplerConfig { top_k, top_p: Some(top_p), seed, ..Default::default() };
+            let d = sample_row(&z, &[], &cfg, 1).unwrap()[0].clone();
+            assert!(want.contains(&d.token), "top_k {top_k:?} top_p {top_p}: token {} outside the naive set", d.token);
+            // The processed log-probability is p_j / (kept mass).
+            let implied = (p[d.token] / total) / (d.logprob as f64).exp();
+            assert!((implied - kept_mass).abs() <= 1e-4 * kept_mass, "kept mass {implied} vs {kept_mass}");
+        }
+    }
+}
