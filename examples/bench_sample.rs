@@ -4,7 +4,7 @@
 #[path = "../benches/support/data.rs"]
 mod data;
 
-use softmax_layer::sample::{SamplerConfig, sample_row};
+use softmax_layer::sample::{Sampler, SamplerConfig};
 
 fn main() {
     let sigma: f32 = std::env::args().nth(1).map_or(3.0, |s| s.parse().unwrap());
@@ -20,10 +20,12 @@ fn main() {
         ("plain", SamplerConfig::default()),
     ] {
         let mut seed = 0;
+        // A decoding loop keeps one sampler (its buffers) across steps.
+        let mut sampler = Sampler::default();
         let t = data::median_secs(41, || {
             seed += 1;
             let c = SamplerConfig { seed, ..cfg.clone() };
-            std::hint::black_box(sample_row(&z, &[], &c, 1).unwrap());
+            std::hint::black_box(sampler.sample(&z, &[], &c, 1).unwrap());
         });
         println!("{{\"config\": \"{name}\", \"sigma\": {sigma}, \"v\": {v}, \"median_ms\": {:.3}}}", t * 1e3);
     }

@@ -131,6 +131,38 @@ fn uniform(state: &mut u64) -> f64 {
 
 /// Applies the chain to `logits` and draws `num_samples` tokens from the result.
 pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_samples: usize) -> Result<Vec<Draw>> {
+    Sampler::default().sample(logits, history, cfg, num_samples)
+}
+
+/// Reusable working memory for [`sample_row`]: a decoding loop that keeps one `Sampler`
+/// avoids allocating (and page-faulting) three vocabulary-sized buffers per step.
+#[derive(Clone, Debug, Default)]
+pub struct Sampler {
+    z: Vec<f32>,
+    p: Vec<f32>,
+    kept: Vec<u32>,
+}
+
+impl Sampler {
+    /// [`sample_row`] with this sampler's buffers.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        history: &[usize],
+        cfg: &SamplerConfig,
+        num_samples: usize,
+    ) -> Result<Vec<Draw>> {
+        sample_with(self, logits, history, cfg, num_samples)
+    }
+}
+
+fn sample_with(
+    buf: &mut Sampler,
+    logits: &[f32],
+    history: &[usize],
+    cfg: &SamplerConfig,
+    num_samples: usize,
+) -> Result<Vec<Draw>> {
     let v = logits.len();
     if v == 0 {
         return Err(Error::InvalidArgument("cannot sample from an empty row".into()));
@@ -144,7 +176,9 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
     }
     let k = crate::Kernels::best();
     let raw_lse = k.max_sum(logits, None, 1.0).logsumexp(1.0);
-    let mut z: Vec<f32> = logits.to_vec();
+    let z = &mut buf.z;
+    z.clear();
+    z.extend_from_slice(logits);
     for &(j, b) in &cfg.logit_bias {
         z[j] += b;
     }
@@ -175,8 +209,11 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
     }
     // From here on in f32 with the vectorized kernels: `z` the current logits, `kept` the
     // surviving ids (unordered), `p` the softmax of `z` over all ids when fresh.
-    let mut kept: Vec<u32> = (0..v as u32).filter(|&j| z[j as usize] != f32::NEG_INFINITY).collect();
-    let mut p = vec![0f32; v];
+    let kept = &mut buf.kept;
+    kept.clear();
+    kept.extend((0..v as u32).filter(|&j| z[j as usize] != f32::NEG_INFINITY));
+    let p = &mut buf.p;
+    p.resize(v, 0.0);
     let mut p_fresh = false;
     let refresh = |z: &[f32], p: &mut [f32]| {
         let st = k.max_sum(z, None, 1.0);
@@ -197,6 +234,21 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
                 if let Some(kk) = cfg.top_k
                     && kk < kept.len()
                 {
+                    // Narrow first by a histogram of counts by logit (as for top-p).
+                    let zmax = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max);
+                    let mut bins = [0usize; 64];
+                    for &j in kept.iter() {
+                        bins[(((zmax - z[j as usize]) * 2.0) as usize).min(63)] += 1;
+                    }
+                    let mut acc = 0;
+                    if let Some(last) = bins.iter().position(|&c| {
+                        acc += c;
+                        acc >= kk
+                    }) && last < 63
+                    {
+                        let floor = zmax - (last as f32 + 1.0) * 0.5;
+                        kept.retain(|&j| z[j as usize] >= floor);
+                    }
                     kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(&z, a, b)));
                     kept.truncate(kk);
                 }
@@ -204,11 +256,35 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
             Stage::TopP => {
                 if let Some(pp) = cfg.top_p {
                     if !p_fresh {
-                        refresh(&z, &mut p);
+                        refresh(z, p);
                         p_fresh = true;
                     }
                     let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
-                    let n = best_mass_prefix(&mut kept, |a, b| better(&z, a, b), &p, pp as f64 * total);
+                    let need = pp as f64 * total;
+                    // Narrow the search first: a histogram of the kept mass by logit (64 bins
+                    // of 0.5 below the maximum) finds a logit floor above which the mass
+                    // already reaches `need`; the top-p set lies above that floor, since it is
+                    // a prefix in logit order.
+                    let zmax = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max);
+                    let mut bins = [0f64; 64];
+                    for &j in kept.iter() {
+                        let b = (((zmax - z[j as usize]) * 2.0) as usize).min(63);
+                        bins[b] += p[j as usize] as f64;
+                    }
+                    let mut acc = 0.0;
+                    let mut last = 63;
+                    for (b, m) in bins.iter().enumerate() {
+                        acc += m;
+                        if acc >= need {
+                            last = b;
+                            break;
+                        }
+                    }
+                    if last < 63 {
+                        let floor = zmax - (last as f32 + 1.0) * 0.5;
+                        kept.retain(|&j| z[j as usize] >= floor);
+                    }
+                    let n = best_mass_prefix(kept, |a, b| better(&z, a, b), &p, need);
                     kept.truncate(n);
                 }
             }
@@ -222,7 +298,7 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
             Stage::TypicalP => {
                 if let Some(pp) = cfg.typical_p {
                     if !p_fresh {
-                        refresh(&z, &mut p);
+                        refresh(z, p);
                         p_fresh = true;
                     }
                     let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
@@ -238,7 +314,7 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
                         let q = p[j as usize] as f64 / total;
                         if q > 0.0 { (-q.ln() - h).abs() } else { f64::INFINITY }
                     };
-                    let n = best_mass_prefix(&mut kept, |a, b| (dist(a), a) < (dist(b), b), &p, pp as f64 * total);
+                    let n = best_mass_prefix(kept, |a, b| (dist(a), a) < (dist(b), b), &p, pp as f64 * total);
                     kept.truncate(n);
                 }
             }
@@ -252,12 +328,19 @@ pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_sa
         return Ok((0..num_samples).map(|_| Draw { token: best, logprob_raw: raw(best), logprob: 0.0 }).collect());
     }
     if !p_fresh {
-        refresh(&z, &mut p);
+        refresh(z, p);
     }
-    // The kept tokens by id (a bitmap, not a sort), for a reproducible inverse-CDF draw.
-    let mut mask = vec![false; v];
-    kept.iter().for_each(|&j| mask[j as usize] = true);
-    let ids: Vec<usize> = (0..v).filter(|&j| mask[j]).collect();
+    // The kept tokens by id, for a reproducible inverse-CDF draw: sorted when few, through
+    // a bitmap when many.
+    let ids: Vec<usize> = if kept.len() < v / 16 {
+        let mut ids: Vec<usize> = kept.iter().map(|&j| j as usize).collect();
+        ids.sort_unstable();
+        ids
+    } else {
+        let mut mask = vec![false; v];
+        kept.iter().for_each(|&j| mask[j as usize] = true);
+        (0..v).filter(|&j| mask[j]).collect()
+    };
     let total: f64 = ids.iter().map(|&j| p[j] as f64).sum();
     if total == 0.0 || !total.is_finite() {
         return Err(Error::InvalidArgument(

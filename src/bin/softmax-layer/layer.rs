@@ -459,7 +459,7 @@ pub struct SampleArgs {
 }
 
 pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
-    use softmax_layer::sample::{SamplerConfig, sample_row};
+    use softmax_layer::sample::{Sampler, SamplerConfig};
     let la = LayerArgs {
         hidden: a.hidden.clone(),
         weight: a.weight.clone(),
@@ -478,6 +478,7 @@ pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
     let mut logits = crate::output_buffer(n, v, "logits")?;
     layer.logits(MatRef::new(&h, n, d)?, MatMut::new(&mut logits, n, v)?).map_err(|e| named(e, &inp, None))?;
     let mut out = String::new();
+    let mut sampler = Sampler::default();
     for i in 0..n {
         let cfg = SamplerConfig {
             temperature: a.temperature,
@@ -491,7 +492,7 @@ pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
             seed: a.seed.wrapping_add(i as u64),
             ..Default::default()
         };
-        let draws = sample_row(&logits[i * v..(i + 1) * v], &history, &cfg, a.num_samples)?;
+        let draws = sampler.sample(&logits[i * v..(i + 1) * v], &history, &cfg, a.num_samples)?;
         let items: Vec<String> = draws
             .iter()
             .map(|d| {
