@@ -249,7 +249,7 @@ fn sample_with(
                         let floor = zmax - (last as f32 + 1.0) * 0.5;
                         kept.retain(|&j| z[j as usize] >= floor);
                     }
-                    kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(&z, a, b)));
+                    kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(z, a, b)));
                     kept.truncate(kk);
                 }
             }
@@ -284,7 +284,7 @@ fn sample_with(
                         let floor = zmax - (last as f32 + 1.0) * 0.5;
                         kept.retain(|&j| z[j as usize] >= floor);
                     }
-                    let n = best_mass_prefix(kept, |a, b| better(&z, a, b), &p, need);
+                    let n = best_mass_prefix(kept, |a, b| better(z, a, b), p, need);
                     kept.truncate(n);
                 }
             }
@@ -314,7 +314,7 @@ fn sample_with(
                         let q = p[j as usize] as f64 / total;
                         if q > 0.0 { (-q.ln() - h).abs() } else { f64::INFINITY }
                     };
-                    let n = best_mass_prefix(kept, |a, b| (dist(a), a) < (dist(b), b), &p, pp as f64 * total);
+                    let n = best_mass_prefix(kept, |a, b| (dist(a), a) < (dist(b), b), p, pp as f64 * total);
                     kept.truncate(n);
                 }
             }
@@ -323,8 +323,7 @@ fn sample_with(
     let mut seed = cfg.seed;
     let raw = |j: usize| (logits[j] as f64 - raw_lse) as f32;
     if greedy {
-        let best =
-            kept.iter().copied().reduce(|a, b| if better(&z, b, a) { b } else { a }).expect("non-empty") as usize;
+        let best = kept.iter().copied().reduce(|a, b| if better(z, b, a) { b } else { a }).expect("non-empty") as usize;
         return Ok((0..num_samples).map(|_| Draw { token: best, logprob_raw: raw(best), logprob: 0.0 }).collect());
     }
     if !p_fresh {
