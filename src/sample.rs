@@ -259,18 +259,18 @@ fn sample_with(
                         refresh(z, p);
                         p_fresh = true;
                     }
-                    let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
-                    let need = pp as f64 * total;
                     // Narrow the search first: a histogram of the kept mass by logit (64 bins
                     // of 0.5 below the maximum) finds a logit floor above which the mass
                     // already reaches `need`; the top-p set lies above that floor, since it is
-                    // a prefix in logit order.
+                    // a prefix in logit order. The same pass sums the kept mass.
                     let zmax = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max);
                     let mut bins = [0f64; 64];
                     for &j in kept.iter() {
                         let b = (((zmax - z[j as usize]) * 2.0) as usize).min(63);
                         bins[b] += p[j as usize] as f64;
                     }
+                    let total: f64 = bins.iter().sum();
+                    let need = pp as f64 * total;
                     let mut acc = 0.0;
                     let mut last = 63;
                     for (b, m) in bins.iter().enumerate() {
