@@ -6,8 +6,9 @@ use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_npy_
 use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
 use std::path::PathBuf;
 
+/// Where the layer comes from: hidden states, weights, bias and layout.
 #[derive(clap::Args)]
-pub struct LayerArgs {
+pub struct ModelArgs {
     /// Hidden states H, [n, d] (or [d], one row): FILE.npy or FILE.safetensors:NAME.
     #[arg(long, value_name = "H")]
     pub hidden: String,
@@ -20,6 +21,12 @@ pub struct LayerArgs {
     /// `vd`: W is [V, d] (nn.Linear, lm_head.weight); `dv`: W is [d, V].
     #[arg(long, value_name = "vd|dv", default_value = "vd")]
     pub weight_layout: String,
+}
+
+#[derive(clap::Args)]
+pub struct LayerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Divide the logits by T (finite, > 0) before the softmax.
     #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
@@ -58,11 +65,10 @@ struct Inputs {
     one_row: bool,
 }
 
-fn inputs(a: &LayerArgs) -> Result<Inputs, Failure> {
+fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
     let layout = WeightLayout::parse(&a.weight_layout).ok_or_else(|| {
         Failure(format!("--weight-layout must be 'vd' ([V, d]) or 'dv' ([d, V]), got '{}'", a.weight_layout))
     })?;
-    softmax_layer::check_temperature(a.temperature)?;
     let hidden = load(&a.hidden)?;
     let weight = load(&a.weight)?;
     let (n, d, one_row) = match hidden.shape[..] {
@@ -121,7 +127,8 @@ fn named(e: Error, inp: &Inputs, targets: Option<&str>) -> Failure {
 }
 
 pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) -> Result<(), Failure> {
-    let inp = inputs(a)?;
+    softmax_layer::check_temperature(a.temperature)?;
+    let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let h = inp.hidden.to_f32()?;
     let w = inp.weight.to_f32()?;
@@ -226,7 +233,7 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
     use softmax_layer::loss::{CrossEntropyOptions, Reduction, Upstream, cross_entropy, cross_entropy_with_grad};
     let reduction = Reduction::parse(&a.reduction)
         .ok_or_else(|| Failure(format!("--reduction must be mean, sum or none, got '{}'", a.reduction)))?;
-    let inp = inputs(&a.layer)?;
+    let inp = inputs(&a.layer.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let yt = load(&a.targets)?;
     if yt.shape != [n] {
@@ -339,7 +346,7 @@ fn json_num(x: f64) -> String {
 
 pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     use softmax_layer::score::{Alignment, ScoreOptions, score_sequences};
-    let inp = inputs(&a.layer)?;
+    let inp = inputs(&a.layer.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let yt = load(&a.targets)?;
     if yt.shape != [n] {
@@ -416,17 +423,8 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
 
 #[derive(clap::Args)]
 pub struct SampleArgs {
-    /// Hidden states H, [n, d] (or [d]).
-    #[arg(long, value_name = "H")]
-    pub hidden: String,
-    /// Weights W, [V, d] (vd) or [d, V] (dv).
-    #[arg(long, value_name = "W")]
-    pub weight: String,
-    /// Bias b, [V].
-    #[arg(long, value_name = "B")]
-    pub bias: Option<String>,
-    #[arg(long, value_name = "vd|dv", default_value = "vd")]
-    pub weight_layout: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Temperature >= 0; 0 is greedy (ties to the lowest id).
     #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
@@ -460,15 +458,7 @@ pub struct SampleArgs {
 
 pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
     use softmax_layer::sample::{Sampler, SamplerConfig};
-    let la = LayerArgs {
-        hidden: a.hidden.clone(),
-        weight: a.weight.clone(),
-        bias: a.bias.clone(),
-        weight_layout: a.weight_layout.clone(),
-        temperature: 1.0,
-        output: a.output.clone(),
-    };
-    let inp = inputs(&la)?;
+    let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let history = a.history.as_deref().map(|s| counts(s, "history")).transpose()?.unwrap_or_default();
     let h = inp.hidden.to_f32()?;

@@ -117,10 +117,7 @@ fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
         (None, Some(hidden), Some(weight)) => layer::run(
             layer::LayerOp::Logsumexp,
             &layer::LayerArgs {
-                hidden,
-                weight,
-                bias: a.bias,
-                weight_layout: a.weight_layout,
+                model: layer::ModelArgs { hidden, weight, bias: a.bias, weight_layout: a.weight_layout },
                 temperature: a.temperature,
                 output: a.output,
             },
