@@ -51,6 +51,8 @@ pub struct SamplerConfig {
     pub allowed: Option<Vec<usize>>,
     pub order: Vec<Stage>,
     pub seed: u64,
+    /// How many top alternatives each [`Draw`] reports (0: none).
+    pub alternatives: usize,
 }
 
 impl Default for SamplerConfig {
@@ -70,6 +72,7 @@ impl Default for SamplerConfig {
             allowed: None,
             order: vec![Stage::Temperature, Stage::TopK, Stage::TopP, Stage::MinP, Stage::TypicalP],
             seed: 0,
+            alternatives: 0,
         }
     }
 }
@@ -82,6 +85,9 @@ pub struct Draw {
     pub logprob_raw: f32,
     /// Its log-probability in the processed distribution that was sampled.
     pub logprob: f32,
+    /// The [`SamplerConfig::alternatives`] most probable tokens of the processed
+    /// distribution with their log-probabilities, descending, ties to the lower id.
+    pub alternatives: Vec<(usize, f32)>,
 }
 
 fn check(cfg: &SamplerConfig, v: usize) -> Result<()> {
@@ -324,7 +330,11 @@ fn sample_with(
     let raw = |j: usize| (logits[j] as f64 - raw_lse) as f32;
     if greedy {
         let best = kept.iter().copied().reduce(|a, b| if better(z, b, a) { b } else { a }).expect("non-empty") as usize;
-        return Ok((0..num_samples).map(|_| Draw { token: best, logprob_raw: raw(best), logprob: 0.0 }).collect());
+        // The processed distribution is a point mass.
+        let alts = if cfg.alternatives > 0 { vec![(best, 0.0)] } else { Vec::new() };
+        return Ok((0..num_samples)
+            .map(|_| Draw { token: best, logprob_raw: raw(best), logprob: 0.0, alternatives: alts.clone() })
+            .collect());
     }
     if !p_fresh {
         refresh(z, p);
@@ -346,6 +356,20 @@ fn sample_with(
             "the processed distribution has no mass (all kept probabilities underflow)".into(),
         ));
     }
+    // The top alternatives of the processed distribution (partial selection).
+    let alts: Vec<(usize, f32)> = if cfg.alternatives > 0 {
+        let mut top: Vec<usize> = ids.clone();
+        let a = cfg.alternatives.min(top.len());
+        let cmp = |x: &usize, y: &usize| p[*y].total_cmp(&p[*x]).then(x.cmp(y));
+        if a < top.len() {
+            top.select_nth_unstable_by(a - 1, cmp);
+            top.truncate(a);
+        }
+        top.sort_unstable_by(cmp);
+        top.into_iter().map(|j| (j, ((p[j] as f64) / total).ln() as f32)).collect()
+    } else {
+        Vec::new()
+    };
     Ok((0..num_samples)
         .map(|_| {
             let u = uniform(&mut seed) * total;
@@ -358,7 +382,8 @@ fn sample_with(
                     break;
                 }
             }
-            Draw { token: pick, logprob_raw: raw(pick), logprob: ((p[pick] as f64) / total).ln() as f32 }
+            let logprob = ((p[pick] as f64) / total).ln() as f32;
+            Draw { token: pick, logprob_raw: raw(pick), logprob, alternatives: alts.clone() }
         })
         .collect())
 }
@@ -421,4 +446,32 @@ fn best_mass_prefix(idx: &mut [u32], before: impl Fn(u32, u32) -> bool, w: &[f32
         }
     }
     hi
+}
+
+/// One decoding step for many rows at once (`logits: [n, V]`), each with its own history
+/// and settings (seed included), in parallel. Row `i`'s draws are the same as
+/// [`sample_row`]'s for that row, whatever the number of threads.
+pub fn sample_rows(
+    logits: crate::MatRef<'_>,
+    histories: &[&[usize]],
+    cfgs: &[SamplerConfig],
+    num_samples: usize,
+) -> Result<Vec<Vec<Draw>>> {
+    use rayon::prelude::*;
+    let n = logits.rows();
+    if histories.len() != n || cfgs.len() != n {
+        return Err(Error::Shape(format!(
+            "{} rows of logits, {} histories and {} configurations: expected one of each per row",
+            n,
+            histories.len(),
+            cfgs.len()
+        )));
+    }
+    (0..n)
+        .into_par_iter()
+        .map_init(Sampler::default, |s, i| {
+            s.sample(logits.row(i), histories[i], &cfgs[i], num_samples)
+                .map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")))
+        })
+        .collect()
 }

@@ -166,3 +166,41 @@ fn large_vocabulary_top_p_and_top_k_match_a_full_sort() {
         }
     }
 }
+
+#[test]
+fn alternatives_and_many_rows() {
+    use softmax_layer::MatRef;
+    use softmax_layer::sample::sample_rows;
+    let z = logits_of(&[0.1, 0.4, 0.2, 0.3]);
+    let cfg = SamplerConfig { alternatives: 3, seed: 5, ..Default::default() };
+    let d = sample_row(&z, &[], &cfg, 1).unwrap()[0].clone();
+    let alts: Vec<usize> = d.alternatives.iter().map(|a| a.0).collect();
+    assert_eq!(alts, vec![1, 3, 2]);
+    assert!((d.alternatives[0].1 as f64 - 0.4f64.ln()).abs() < 1e-6);
+    // With top-p the alternatives come from the processed (renormalized) distribution.
+    let cfg = SamplerConfig { alternatives: 5, top_p: Some(0.6), ..Default::default() };
+    let d = sample_row(&z, &[], &cfg, 1).unwrap()[0].clone();
+    assert_eq!(d.alternatives.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert!((d.alternatives[0].1 as f64 - (0.4f64 / 0.7).ln()).abs() < 1e-6);
+    // Many rows, each with its own settings: the same draws as one row at a time, for any
+    // number of threads.
+    let rows: Vec<f32> = (0..6).flat_map(|r| (0..50).map(move |j| ((r * 31 + j * 17) % 23) as f32 * 0.2)).collect();
+    let m = MatRef::new(&rows, 6, 50).unwrap();
+    let cfgs: Vec<SamplerConfig> =
+        (0..6).map(|r| SamplerConfig { seed: r, top_k: Some(10 + r as usize), ..Default::default() }).collect();
+    let hist: Vec<&[usize]> = vec![&[]; 6];
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| sample_rows(m, &hist, &cfgs, 4).unwrap());
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(|| sample_rows(m, &hist, &cfgs, 4).unwrap());
+    assert_eq!(one, two);
+    for r in 0..6 {
+        assert_eq!(one[r], sample_row(m.row(r), &[], &cfgs[r], 4).unwrap());
+    }
+}
