@@ -458,15 +458,8 @@ impl Consumer for Scorer<'_> {
                     }
                 }
             }
-            if self.top > 0 && !(s.cand.items.len() >= self.top && ms.max <= s.cand.threshold) {
-                for (j, &z) in row.iter().enumerate() {
-                    if z > s.cand.threshold || s.cand.items.len() < self.top {
-                        s.cand.items.push((z, (cols.start + j) as u32));
-                        if s.cand.items.len() >= 2 * self.top.max(16) {
-                            s.cand.prune(self.top);
-                        }
-                    }
-                }
+            if self.top > 0 {
+                s.cand.offer(row, cols.start, ms.max, self.top);
             }
         }
     }
@@ -754,6 +747,22 @@ impl Candidates {
             self.threshold = self.items.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
         }
     }
+    /// Offers a row of logits for classes `start..`, given the row's maximum: only
+    /// values that can still enter the top `k` are kept (strictly above the threshold:
+    /// an equal logit seen later has a higher class id).
+    fn offer(&mut self, row: &[f32], start: usize, row_max: f32, k: usize) {
+        if self.items.len() >= k && row_max <= self.threshold {
+            return;
+        }
+        for (j, &z) in row.iter().enumerate() {
+            if z > self.threshold || self.items.len() < k {
+                self.items.push((z, (start + j) as u32));
+                if self.items.len() >= 2 * k.max(16) {
+                    self.prune(k);
+                }
+            }
+        }
+    }
     fn finish(&mut self, k: usize) {
         self.prune(k);
         self.items.sort_unstable_by(better);
@@ -775,18 +784,7 @@ impl Consumer for TopKConsumer {
         for ((s, cand), row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
             let ms = self.kern.max_sum(row, None, self.t);
             *s = s.merge(ms, self.t);
-            if cand.items.len() >= self.k && ms.max <= cand.threshold {
-                continue; // nothing in this tile row can enter
-            }
-            for (j, &z) in row.iter().enumerate() {
-                // Strictly above: an equal logit seen later has a higher class id.
-                if z > cand.threshold || cand.items.len() < self.k {
-                    cand.items.push((z, (cols.start + j) as u32));
-                    if cand.items.len() >= 2 * self.k.max(16) {
-                        cand.prune(self.k);
-                    }
-                }
-            }
+            cand.offer(row, cols.start, ms.max, self.k);
         }
     }
     fn merge(&self, a: Self::State, b: Self::State) -> Self::State {

@@ -341,13 +341,16 @@ fn run(
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
+    // Weights for the smoothing term's Σ w_j z_j (ones without class weights; only built
+    // when smoothing is on).
     let ones;
     let wvec: &[f32] = match s.weights {
         Some(w) => w,
-        None => {
+        None if s.eps > 0.0 => {
             ones = vec![1f32; v];
             &ones
         }
+        None => &[],
     };
 
     for r0 in (0..n).step_by(r) {

@@ -2,37 +2,12 @@
 //! giving exit status 2 with one line naming the file and the problem.
 
 mod common;
-use common::{assert_log_close, assert_prob_close, reference};
+use common::{assert_log_close, assert_prob_close, bin, fails, reference, run};
 use softmax_layer::io::{DType, OutTensor, read_npy, write_npy_f32, write_safetensors};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_softmax-layer"))
-}
-
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Run {
-    let out = bin().args(args).output().expect("run the binary");
-    Run { code: out.status.code().unwrap_or(-1), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
-}
 
 fn p(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_string()
-}
-
-/// Runs and expects failure: status 2, exactly one line on stderr containing every `needle`.
-fn fails(args: &[&str], needles: &[&str]) {
-    let r = run(args);
-    assert_eq!(r.code, 2, "args {args:?}: stderr {}", r.stderr);
-    assert_eq!(r.stderr.trim_end().lines().count(), 1, "one line expected: {:?}", r.stderr);
-    for n in needles {
-        assert!(r.stderr.contains(n), "stderr {:?} should contain {n:?}", r.stderr);
-    }
 }
 
 fn logits_3x5() -> Vec<f32> {
@@ -46,8 +21,8 @@ fn softmax_round_trip_through_npy() {
     write_npy_f32(&dir.path().join("x.npy"), &[3, 5], &x).unwrap();
     for (cmd, t) in [("softmax", "1"), ("log-softmax", "0.5"), ("logsumexp", "2")] {
         let out = p(dir.path(), &format!("{cmd}.npy"));
-        let r = run(&[cmd, "--logits", &p(dir.path(), "x.npy"), "--temperature", t, "-o", &out]);
-        assert_eq!(r.code, 0, "{cmd}: {}", r.stderr);
+        let (code, stderr) = run(&[cmd, "--logits", &p(dir.path(), "x.npy"), "--temperature", t, "-o", &out]);
+        assert_eq!(code, 0, "{cmd}: {}", stderr);
         let y = read_npy(Path::new(&out)).unwrap();
         assert_eq!(y.dtype, DType::F32);
         let y = y.to_f32().unwrap().into_owned();
@@ -80,7 +55,7 @@ fn bf16_safetensors_with_mask_round_trip() {
     std::fs::write(dir.path().join("in.safetensors"), bytes).unwrap();
     write_safetensors(&dir.path().join("mask.safetensors"), &[("m", vec![5], OutTensor::F32(&mask))]).unwrap();
     let out = p(dir.path(), "lp.npy");
-    let r = run(&[
+    let (code, stderr) = run(&[
         "log-softmax",
         "--logits",
         &format!("{}:logits", p(dir.path(), "in.safetensors")),
@@ -89,7 +64,7 @@ fn bf16_safetensors_with_mask_round_trip() {
         "-o",
         &out,
     ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(code, 0, "{}", stderr);
     let y = read_npy(Path::new(&out)).unwrap().to_f32().unwrap().into_owned();
     let xr: Vec<f32> = x.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
     for i in 0..3 {
@@ -138,13 +113,13 @@ fn f64_and_f16_npy_and_1d_inputs() {
     let (lp, lse) = reference(&xf, None, 1.0);
     for f in ["x64.npy", "x16.npy"] {
         let out = p(dir.path(), "p.npy");
-        assert_eq!(run(&["softmax", "--logits", &p(dir.path(), f), "-o", &out]).code, 0);
+        assert_eq!(run(&["softmax", "--logits", &p(dir.path(), f), "-o", &out]).0, 0);
         let y = read_npy(Path::new(&out)).unwrap();
         assert_eq!(y.shape, vec![4], "a 1-D input gives a 1-D output");
         let y = y.to_f32().unwrap();
         (0..4).for_each(|j| assert_prob_close(y[j], lp[j].exp(), f));
         let out = p(dir.path(), "lse.npy");
-        assert_eq!(run(&["logsumexp", "--logits", &p(dir.path(), f), "-o", &out]).code, 0);
+        assert_eq!(run(&["logsumexp", "--logits", &p(dir.path(), f), "-o", &out]).0, 0);
         let y = read_npy(Path::new(&out)).unwrap();
         assert_eq!(y.shape, vec![1], "a 1-D input is one row");
         assert_log_close(y.to_f32().unwrap()[0], lse, 2e-6, f);
@@ -240,9 +215,9 @@ fn an_existing_output_survives_a_failed_run() {
 
 #[test]
 fn an_impossible_allocation_is_an_error_not_an_abort() {
-    let r = run(&["selfcheck", "--rows", "2000000000", "--cols", "2000000000"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("cannot allocate"), "{}", r.stderr);
+    let (code, stderr) = run(&["selfcheck", "--rows", "2000000000", "--cols", "2000000000"]);
+    assert_eq!(code, 2, "{}", stderr);
+    assert!(stderr.contains("cannot allocate"), "{}", stderr);
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! The layer commands against PyTorch fixtures (tests/fixtures/layer_forward.safetensors,
 //! written by scripts/make_fixtures.py), and their bad-input errors.
 
+mod common;
+use common::{fails, ok};
 use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_safetensors};
 use std::path::Path;
-use std::process::Command;
 
 const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/layer_forward.safetensors");
 
@@ -13,25 +14,6 @@ fn fx(name: &str) -> String {
 
 fn load(spec: &str) -> Tensor {
     Tensor::load(&TensorSpec::parse(spec).unwrap()).unwrap()
-}
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_softmax-layer")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn ok(args: &[&str]) {
-    let (code, err) = run(args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-}
-
-fn fails(args: &[&str], needles: &[&str]) {
-    let (code, err) = run(args);
-    assert_eq!(code, 2, "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} should contain {n:?}");
-    }
 }
 
 fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {

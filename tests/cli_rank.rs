@@ -1,22 +1,9 @@
 //! `rank-prob` and `fit-pl` on the command line, with their bad-input errors.
 
+mod common;
+use common::{fails, run};
 use softmax_layer::io::{read_npy, write_npy_f32, write_npy_i64};
 use std::path::Path;
-use std::process::Command;
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_softmax-layer")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn fails(args: &[&str], needles: &[&str]) {
-    let (code, err) = run(args);
-    assert_eq!(code, 2, "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} should contain {n:?}");
-    }
-}
 
 #[test]
 fn rank_prob_writes_the_log_probability() {

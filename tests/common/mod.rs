@@ -58,3 +58,30 @@ pub fn assert_prob_close(got: f32, want: f64, what: &str) {
         assert!(err <= 1e-36, "{what}: got {got:e}, want {want:e}");
     }
 }
+
+/// The command-line binary under test.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_softmax-layer"))
+}
+
+/// Runs the binary: `(exit status, stderr)`.
+pub fn run(args: &[&str]) -> (i32, String) {
+    let out = bin().args(args).output().expect("run the binary");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs and expects failure: status 2, exactly one line on stderr containing every `needle`.
+pub fn fails(args: &[&str], needles: &[&str]) {
+    let (code, err) = run(args);
+    assert_eq!(code, 2, "args {args:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err:?}");
+    for n in needles {
+        assert!(err.contains(n), "stderr {err:?} should contain {n:?}");
+    }
+}
+
+/// Runs and expects success.
+pub fn ok(args: &[&str]) {
+    let (code, err) = run(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+}
