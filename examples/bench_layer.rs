@@ -60,7 +60,7 @@ fn main() {
         "loss_grad" => {
             let o = softmax_layer::loss::CrossEntropyOptions::default();
             let up = softmax_layer::loss::Upstream::Scalar(1.0);
-            let g = softmax_layer::loss::GradientsMut { hidden: &mut gh, weight: &mut gw, bias: None };
+            let g = softmax_layer::loss::GradientsMut { hidden: Some(&mut gh), weight: &mut gw, bias: None };
             std::hint::black_box(
                 softmax_layer::loss::cross_entropy_with_grad_into(&layer, hv, &targets, &o, up, g).unwrap(),
             );

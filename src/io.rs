@@ -415,6 +415,100 @@ pub fn read_safetensors(path: &Path, name: &str) -> Result<Tensor> {
     safetensors_from_storage(map_file(path)?, path, name)
 }
 
+/// The `__metadata__` string map of a `.safetensors` file (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let storage = map_file(path)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(storage.bytes())
+        .map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// A numeric CSV table: every column a feature but the optional label column.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CsvTable {
+    /// `[rows, cols]`, row-major.
+    pub features: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    /// The header's names of the feature columns, in order.
+    pub feature_names: Vec<String>,
+    /// The label column as class ids, when one was named.
+    pub labels: Option<Vec<i64>>,
+}
+
+/// Reads a CSV file with a header row. Every field must be a finite number; the label
+/// column's must be non-negative integers (written `3` or `3.0`).
+///
+/// Errors name the file, the line number and the column: an unknown `label_column`, a row
+/// with a different number of fields than the header, a field that is not a number.
+pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(std::io::BufReader::new(file));
+    let csv_err = |e: csv::Error| match e.kind() {
+        csv::ErrorKind::Io(_) => match e.into_kind() {
+            csv::ErrorKind::Io(io) => io_err(path, io),
+            _ => unreachable!(),
+        },
+        _ => fmt_err(path, e.to_string()),
+    };
+    let header: Vec<String> = rdr.headers().map_err(csv_err)?.iter().map(|h| h.trim().to_string()).collect();
+    if header.is_empty() || header.iter().all(|h| h.is_empty()) {
+        return Err(fmt_err(path, "the CSV file has no header row"));
+    }
+    let label_idx = match label_column {
+        None => None,
+        Some(name) => Some(header.iter().position(|h| h == name).ok_or_else(|| {
+            fmt_err(path, format!("no column named '{name}' (the header has: {})", header.join(", ")))
+        })?),
+    };
+    let feature_names: Vec<String> =
+        header.iter().enumerate().filter(|(j, _)| Some(*j) != label_idx).map(|(_, h)| h.clone()).collect();
+    let cols = feature_names.len();
+    let (mut features, mut labels, mut rows) = (Vec::new(), label_idx.map(|_| Vec::new()), 0usize);
+    let mut record = csv::StringRecord::new();
+    loop {
+        let more = rdr.read_record(&mut record).map_err(csv_err)?;
+        if !more {
+            break;
+        }
+        let line = record.position().map_or(rows + 2, |p| p.line() as usize);
+        if record.len() == 1 && record[0].trim().is_empty() && header.len() > 1 {
+            continue; // a blank line
+        }
+        if record.len() != header.len() {
+            return Err(fmt_err(
+                path,
+                format!("line {line} has {} fields, but the header has {}", record.len(), header.len()),
+            ));
+        }
+        for (j, field) in record.iter().enumerate() {
+            let f = field.trim();
+            let value: f64 = f.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
+                fmt_err(path, format!("line {line}, column '{}': '{f}' is not a finite number", header[j]))
+            })?;
+            if Some(j) == label_idx {
+                if value < 0.0 || value.fract() != 0.0 || value > i64::MAX as f64 {
+                    return Err(fmt_err(
+                        path,
+                        format!(
+                            "line {line}, label column '{}': '{f}' is not a non-negative integer class id",
+                            header[j]
+                        ),
+                    ));
+                }
+                labels.as_mut().expect("label column").push(value as i64);
+            } else {
+                features.push(value as f32);
+            }
+        }
+        rows += 1;
+    }
+    if rows == 0 {
+        return Err(fmt_err(path, "the CSV file has a header but no data rows"));
+    }
+    Ok(CsvTable { features, rows, cols, feature_names, labels })
+}
+
 /// Parses a whole `.safetensors` file held in memory and takes tensor `name`; `path` only
 /// names it in messages. (The entry point of the fuzz target.)
 pub fn safetensors_from_bytes(bytes: Vec<u8>, path: &Path, name: &str) -> Result<Tensor> {
@@ -508,11 +602,21 @@ pub fn write_npy_i64(path: &Path, shape: &[usize], data: &[i64]) -> Result<()> {
 /// A tensor to write into a `.safetensors` file.
 pub enum OutTensor<'a> {
     F32(&'a [f32]),
+    F64(&'a [f64]),
     I64(&'a [i64]),
 }
 
 /// Writes named tensors into one `.safetensors` file atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor<'_>)]) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, None)
+}
+
+/// [`write_safetensors`] with a `__metadata__` string map in the header.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, OutTensor<'_>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     use safetensors::tensor::TensorView;
     let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -520,6 +624,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor<'_
             OutTensor::F32(d) => (
                 name.to_string(),
                 safetensors::Dtype::F32,
+                shape.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            OutTensor::F64(d) => (
+                name.to_string(),
+                safetensors::Dtype::F64,
                 shape.clone(),
                 d.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
@@ -539,6 +649,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor<'_
                 .map_err(|e| fmt_err(path, format!("tensor '{n}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| fmt_err(path, e.to_string()))?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| fmt_err(path, e.to_string()))?;
     write_atomic(path, &bytes)
 }

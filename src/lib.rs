@@ -106,6 +106,7 @@ pub mod sample;
 pub mod score;
 #[doc(hidden)]
 pub mod tile_gemm;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use kernels::{Isa, Kernels, MaxSum};

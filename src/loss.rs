@@ -126,8 +126,9 @@ pub enum Upstream<'a> {
 /// Gradient buffers supplied by the caller. They are **overwritten**, not accumulated into.
 #[derive(Debug)]
 pub struct GradientsMut<'g> {
-    /// `dL/dH`, `[n, d]` (contiguous).
-    pub hidden: &'g mut [f32],
+    /// `dL/dH`, `[n, d]` (contiguous). `None` skips it, and with it one of the three matrix
+    /// products: a classifier trained on fixed features needs only `dW` and `db`.
+    pub hidden: Option<&'g mut [f32]>,
     /// `dL/dW`, in the layer's layout (`[V, d]` or `[d, V]`).
     pub weight: &'g mut [f32],
     /// `dL/db`, `[V]`; `None` when the layer has no bias.
@@ -170,7 +171,7 @@ pub fn cross_entropy_with_grad(
         targets,
         opts,
         upstream,
-        GradientsMut { hidden: &mut gh, weight: &mut gw, bias: gb.as_deref_mut() },
+        GradientsMut { hidden: Some(&mut gh), weight: &mut gw, bias: gb.as_deref_mut() },
     )?;
     Ok((out, Gradients { hidden: gh, weight: gw, bias: gb }))
 }
@@ -286,10 +287,10 @@ fn run(
     let s = setup(layer, targets, o);
     let mut grad = match grad {
         Some((up, mut g)) => {
-            if g.hidden.len() != n * d || g.weight.len() != v * d {
+            if g.hidden.as_ref().is_some_and(|h| h.len() != n * d) || g.weight.len() != v * d {
                 return Err(Error::Shape(format!(
                     "gradient buffers have {} and {} elements, expected n·d = {} and V·d = {}",
-                    g.hidden.len(),
+                    g.hidden.as_ref().map_or(n * d, |h| h.len()),
                     g.weight.len(),
                     n * d,
                     v * d
@@ -337,7 +338,11 @@ fn run(
     let r = rows_per_block(v).min(n.max(1));
     let mut zbuf = vec![0f32; r * v];
     // Each segment's part of dH for the current block of rows.
-    let mut dh_part = if grad.is_some() { vec![0f32; segments.len() * r * d] } else { Vec::new() };
+    let mut dh_part = if grad.as_ref().is_some_and(|(_, g)| g.hidden.is_some()) {
+        vec![0f32; segments.len() * r * d]
+    } else {
+        Vec::new()
+    };
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
@@ -445,6 +450,7 @@ fn run(
         // Phase 2, per segment G: dX[:, G] in place, db[G] += Σ_i dX_i, dW[G] += dX[:, G]ᵀ·H[R],
         // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
         let dh_parts = SharedMut(dh_part.as_mut_ptr());
+        let want_dh = g.hidden.is_some();
         segments.par_iter().enumerate().for_each(|(gi, seg)| {
             for i in 0..m {
                 // SAFETY: row i, columns `seg` of the block buffer: this task's alone.
@@ -471,6 +477,9 @@ fn run(
             // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
             // buffer's columns `seg` were written by this task; H[R] is read-only.
             unsafe { weight_grad(layer, h, seg.clone(), z.ptr() as *const f32, v, gw.ptr()) };
+            if !want_dh {
+                return;
+            }
             // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
             let c_op = Operand { ptr: dh_parts.ptr().wrapping_add(gi * r * d), rs: d as isize, cs: 1 };
             let a_op = Operand { ptr: z.ptr().wrapping_add(seg.start), rs: v as isize, cs: 1 };
@@ -487,7 +496,8 @@ fn run(
         });
 
         // Phase 3: dH[R] = Σ_G parts, in segment order.
-        let gh = &mut g.hidden[r0 * d..(r0 + m) * d];
+        let Some(gh) = g.hidden.as_deref_mut() else { continue };
+        let gh = &mut gh[r0 * d..(r0 + m) * d];
         gh.copy_from_slice(&dh_part[..m * d]);
         for gi in 1..segments.len() {
             k.axpy(gh, 1.0, &dh_part[gi * r * d..gi * r * d + m * d]);

@@ -3,9 +3,11 @@
 //! Every failure prints one line on stderr and exits with status 2.
 
 mod layer;
+mod plot;
 mod rank;
 mod rows;
 mod selfcheck;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -57,6 +59,12 @@ enum Command {
     /// Fits Plackett–Luce log-strengths to rankings (one per line, best first) by maximum
     /// likelihood, or with an L2 prior; writes f32 .npy [m].
     FitPl(rank::FitPlArgs),
+    /// Fits a softmax layer (multinomial logistic regression, or an LM head over fixed
+    /// hidden states) with L-BFGS, AdamW or SGD; writes `weight` [K, d] and `bias` [K] and a
+    /// loss-curve SVG.
+    Train(train::TrainArgs),
+    /// Class probabilities [n, K] of a trained model, f32 .npy.
+    Predict(train::PredictArgs),
     /// Checks the row kernels against float64 on built-in data and prints their
     /// throughput next to a plain copy and a plain read of the same bytes.
     Selfcheck(selfcheck::SelfcheckArgs),
@@ -189,6 +197,8 @@ fn main() -> ExitCode {
         Command::Score(a) => layer::score(&a),
         Command::Sample(a) => layer::sample(&a),
         Command::FitPl(a) => rank::fit_pl(&a),
+        Command::Train(a) => train::run_train(&a),
+        Command::Predict(a) => train::run_predict(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,42 @@
+//! Time of one training evaluation (loss and gradient over all rows) of a small softmax
+//! classifier, the unit of L-BFGS's cost.
+//!
+//! `cargo run --release --example bench_train [n d K reps]` (default 50000 256 100 9)
+
+use softmax_layer::MatRef;
+use softmax_layer::train::{Model, loss_and_gradient};
+use std::time::Instant;
+
+fn main() {
+    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let (n, d, k, reps) = (
+        a.first().copied().unwrap_or(50000),
+        a.get(1).copied().unwrap_or(256),
+        a.get(2).copied().unwrap_or(100),
+        a.get(3).copied().unwrap_or(9),
+    );
+    let mut s = 1u64;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let x: Vec<f32> = (0..n * d).map(|_| next()).collect();
+    let y: Vec<i64> = (0..n).map(|i| (i * 7919 % k) as i64).collect();
+    let model = Model { weight: (0..k * d).map(|_| next() * 0.1).collect(), bias: vec![0.0; k], classes: k, dim: d };
+    let (mut gw, mut gb) = (vec![0f32; k * d], vec![0f32; k]);
+    let xv = MatRef::new(&x, n, d).unwrap();
+    let mut times = vec![];
+    for _ in 0..reps {
+        let t = Instant::now();
+        std::hint::black_box(loss_and_gradient(&model, xv, &y, &mut gw, &mut gb).unwrap());
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let flops = 2.0 * 2.0 * n as f64 * d as f64 * k as f64;
+    println!(
+        "loss_and_gradient n={n} d={d} K={k}: median {:.1} ms, {:.0} GFLOP/s (2 products)",
+        med * 1e3,
+        flops / med / 1e9
+    );
+}

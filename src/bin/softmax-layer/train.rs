@@ -1,0 +1,359 @@
+//! `train` and `predict`: fitting a softmax layer on features and labels, and using it.
+
+use crate::Failure;
+use crate::plot::{Series, svg};
+use indicatif::{ProgressBar, ProgressStyle};
+use softmax_layer::MatRef;
+use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
+use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the training rows come from.
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// A CSV file with a header row; every column but the label column is a feature.
+    #[arg(long, value_name = "FILE.csv", conflicts_with = "features")]
+    pub data: Option<PathBuf>,
+    /// The label column of --data.
+    #[arg(long, value_name = "NAME", requires = "data")]
+    pub label_column: Option<String>,
+    /// Features [n, d]: FILE.npy or FILE.safetensors:NAME (LM heads: the hidden states).
+    #[arg(long, value_name = "X")]
+    pub features: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Class ids [n], integer .npy or .safetensors:NAME (LM heads: the next-token ids).
+    #[arg(long, value_name = "Y", requires = "features")]
+    pub labels: Option<String>,
+    /// lbfgs (full batch, to convergence), adamw or sgd (mini-batches).
+    #[arg(long, value_name = "NAME", default_value = "lbfgs")]
+    pub optimizer: String,
+    /// λ of the L2 penalty (λ/2)·‖W‖² on the mean loss; scikit-learn's C = 1/(λ·n).
+    #[arg(long, value_name = "λ", default_value_t = 0.0)]
+    pub l2: f32,
+    /// Epochs (L-BFGS: the most iterations; default until convergence). Default 10 for adamw/sgd.
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<usize>,
+    /// Rows per mini-batch.
+    #[arg(long, value_name = "B", default_value_t = 256)]
+    pub batch: usize,
+    /// Peak learning rate (adamw, sgd). Default 0.01 for adamw, 0.1 for sgd.
+    #[arg(long, value_name = "LR")]
+    pub lr: Option<f32>,
+    /// Momentum (sgd).
+    #[arg(long, value_name = "μ", default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Decoupled weight decay (adamw).
+    #[arg(long, value_name = "WD", default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Warmup as a fraction of all steps, before the cosine decay.
+    #[arg(long, value_name = "F", default_value_t = 0.05)]
+    pub warmup: f32,
+    /// Clip the gradient to this global norm.
+    #[arg(long, value_name = "NORM")]
+    pub clip: Option<f32>,
+    /// Tolerance on the largest gradient entry (lbfgs).
+    #[arg(long, value_name = "TOL", default_value_t = 1e-5)]
+    pub tol: f64,
+    /// Stop L-BFGS once the objective is at most this.
+    #[arg(long, value_name = "J", hide = true)]
+    pub target_objective: Option<f64>,
+    /// Hold out this fraction of rows, evaluated every epoch.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub holdout: f32,
+    /// Stop when the held-out loss has not improved for N epochs, keeping the best model.
+    #[arg(long, value_name = "N")]
+    pub patience: Option<usize>,
+    /// Number of classes K (default: the largest label + 1).
+    #[arg(long, value_name = "K")]
+    pub classes: Option<usize>,
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for checkpoints.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// Write a checkpoint every N epochs.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "checkpoint")]
+    pub checkpoint_every: usize,
+    /// Continue from the latest checkpoint in --checkpoint (from scratch when there is none).
+    #[arg(long, requires = "checkpoint")]
+    pub resume: bool,
+    /// The loss-curve plot (SVG); default: next to the model, OUT.loss.svg.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Print the summary as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// The model: a .safetensors with `weight` [K, d] and `bias` [K].
+    #[arg(short = 'o', long = "output", value_name = "MODEL")]
+    pub output: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A model written by `train`.
+    #[arg(long, value_name = "MODEL")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Probabilities [n, K], f32 .npy.
+    #[arg(short = 'o', long = "output", value_name = "PROBS.npy")]
+    pub output: PathBuf,
+}
+
+/// Features (owned) and optional labels, from CSV or tensor files.
+struct Loaded {
+    x: Vec<f32>,
+    n: usize,
+    d: usize,
+    y: Option<Vec<i64>>,
+}
+
+fn load_tensor(spec: &str) -> Result<Tensor, Failure> {
+    Ok(Tensor::load(&TensorSpec::parse(spec)?)?)
+}
+
+fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Loaded, Failure> {
+    if let Some(path) = &a.data {
+        if need_labels && a.label_column.is_none() {
+            return Err(Failure("--data needs --label-column NAME to train".into()));
+        }
+        let CsvTable { features, rows, cols, labels, .. } = read_csv(path, a.label_column.as_deref())?;
+        return Ok(Loaded { x: features, n: rows, d: cols, y: labels });
+    }
+    let Some(fx) = &a.features else {
+        return Err(Failure("give the data: --data FILE.csv or --features X".into()));
+    };
+    let t = load_tensor(fx)?;
+    let (n, d) = match t.shape[..] {
+        [n, d] => (n, d),
+        _ => return Err(Failure(format!("{}: features must be [n, d], got {:?}", t.source, t.shape))),
+    };
+    let x = t.to_f32()?.into_owned();
+    let y = match labels {
+        None if need_labels => return Err(Failure("--features needs --labels Y to train".into())),
+        None => None,
+        Some(spec) => {
+            let ty = load_tensor(spec)?;
+            if ty.dtype.name().starts_with('f') {
+                // Float labels are accepted only when they are whole numbers.
+                let v = ty.to_f64()?;
+                if let Some(i) = v.iter().position(|x| x.fract() != 0.0 || !x.is_finite()) {
+                    return Err(Failure(format!("{}: label [{i}] = {} is not an integer class id", ty.source, v[i])));
+                }
+            }
+            let y = ty.to_i64()?;
+            if ty.shape.len() != 1 {
+                return Err(Failure(format!("{}: labels must be [n], got {:?}", ty.source, ty.shape)));
+            }
+            if y.len() != n {
+                return Err(Failure(format!(
+                    "{}: labels have length {}, but the features {} have n = {n} rows",
+                    ty.source,
+                    y.len(),
+                    t.source
+                )));
+            }
+            if let Some(i) = y.iter().position(|&v| v < 0) {
+                return Err(Failure(format!(
+                    "{}: label [{i}] = {} is negative; labels are class ids",
+                    ty.source, y[i]
+                )));
+            }
+            Some(y)
+        }
+    };
+    Ok(Loaded { x, n, d, y })
+}
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    first_step: usize,
+    total: usize,
+    lbfgs: bool,
+}
+
+impl Progress {
+    pub fn new(lbfgs: bool) -> Progress {
+        Progress { bar: None, started: Instant::now(), first_step: 0, total: 0, lbfgs }
+    }
+
+    fn say(&mut self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(&line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn event(&mut self, e: Event<'_>) {
+        match e {
+            Event::Start { total_steps, first_step, rows, heldout_rows } => {
+                self.first_step = first_step;
+                self.total = total_steps;
+                self.started = Instant::now();
+                if std::io::stderr().is_terminal() {
+                    let b = ProgressBar::new(total_steps as u64);
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:32.cyan/blue} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    b.set_position(first_step as u64);
+                    self.bar = Some(b);
+                }
+                let what = if self.lbfgs { "iterations at most" } else { "steps" };
+                self.say(format!("training on {rows} rows ({heldout_rows} held out), {total_steps} {what}"));
+            }
+            Event::Step { step, objective, .. } => {
+                if let Some(b) = &self.bar {
+                    b.set_position(step as u64);
+                    b.set_message(format!("{objective:.5}"));
+                }
+            }
+            Event::Epoch(r) => {
+                let secs = self.started.elapsed().as_secs_f64();
+                let held = r.heldout.map_or(String::new(), |m| {
+                    format!("  held-out loss {:.5} accuracy {:.4} perplexity {:.3}", m.loss, m.accuracy, m.perplexity)
+                });
+                let unit = if self.lbfgs { "iteration" } else { "epoch" };
+                // L-BFGS iterations are many and quick: every tenth, without a bar.
+                if !self.lbfgs || (self.bar.is_none() && r.epoch % 10 == 0) {
+                    self.say(format!("{unit} {:>4}  objective {:.6}{held}  ({secs:.1} s)", r.epoch, r.train_objective));
+                }
+            }
+            Event::Checkpoint(p) => {
+                if self.bar.is_none() && !self.lbfgs {
+                    self.say(format!("checkpoint {}", p.display()));
+                }
+            }
+            Event::Resumed { path, epoch } => {
+                self.say(format!("resumed from {} (after epoch {epoch})", path.display()))
+            }
+            Event::EarlyStop { epoch, best_epoch } => {
+                self.say(format!("early stop at epoch {epoch}: the held-out loss was best at epoch {best_epoch}"))
+            }
+            Event::Converged { iterations, max_gradient } => {
+                self.say(format!("converged after {iterations} iterations (largest gradient entry {max_gradient:.2e})"))
+            }
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// The loss curve of a run: objective per step, held-out loss per epoch.
+pub fn plot_history(out: &TrainOutput, title: &str, refs: &[(&str, f64)]) -> String {
+    let steps_per_epoch = out.step_objectives.len() as f64 / out.history.len().max(1) as f64;
+    let train: Vec<(f64, f64)> =
+        out.step_objectives.iter().enumerate().map(|(i, &y)| ((i + 1) as f64 / steps_per_epoch, y)).collect();
+    let held: Vec<(f64, f64)> =
+        out.history.iter().filter_map(|r| r.heldout.map(|m| (r.epoch as f64, m.loss))).collect();
+    let mut series = vec![Series { name: "training objective", color: "#1f77b4", points: train }];
+    if !held.is_empty() {
+        series.push(Series { name: "held-out loss", color: "#d62728", points: held });
+    }
+    svg(title, "epoch", "nats per row", &series, refs)
+}
+
+pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
+    let data = load_data(&a.data, a.labels.as_deref(), true)?;
+    let labels = data.y.as_deref().expect("labels are required");
+    let x = MatRef::new(&data.x, data.n, data.d)?;
+    let optimizer = match a.optimizer.as_str() {
+        "lbfgs" => Optimizer::Lbfgs { history: 10, tolerance: a.tol },
+        "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: a.weight_decay },
+        "sgd" => Optimizer::Sgd { momentum: a.momentum },
+        o => return Err(Failure(format!("--optimizer must be lbfgs, adamw or sgd, got '{o}'"))),
+    };
+    let lr = a.lr.unwrap_or(if a.optimizer == "sgd" { 0.1 } else { 0.01 });
+    let cfg = TrainConfig {
+        optimizer,
+        epochs: a.epochs,
+        batch_size: a.batch,
+        lr,
+        warmup: a.warmup,
+        l2: a.l2,
+        clip_norm: a.clip,
+        seed: a.seed,
+        holdout: a.holdout,
+        patience: a.patience,
+        classes: a.classes,
+        checkpoint: a.checkpoint.as_ref().map(|dir| Checkpointing {
+            dir: dir.clone(),
+            every: a.checkpoint_every,
+            resume: a.resume,
+        }),
+        target_objective: a.target_objective,
+        ..TrainConfig::default()
+    };
+    let mut progress = Progress::new(a.optimizer == "lbfgs");
+    let started = Instant::now();
+    let out = train(Data::new(x, labels)?, &cfg, |e| progress.event(e));
+    progress.finish();
+    let out = out?;
+    let secs = started.elapsed().as_secs_f64();
+    out.model.save(&a.output)?;
+    let plot = a.plot.clone().unwrap_or_else(|| with_suffix(&a.output, ".loss.svg"));
+    write_atomic(&plot, plot_history(&out, &format!("softmax-layer train ({})", a.optimizer), &[]).as_bytes())?;
+    let held = out.heldout.map_or("null".to_string(), |m| {
+        format!("{{\"loss\": {}, \"accuracy\": {}, \"perplexity\": {}}}", m.loss, m.accuracy, m.perplexity)
+    });
+    if a.json {
+        println!(
+            "{{\"objective\": {}, \"train_loss\": {}, \"train_accuracy\": {}, \"heldout\": {held}, \"iterations\": {}, \"seconds\": {secs}, \"model\": \"{}\", \"plot\": \"{}\"}}",
+            out.objective,
+            out.train.loss,
+            out.train.accuracy,
+            out.step_objectives.len(),
+            a.output.display(),
+            plot.display()
+        );
+    } else {
+        println!(
+            "objective {:.6}  training loss {:.6}  accuracy {:.4}  ({} steps, {secs:.2} s)",
+            out.objective,
+            out.train.loss,
+            out.train.accuracy,
+            out.step_objectives.len()
+        );
+        if let Some(m) = out.heldout {
+            println!("held-out loss {:.6}  accuracy {:.4}  perplexity {:.3}", m.loss, m.accuracy, m.perplexity);
+        }
+        println!("model: {}\nloss curve: {}", a.output.display(), plot.display());
+    }
+    Ok(())
+}
+
+fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    p.with_file_name(format!("{stem}{suffix}"))
+}
+
+pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
+    let model = Model::load(&a.model)?;
+    let data = load_data(&a.data, None, false)?;
+    if data.d != model.dim {
+        return Err(Failure(format!(
+            "the data has {} feature columns, but the model {} expects d = {}",
+            data.d,
+            a.model.display(),
+            model.dim
+        )));
+    }
+    let probs = model.predict_proba(MatRef::new(&data.x, data.n, data.d)?)?;
+    write_npy_f32(&a.output, &[data.n, model.classes], &probs)?;
+    Ok(())
+}

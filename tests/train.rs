@@ -1,0 +1,277 @@
+//! Training: the convex optimum against scikit-learn, gradients against float64, optimizers,
+//! determinism over thread counts, and checkpoints that resume to the same bits.
+
+mod common;
+use common::Rng;
+use softmax_layer::MatRef;
+use softmax_layer::io::read_safetensors;
+use softmax_layer::train::{
+    Checkpointing, Data, Event, Model, Optimizer, TrainConfig, evaluate, latest_checkpoint, loss_and_gradient, train,
+};
+use std::path::Path;
+
+/// scikit-learn's digits (features / 16) and its LogisticRegression optimum at C = 1,
+/// written by scripts/sklearn_reference.py.
+struct Digits {
+    x: Vec<f32>,
+    y: Vec<i64>,
+    /// objective, log-loss, accuracy, λ
+    reference: Vec<f64>,
+    coef: Vec<f64>,
+    intercept: Vec<f64>,
+}
+
+fn digits() -> Digits {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits.safetensors");
+    let t = |n: &str| read_safetensors(&p, n).unwrap();
+    Digits {
+        x: t("features").to_f32().unwrap().into_owned(),
+        y: t("labels").to_i64().unwrap(),
+        reference: t("sklearn_objective").to_f64().unwrap(),
+        coef: t("sklearn_coef").to_f64().unwrap(),
+        intercept: t("sklearn_intercept").to_f64().unwrap(),
+    }
+}
+
+/// J(W, b) in float64, straight from the definition.
+fn objective_f64(x: &[f32], y: &[i64], d: usize, w: &[f64], b: &[f64], lam: f64) -> f64 {
+    let k = b.len();
+    let n = y.len();
+    let mut total = 0.0;
+    for i in 0..n {
+        let z: Vec<f64> =
+            (0..k).map(|c| b[c] + (0..d).map(|j| w[c * d + j] * x[i * d + j] as f64).sum::<f64>()).collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        total += lse - z[y[i] as usize];
+    }
+    total / n as f64 + 0.5 * lam * w.iter().map(|v| v * v).sum::<f64>()
+}
+
+#[test]
+fn lbfgs_reaches_the_scikit_learn_optimum_on_digits() {
+    let dg = digits();
+    let (n, d) = (dg.y.len(), 64);
+    assert_eq!(dg.x.len(), n * d);
+    let lam = dg.reference[3];
+    assert!((lam - 1.0 / 1797.0).abs() < 1e-15);
+    let data = Data::new(MatRef::new(&dg.x, n, d).unwrap(), &dg.y).unwrap();
+    let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), l2: lam as f32, ..Default::default() };
+    let mut converged = false;
+    let out = train(data, &cfg, |e| converged |= matches!(e, Event::Converged { .. })).unwrap();
+    assert!(converged, "L-BFGS runs to convergence by default");
+    // Our objective, recomputed independently in float64 from the f32 model.
+    let w: Vec<f64> = out.model.weight.iter().map(|&v| v as f64).collect();
+    let b: Vec<f64> = out.model.bias.iter().map(|&v| v as f64).collect();
+    let ours = objective_f64(&dg.x, &dg.y, d, &w, &b, lam);
+    let theirs = objective_f64(&dg.x, &dg.y, d, &dg.coef, &dg.intercept, lam);
+    assert!((theirs - dg.reference[0]).abs() < 1e-9, "the float64 objective matches sklearn's: {theirs}");
+    assert!((ours - theirs).abs() < 1e-4, "objective {ours} vs scikit-learn's {theirs}");
+    assert!((out.objective - ours).abs() < 1e-5, "reported {} vs float64 {ours}", out.objective);
+    assert!((out.train.loss - dg.reference[1]).abs() < 1e-3, "log-loss {} vs {}", out.train.loss, dg.reference[1]);
+    assert!((out.train.accuracy - dg.reference[2]).abs() < 0.003, "accuracy {}", out.train.accuracy);
+}
+
+#[test]
+fn gradient_matches_float64() {
+    let mut rng = Rng(3);
+    // n > 2048 and K·d small: the chunked parallel path; and a small n: the single call.
+    for (n, d, k) in [(5000usize, 7usize, 5usize), (37, 9, 4)] {
+        let x = rng.vec(n * d, -2.0, 2.0);
+        let y: Vec<i64> = (0..n).map(|_| rng.below(k) as i64).collect();
+        let model = Model { weight: rng.vec(k * d, -0.5, 0.5), bias: rng.vec(k, -0.5, 0.5), classes: k, dim: d };
+        let (mut gw, mut gb) = (vec![f32::NAN; k * d], vec![f32::NAN; k]);
+        let loss = loss_and_gradient(&model, MatRef::new(&x, n, d).unwrap(), &y, &mut gw, &mut gb).unwrap();
+        let (mut rw, mut rb, mut rl) = (vec![0f64; k * d], vec![0f64; k], 0f64);
+        for i in 0..n {
+            let z: Vec<f64> = (0..k)
+                .map(|c| {
+                    model.bias[c] as f64
+                        + (0..d).map(|j| model.weight[c * d + j] as f64 * x[i * d + j] as f64).sum::<f64>()
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::MIN, f64::max);
+            let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+            rl += m + s.ln() - z[y[i] as usize];
+            for c in 0..k {
+                let g = ((z[c] - m).exp() / s - if c as i64 == y[i] { 1.0 } else { 0.0 }) / n as f64;
+                rb[c] += g;
+                for j in 0..d {
+                    rw[c * d + j] += g * x[i * d + j] as f64;
+                }
+            }
+        }
+        assert!((loss - rl / n as f64).abs() < 1e-6, "loss {loss} vs {}", rl / n as f64);
+        for (g, r) in gw.iter().zip(&rw).chain(gb.iter().zip(&rb)) {
+            assert!((*g as f64 - r).abs() < 1e-6, "gradient {g} vs {r} (n={n})");
+        }
+    }
+}
+
+fn blobs(n: usize, d: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng(seed);
+    let centers = rng.vec(k * d, -2.0, 2.0);
+    let mut x = Vec::with_capacity(n * d);
+    let mut y = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = rng.below(k);
+        y.push(c as i64);
+        for j in 0..d {
+            x.push(centers[c * d + j] + rng.uniform(-1.5, 1.5));
+        }
+    }
+    (x, y)
+}
+
+#[test]
+fn minibatch_optimizers_approach_the_optimum() {
+    let (n, d, k) = (3000, 10, 4);
+    let (x, y) = blobs(n, d, k, 11);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let l2 = 1e-3;
+    let exact = train(data, &TrainConfig { optimizer: Optimizer::lbfgs(), l2, ..Default::default() }, |_| {})
+        .unwrap()
+        .objective;
+    let start = evaluate(&Model::zeros(k, d), data).unwrap().loss;
+    assert!((start - (k as f64).ln()).abs() < 1e-6);
+    for (opt, lr) in [(Optimizer::adamw(), 0.05), (Optimizer::sgd(), 0.2)] {
+        let opt = match opt {
+            Optimizer::AdamW { beta1, beta2, eps, .. } => Optimizer::AdamW { beta1, beta2, eps, weight_decay: 0.0 },
+            o => o,
+        };
+        let cfg =
+            TrainConfig { optimizer: opt, epochs: Some(30), batch_size: 100, lr, l2, seed: 5, ..Default::default() };
+        let out = train(data, &cfg, |_| {}).unwrap();
+        assert!(out.objective >= exact - 1e-5, "{opt:?}: {} below the optimum {exact}", out.objective);
+        assert!(out.objective - exact < 0.01, "{opt:?}: objective {} vs optimum {exact}", out.objective);
+        assert_eq!(out.step_objectives.len(), 30 * 30);
+    }
+}
+
+#[test]
+fn heldout_split_early_stopping_and_clipping() {
+    let (n, d, k) = (2000, 6, 3);
+    let (x, y) = blobs(n, d, k, 2);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::adamw(),
+        epochs: Some(40),
+        batch_size: 50,
+        lr: 0.05,
+        holdout: 0.25,
+        patience: Some(2),
+        clip_norm: Some(0.5),
+        seed: 9,
+        ..Default::default()
+    };
+    let mut stop = None;
+    let out = train(data, &cfg, |e| {
+        if let Event::EarlyStop { epoch, best_epoch } = e {
+            stop = Some((epoch, best_epoch))
+        }
+    })
+    .unwrap();
+    let held = out.heldout.expect("held-out metrics");
+    assert!(out.history.iter().all(|r| r.heldout.is_some()));
+    // The returned model is the best epoch's: its held-out loss is the history's minimum.
+    let best = out.history.iter().map(|r| r.heldout.unwrap().loss).fold(f64::MAX, f64::min);
+    assert_eq!(held.loss, best);
+    if let Some((epoch, best_epoch)) = stop {
+        assert_eq!(epoch - best_epoch, 2);
+        assert_eq!(out.history.len(), epoch);
+    }
+    assert!((held.perplexity - held.loss.exp()).abs() < 1e-12);
+    assert!(held.accuracy > 0.8, "accuracy {}", held.accuracy);
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let (n, d, k) = (6000, 12, 5);
+    let (x, y) = blobs(n, d, k, 4);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), epochs: Some(15), l2: 1e-3, ..Default::default() };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| train(data, &cfg, |_| {}).unwrap())
+    };
+    let (a, b) = (run(1), run(2));
+    assert_eq!(a.model, b.model);
+    assert_eq!(a.step_objectives, b.step_objectives);
+}
+
+#[test]
+fn resuming_a_killed_run_gives_the_same_bits() {
+    let (n, d, k) = (1500, 8, 4);
+    let (x, y) = blobs(n, d, k, 8);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    for opt in [Optimizer::adamw(), Optimizer::sgd(), Optimizer::lbfgs()] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            optimizer: opt,
+            epochs: Some(6),
+            batch_size: 64,
+            lr: 0.02,
+            l2: 1e-3,
+            holdout: 0.2,
+            patience: Some(50),
+            seed: 1,
+            ..Default::default()
+        };
+        let whole = train(data, &cfg, |_| {}).unwrap();
+        let ck = TrainConfig {
+            checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
+            ..cfg.clone()
+        };
+        // "Kill" the run right after its third checkpoint.
+        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            train(data, &ck, |e| {
+                if let Event::Checkpoint(p) = e
+                    && p.to_string_lossy().contains("00000003")
+                {
+                    panic!("killed");
+                }
+            })
+        }));
+        assert!(crashed.is_err());
+        let latest = latest_checkpoint(dir.path()).unwrap();
+        assert!(latest.to_string_lossy().ends_with("checkpoint-00000003.safetensors"), "{latest:?}");
+        let mut resumed_at = None;
+        let resumed = train(data, &ck, |e| {
+            if let Event::Resumed { epoch, .. } = e {
+                resumed_at = Some(epoch)
+            }
+        })
+        .unwrap();
+        assert_eq!(resumed_at, Some(3), "{opt:?}");
+        assert_eq!(resumed.model, whole.model, "{opt:?}: resumed model differs");
+        assert_eq!(resumed.step_objectives, whole.step_objectives, "{opt:?}");
+        assert_eq!(resumed.history, whole.history, "{opt:?}");
+        // Only the newest two checkpoints are kept.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // A checkpoint from another configuration is refused, not silently mixed in.
+        let other = TrainConfig { seed: 2, ..ck.clone() };
+        let err = train(data, &other, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("different run"), "{err}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let x = vec![0f32; 6];
+    let fx = MatRef::new(&x, 3, 2).unwrap();
+    let e = Data::new(fx, &[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("labels have length 2") && e.contains("3 rows"), "{e}");
+    let e = Data::new(fx, &[0, -1, 1]).unwrap_err().to_string();
+    assert!(e.contains("labels[1] = -1"), "{e}");
+    let data = Data::new(fx, &[0, 1, 1]).unwrap();
+    let e = train(data, &TrainConfig { classes: Some(1), ..Default::default() }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("targets[1] = 1"), "{e}");
+    let e = train(data, &TrainConfig { lr: -1.0, ..Default::default() }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("learning rate"), "{e}");
+    let e = train(data, &TrainConfig { patience: Some(3), ..Default::default() }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("held-out"), "{e}");
+    let mut bad = x.clone();
+    bad[3] = f32::NAN;
+    let e = Data::new(MatRef::new(&bad, 3, 2).unwrap(), &[0, 1, 1]).unwrap_err().to_string();
+    assert!(e.contains("features[1, 1]"), "{e}");
+}
