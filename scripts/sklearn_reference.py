@@ -79,7 +79,7 @@ def speed():
             sys.exit(res.stderr)
         summary = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"softmax-layer lbfgs: {ours:.2f} s (process, incl. loading), objective {summary['objective']:.6f}, "
-          f"iterations {summary['iterations']}")
+          f"iterations {summary['steps']}")
     print(f"ratio sklearn / ours: {sk / ours:.1f}x")
 
 

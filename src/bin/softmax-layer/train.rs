@@ -257,8 +257,14 @@ impl Progress {
 /// The loss curve of a run: objective per step, held-out loss per epoch.
 pub fn plot_history(out: &TrainOutput, title: &str, refs: &[(&str, f64)]) -> String {
     let steps_per_epoch = out.step_objectives.len() as f64 / out.history.len().max(1) as f64;
-    let train: Vec<(f64, f64)> =
-        out.step_objectives.iter().enumerate().map(|(i, &y)| ((i + 1) as f64 / steps_per_epoch, y)).collect();
+    // Mini-batch objectives are noisy and many: plot means over at most 400 buckets.
+    let s = &out.step_objectives;
+    let bucket = s.len().div_ceil(400).max(1);
+    let train: Vec<(f64, f64)> = s
+        .chunks(bucket)
+        .enumerate()
+        .map(|(i, c)| ((i * bucket + c.len()) as f64 / steps_per_epoch, c.iter().sum::<f64>() / c.len() as f64))
+        .collect();
     let held: Vec<(f64, f64)> =
         out.history.iter().filter_map(|r| r.heldout.map(|m| (r.epoch as f64, m.loss))).collect();
     let mut series = vec![Series { name: "training objective", color: "#1f77b4", points: train }];
@@ -269,15 +275,15 @@ pub fn plot_history(out: &TrainOutput, title: &str, refs: &[(&str, f64)]) -> Str
 }
 
 pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
-    let data = load_data(&a.data, a.labels.as_deref(), true)?;
-    let labels = data.y.as_deref().expect("labels are required");
-    let x = MatRef::new(&data.x, data.n, data.d)?;
     let optimizer = match a.optimizer.as_str() {
         "lbfgs" => Optimizer::Lbfgs { history: 10, tolerance: a.tol },
         "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: a.weight_decay },
         "sgd" => Optimizer::Sgd { momentum: a.momentum },
         o => return Err(Failure(format!("--optimizer must be lbfgs, adamw or sgd, got '{o}'"))),
     };
+    let data = load_data(&a.data, a.labels.as_deref(), true)?;
+    let labels = data.y.as_deref().expect("labels are required");
+    let x = MatRef::new(&data.x, data.n, data.d)?;
     let lr = a.lr.unwrap_or(if a.optimizer == "sgd" { 0.1 } else { 0.01 });
     let cfg = TrainConfig {
         optimizer,
@@ -313,7 +319,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     });
     if a.json {
         println!(
-            "{{\"objective\": {}, \"train_loss\": {}, \"train_accuracy\": {}, \"heldout\": {held}, \"iterations\": {}, \"seconds\": {secs}, \"model\": \"{}\", \"plot\": \"{}\"}}",
+            "{{\"objective\": {}, \"train_loss\": {}, \"train_accuracy\": {}, \"heldout\": {held}, \"steps\": {}, \"seconds\": {secs}, \"model\": \"{}\", \"plot\": \"{}\"}}",
             out.objective,
             out.train.loss,
             out.train.accuracy,

@@ -1,0 +1,164 @@
+//! `train` and `predict` on the command line: CSV and tensor inputs, bad-input errors, and a
+//! run killed with SIGKILL that resumes to the same bits.
+
+mod common;
+use common::{Rng, bin, fails, ok};
+use softmax_layer::io::{read_npy, read_safetensors, write_npy_f32, write_npy_i64};
+use std::fmt::Write;
+use std::path::Path;
+
+/// Three separable blobs in 3 dimensions, the label in the middle column.
+fn write_csv(path: &Path, n: usize) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng(21);
+    let (mut x, mut y) = (vec![], vec![]);
+    let mut text = String::from("a,label,b,c\n");
+    for i in 0..n {
+        let c = i % 3;
+        let f = [c as f32 * 2.0 + rng.uniform(-0.8, 0.8), rng.uniform(-1.0, 1.0), -(c as f32) + rng.uniform(-0.8, 0.8)];
+        writeln!(text, "{},{c},{},{}", f[0], f[1], f[2]).unwrap();
+        x.extend_from_slice(&f);
+        y.push(c as i64);
+    }
+    std::fs::write(path, text).unwrap();
+    (x, y)
+}
+
+#[test]
+fn train_and_predict_from_csv_and_tensors() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (x, y) = write_csv(Path::new(&p("d.csv")), 300);
+    ok(&["train", "--data", &p("d.csv"), "--label-column", "label", "--l2", "0.01", "-o", &p("m.safetensors")]);
+    let w = read_safetensors(Path::new(&p("m.safetensors")), "weight").unwrap();
+    assert_eq!(w.shape, vec![3, 3]);
+    assert_eq!(read_safetensors(Path::new(&p("m.safetensors")), "bias").unwrap().shape, vec![3]);
+    let svg = std::fs::read_to_string(p("m.loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"), "a loss-curve plot");
+    // predict from the CSV (the label column left out) and from .npy features: same bits.
+    ok(&[
+        "predict",
+        "--model",
+        &p("m.safetensors"),
+        "--data",
+        &p("d.csv"),
+        "--label-column",
+        "label",
+        "-o",
+        &p("a.npy"),
+    ]);
+    write_npy_f32(Path::new(&p("x.npy")), &[300, 3], &x).unwrap();
+    ok(&["predict", "--model", &p("m.safetensors"), "--features", &p("x.npy"), "-o", &p("b.npy")]);
+    let a = read_npy(Path::new(&p("a.npy"))).unwrap();
+    let b = read_npy(Path::new(&p("b.npy"))).unwrap();
+    assert_eq!(a.shape, vec![300, 3]);
+    let (a, b) = (a.to_f32().unwrap().into_owned(), b.to_f32().unwrap().into_owned());
+    assert_eq!(a, b);
+    let mut right = 0;
+    for (i, row) in a.chunks(3).enumerate() {
+        assert!((row.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-5);
+        let best = (0..3).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap();
+        right += (best as i64 == y[i]) as usize;
+    }
+    assert!(right >= 290, "training accuracy {right}/300");
+    // Tensor inputs with AdamW and a held-out split, JSON summary.
+    write_npy_i64(Path::new(&p("y.npy")), &[300], &y).unwrap();
+    let out = bin()
+        .args(["train", "--features", &p("x.npy"), "--labels", &p("y.npy"), "--optimizer", "adamw", "--epochs", "5"])
+        .args(["--holdout", "0.2", "--json", "--lr", "0.05", "--batch", "16", "-o", &p("m2.safetensors")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.contains("\"heldout\": {\"loss\"") && line.contains("\"steps\": 75"), "{line}");
+}
+
+#[test]
+fn bad_training_input_exits_2_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let o = p("m.safetensors");
+    write_csv(Path::new(&p("d.csv")), 30);
+    fails(
+        &["train", "--data", &p("d.csv"), "--label-column", "y", "-o", &o],
+        &["d.csv", "no column named 'y'", "label"],
+    );
+    std::fs::write(p("ragged.csv"), "a,b,label\n1,2,0\n3,4\n").unwrap();
+    fails(
+        &["train", "--data", &p("ragged.csv"), "--label-column", "label", "-o", &o],
+        &["ragged.csv", "line 3", "2 fields"],
+    );
+    std::fs::write(p("text.csv"), "a,b,label\n1,2,0\n3,x4,1\n").unwrap();
+    fails(
+        &["train", "--data", &p("text.csv"), "--label-column", "label", "-o", &o],
+        &["text.csv", "line 3", "column 'b'", "'x4' is not a finite number"],
+    );
+    std::fs::write(p("neg.csv"), "a,label\n1,0\n2,-1\n").unwrap();
+    fails(&["train", "--data", &p("neg.csv"), "--label-column", "label", "-o", &o], &["neg.csv", "line 3", "'-1'"]);
+    std::fs::write(p("frac.csv"), "a,label\n1,0\n2,1.5\n").unwrap();
+    fails(&["train", "--data", &p("frac.csv"), "--label-column", "label", "-o", &o], &["line 3", "'1.5'", "integer"]);
+    write_npy_f32(Path::new(&p("x.npy")), &[4, 2], &[0.0; 8]).unwrap();
+    write_npy_i64(Path::new(&p("y3.npy")), &[3], &[0, 1, 0]).unwrap();
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("y3.npy"), "-o", &o],
+        &["y3.npy", "labels have length 3", "n = 4"],
+    );
+    write_npy_i64(Path::new(&p("yn.npy")), &[4], &[0, 1, -2, 0]).unwrap();
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("yn.npy"), "-o", &o],
+        &["yn.npy", "[2] = -2", "negative"],
+    );
+    write_npy_f32(Path::new(&p("yf.npy")), &[4], &[0.0, 1.0, 0.5, 0.0]).unwrap();
+    fails(&["train", "--features", &p("x.npy"), "--labels", &p("yf.npy"), "-o", &o], &["yf.npy", "0.5", "integer"]);
+    fails(&["train", "--features", &p("x.npy"), "--labels", &p("y3.npy"), "--optimizer", "adam", "-o", &o], &["adam"]);
+    assert!(!Path::new(&o).exists(), "nothing written on failure");
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_same_bits() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (n, dim, k) = (20000, 24, 6);
+    let mut rng = Rng(5);
+    let x = rng.vec(n * dim, -1.0, 1.0);
+    let y: Vec<i64> = (0..n).map(|i| ((x[i * dim] + x[i * dim + 1] + 2.0) * 1.4) as i64 % k as i64).collect();
+    write_npy_f32(Path::new(&p("x.npy")), &[n, dim], &x).unwrap();
+    write_npy_i64(Path::new(&p("y.npy")), &[n], &y).unwrap();
+    let args = |out: &str, ck: &str| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--features", &p("x.npy"), "--labels", &p("y.npy"), "--optimizer", "adamw"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--epochs", "30", "--batch", "32", "--seed", "3", "-o", out, "--checkpoint", ck].map(String::from));
+        v
+    };
+    ok(&args(&p("whole.safetensors"), &p("ck-whole")).iter().map(String::as_str).collect::<Vec<_>>());
+    let ck = p("ck");
+    let mut child = bin().args(args(&p("m.safetensors"), &ck)).spawn().unwrap();
+    // Kill it once a few checkpoints exist (or let it finish if the machine is that fast).
+    let started = std::time::Instant::now();
+    while started.elapsed().as_secs() < 60 {
+        let n = std::fs::read_dir(&ck).map(|r| r.count()).unwrap_or(0);
+        if n >= 2 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(37));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    // Whatever moment it died at, every checkpoint left loads.
+    for e in std::fs::read_dir(&ck).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("checkpoint-") {
+            read_safetensors(&path, "weight").unwrap();
+            read_safetensors(&path, "opt.m").unwrap();
+        }
+    }
+    let mut resume = args(&p("m.safetensors"), &ck);
+    resume.push("--resume".into());
+    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = std::fs::read(p("whole.safetensors")).unwrap();
+    let b = std::fs::read(p("m.safetensors")).unwrap();
+    assert!(a == b, "the resumed model differs from the uninterrupted run's");
+}
