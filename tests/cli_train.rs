@@ -162,3 +162,25 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_bits() {
     let b = std::fs::read(p("m.safetensors")).unwrap();
     assert!(a == b, "the resumed model differs from the uninterrupted run's");
 }
+
+#[test]
+fn demo_runs_end_to_end_on_built_in_data() {
+    let d = tempfile::tempdir().unwrap();
+    let plot = d.path().join("loss.svg");
+    let out = bin()
+        .args(["demo", "--train-chars", "30000", "--epochs", "3", "--plot", plot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let num = |key: &str| -> f64 {
+        let at = text.find(key).unwrap_or_else(|| panic!("no '{key}' in:\n{text}")) + key.len();
+        text[at..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (model, rate) = (num("model:  cross-entropy"), num("source: entropy rate"));
+    // The model cannot beat the source on average, and a few epochs get it within 0.5 bit.
+    assert!(model > rate - 0.05 && model < rate + 0.5, "model {model} vs entropy rate {rate} bits/char");
+    assert!(text.contains("T = 0.5") && text.contains("T = 1.5"), "{text}");
+    assert!(text.contains("by mean: the true"), "{text}");
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("source entropy rate"));
+}

@@ -2,6 +2,10 @@
 //!
 //! Every failure prints one line on stderr and exits with status 2.
 
+// Counts heap bytes (current and peak) so that `demo` can report the fused loss's memory.
+#[path = "../../../benches/support/alloc.rs"]
+mod alloc;
+mod demo;
 mod layer;
 mod plot;
 mod rank;
@@ -11,6 +15,9 @@ mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +32,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job, on built-in data: trains a next-character model (a softmax layer over
+    /// hashed n-gram features) with a progress bar, prints held-out perplexity beside the
+    /// source's true entropy rate, scores and samples continuations, measures the fused
+    /// loss's memory, and writes the loss curve.
+    Demo(demo::DemoArgs),
     /// Softmax of each row of the logits, written as f32 .npy.
     Softmax(rows::RowArgs),
     /// Log-softmax of each row of the logits, written as f32 .npy.
@@ -197,6 +209,7 @@ fn main() -> ExitCode {
         Command::Score(a) => layer::score(&a),
         Command::Sample(a) => layer::sample(&a),
         Command::FitPl(a) => rank::fit_pl(&a),
+        Command::Demo(a) => demo::run(&a),
         Command::Train(a) => train::run_train(&a),
         Command::Predict(a) => train::run_predict(&a),
     };
