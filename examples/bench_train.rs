@@ -4,7 +4,7 @@
 //! `cargo run --release --example bench_train [n d K reps]` (default 50000 256 100 9)
 
 use softmax_layer::MatRef;
-use softmax_layer::train::{Model, loss_and_gradient};
+use softmax_layer::train::{Data, Model, loss_and_gradient};
 use std::time::Instant;
 
 fn main() {
@@ -28,7 +28,7 @@ fn main() {
     let mut times = vec![];
     for _ in 0..reps {
         let t = Instant::now();
-        std::hint::black_box(loss_and_gradient(&model, xv, &y, &mut gw, &mut gb).unwrap());
+        std::hint::black_box(loss_and_gradient(&model, Data::new(xv, &y).unwrap(), &mut gw, &mut gb).unwrap());
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

@@ -148,7 +148,17 @@ impl<'a> SoftmaxLayer<'a> {
     }
 
     fn check(&self, hidden: MatRef<'_>, opts: &LayerOptions) -> Result<()> {
-        crate::check_temperature(opts.temperature)?;
+        self.check_shape(hidden, opts.temperature)?;
+        if let Some((i, j, v)) = hidden.find_non_finite() {
+            return Err(Error::NonFinite { tensor: "hidden".into(), row: i, col: j, value: v });
+        }
+        Ok(())
+    }
+
+    /// The temperature and `hidden`'s width, without scanning its values (for callers that
+    /// validated them once, like a training loop).
+    pub(crate) fn check_shape(&self, hidden: MatRef<'_>, temperature: f32) -> Result<()> {
+        crate::check_temperature(temperature)?;
         if hidden.cols() != self.hidden {
             return Err(Error::Shape(format!(
                 "hidden is [{}, {}] but the layer has d = {} (weight [{}])",
@@ -157,9 +167,6 @@ impl<'a> SoftmaxLayer<'a> {
                 self.hidden,
                 self.layout.shape(self.vocab, self.hidden).map(|x| x.to_string()).join(", ")
             )));
-        }
-        if let Some((i, j, v)) = hidden.find_non_finite() {
-            return Err(Error::NonFinite { tensor: "hidden".into(), row: i, col: j, value: v });
         }
         Ok(())
     }

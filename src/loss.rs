@@ -150,7 +150,7 @@ pub fn cross_entropy(
     targets: &[i64],
     opts: &CrossEntropyOptions<'_>,
 ) -> Result<CrossEntropyOutput> {
-    run(layer, hidden, targets, opts, None)
+    run(layer, hidden, targets, opts, None, true)
 }
 
 /// The loss and its gradients with respect to `hidden`, the weight and the bias.
@@ -186,7 +186,20 @@ pub fn cross_entropy_with_grad_into(
     upstream: Upstream<'_>,
     grads: GradientsMut<'_>,
 ) -> Result<CrossEntropyOutput> {
-    run(layer, hidden, targets, opts, Some((upstream, grads)))
+    run(layer, hidden, targets, opts, Some((upstream, grads)), true)
+}
+
+/// [`cross_entropy_with_grad_into`] for `hidden` whose values the caller has already
+/// checked to be finite (a training loop checks its features once, not every step).
+pub(crate) fn cross_entropy_with_grad_prechecked(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    opts: &CrossEntropyOptions<'_>,
+    upstream: Upstream<'_>,
+    grads: GradientsMut<'_>,
+) -> Result<CrossEntropyOutput> {
+    run(layer, hidden, targets, opts, Some((upstream, grads)), false)
 }
 
 /// Validated, per-call constants.
@@ -204,8 +217,18 @@ struct Setup<'a> {
     denom_z: f64,
 }
 
-fn check(layer: &SoftmaxLayer<'_>, hidden: MatRef<'_>, targets: &[i64], o: &CrossEntropyOptions<'_>) -> Result<()> {
-    layer.check_inputs(hidden, o.temperature)?;
+fn check(
+    layer: &SoftmaxLayer<'_>,
+    hidden: MatRef<'_>,
+    targets: &[i64],
+    o: &CrossEntropyOptions<'_>,
+    scan_hidden: bool,
+) -> Result<()> {
+    if scan_hidden {
+        layer.check_inputs(hidden, o.temperature)?;
+    } else {
+        layer.check_shape(hidden, o.temperature)?;
+    }
     let (n, v) = (hidden.rows(), layer.vocab());
     if targets.len() != n {
         return Err(Error::Shape(format!(
@@ -281,8 +304,9 @@ fn run(
     targets: &[i64],
     o: &CrossEntropyOptions<'_>,
     grad: Option<(Upstream<'_>, GradientsMut<'_>)>,
+    scan_hidden: bool,
 ) -> Result<CrossEntropyOutput> {
-    check(layer, hidden, targets, o)?;
+    check(layer, hidden, targets, o, scan_hidden)?;
     let (n, d, v) = (hidden.rows(), layer.hidden_dim(), layer.vocab());
     let s = setup(layer, targets, o);
     let mut grad = match grad {

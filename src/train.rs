@@ -116,11 +116,12 @@ fn check_dim(features: MatRef<'_>, dim: usize) -> Result<()> {
     Ok(())
 }
 
-/// Features `[n, d]` with their class ids `[n]`.
+/// Features `[n, d]` with their class ids `[n]`, checked once by [`Data::new`] (so the
+/// training loop never scans them again).
 #[derive(Clone, Copy, Debug)]
 pub struct Data<'a> {
-    pub features: MatRef<'a>,
-    pub labels: &'a [i64],
+    features: MatRef<'a>,
+    labels: &'a [i64],
 }
 
 impl<'a> Data<'a> {
@@ -144,6 +145,16 @@ impl<'a> Data<'a> {
             return Err(Error::NonFinite { tensor: "features".into(), row: i, col: j, value: v });
         }
         Ok(Data { features, labels })
+    }
+
+    /// The features, `[n, d]`.
+    pub fn features(&self) -> MatRef<'a> {
+        self.features
+    }
+
+    /// The class ids, `[n]`.
+    pub fn labels(&self) -> &'a [i64] {
+        self.labels
     }
 
     /// Number of classes the labels imply: the largest label + 1.
@@ -368,13 +379,21 @@ const CHUNKED_MAX_PARAMS: usize = 1 << 20;
 /// Small models (`K·d` ≤ 2²⁰) split the rows into fixed chunks computed in parallel, each
 /// with its own gradient, summed in chunk order; larger ones run one fused call that is
 /// parallel over classes. Either way the result does not depend on the thread count.
-pub fn loss_and_gradient(
-    model: &Model,
-    features: MatRef<'_>,
-    labels: &[i64],
-    gw: &mut [f32],
-    gb: &mut [f32],
-) -> Result<f64> {
+pub fn loss_and_gradient(model: &Model, data: Data<'_>, gw: &mut [f32], gb: &mut [f32]) -> Result<f64> {
+    let (features, labels) = (data.features, data.labels);
+    check_dim(features, model.dim)?;
+    if let Some(i) = labels.iter().position(|&y| y as u64 >= model.classes as u64) {
+        return Err(Error::TargetOutOfRange { index: i, value: labels[i], vocab: model.classes });
+    }
+    if gw.len() != model.classes * model.dim || gb.len() != model.classes {
+        return Err(Error::Shape(format!(
+            "gradient buffers have {} and {} elements, expected K·d = {} and K = {}",
+            gw.len(),
+            gb.len(),
+            model.classes * model.dim,
+            model.classes
+        )));
+    }
     let n = features.rows();
     let (k, d) = (model.classes, model.dim);
     if n == 0 {
@@ -387,7 +406,7 @@ pub fn loss_and_gradient(
     let up = Upstream::Scalar(1.0 / n as f32);
     let one = |x: MatRef<'_>, y: &[i64], gw: &mut [f32], gb: &mut [f32]| -> Result<f64> {
         let g = GradientsMut { hidden: None, weight: gw, bias: Some(gb) };
-        let out = loss::cross_entropy_with_grad_into(&layer, x, y, &opts, up, g)?;
+        let out = loss::cross_entropy_with_grad_prechecked(&layer, x, y, &opts, up, g)?;
         Ok(out.loss.iter().map(|&l| l as f64).sum())
     };
     if k * d > CHUNKED_MAX_PARAMS || n <= CHUNK_ROWS {
@@ -569,8 +588,9 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
                     batch_x.extend_from_slice(train_view.row(i));
                     batch_y.push(train_y[i]);
                 }
-                let xb = MatRef::new(&batch_x, batch.len(), d)?;
-                let loss = loss_and_gradient(&st.model, xb, &batch_y, &mut gw, &mut gb)?;
+                // Rows of already checked data.
+                let batch_data = Data { features: MatRef::new(&batch_x, batch.len(), d)?, labels: &batch_y };
+                let loss = loss_and_gradient(&st.model, batch_data, &mut gw, &mut gb)?;
                 let objective = loss + penalty(&st.model.weight, cfg.l2);
                 let lr = lr_at(cfg, st.step, total_steps);
                 minibatch_step(&mut st, cfg, &mut gw, &mut gb, lr);
@@ -609,7 +629,7 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
         (true, Some((_, _, m))) => m,
         _ => st.model,
     };
-    let loss = loss_and_gradient(&model, train_view, &train_y, &mut gw, &mut gb)?;
+    let loss = loss_and_gradient(&model, train_data, &mut gw, &mut gb)?;
     let train_metrics = evaluate(&model, train_data)?;
     let heldout = held.map(|h| evaluate(&model, h)).transpose()?;
     Ok(TrainOutput {
@@ -756,7 +776,7 @@ fn objective_f64(x: &[f64], classes: usize, d: usize, data: Data<'_>, l2: f32) -
     let model = model_from_flat(x, classes, d);
     let p = classes * d;
     let (mut gw, mut gb) = (vec![0f32; p], vec![0f32; classes]);
-    let loss = loss_and_gradient(&model, data.features, data.labels, &mut gw, &mut gb)?;
+    let loss = loss_and_gradient(&model, data, &mut gw, &mut gb)?;
     let l2 = l2 as f64;
     let mut g: Vec<f64> = gw.iter().chain(&gb).map(|&v| v as f64).collect();
     let mut pen = 0.0;

@@ -81,7 +81,8 @@ fn gradient_matches_float64() {
         let y: Vec<i64> = (0..n).map(|_| rng.below(k) as i64).collect();
         let model = Model { weight: rng.vec(k * d, -0.5, 0.5), bias: rng.vec(k, -0.5, 0.5), classes: k, dim: d };
         let (mut gw, mut gb) = (vec![f32::NAN; k * d], vec![f32::NAN; k]);
-        let loss = loss_and_gradient(&model, MatRef::new(&x, n, d).unwrap(), &y, &mut gw, &mut gb).unwrap();
+        let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+        let loss = loss_and_gradient(&model, data, &mut gw, &mut gb).unwrap();
         let (mut rw, mut rb, mut rl) = (vec![0f64; k * d], vec![0f64; k], 0f64);
         for i in 0..n {
             let z: Vec<f64> = (0..k)
