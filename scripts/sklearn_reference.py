@@ -44,7 +44,7 @@ def digits():
     print("wrote", os.path.normpath(out))
 
 
-def synthetic(n=50000, d=256, k=100, seed=0, scale=0.285):
+def synthetic(n=50000, d=256, k=100, seed=0, scale=0.3):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, d)).astype(np.float32)
     W = rng.standard_normal((k, d)) * scale

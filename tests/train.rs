@@ -276,3 +276,36 @@ fn bad_input_is_a_clear_error() {
     let e = Data::new(MatRef::new(&bad, 3, 2).unwrap(), &[0, 1, 1]).unwrap_err().to_string();
     assert!(e.contains("features[1, 1]"), "{e}");
 }
+
+#[test]
+fn learning_rate_warms_up_then_follows_a_cosine() {
+    let (n, d, k) = (100, 3, 2);
+    let (x, y) = blobs(n, d, k, 1);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::sgd(),
+        epochs: Some(10),
+        batch_size: 10,
+        lr: 0.5,
+        warmup: 0.1,
+        min_lr_ratio: 0.2,
+        ..Default::default()
+    };
+    let mut lrs = vec![];
+    train(data, &cfg, |e| {
+        if let Event::Step { lr, .. } = e {
+            lrs.push(lr as f64)
+        }
+    })
+    .unwrap();
+    assert_eq!(lrs.len(), 100);
+    for (s, &lr) in lrs.iter().enumerate() {
+        let want = if s < 10 {
+            0.5 * (s + 1) as f64 / 10.0
+        } else {
+            let t = (s - 10) as f64 / 90.0;
+            0.5 * (0.2 + 0.8 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+        };
+        assert!((lr - want).abs() < 1e-6, "step {s}: lr {lr} vs {want}");
+    }
+}

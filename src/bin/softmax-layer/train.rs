@@ -179,11 +179,12 @@ pub struct Progress {
     first_step: usize,
     total: usize,
     lbfgs: bool,
+    last_message: Instant,
 }
 
 impl Progress {
     pub fn new(lbfgs: bool) -> Progress {
-        Progress { bar: None, started: Instant::now(), first_step: 0, total: 0, lbfgs }
+        Progress { bar: None, started: Instant::now(), first_step: 0, total: 0, lbfgs, last_message: Instant::now() }
     }
 
     fn say(&mut self, line: String) {
@@ -202,10 +203,8 @@ impl Progress {
                 if std::io::stderr().is_terminal() {
                     let b = ProgressBar::new(total_steps as u64);
                     b.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:32.cyan/blue} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        ProgressStyle::with_template("{bar:32.cyan/blue} {pos}/{len} steps  {msg}  ETA {eta}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
                     b.set_position(first_step as u64);
                     self.bar = Some(b);
@@ -216,7 +215,12 @@ impl Progress {
             Event::Step { step, objective, .. } => {
                 if let Some(b) = &self.bar {
                     b.set_position(step as u64);
-                    b.set_message(format!("{objective:.5}"));
+                    // Steps can be many thousands a second: refresh the text at most 20 times a second.
+                    if self.last_message.elapsed().as_millis() >= 50 || step == self.total {
+                        self.last_message = Instant::now();
+                        let rate = (step - self.first_step) as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+                        b.set_message(format!("{rate:.0} steps/s  loss {objective:.5}"));
+                    }
                 }
             }
             Event::Epoch(r) => {
