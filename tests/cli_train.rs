@@ -184,3 +184,23 @@ fn demo_runs_end_to_end_on_built_in_data() {
     assert!(text.contains("by mean: the true"), "{text}");
     assert!(std::fs::read_to_string(&plot).unwrap().contains("source entropy rate"));
 }
+
+#[test]
+fn demo_trains_on_a_users_text_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(60);
+    std::fs::write(p("t.txt"), &text).unwrap();
+    let out = bin().args(["demo", "--text", &p("t.txt"), "--epochs", "4", "--plot", &p("l.svg")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.contains("entropy rate of your text is unknown"), "{s}");
+    // A repeated sentence is easy: the held-out cross-entropy falls far below uniform.
+    let at = s.find("cross-entropy ").unwrap() + "cross-entropy ".len();
+    let bits: f64 = s[at..].split_whitespace().next().unwrap().parse().unwrap();
+    assert!(bits < 2.0, "{bits} bits/char on a repeated sentence (uniform over 28 symbols is 4.8)");
+    assert!(Path::new(&p("l.svg")).exists());
+    std::fs::write(p("short.txt"), "too short").unwrap();
+    fails(&["demo", "--text", &p("short.txt")], &["short.txt", "at least 1000 characters"]);
+    fails(&["demo", "--text", &p("missing.txt")], &["missing.txt"]);
+}
