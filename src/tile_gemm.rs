@@ -248,6 +248,18 @@ impl PackedA {
         self.m = m;
         self.k = k;
         let dst = &mut self.buf.as_mut_slice()[..total];
+        #[cfg(target_arch = "x86_64")]
+        if self.variant.isa() == Isa::Avx512 && mr <= 16 {
+            for ip in 0..panels {
+                let rows = mr.min(m - ip * mr);
+                let panel = &mut dst[ip * mr * k..(ip + 1) * mr * k];
+                // SAFETY: AVX-512F is available (checked when the variant was chosen); rows
+                // ip*mr.. ip*mr+rows of A hold k readable values each (asserted above); the
+                // panel holds k*mr values.
+                unsafe { x86::pack_a_panel_avx512(a[ip * mr * lda..].as_ptr(), lda, rows, k, mr, panel.as_mut_ptr()) };
+            }
+            return;
+        }
         for ip in 0..panels {
             let panel = &mut dst[ip * mr * k..(ip + 1) * mr * k];
             for r in 0..mr {
@@ -988,6 +1000,44 @@ mod x86 {
             r[s + 8] = _mm512_shuffle_f32x4::<0xdd>(x, z);
             r[s + 4] = _mm512_shuffle_f32x4::<0x88>(y, w);
             r[s + 12] = _mm512_shuffle_f32x4::<0xdd>(y, w);
+        }
+    }
+
+    /// Packs one `A` panel: `rows <= mr <= 16` rows of `k` values (row stride `lda`) into
+    /// `dst[p * mr + r]`, by 16×16 in-register transposes. Rows `rows..mr` are written as
+    /// zeros.
+    ///
+    /// # Safety
+    /// CPU supports AVX-512F; `a + r*lda + p` is readable for `r < rows`, `p < k`; `dst` is
+    /// valid for `k * mr` writes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_a_panel_avx512(
+        a: *const f32,
+        lda: usize,
+        rows: usize,
+        k: usize,
+        mr: usize,
+        dst: *mut f32,
+    ) {
+        debug_assert!(rows <= mr && mr <= 16);
+        let out_mask: __mmask16 = ((1u32 << mr) - 1) as u16;
+        let mut p0 = 0;
+        while p0 < k {
+            let w = (k - p0).min(16);
+            let in_mask: __mmask16 = ((1u32 << w) - 1) as u16;
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, v) in r.iter_mut().enumerate().take(rows) {
+                // SAFETY: row i < rows, columns p0..p0+w < k are readable (contract); the
+                // mask keeps the load inside them.
+                *v = unsafe { _mm512_maskz_loadu_ps(in_mask, a.add(i * lda + p0)) };
+            }
+            transpose16(&mut r);
+            for (q, v) in r.iter().enumerate().take(w) {
+                // SAFETY: column p0+q < k: its `mr` slots dst[(p0+q)*mr..][..mr] are in the
+                // k*mr output; the mask writes exactly mr lanes.
+                unsafe { _mm512_mask_storeu_ps(dst.add((p0 + q) * mr), out_mask, *v) };
+            }
+            p0 += 16;
         }
     }
 

@@ -629,11 +629,11 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
         (true, Some((_, _, m))) => m,
         _ => st.model,
     };
-    let loss = loss_and_gradient(&model, train_data, &mut gw, &mut gb)?;
+    // One fused forward pass gives the training loss (the mean −log p) and the accuracy.
     let train_metrics = evaluate(&model, train_data)?;
     let heldout = held.map(|h| evaluate(&model, h)).transpose()?;
     Ok(TrainOutput {
-        objective: loss + penalty(&model.weight, cfg.l2),
+        objective: train_metrics.loss + penalty(&model.weight, cfg.l2),
         model,
         history: st.history,
         step_objectives: st.step_objectives,
