@@ -201,10 +201,14 @@ impl Progress {
                 self.total = total_steps;
                 self.started = Instant::now();
                 if std::io::stderr().is_terminal() {
-                    let b = ProgressBar::new(total_steps as u64);
+                    // L-BFGS runs until it converges: a counter, not a bar with a false end.
+                    let (b, template) = if self.lbfgs {
+                        (ProgressBar::new_spinner(), "{spinner} iteration {pos}  {msg}  {elapsed}")
+                    } else {
+                        (ProgressBar::new(total_steps as u64), "{bar:32.cyan/blue} {pos}/{len} steps  {msg}  ETA {eta}")
+                    };
                     b.set_style(
-                        ProgressStyle::with_template("{bar:32.cyan/blue} {pos}/{len} steps  {msg}  ETA {eta}")
-                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
                     b.set_position(first_step as u64);
                     self.bar = Some(b);
@@ -219,7 +223,8 @@ impl Progress {
                     if self.last_message.elapsed().as_millis() >= 50 || step == self.total {
                         self.last_message = Instant::now();
                         let rate = (step - self.first_step) as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-                        b.set_message(format!("{rate:.0} steps/s  loss {objective:.5}"));
+                        let what = if self.lbfgs { "objective" } else { "loss" };
+                        b.set_message(format!("{rate:.0} steps/s  {what} {objective:.6}"));
                     }
                 }
             }
