@@ -174,8 +174,8 @@ fn sample_with(
         return Err(Error::InvalidArgument("cannot sample from an empty row".into()));
     }
     check(cfg, v)?;
-    if let Some(j) = logits.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFinite { tensor: "logits".into(), row: 0, col: j, value: logits[j] });
+    if let Some((_, j, x)) = crate::MatRef::from_row(logits).find_non_finite() {
+        return Err(Error::NonFinite { tensor: "logits".into(), row: 0, col: j, value: x });
     }
     if let Some(&h) = history.iter().find(|&&h| h >= v) {
         return Err(Error::InvalidArgument(format!("history token {h} is out of range [0, {v})")));
@@ -217,7 +217,11 @@ fn sample_with(
     // surviving ids (unordered), `p` the softmax of `z` over all ids when fresh.
     let kept = &mut buf.kept;
     kept.clear();
-    kept.extend((0..v as u32).filter(|&j| z[j as usize] != f32::NEG_INFINITY));
+    if z.chunks(64).all(|c| c.iter().fold(true, |ok, x| ok & (*x != f32::NEG_INFINITY))) {
+        kept.extend(0..v as u32); // nothing banned: no per-element test
+    } else {
+        kept.extend((0..v as u32).filter(|&j| z[j as usize] != f32::NEG_INFINITY));
+    }
     let p = &mut buf.p;
     p.resize(v, 0.0);
     let mut p_fresh = false;
@@ -241,7 +245,7 @@ fn sample_with(
                     && kk < kept.len()
                 {
                     // Narrow first by a histogram of counts by logit (as for top-p).
-                    let zmax = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max);
+                    let zmax = kept_max(z, kept);
                     let mut bins = [0usize; 64];
                     for &j in kept.iter() {
                         bins[(((zmax - z[j as usize]) * 2.0) as usize).min(63)] += 1;
@@ -269,7 +273,7 @@ fn sample_with(
                     // of 0.5 below the maximum) finds a logit floor above which the mass
                     // already reaches `need`; the top-p set lies above that floor, since it is
                     // a prefix in logit order. The same pass sums the kept mass.
-                    let zmax = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max);
+                    let zmax = kept_max(z, kept);
                     let mut bins = [0f64; 64];
                     for &j in kept.iter() {
                         let b = (((zmax - z[j as usize]) * 2.0) as usize).min(63);
@@ -286,8 +290,8 @@ fn sample_with(
                             break;
                         }
                     }
-                    if last < 63 {
-                        let floor = zmax - (last as f32 + 1.0) * 0.5;
+                    let floor = (last < 63).then(|| zmax - (last as f32 + 1.0) * 0.5);
+                    if let Some(floor) = floor {
                         kept.retain(|&j| z[j as usize] >= floor);
                     }
                     let n = best_mass_prefix(kept, |a, b| better(z, a, b), p, need);
@@ -296,7 +300,7 @@ fn sample_with(
             }
             Stage::MinP => {
                 if let Some(mp) = cfg.min_p {
-                    let max = kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let max = kept_max(z, kept) as f64;
                     let floor = max + (mp as f64).ln();
                     kept.retain(|&j| z[j as usize] as f64 >= floor);
                 }
@@ -341,7 +345,9 @@ fn sample_with(
     }
     // The kept tokens by id, for a reproducible inverse-CDF draw: sorted when few, through
     // a bitmap when many.
-    let ids: Vec<usize> = if kept.len() < v / 16 {
+    let ids: Vec<usize> = if kept.len() == v {
+        (0..v).collect()
+    } else if kept.len() < v / 16 {
         let mut ids: Vec<usize> = kept.iter().map(|&j| j as usize).collect();
         ids.sort_unstable();
         ids
@@ -386,6 +392,28 @@ fn sample_with(
             Draw { token: pick, logprob_raw: raw(pick), logprob, alternatives: alts.clone() }
         })
         .collect())
+}
+
+/// The largest logit among the kept ids (all of `z` when every id is kept: vectorized).
+fn kept_max(z: &[f32], kept: &[u32]) -> f32 {
+    if kept.len() == z.len() {
+        lane_max(z)
+    } else {
+        kept.iter().map(|&j| z[j as usize]).fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// The largest of `z` (no NaN), in 16 independent lanes so that it vectorizes.
+fn lane_max(z: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = z.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
 /// A total order from a strict "comes before" on distinct ids.
