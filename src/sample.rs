@@ -290,8 +290,8 @@ fn sample_with(
                             break;
                         }
                     }
-                    let floor = (last < 63).then(|| zmax - (last as f32 + 1.0) * 0.5);
-                    if let Some(floor) = floor {
+                    if last < 63 {
+                        let floor = zmax - (last as f32 + 1.0) * 0.5;
                         kept.retain(|&j| z[j as usize] >= floor);
                     }
                     let n = best_mass_prefix(kept, |a, b| better(z, a, b), p, need);
