@@ -79,6 +79,25 @@
 //! # Ok::<(), softmax_layer::Error>(())
 //! ```
 //!
+//! ## Training a softmax classifier
+//!
+//! ```
+//! use softmax_layer::MatRef;
+//! use softmax_layer::train::{train, Data, Optimizer, TrainConfig};
+//!
+//! // Four points in 1-D, two classes split at 0; scikit-learn's C = 1 is λ = 1/(C·n).
+//! let x = [-2.0f32, -1.0, 1.0, 2.0];
+//! let y = [0i64, 0, 1, 1];
+//! let data = Data::new(MatRef::new(&x, 4, 1)?, &y)?;
+//! let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), l2: 0.25, ..Default::default() };
+//! let out = train(data, &cfg, |_event| {})?;
+//! assert_eq!(out.train.accuracy, 1.0);
+//! // The penalty keeps the weights finite; the two classes' weights are opposite.
+//! let w = &out.model.weight; // [K, d] = [2, 1]
+//! assert!(w[1] > 0.0 && (w[0] + w[1]).abs() < 1e-4);
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+//!
 //! ## Modules
 //!
 //! - [`rows`]: whole-matrix softmax, log-softmax and logsumexp (re-exported at the root).
@@ -90,7 +109,9 @@
 //! - [`score`]: sequence scoring with explicit alignment, and candidate ranking.
 //! - [`sample`]: one seeded decoding step with a configurable sampler chain.
 //! - [`rank`]: Plackett–Luce probabilities of rankings, their gradients, and sampling.
-//! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing.
+//! - [`train`]: L-BFGS, AdamW and SGD for a softmax layer on fixed features, with
+//!   schedules, held-out evaluation, early stopping and checkpoints that resume exactly.
+//! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing; numeric CSV.
 
 pub mod engine;
 pub mod error;
