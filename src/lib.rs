@@ -109,6 +109,7 @@
 //! - [`score`]: sequence scoring with explicit alignment, and candidate ranking.
 //! - [`sample`]: one seeded decoding step with a configurable sampler chain.
 //! - [`rank`]: Plackett–Luce probabilities of rankings, their gradients, and sampling.
+//! - [`rng`]: SplitMix64, the seeded random stream of sampling, ranking and training.
 //! - [`train`]: L-BFGS, AdamW and SGD for a softmax layer on fixed features, with
 //!   schedules, held-out evaluation, early stopping and checkpoints that resume exactly.
 //! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing; numeric CSV.
@@ -122,6 +123,7 @@ mod linalg;
 pub mod loss;
 pub mod matrix;
 pub mod rank;
+pub mod rng;
 pub mod rows;
 pub mod sample;
 pub mod score;

@@ -118,18 +118,12 @@ pub fn sample_gumbel_top_k(scores: &[f32], k: usize, seed: u64) -> Result<Vec<us
     if k == 0 || k > scores.len() {
         return Err(Error::InvalidArgument(format!("k = {k} must be in [1, {}]", scores.len())));
     }
-    let mut state = seed;
+    let mut rng = crate::rng::SplitMix64::new(seed);
     let mut keyed: Vec<(f64, usize)> = scores
         .iter()
         .enumerate()
         .map(|(j, &s)| {
-            // SplitMix64, then a uniform in (0, 1) with 53 random bits.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u = rng.uniform_open();
             (s as f64 - (-u.ln()).ln(), j)
         })
         .collect();

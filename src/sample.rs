@@ -125,16 +125,6 @@ fn check(cfg: &SamplerConfig, v: usize) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64 uniform in [0, 1).
-fn uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Applies the chain to `logits` and draws `num_samples` tokens from the result.
 pub fn sample_row(logits: &[f32], history: &[usize], cfg: &SamplerConfig, num_samples: usize) -> Result<Vec<Draw>> {
     Sampler::default().sample(logits, history, cfg, num_samples)
@@ -330,7 +320,7 @@ fn sample_with(
             }
         }
     }
-    let mut seed = cfg.seed;
+    let mut rng = crate::rng::SplitMix64::new(cfg.seed);
     let raw = |j: usize| (logits[j] as f64 - raw_lse) as f32;
     if greedy {
         let best = kept.iter().copied().reduce(|a, b| if better(z, b, a) { b } else { a }).expect("non-empty") as usize;
@@ -378,7 +368,7 @@ fn sample_with(
     };
     Ok((0..num_samples)
         .map(|_| {
-            let u = uniform(&mut seed) * total;
+            let u = rng.uniform() * total;
             let mut acc = 0.0;
             let mut pick = *ids.last().expect("non-empty");
             for &j in &ids {

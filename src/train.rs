@@ -345,27 +345,7 @@ pub struct TrainOutput {
     pub heldout: Option<Metrics>,
 }
 
-/// SplitMix64: the training's one random stream.
-#[derive(Clone, Copy, Debug)]
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, n)` (Lemire's multiply; the bias is below 2⁻³² for our sizes).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
+use crate::rng::SplitMix64 as Rng;
 
 /// Rows per parallel chunk when the model is small enough to keep one gradient per chunk.
 const CHUNK_ROWS: usize = 2048;
@@ -483,7 +463,7 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
 
     // The held-out split: a seeded permutation, its tail held out.
     let mut order: Vec<usize> = (0..n_all).collect();
-    Rng(cfg.seed ^ 0x0005_EED0_F591).shuffle(&mut order);
+    Rng::new(cfg.seed ^ 0x0005_EED0_F591).shuffle(&mut order);
     let n_held = ((n_all as f64) * cfg.holdout as f64).round() as usize;
     let (train_idx, held_idx) = order.split_at(n_all - n_held);
     let (mut train_idx, mut held_idx) = (train_idx.to_vec(), held_idx.to_vec());
@@ -545,7 +525,7 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
                 opt,
                 step: 0,
                 epoch: 0,
-                rng: Rng(cfg.seed),
+                rng: Rng::new(cfg.seed),
                 history: vec![],
                 step_objectives: vec![],
                 best: None,
@@ -996,7 +976,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     let mut meta = HashMap::new();
     meta.insert("fingerprint".to_string(), fingerprint.to_string());
     meta.insert("format".to_string(), "softmax-layer checkpoint 1".to_string());
-    let counters = [st.step as i64, st.epoch as i64, st.rng.0 as i64];
+    let counters = [st.step as i64, st.epoch as i64, st.rng.state() as i64];
     let hist: Vec<f64> = st
         .history
         .iter()
@@ -1127,7 +1107,7 @@ fn load_checkpoint(path: &Path, fingerprint: &str, classes: usize, d: usize) -> 
         opt,
         step: step as usize,
         epoch: epoch as usize,
-        rng: Rng(rng as u64),
+        rng: Rng::new(rng as u64),
         history,
         step_objectives,
         best,

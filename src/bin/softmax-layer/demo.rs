@@ -42,23 +42,7 @@ pub struct DemoArgs {
     pub plot: PathBuf,
 }
 
-/// SplitMix64.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-}
+use softmax_layer::rng::SplitMix64 as Rng;
 
 const ALPHABET: &[u8; 27] = b" abcdefghijklmnopqrstuvwxyz";
 
@@ -75,7 +59,7 @@ impl Source {
     /// more often, so the text reads like words.
     pub fn new(seed: u64) -> Source {
         let k = ALPHABET.len();
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let vowel = |c: usize| b"aeiou".contains(&ALPHABET[c]);
         let mut p = vec![0f64; k * k * k];
         for a in 0..k {
@@ -112,7 +96,7 @@ impl Source {
 
     /// `n` characters (as ids), starting after two spaces.
     pub fn generate(&self, n: usize, seed: u64) -> Vec<usize> {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let (mut a, mut b) = (0, 0);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -201,7 +185,7 @@ impl Features {
             row[v + a] = 1.0;
         }
         for k in 0..self.hashes {
-            let mut r = Rng((a as u64) << 32 ^ (b as u64) << 8 ^ k as u64);
+            let mut r = Rng::new((a as u64) << 32 ^ (b as u64) << 8 ^ k as u64);
             row[2 * v + k * self.buckets + r.below(self.buckets)] = 1.0;
         }
     }
@@ -332,7 +316,7 @@ pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     let ctx_end = n_train + 200.min(held.len() / 2);
     let context = &c.text[..ctx_end];
     let truth = &c.text[ctx_end..(ctx_end + 30).min(n_all)];
-    let mut rng = Rng(a.seed ^ 0xFACE);
+    let mut rng = Rng::new(a.seed ^ 0xFACE);
     let mut shuffled = truth.to_vec();
     for i in (1..shuffled.len()).rev() {
         shuffled.swap(i, rng.below(i + 1));
