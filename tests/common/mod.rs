@@ -1,16 +1,15 @@
 //! Shared test helpers: a seeded generator and naive float64 references.
 #![allow(dead_code)]
 
-/// SplitMix64: a tiny seeded generator, so tests need no RNG crate.
+/// The crate's SplitMix64 (tested against the reference sequence) with test conveniences.
 pub struct Rng(pub u64);
 
 impl Rng {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let mut g = softmax_layer::rng::SplitMix64::new(self.0);
+        let x = g.next_u64();
+        self.0 = g.state();
+        x
     }
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f32 {
