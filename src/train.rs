@@ -453,7 +453,10 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
     let classes = match cfg.classes {
         Some(k) => {
             if let Some(i) = data.labels.iter().position(|&y| y as u64 >= k as u64) {
-                return Err(Error::TargetOutOfRange { index: i, value: data.labels[i], vocab: k });
+                return Err(Error::InvalidArgument(format!(
+                    "labels[{i}] = {} is not a class id below the {k} classes asked for",
+                    data.labels[i]
+                )));
             }
             k
         }

@@ -110,6 +110,18 @@ fn bad_training_input_exits_2_with_one_line() {
     write_npy_f32(Path::new(&p("yf.npy")), &[4], &[0.0, 1.0, 0.5, 0.0]).unwrap();
     fails(&["train", "--features", &p("x.npy"), "--labels", &p("yf.npy"), "-o", &o], &["yf.npy", "0.5", "integer"]);
     fails(&["train", "--features", &p("x.npy"), "--labels", &p("y3.npy"), "--optimizer", "adam", "-o", &o], &["adam"]);
+    let mut bad = vec![0f32; 8];
+    bad[5] = f32::NAN;
+    write_npy_f32(Path::new(&p("xnan.npy")), &[4, 2], &bad).unwrap();
+    write_npy_i64(Path::new(&p("y4.npy")), &[4], &[0, 1, 0, 1]).unwrap();
+    fails(
+        &["train", "--features", &p("xnan.npy"), "--labels", &p("y4.npy"), "-o", &o],
+        &["xnan.npy", "features[2, 1]", "NaN"],
+    );
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("y4.npy"), "-o", &p("no/such/dir/m.safetensors")],
+        &["no/such/dir", "does not exist"],
+    );
     assert!(!Path::new(&o).exists(), "nothing written on failure");
 }
 

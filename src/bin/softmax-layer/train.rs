@@ -316,7 +316,15 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     };
     let mut progress = Progress::new(a.optimizer == "lbfgs");
     let started = Instant::now();
-    let out = train(Data::new(x, labels)?, &cfg, |e| progress.event(e));
+    let source =
+        a.data.data.as_ref().map_or_else(|| a.data.features.clone().unwrap_or_default(), |p| p.display().to_string());
+    let data = Data::new(x, labels).map_err(|e| Failure(format!("{source}: {e}")))?;
+    // Fail before training, not after, when the model cannot be written where asked.
+    let dir = a.output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Failure(format!("{}: the folder {} does not exist", a.output.display(), dir.display())));
+    }
+    let out = train(data, &cfg, |e| progress.event(e));
     progress.finish();
     let out = out?;
     let secs = started.elapsed().as_secs_f64();
