@@ -1,0 +1,194 @@
+//! bf16 products: every available path against a float64 reference of the bf16-rounded
+//! (or split) operands, the paths against each other, and every tail (n, d, V not multiples
+//! of 16 or 32, n = 1, class ranges that start and end inside a 16-class block).
+
+use softmax_layer::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision, from_bf16, split, to_bf16};
+use softmax_layer::{MatRef, WeightLayout};
+
+/// A small deterministic generator of values in [-1, 1) times a scale.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn paths() -> Vec<BfPath> {
+    let p: Vec<BfPath> = BfPath::ALL.into_iter().filter(|p| p.is_available()).collect();
+    eprintln!("bf16 paths available here: {p:?}");
+    p
+}
+
+/// The value of `x` as the precision sees it, by parts: (hi, lo).
+fn parts(x: f32, precision: Precision) -> (f64, f64) {
+    match precision {
+        Precision::Bf16 => (from_bf16(to_bf16(x)) as f64, 0.0),
+        _ => {
+            let (hi, lo) = split(x);
+            (from_bf16(hi) as f64, from_bf16(lo) as f64)
+        }
+    }
+}
+
+/// `(z, Σ|terms|)` in float64 of the products the precision sums.
+fn reference(h: &[f32], w: &[f32], precision: Precision) -> (f64, f64) {
+    let (mut z, mut mag) = (0f64, 0f64);
+    for (&a, &b) in h.iter().zip(w) {
+        let ((ah, al), (bh, bl)) = (parts(a, precision), parts(b, precision));
+        for t in [ah * bh, ah * bl, al * bh] {
+            z += t;
+            mag += t.abs();
+        }
+    }
+    (z, mag)
+}
+
+/// Bound on f32 accumulation of `terms` products in any order: γ_m·Σ|terms|, doubled.
+fn bound(terms: usize, mag: f64) -> f64 {
+    let mu = (terms as f64 + 2.0) * 2f64.powi(-24);
+    2.0 * mu / (1.0 - mu) * mag + 1e-30
+}
+
+/// Runs `path` on `[n, d] x [V, d]ᵀ` for classes `cols`, output with a NaN-filled margin
+/// (row stride `cols.len() + 3`) that must stay NaN.
+fn product(path: BfPath, h: &[f32], n: usize, w: &PackedBf16Weights, cols: std::ops::Range<usize>) -> Vec<f32> {
+    let d = w.hidden_dim();
+    let rows = PackedRows::pack(MatRef::new(h, n, d).unwrap(), w.precision());
+    let c = cols.len();
+    let ldo = c + 3;
+    let mut out = vec![f32::NAN; n * ldo];
+    for i in 0..n {
+        out[i * ldo..i * ldo + c].fill(0.0);
+    }
+    bf16::tile_product(path, &rows, w, cols, &mut out, ldo);
+    for i in 0..n {
+        assert!(out[i * ldo + c..(i + 1) * ldo].iter().all(|x| x.is_nan()), "{path}: wrote outside the tile");
+    }
+    (0..n).flat_map(|i| out[i * ldo..i * ldo + c].to_vec()).collect()
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 5, 3),
+    (1, 33, 17),
+    (2, 64, 50),
+    (7, 31, 70),
+    (16, 32, 16),
+    (17, 100, 33),
+    (33, 771, 129),
+    (40, 96, 200),
+    (64, 64, 64),
+];
+
+#[test]
+fn every_path_matches_the_float64_reference_of_the_rounded_operands() {
+    let paths = paths();
+    let mut rng = Lcg(7);
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        for &(n, d, v) in SHAPES {
+            let h = rng.vec(n * d, 2.0);
+            let w_vd = rng.vec(v * d, 0.5);
+            // The same W stored [d, V].
+            let w_dv: Vec<f32> = (0..d * v).map(|x| w_vd[(x % v) * d + x / v]).collect();
+            let packed = PackedBf16Weights::from_f32(&w_vd, WeightLayout::VocabMajor, v, d, precision).unwrap();
+            let packed_dv = PackedBf16Weights::from_f32(&w_dv, WeightLayout::HiddenMajor, v, d, precision).unwrap();
+            let ranges = [0..v, v / 3..v, 1.min(v)..v.saturating_sub(1).max(1), 0..1];
+            for cols in ranges {
+                let mut results = Vec::new();
+                for &path in &paths {
+                    for (wp, name) in [(&packed, "vd"), (&packed_dv, "dv")] {
+                        let z = product(path, &h, n, wp, cols.clone());
+                        for i in 0..n {
+                            for (jj, j) in cols.clone().enumerate() {
+                                let (want, mag) =
+                                    reference(&h[i * d..(i + 1) * d], &w_vd[j * d..(j + 1) * d], precision);
+                                let got = z[i * cols.len() + jj] as f64;
+                                let tol = bound(3 * d, mag);
+                                assert!(
+                                    (got - want).abs() <= tol,
+                                    "{precision} {path} {name} n={n} d={d} V={v} cols={cols:?} [{i},{j}]: {got} vs {want} (tol {tol})"
+                                );
+                            }
+                        }
+                        results.push((path, z));
+                    }
+                }
+                // Every path gives the same numbers up to summation order: twice the bound.
+                for (p, z) in &results[1..] {
+                    for (x, (a, b)) in results[0].1.iter().zip(z).enumerate() {
+                        let (i, jj) = (x / cols.len(), x % cols.len());
+                        let j = cols.start + jj;
+                        let (_, mag) = reference(&h[i * d..(i + 1) * d], &w_vd[j * d..(j + 1) * d], precision);
+                        assert!(
+                            ((a - b) as f64).abs() <= 2.0 * bound(3 * d, mag),
+                            "{} vs {p}: {a} vs {b}",
+                            results[0].0
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16x3_is_close_to_the_float64_product_of_the_f32_operands() {
+    // Documented bound: |z − Σ h·w| ≤ (2^-15 + γ_3d)·Σ|h·w|: the split leaves each operand
+    // with a relative error ≤ 2^-17 (hi + lo is x to 16 + 1 bits), the dropped lo·lo term is
+    // ≤ 2^-16 relative, and f32 accumulation adds γ.
+    let mut rng = Lcg(11);
+    let (n, d, v) = (9, 257, 45);
+    let h = rng.vec(n * d, 3.0);
+    let w = rng.vec(v * d, 0.1);
+    let packed = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, Precision::Bf16x3).unwrap();
+    for path in paths() {
+        let z = product(path, &h, n, &packed, 0..v);
+        for i in 0..n {
+            for j in 0..v {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for k in 0..d {
+                    let t = h[i * d + k] as f64 * w[j * d + k] as f64;
+                    exact += t;
+                    mag += t.abs();
+                }
+                let err = (z[i * v + j] as f64 - exact).abs();
+                assert!(err <= 2f64.powi(-15) * mag + bound(3 * d, mag), "{path} [{i},{j}]: err {err}, Σ|hw| {mag}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_weights_given_as_bits_pack_like_rounded_f32() {
+    let mut rng = Lcg(3);
+    let (d, v) = (45, 21);
+    let w = rng.vec(v * d, 1.0);
+    let bits: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+    let a = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, Precision::Bf16).unwrap();
+    let b = PackedBf16Weights::from_bf16_bits(&bits, WeightLayout::VocabMajor, v, d).unwrap();
+    for j in 0..v {
+        for k in 0..d {
+            assert_eq!(a.parts_at(j, k), b.parts_at(j, k));
+        }
+    }
+    assert!(PackedBf16Weights::from_bf16_bits(&bits[1..], WeightLayout::VocabMajor, v, d).is_err());
+    assert!(PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, Precision::F32).is_err());
+    assert!(PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, 0, d, Precision::Bf16).is_err());
+}
+
+#[test]
+fn path_names_parse_and_the_portable_path_is_always_there() {
+    for p in BfPath::ALL {
+        assert_eq!(BfPath::parse(&p.to_string()), Some(p));
+    }
+    assert!(BfPath::Portable.is_available());
+    assert!(BfPath::best().is_available());
+    for p in [Precision::F32, Precision::Bf16, Precision::Bf16x3] {
+        assert_eq!(Precision::parse(&p.to_string()), Some(p));
+    }
+    assert_eq!(Precision::parse("fp8"), None);
+}
