@@ -286,6 +286,11 @@ fn run(
     let s = setup(layer, targets, o);
     let mut grad = match grad {
         Some((up, mut g)) => {
+            if layer.weight().is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the gradients need f32 weights; this layer holds bf16 weights only".into(),
+                ));
+            }
             if g.hidden.len() != n * d || g.weight.len() != v * d {
                 return Err(Error::Shape(format!(
                     "gradient buffers have {} and {} elements, expected n·d = {} and V·d = {}",

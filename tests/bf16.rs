@@ -192,3 +192,186 @@ fn path_names_parse_and_the_portable_path_is_always_there() {
     }
     assert_eq!(Precision::parse("fp8"), None);
 }
+
+// ---- The layer in bf16 precisions: every forward operation. ----
+
+use softmax_layer::engine::Tiling;
+use softmax_layer::{LayerOptions, MatMut, SoftmaxLayer};
+
+/// float64 logits `[n, V]` of the operands as `precision` sees them, plus the bias, and
+/// each one's accumulation bound.
+fn ref_logits(
+    h: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    d: usize,
+    v: usize,
+    precision: Precision,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut z = vec![0f64; n * v];
+    let mut tol = vec![0f64; n * v];
+    for i in 0..n {
+        for j in 0..v {
+            let (x, mag) = match precision {
+                Precision::F32 => {
+                    let x: f64 = (0..d).map(|k| h[i * d + k] as f64 * w[j * d + k] as f64).sum();
+                    let m: f64 = (0..d).map(|k| (h[i * d + k] as f64 * w[j * d + k] as f64).abs()).sum();
+                    (x, m)
+                }
+                p => reference(&h[i * d..(i + 1) * d], &w[j * d..(j + 1) * d], p),
+            };
+            z[i * v + j] = x + b[j] as f64;
+            tol[i * v + j] = bound(3 * d + 1, mag + (b[j] as f64).abs());
+        }
+    }
+    (z, tol)
+}
+
+fn lse64(row: &[f64]) -> f64 {
+    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    m + row.iter().map(|z| (z - m).exp()).sum::<f64>().ln()
+}
+
+#[test]
+fn every_forward_operation_runs_in_bf16_on_every_path() {
+    let mut rng = Lcg(21);
+    let (n, d, v) = (37, 70, 1000);
+    let h = rng.vec(n * d, 2.0);
+    let w = rng.vec(v * d, 0.5);
+    let b = rng.vec(v, 0.3);
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 131) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = LayerOptions { temperature: 0.7 };
+    let t = opts.temperature as f64;
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        let (z, tol) = ref_logits(&h, &w, &b, n, d, v, precision);
+        let max_tol = tol.iter().cloned().fold(0.0, f64::max);
+        for path in paths() {
+            for tiling in [Tiling::default(), Tiling { row_block: 16, col_tile: 40, segment: 120 }] {
+                let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..]))
+                    .unwrap()
+                    .with_precision(precision)
+                    .unwrap()
+                    .with_bf16_path(path)
+                    .unwrap()
+                    .with_tiling(tiling);
+                let ctx = format!("{precision} {path} {tiling:?}");
+                let mut logits = vec![0f32; n * v];
+                layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+                for x in 0..n * v {
+                    assert!((logits[x] as f64 - z[x]).abs() <= tol[x], "{ctx}: logit {x}: {} vs {}", logits[x], z[x]);
+                }
+                // Reductions: within the logits' error (scaled by 1/T) plus f32 rounding.
+                let eps = max_tol / t + 1e-5;
+                let mut lse = vec![0f32; n];
+                layer.logsumexp(hv, &mut lse, &opts).unwrap();
+                let mut tlp = vec![0f32; n];
+                layer.target_log_probs(hv, &targets, &mut tlp, &opts).unwrap();
+                let mut lp = vec![0f32; n * v];
+                layer.log_probs(hv, MatMut::new(&mut lp, n, v).unwrap(), &opts).unwrap();
+                let mut p = vec![0f32; n * v];
+                layer.probs(hv, MatMut::new(&mut p, n, v).unwrap(), &opts).unwrap();
+                let mut am = vec![0usize; n];
+                layer.argmax(hv, &mut am).unwrap();
+                let top = layer.top_k(hv, 5, &opts).unwrap();
+                let stats = layer.target_stats(hv, &targets, 3, &opts).unwrap();
+                for i in 0..n {
+                    let row: Vec<f64> = z[i * v..(i + 1) * v].iter().map(|x| x / t).collect();
+                    let l = lse64(&row);
+                    assert!((lse[i] as f64 - l).abs() <= 2.0 * eps, "{ctx}: lse {i}: {} vs {l}", lse[i]);
+                    let want = row[targets[i] as usize] - l;
+                    assert!((tlp[i] as f64 - want).abs() <= 2.0 * eps, "{ctx}: target lp {i}");
+                    assert!((stats[i].log_prob - tlp[i]).abs() <= 1e-5, "{ctx}: target_stats lp {i}");
+                    for j in 0..v {
+                        assert!((lp[i * v + j] as f64 - (row[j] - l)).abs() <= 2.0 * eps, "{ctx}: lp [{i},{j}]");
+                        assert!((p[i * v + j] as f64 - (row[j] - l).exp()).abs() <= 2.0 * eps, "{ctx}: p [{i},{j}]");
+                    }
+                    // Exact with respect to the logits the layer computes.
+                    let lrow = &logits[i * v..(i + 1) * v];
+                    let best = lrow.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    assert_eq!(am[i], lrow.iter().position(|&x| x == best).unwrap(), "{ctx}: argmax {i}");
+                    assert_eq!(top.indices[i * 5], am[i], "{ctx}: top-1 {i}");
+                    let zy = lrow[targets[i] as usize];
+                    let rank = 1 + lrow.iter().filter(|&&x| x > zy).count();
+                    assert_eq!(stats[i].rank, rank, "{ctx}: rank {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_layer_from_bf16_weights_equals_the_rounded_f32_layer() {
+    let mut rng = Lcg(5);
+    let (n, d, v) = (19, 67, 300);
+    let h = rng.vec(n * d, 1.0);
+    let w = rng.vec(v * d, 1.0);
+    let bits: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let rounded = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>)
+        .unwrap()
+        .with_precision(Precision::Bf16)
+        .unwrap();
+    let packed = PackedBf16Weights::from_bf16_bits(&bits, WeightLayout::VocabMajor, v, d).unwrap();
+    let only_bf16 = SoftmaxLayer::from_packed_bf16(packed, None::<&[f32]>).unwrap();
+    assert!(only_bf16.weight().is_empty());
+    let (mut a, mut b) = (vec![0f32; n * v], vec![0f32; n * v]);
+    rounded.logits(hv, MatMut::new(&mut a, n, v).unwrap()).unwrap();
+    only_bf16.logits(hv, MatMut::new(&mut b, n, v).unwrap()).unwrap();
+    assert_eq!(a, b);
+    // No f32 weights: other precisions and the gradients are errors, not panics.
+    assert!(only_bf16.clone().with_precision(Precision::F32).is_err());
+    let targets = vec![0i64; n];
+    let r = softmax_layer::loss::cross_entropy_with_grad(
+        &only_bf16,
+        hv,
+        &targets,
+        &Default::default(),
+        softmax_layer::loss::Upstream::Scalar(1.0),
+    );
+    assert!(r.is_err());
+    // A NaN in bf16 weights is named.
+    let mut bad = bits.clone();
+    bad[3 * d + 2] = 0x7fc0;
+    let packed = PackedBf16Weights::from_bf16_bits(&bad, WeightLayout::VocabMajor, v, d).unwrap();
+    let e = SoftmaxLayer::from_packed_bf16(packed, None::<&[f32]>).unwrap_err();
+    assert!(matches!(e, softmax_layer::Error::NonFinite { row: 3, col: 2, .. }), "{e}");
+}
+
+/// Accuracy of the log-probabilities in each precision against float64 of the `f32`
+/// inputs, at a language-model-like scale (d = 768, unit-variance hidden states, weights
+/// of standard deviation 1/√d·4 so that logits spread over several units). Prints the
+/// figures the README quotes and checks the documented bounds.
+#[test]
+fn accuracy_of_each_precision_against_float64() {
+    let mut rng = Lcg(99);
+    let (n, d, v) = (16, 768, 2048);
+    let h = rng.vec(n * d, 1.7);
+    let w = rng.vec(v * d, 4.0 * 1.7 / (d as f32).sqrt());
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let (z, _) = ref_logits(&h, &w, &vec![0.0; v], n, d, v, Precision::F32);
+    let mut exact = vec![0f64; n * v];
+    for i in 0..n {
+        let l = lse64(&z[i * v..(i + 1) * v]);
+        for j in 0..v {
+            exact[i * v + j] = z[i * v + j] - l;
+        }
+    }
+    let spread = z.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    let mut errs = Vec::new();
+    for precision in [Precision::F32, Precision::Bf16x3, Precision::Bf16] {
+        let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>)
+            .unwrap()
+            .with_precision(precision)
+            .unwrap();
+        let mut lp = vec![0f32; n * v];
+        layer.log_probs(hv, MatMut::new(&mut lp, n, v).unwrap(), &LayerOptions::default()).unwrap();
+        let err = lp.iter().zip(&exact).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        eprintln!("max |log p − float64| with {precision}: {err:.3e} (max |logit| {spread:.1})");
+        errs.push(err);
+    }
+    // bf16x3 stays within 8× of f32 and at least 50× better than bf16 here.
+    assert!(errs[1] <= 8.0 * errs[0].max(1e-6), "{errs:?}");
+    assert!(errs[1] * 50.0 <= errs[2], "{errs:?}");
+}
