@@ -725,7 +725,8 @@ impl SoftmaxLayer<'_> {
         self.kernels
     }
 
-    pub(crate) fn tiling(&self) -> Tiling {
+    /// The engine's tiling.
+    pub fn tiling(&self) -> Tiling {
         self.tiling
     }
 

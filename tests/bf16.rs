@@ -375,3 +375,36 @@ fn accuracy_of_each_precision_against_float64() {
     assert!(errs[1] <= 8.0 * errs[0].max(1e-6), "{errs:?}");
     assert!(errs[1] * 50.0 <= errs[2], "{errs:?}");
 }
+
+#[test]
+fn amx_accumulates_in_place_into_an_aligned_output() {
+    // Output rows whole cache lines (stride a multiple of 16 f32, start 64-byte aligned):
+    // the AMX kernel loads and stores C there directly. Same numbers as the portable path.
+    let mut rng = Lcg(17);
+    let (n, d, v) = (70, 96, 300);
+    let h = rng.vec(n * d, 1.0);
+    let w = rng.vec(v * d, 1.0);
+    let packed = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, Precision::Bf16x3).unwrap();
+    let rows = PackedRows::pack(MatRef::new(&h, n, d).unwrap(), Precision::Bf16x3);
+    let cols = 32..200;
+    let ldo = 176;
+    let mut buf = vec![f32::NAN; n * ldo + 16];
+    let off = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
+    let mut want = vec![0.5f32; n * ldo];
+    bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo);
+    for path in paths() {
+        let out = &mut buf[off..off + n * ldo];
+        out.fill(0.5);
+        bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo);
+        for i in 0..n {
+            for j in 0..ldo {
+                let (a, b) = (out[i * ldo + j], want[i * ldo + j]);
+                if j >= cols.len() {
+                    assert_eq!(a, 0.5, "{path}: wrote outside at [{i},{j}]");
+                } else {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{path} [{i},{j}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

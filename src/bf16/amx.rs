@@ -13,6 +13,7 @@
 
 use super::{PackedBf16Weights, PackedRows};
 use std::arch::asm;
+use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -104,6 +105,12 @@ macro_rules! tload {
              options(nostack, readonly, preserves_flags))
     };
 }
+macro_rules! tload_s {
+    ($t:literal, $p:expr, $s:expr) => {
+        asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $s,
+             options(nostack, readonly, preserves_flags))
+    };
+}
 macro_rules! tdp {
     ($c:literal, $a:literal, $b:literal) => {
         asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b), options(nostack, nomem, preserves_flags))
@@ -149,7 +156,7 @@ pub(crate) unsafe fn tile_product(
     let (b0, b1) = (cols.start / 16, cols.end.div_ceil(16));
     let m = rows.rows;
     // Adds the computed C block (row tiles from `t`, class blocks from `b`) into `out`.
-    let mut flush = |scratch: &CBlock, t: usize, b: usize, nr: usize, nc: usize| {
+    let flush = |out: &mut [f32], scratch: &CBlock, t: usize, b: usize, nr: usize, nc: usize| {
         let r_end = (nr * 16).min(m - t * 16);
         let (j0, j1) = ((b * 16).max(cols.start), ((b + nc) * 16).min(cols.end));
         if j0 >= j1 {
@@ -206,7 +213,7 @@ pub(crate) unsafe fn tile_product(
                     tstore!(3, s.add(48), C_STRIDE);
                 }
             }
-            flush(&scratch, 0, b, 1, nc);
+            flush(out, &scratch, 0, b, 1, nc);
             b += nc;
         }
     } else {
@@ -216,39 +223,89 @@ pub(crate) unsafe fn tile_product(
         let mut b = b0;
         while b < b1 {
             let bp = [0, 1].map(|x| terms.iter().map(|&(_, qb)| w.block_ptr(b + x, qb)).collect::<Vec<_>>());
+            // The next pair of W blocks (contiguous) is fetched into L2 while this pair is
+            // used: spread over the row pairs and k-steps of this pair.
+            let next = if b + 2 < b1 { Some(w.block_ptr(b + 2, 0)) } else { None };
+            let next_lines = 2 * w.precision.parts() * w.d_pad * 16 * 2 / 64;
+            let steps = m.div_ceil(32) * kc * terms.len();
+            let per_step = next_lines.div_ceil(steps.max(1)).min(4);
+            let mut fetched = 0usize;
             for t in (0..tiles).step_by(2) {
                 if t * 16 >= m {
                     break;
                 }
+                // A block wholly inside the output accumulates there directly: C is loaded
+                // from `out` and stored back (no scratch, no second pass).
+                // Only where its rows are whole cache lines: unaligned tile rows cost double.
+                let ldb = ldo * 4;
+                let inside = t * 16 + 32 <= m
+                    && b * 16 >= cols.start
+                    && (b + 2) * 16 <= cols.end
+                    && ldb.is_multiple_of(64)
+                    && (out[t * 16 * ldo + b * 16 - cols.start..].as_ptr() as usize).is_multiple_of(64);
+                let c0 = if inside {
+                    out[t * 16 * ldo + b * 16 - cols.start..].as_mut_ptr()
+                } else {
+                    scratch.0.as_mut_ptr()
+                };
+                let (c1, c2, c3) = if inside {
+                    // SAFETY: offsets inside `out`: rows t·16 .. t·16 + 32 ≤ m, classes
+                    // b·16 .. b·16 + 32 inside `cols` (checked just above).
+                    unsafe { (c0.add(16), c0.add(16 * ldo), c0.add(16 * ldo + 16)) }
+                } else {
+                    // SAFETY: inside the 32 × 64 scratch.
+                    unsafe { (c0.add(16), c0.add(16 * 64), c0.add(16 * 64 + 16)) }
+                };
                 // SAFETY: as for the 1×4 kernel: row tiles t, t+1 < tiles (an even count),
                 // blocks b, b+1 ≤ ceil(V/16) (b < b1 ≤ ceil(V/16)), each load one tile
-                // inside the packed buffers; stores into the scratch as above.
+                // inside the packed buffers. C tiles are 16 rows × 16 f32 at c0..c3 with
+                // row stride `ldb` bytes inside `out` (rows < m, classes in `cols`) when
+                // `inside`, else with stride 256 bytes inside the scratch.
                 unsafe {
-                    tzero!(0);
-                    tzero!(1);
-                    tzero!(2);
-                    tzero!(3);
+                    if inside {
+                        tload_s!(0, c0, ldb);
+                        tload_s!(1, c1, ldb);
+                        tload_s!(2, c2, ldb);
+                        tload_s!(3, c3, ldb);
+                    } else {
+                        tzero!(0);
+                        tzero!(1);
+                        tzero!(2);
+                        tzero!(3);
+                    }
                     for (ti, &(qa, _)) in terms.iter().enumerate() {
                         let (a0, a1) = (rows.tile_ptr(t, qa), rows.tile_ptr(t + 1, qa));
                         let (w0, w1) = (bp[0][ti], bp[1][ti]);
                         for k in 0..kc {
+                            if let Some(nx) = next {
+                                for _ in 0..per_step {
+                                    if fetched < next_lines {
+                                        // A hint only: the line lies inside the packed W
+                                        // (blocks b+2, b+3 exist since b + 2 < b1).
+                                        _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
+                                        fetched += 1;
+                                    }
+                                }
+                            }
                             tload!(4, a0.add(k * TILE));
                             tload!(6, w0.add(k * TILE));
-                            tload!(7, w1.add(k * TILE));
-                            tload!(5, a1.add(k * TILE));
                             tdp!(0, 4, 6);
+                            tload!(7, w1.add(k * TILE));
                             tdp!(1, 4, 7);
+                            tload!(5, a1.add(k * TILE));
                             tdp!(2, 5, 6);
                             tdp!(3, 5, 7);
                         }
                     }
-                    let s = scratch.0.as_mut_ptr();
-                    tstore!(0, s, C_STRIDE);
-                    tstore!(1, s.add(16), C_STRIDE);
-                    tstore!(2, s.add(16 * 64), C_STRIDE);
-                    tstore!(3, s.add(16 * 64 + 16), C_STRIDE);
+                    let st = if inside { ldb } else { C_STRIDE };
+                    tstore!(0, c0, st);
+                    tstore!(1, c1, st);
+                    tstore!(2, c2, st);
+                    tstore!(3, c3, st);
                 }
-                flush(&scratch, t, b, 2, 2);
+                if !inside {
+                    flush(out, &scratch, t, b, 2, 2);
+                }
             }
             b += 2;
         }

@@ -199,6 +199,50 @@ pub fn split(x: f32) -> (u16, u16) {
     (hi, to_bf16(x - from_bf16(hi)))
 }
 
+/// 64 bytes of bf16: the unit of the packed buffers, so that every tile row is one
+/// aligned cache line (a tile load that straddles lines costs twice as many).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// A zeroed, 64-byte-aligned buffer of bf16 bits whose length is a multiple of 32.
+#[derive(Clone, Default)]
+struct Buf(Vec<Line>);
+
+impl Buf {
+    fn zeroed(len: usize) -> Buf {
+        debug_assert!(len.is_multiple_of(32));
+        Buf(vec![Line::default(); len / 32])
+    }
+    fn reset(&mut self, len: usize) {
+        debug_assert!(len.is_multiple_of(32));
+        self.0.clear();
+        self.0.resize(len / 32, Line::default());
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: `Line` is `repr(C)` over `[u16; 32]` with no padding (64 bytes), so the
+        // vector's lines are `32 · len` contiguous, initialized u16.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u16>(), self.0.len() * 32) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as for `deref`, with unique access through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u16>(), self.0.len() * 32) }
+    }
+}
+
+impl std::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buf({} bf16)", self.0.len() * 32)
+    }
+}
+
 /// Pads `d` to the AMX tile depth (32 bf16).
 fn pad_d(d: usize) -> usize {
     d.div_ceil(32) * 32
@@ -213,7 +257,7 @@ pub struct PackedBf16Weights {
     precision: Precision,
     /// `[block][part][d_pad / 2][16][2]`, `ceil(V / 16) + 1` blocks (the last all zero, so
     /// that kernels can always take blocks in pairs).
-    data: Vec<u16>,
+    data: Buf,
 }
 
 impl PackedBf16Weights {
@@ -235,7 +279,7 @@ impl PackedBf16Weights {
         let len = blocks
             .checked_mul(precision.parts() * d_pad * 16)
             .ok_or_else(|| Error::Shape(format!("V = {vocab}, d = {hidden} is too large to pack")))?;
-        Ok(PackedBf16Weights { vocab, hidden, d_pad, precision, data: vec![0u16; len] })
+        Ok(PackedBf16Weights { vocab, hidden, d_pad, precision, data: Buf::zeroed(len) })
     }
 
     /// Packs an `f32` weight (`[V, d]` or `[d, V]` by `layout`), rounding to bf16 (or
@@ -358,7 +402,7 @@ pub struct PackedRows {
     d_pad: usize,
     parts: usize,
     /// `[row tile][part][d_pad / 32][16][32]`, an even number of row tiles.
-    data: Vec<u16>,
+    data: Buf,
 }
 
 impl PackedRows {
@@ -375,18 +419,26 @@ impl PackedRows {
         let parts = precision.parts().max(1);
         let d_pad = pad_d(d);
         let tiles = m.div_ceil(32) * 2;
-        self.data.clear();
-        self.data.resize(tiles * parts * d_pad * 16, 0);
+        self.data.reset(tiles * parts * d_pad * 16);
         let tl = parts * d_pad * 16;
         for i in 0..m {
             let row = hidden.row(i);
             let base = (i / 16) * tl + (i % 16) * 32;
-            for (k, &x) in row.iter().enumerate() {
-                let at = base + (k / 32) * 512 + (k % 32);
-                let (hi, lo) = split(x);
-                self.data[at] = hi;
+            // 32 hidden units at a time: contiguous in the packed tile row (vectorizes).
+            for (kc, src) in row.chunks(32).enumerate() {
+                let at = base + kc * 512;
+                let hi = &mut self.data[at..at + src.len()];
+                for (h, &x) in hi.iter_mut().zip(src) {
+                    *h = to_bf16(x);
+                }
                 if parts == 2 {
-                    self.data[at + d_pad * 16] = lo;
+                    let lo_at = at + d_pad * 16;
+                    let mut his = [0u16; 32];
+                    his[..src.len()].copy_from_slice(&self.data[at..at + src.len()]);
+                    let lo = &mut self.data[lo_at..lo_at + src.len()];
+                    for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&his) {
+                        *l = to_bf16(x - from_bf16(h));
+                    }
                 }
             }
         }

@@ -1,0 +1,175 @@
+//! bf16 benchmarks, one JSON line per figure, medians of REPEATS timed calls after one
+//! warm-up:
+//!
+//! ```text
+//! cargo run --release --example bench_bf16 -- [REPEATS] [WHAT...]
+//! ```
+//!
+//! WHAT (default: all) — each on a rayon pool of 2 threads (this machine's cores):
+//! - `peak`: the tile-only AMX loop (`tdpbf16ps` on registers, no memory), 1 and 2 threads.
+//! - `gemm`: the bf16 product at n=2048, d=768, V=50257, through the engine with a consumer
+//!   that discards each tile (the product alone), and `logits` (written out as f32).
+//! - `bf16x3`: the same product in bf16x3.
+//! - `target`: fused target log-probs in bf16 at the same shape (and f32 for reference).
+//! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
+//!   against a read of the same number of bytes.
+//!
+//! `SOFTMAX_LAYER_BF16_PATH=amx|avx512bf16|portable` forces a path.
+#[path = "../benches/support/data.rs"]
+mod data;
+#[path = "../benches/support/read.rs"]
+mod read;
+
+use softmax_layer::engine::{self, Consumer};
+use softmax_layer::{BfPath, LayerOptions, MatMut, MatRef, PackedBf16Weights, Precision, SoftmaxLayer, WeightLayout};
+use std::ops::Range;
+use std::time::Instant;
+
+/// Discards every tile: the engine's product alone.
+struct Discard;
+impl Consumer for Discard {
+    type State = f32;
+    fn init(&self, _rows: Range<usize>) -> f32 {
+        0.0
+    }
+    fn visit(&self, st: &mut f32, tile: &[f32], _rows: Range<usize>, _cols: Range<usize>) {
+        // One element per tile keeps the product from being optimized away.
+        *st += tile[0];
+    }
+    fn merge(&self, a: f32, b: f32) -> f32 {
+        a + b
+    }
+}
+
+fn line(what: &str, n: usize, d: usize, v: usize, med: f64, extra: &str) {
+    let gflops = 2.0 * (n * d * v) as f64 / med / 1e9;
+    println!(
+        "{{\"what\": \"{what}\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"median_s\": {med:.6}, \"gflops\": {gflops:.1}{extra}}}"
+    );
+}
+
+fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    data::median_secs(reps, f)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let want: Vec<&str> = args.iter().skip(1).map(|s| s.as_str()).collect();
+    let on = |w: &str| want.is_empty() || want.contains(&w);
+    // BENCH_THREADS (default 2) and BENCH_TILING=rows,cols,segment are for tuning.
+    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("rayon pool");
+    let tiling_env = std::env::var("BENCH_TILING").ok().map(|t| {
+        let p: Vec<usize> = t.split(',').map(|x| x.parse().expect("BENCH_TILING=rows,cols,segment")).collect();
+        softmax_layer::engine::Tiling { row_block: p[0], col_tile: p[1], segment: p[2] }
+    });
+    let path = BfPath::best();
+    eprintln!("bf16 path: {path}");
+
+    if on("peak") {
+        let iters = 2_000_000u64;
+        for threads in [1usize, 2].into_iter().filter(|&t| t <= threads) {
+            let med = timed(reps, || {
+                let f: u64 = rayon::broadcast(|ctx| {
+                    if ctx.index() < threads { softmax_layer::bf16::amx::peak_loop(iters) } else { 0 }
+                })
+                .iter()
+                .sum();
+                std::hint::black_box(f);
+            });
+            let flops = (threads as u64 * iters * 4 * 16 * 16 * 32 * 2) as f64;
+            println!(
+                "{{\"what\": \"amx_peak\", \"threads\": {threads}, \"median_s\": {med:.6}, \"gflops\": {:.1}}}",
+                flops / med / 1e9
+            );
+        }
+    }
+
+    let (n, d, v) = (2048, 768, 50257);
+    if on("gemm") || on("target") || on("bf16x3") {
+        let t0 = Instant::now();
+        let h = data::fill(n * d, 1, -1.0, 1.0);
+        let ws = (3.0 / d as f32).sqrt();
+        let w = data::fill(v * d, 2, -ws, ws);
+        let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
+        let hv = MatRef::new(&h, n, d).unwrap();
+        let mut f32_layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+        if let Some(t) = tiling_env {
+            f32_layer = f32_layer.with_tiling(t);
+        }
+        let t1 = Instant::now();
+        let bf = f32_layer.clone().with_precision(Precision::Bf16).unwrap();
+        eprintln!("data {:.2} s, packing W in bf16 {:.3} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+        let tiling = bf.tiling();
+        if on("gemm") {
+            let med = timed(reps, || {
+                std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+            });
+            line("bf16_product", n, d, v, med, "");
+            let mut out = vec![0f32; n * v];
+            let med = timed(reps, || bf.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap());
+            line("bf16_logits_written", n, d, v, med, "");
+            let med = timed(reps, || {
+                std::hint::black_box(engine::run(&f32_layer, hv, &Discard, tiling));
+            });
+            line("f32_product", n, d, v, med, "");
+        }
+        if on("bf16x3") {
+            let x3 = f32_layer.clone().with_precision(Precision::Bf16x3).unwrap();
+            let med = timed(reps, || {
+                std::hint::black_box(engine::run(&x3, hv, &Discard, tiling));
+            });
+            line("bf16x3_product", n, d, v, med, "");
+            let mut small = vec![0f32; n];
+            let med = timed(reps, || x3.target_log_probs(hv, &targets, &mut small, &LayerOptions::default()).unwrap());
+            line("bf16x3_target_log_probs", n, d, v, med, "");
+        }
+        if on("target") {
+            let mut small = vec![0f32; n];
+            let opts = LayerOptions::default();
+            let med = timed(reps, || bf.target_log_probs(hv, &targets, &mut small, &opts).unwrap());
+            line("bf16_target_log_probs", n, d, v, med, "");
+            let med = timed(reps, || f32_layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap());
+            line("f32_target_log_probs", n, d, v, med, "");
+        }
+    }
+
+    if on("decode") {
+        let (n, d, v) = (1, 4096, 128256);
+        // bf16 bits straight away: the f32 weight (2 GiB) is never made.
+        let bits: Vec<u16> = {
+            let mut s = 0x2545_F491_4F6C_DD1Du64;
+            (0..v * d)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    softmax_layer::bf16::to_bf16(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05)
+                })
+                .collect()
+        };
+        let packed = PackedBf16Weights::from_bf16_bits(&bits, WeightLayout::VocabMajor, v, d).unwrap();
+        drop(bits);
+        let bytes = packed.bytes();
+        let layer = SoftmaxLayer::from_packed_bf16(packed, None::<&[f32]>).unwrap();
+        let h = data::fill(n * d, 3, -1.0, 1.0);
+        let hv = MatRef::new(&h, n, d).unwrap();
+        let mut small = vec![0f32; n];
+        let opts = LayerOptions::default();
+        let med = timed(reps, || layer.target_log_probs(hv, &[17], &mut small, &opts).unwrap());
+        let gbs = bytes as f64 / med / 1e9;
+        line("bf16_decode_target_log_prob", n, d, v, med, &format!(", \"w_bytes\": {bytes}, \"gb_per_s\": {gbs:.2}"));
+        // The same number of bytes, read as fast as we can.
+        let buf = data::fill(bytes / 4, 4, -1.0, 1.0);
+        let med_r = timed(reps, || {
+            std::hint::black_box(read::read_all(&buf));
+        });
+        let gbs_r = bytes as f64 / med_r / 1e9;
+        println!(
+            "{{\"what\": \"read_same_bytes\", \"bytes\": {bytes}, \"median_s\": {med_r:.6}, \"gb_per_s\": {gbs_r:.2}, \"decode_fraction_of_read\": {:.3}}}",
+            med_r / med
+        );
+    }
+}
