@@ -53,6 +53,32 @@ fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
     data::median_secs(reps, f)
 }
 
+/// Medians of `f` and `g` timed alternately, so that both see the same machine load (it is
+/// shared): their ratio is meaningful even when the absolute times drift.
+fn timed_pair(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+    f();
+    g();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f();
+        a.push(s.elapsed().as_secs_f64());
+        let s = Instant::now();
+        g();
+        b.push(s.elapsed().as_secs_f64());
+    }
+    a.sort_by(|x, y| x.total_cmp(y));
+    b.sort_by(|x, y| x.total_cmp(y));
+    (a[a.len() / 2], b[b.len() / 2])
+}
+
+/// The tile-only loop on `threads` of the pool at once; returns the flops done.
+fn peak(threads: usize, iters: u64) -> f64 {
+    rayon::broadcast(|ctx| if ctx.index() < threads { softmax_layer::bf16::amx::peak_loop(iters) } else { 0 })
+        .iter()
+        .sum::<u64>() as f64
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -72,12 +98,7 @@ fn main() {
         let iters = 2_000_000u64;
         for threads in [1usize, 2].into_iter().filter(|&t| t <= threads) {
             let med = timed(reps, || {
-                let f: u64 = rayon::broadcast(|ctx| {
-                    if ctx.index() < threads { softmax_layer::bf16::amx::peak_loop(iters) } else { 0 }
-                })
-                .iter()
-                .sum();
-                std::hint::black_box(f);
+                std::hint::black_box(peak(threads, iters));
             });
             let flops = (threads as u64 * iters * 4 * 16 * 16 * 32 * 2) as f64;
             println!(
@@ -104,10 +125,29 @@ fn main() {
         eprintln!("data {:.2} s, packing W in bf16 {:.3} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
         let tiling = bf.tiling();
         if on("gemm") {
-            let med = timed(reps, || {
-                std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
-            });
-            line("bf16_product", n, d, v, med, "");
+            // The product, alternated with the tile-only loop on as many threads.
+            let iters = 200_000u64;
+            let mut flops = 0.0;
+            let (med, med_peak) = timed_pair(
+                reps,
+                || {
+                    std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+                },
+                || flops = peak(rayon::current_num_threads(), iters),
+            );
+            let peak_gflops = flops / med_peak / 1e9;
+            let gflops = 2.0 * (n * d * v) as f64 / med / 1e9;
+            line(
+                "bf16_product",
+                n,
+                d,
+                v,
+                med,
+                &format!(
+                    ", \"peak_gflops_same_run\": {peak_gflops:.1}, \"fraction_of_peak\": {:.3}",
+                    gflops / peak_gflops
+                ),
+            );
             let mut out = vec![0f32; n * v];
             let med = timed(reps, || bf.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap());
             line("bf16_logits_written", n, d, v, med, "");
@@ -158,14 +198,17 @@ fn main() {
         let hv = MatRef::new(&h, n, d).unwrap();
         let mut small = vec![0f32; n];
         let opts = LayerOptions::default();
-        let med = timed(reps, || layer.target_log_probs(hv, &[17], &mut small, &opts).unwrap());
+        // Alternated with a read of as many bytes, as fast as we can.
+        let buf = data::fill(bytes / 4, 4, -1.0, 1.0);
+        let (med, med_r) = timed_pair(
+            reps,
+            || layer.target_log_probs(hv, &[17], &mut small, &opts).unwrap(),
+            || {
+                std::hint::black_box(read::read_all(&buf));
+            },
+        );
         let gbs = bytes as f64 / med / 1e9;
         line("bf16_decode_target_log_prob", n, d, v, med, &format!(", \"w_bytes\": {bytes}, \"gb_per_s\": {gbs:.2}"));
-        // The same number of bytes, read as fast as we can.
-        let buf = data::fill(bytes / 4, 4, -1.0, 1.0);
-        let med_r = timed(reps, || {
-            std::hint::black_box(read::read_all(&buf));
-        });
         let gbs_r = bytes as f64 / med_r / 1e9;
         println!(
             "{{\"what\": \"read_same_bytes\", \"bytes\": {bytes}, \"median_s\": {med_r:.6}, \"gb_per_s\": {gbs_r:.2}, \"decode_fraction_of_read\": {:.3}}}",
