@@ -40,6 +40,7 @@
 //! threads give the same bits. Extra memory is the block buffer and the `dH` parts (one
 //! `r × d` block per segment), independent of `n`.
 
+use crate::bf16::{self, Precision};
 use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
@@ -473,6 +474,16 @@ fn run(
                     k.axpy(db, 1.0, row);
                 }
             }
+            if layer.precision() != Precision::F32 {
+                // The gradient products in the forward's precision: G rounded (or split) to
+                // bf16, like H and W, f32 accumulation.
+                // SAFETY: as for the f32 products below: dW's part for `seg` and dH part `gi`
+                // are this task's alone; dX[:, seg] was written by this task.
+                unsafe {
+                    bf16_grads(layer, h, seg.clone(), z.ptr() as *const f32, gw.ptr(), dh_parts.ptr().add(gi * r * d))
+                };
+                return;
+            }
             // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
             // buffer's columns `seg` were written by this task; H[R] is read-only.
             unsafe { weight_grad(layer, h, seg.clone(), z.ptr() as *const f32, v, gw.ptr()) };
@@ -509,6 +520,55 @@ fn run(
         }
     };
     Ok(CrossEntropyOutput { loss, lse })
+}
+
+/// The bf16 (or bf16x3) gradient products for the classes `cols` of one block of rows:
+/// `dW[cols] += dX[:, cols]ᵀ · H` (or `dW[:, cols] += Hᵀ · dX[:, cols]` for `[d, V]`), and
+/// `dH_part = dX[:, cols] · W[cols]` (overwritten), every operand rounded or split to bf16.
+///
+/// # Safety
+/// `dx` holds `h.rows()` rows at stride `V` covering `cols`; `gw` is the `V·d` gradient
+/// buffer, whose part for `cols` no other thread touches; `dh` is an `m × d` buffer that no
+/// other thread touches. The layer holds `f32` weights.
+unsafe fn bf16_grads(
+    layer: &SoftmaxLayer<'_>,
+    h: MatRef<'_>,
+    cols: Range<usize>,
+    dx: *const f32,
+    gw: *mut f32,
+    dh: *mut f32,
+) {
+    let (m, c, d, v) = (h.rows(), cols.len(), layer.hidden_dim(), layer.vocab());
+    let (path, precision, w) = (layer.bf16_path(), layer.precision(), layer.weight());
+    // SAFETY: row i < m, class j in `cols` of the block buffer (this task's columns).
+    let g = |i: usize, j: usize| unsafe { *dx.add(i * v + cols.start + j) };
+    let hv = |i: usize, p: usize| h.row(i)[p];
+    match layer.layout() {
+        WeightLayout::VocabMajor => {
+            // SAFETY: rows `cols` of dW ([V, d]): c·d elements from cols.start·d, ours alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
+            bf16::gemm_fn(path, precision, (c, d, m), |j, i| g(i, j), hv, out, d);
+        }
+        WeightLayout::HiddenMajor => {
+            // dW[:, cols] interleaves with other tasks' columns: computed apart, then added.
+            let mut part = vec![0f32; d * c];
+            bf16::gemm_fn(path, precision, (d, c, m), |p, i| hv(i, p), g, &mut part, c);
+            for (p, row) in part.chunks_exact(c).enumerate() {
+                for (j, x) in row.iter().enumerate() {
+                    // SAFETY: dW[p, cols.start + j] ([d, V]): a column of `cols`, ours alone.
+                    unsafe { *gw.add(p * v + cols.start + j) += x };
+                }
+            }
+        }
+    }
+    // SAFETY: the m × d part, this task's alone.
+    let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
+    out.fill(0.0);
+    let wv = |j: usize, p: usize| match layer.layout() {
+        WeightLayout::VocabMajor => w[(cols.start + j) * d + p],
+        WeightLayout::HiddenMajor => w[p * v + cols.start + j],
+    };
+    bf16::gemm_fn(path, precision, (m, d, c), g, wv, out, d);
 }
 
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).

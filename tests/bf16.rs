@@ -408,3 +408,62 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
         }
     }
 }
+
+// ---- The fused loss and its gradients in bf16 precisions. ----
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+#[test]
+fn loss_gradients_use_the_forward_precision() {
+    use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
+    let mut rng = Lcg(31);
+    let (n, d, v) = (45, 80, 700);
+    let h = rng.vec(n * d, 1.0);
+    let w = rng.vec(v * d, 0.3);
+    let b = rng.vec(v, 0.1);
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 37) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+    let grads = |layer: &SoftmaxLayer<'_>, hv: MatRef<'_>| {
+        cross_entropy_with_grad(layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap()
+    };
+    let f32_layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let (o32, g32) = grads(&f32_layer, hv);
+    // bf16x3: everything within a few 2^-16 of f32.
+    for path in paths() {
+        let x3 = f32_layer.clone().with_precision(Precision::Bf16x3).unwrap().with_bf16_path(path).unwrap();
+        let (o, g) = grads(&x3, hv);
+        assert!((o.loss[0] - o32.loss[0]).abs() <= 1e-4 * o32.loss[0].abs(), "{path}: loss");
+        assert!(max_rel(&g.hidden, &g32.hidden) <= 2e-4, "{path}: dH {}", max_rel(&g.hidden, &g32.hidden));
+        assert!(max_rel(&g.weight, &g32.weight) <= 2e-4, "{path}: dW {}", max_rel(&g.weight, &g32.weight));
+        assert!(max_rel(g.bias.as_deref().unwrap(), g32.bias.as_deref().unwrap()) <= 2e-4, "{path}: db");
+    }
+    // bf16 on bf16-representable H and W: the only rounding left is G's (8 bits).
+    let hr: Vec<f32> = h.iter().map(|&x| from_bf16(to_bf16(x))).collect();
+    let wr: Vec<f32> = w.iter().map(|&x| from_bf16(to_bf16(x))).collect();
+    let hrv = MatRef::new(&hr, n, d).unwrap();
+    let exact = SoftmaxLayer::new(&wr[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let (_, ge) = grads(&exact, hrv);
+    let wr_dv: Vec<f32> = (0..d * v).map(|x| wr[(x % v) * d + x / v]).collect();
+    for path in paths() {
+        let bf = exact.clone().with_precision(Precision::Bf16).unwrap().with_bf16_path(path).unwrap();
+        let (_, g) = grads(&bf, hrv);
+        let (eh, ew) = (max_rel(&g.hidden, &ge.hidden), max_rel(&g.weight, &ge.weight));
+        assert!(eh <= 2f64.powi(-7) && ew <= 2f64.powi(-7), "{path}: dH {eh}, dW {ew}");
+        assert!(eh > 0.0, "{path}: G was not rounded");
+        // The [d, V] layout gives the same gradients, transposed.
+        let dv = SoftmaxLayer::new(&wr_dv[..], WeightLayout::HiddenMajor, v, d, Some(&b[..]))
+            .unwrap()
+            .with_precision(Precision::Bf16)
+            .unwrap()
+            .with_bf16_path(path)
+            .unwrap();
+        let (_, gt) = grads(&dv, hrv);
+        assert!(max_rel(&gt.hidden, &g.hidden) <= 1e-5, "{path}: dv dH");
+        let gt_vd: Vec<f32> = (0..v * d).map(|x| gt.weight[(x % d) * v + x / d]).collect();
+        assert!(max_rel(&gt_vd, &g.weight) <= 1e-5, "{path}: dv dW");
+    }
+}

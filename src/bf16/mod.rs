@@ -469,6 +469,64 @@ impl PackedRows {
     }
 }
 
+/// `out[i * ldo + j] += Σ_p a(i, p) · b(p, j)` for `i < m`, `j < n`, `p < k`, with the
+/// operands rounded (or split) to bf16 as `precision` says and the products accumulated in
+/// `f32`: a general product for the gradients (`dH = G·W`, `dW = Gᵀ·H`), packing both
+/// operands from element functions on each call.
+///
+/// # Panics
+/// If `precision` is `F32`, `out` is shorter than `(m − 1)·ldo + n` or `ldo < n`, or `path`
+/// is not available: internal invariants.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fn(
+    path: BfPath,
+    precision: Precision,
+    (m, n, k): (usize, usize, usize),
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(precision != Precision::F32, "bf16: gemm_fn needs a bf16 precision");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let parts = precision.parts();
+    let d_pad = pad_d(k);
+    // A as packed rows: [row tile][part][d_pad / 32][16][32].
+    let tiles = m.div_ceil(32) * 2;
+    let tl = parts * d_pad * 16;
+    let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(tiles * tl) };
+    for i in 0..m {
+        let base = (i / 16) * tl + (i % 16) * 32;
+        for p in 0..k {
+            let (hi, lo) = split(a(i, p));
+            let at = base + (p / 32) * 512 + p % 32;
+            ap.data[at] = hi;
+            if parts == 2 {
+                ap.data[at + d_pad * 16] = lo;
+            }
+        }
+    }
+    // B as packed "weights" of n classes: [block][part][d_pad / 2][16][2].
+    let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
+        unreachable!("bf16: n, k > 0 and a bf16 precision")
+    };
+    let bl = bp.block_len();
+    for j in 0..n {
+        let base = (j / 16) * bl + (j % 16) * 2;
+        for p in 0..k {
+            let (hi, lo) = split(b(p, j));
+            let at = base + (p / 2) * 32 + (p % 2);
+            bp.data[at] = hi;
+            if parts == 2 {
+                bp.data[at + d_pad * 16] = lo;
+            }
+        }
+    }
+    tile_product(path, &ap, &bp, 0..n, out, ldo);
+}
+
 /// `out[i * ldo + j] += Σ_terms A_part(i) · W_part(cols.start + j)` for the packed rows
 /// and the classes `cols`, with `path`.
 ///
