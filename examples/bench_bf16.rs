@@ -11,6 +11,7 @@
 //!   that discards each tile (the product alone), and `logits` (written out as f32).
 //! - `bf16x3`: the same product in bf16x3.
 //! - `target`: fused target log-probs in bf16 at the same shape (and f32 for reference).
+//! - `loss`: fused cross-entropy forward + backward in bf16, bf16x3 and f32.
 //! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
 //!   against a read of the same number of bytes.
 //!
@@ -173,6 +174,29 @@ fn main() {
             line("bf16_target_log_probs", n, d, v, med, "");
             let med = timed(reps, || f32_layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap());
             line("f32_target_log_probs", n, d, v, med, "");
+        }
+    }
+
+    if on("loss") {
+        // Fused cross-entropy forward + backward (dH, dW) in each precision.
+        let h = data::fill(n * d, 1, -1.0, 1.0);
+        let ws = (3.0 / d as f32).sqrt();
+        let w = data::fill(v * d, 2, -ws, ws);
+        let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
+        let hv = MatRef::new(&h, n, d).unwrap();
+        let f32_layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+        let (mut gh, mut gw) = (vec![0f32; n * d], vec![0f32; v * d]);
+        for precision in [Precision::Bf16, Precision::Bf16x3, Precision::F32] {
+            let layer = f32_layer.clone().with_precision(precision).unwrap();
+            let med = timed(reps, || {
+                let o = softmax_layer::loss::CrossEntropyOptions::default();
+                let up = softmax_layer::loss::Upstream::Scalar(1.0);
+                let g = softmax_layer::loss::GradientsMut { hidden: &mut gh, weight: &mut gw, bias: None };
+                std::hint::black_box(
+                    softmax_layer::loss::cross_entropy_with_grad_into(&layer, hv, &targets, &o, up, g).unwrap(),
+                );
+            });
+            line(&format!("{precision}_loss_forward_backward"), n, d, v, med, "");
         }
     }
 

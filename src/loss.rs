@@ -40,7 +40,7 @@
 //! threads give the same bits. Extra memory is the block buffer and the `dH` parts (one
 //! `r × d` block per segment), independent of `n`.
 
-use crate::bf16::{self, Precision};
+use crate::bf16::{self, PackedBf16Weights, PackedRows, Precision};
 use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
@@ -340,7 +340,14 @@ fn run(
     let seg_len = v.div_ceil(32).div_ceil(col_tile).max(1) * col_tile;
     debug_assert!(seg_len >= col_tile);
     let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
-    let r = rows_per_block(v).min(n.max(1));
+    // bf16 gradients: K of dW = Gᵀ·H is the block's rows; AMX needs it deep (4x the rows,
+    // 4x the block buffer).
+    let r = if layer.precision() != Precision::F32 && grad.is_some() {
+        (4 * rows_per_block(v)).min(1024)
+    } else {
+        rows_per_block(v)
+    };
+    let r = r.min(n.max(1));
     let mut zbuf = vec![0f32; r * v];
     // Each segment's part of dH for the current block of rows.
     let mut dh_part = if grad.is_some() { vec![0f32; segments.len() * r * d] } else { Vec::new() };
@@ -359,6 +366,12 @@ fn run(
         None => &[],
     };
 
+    // bf16 gradients: W packed per segment once per call.
+    let w_segs = if grad.is_some() && layer.precision() != Precision::F32 {
+        pack_weight_segments(layer, &segments)
+    } else {
+        Vec::new()
+    };
     for r0 in (0..n).step_by(r) {
         let rows = r0..(r0 + r).min(n);
         let m = rows.len();
@@ -451,6 +464,7 @@ fn run(
         // Phase 2, per segment G: dX[:, G] in place, db[G] += Σ_i dX_i, dW[G] += dX[:, G]ᵀ·H[R],
         // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
         let dh_parts = SharedMut(dh_part.as_mut_ptr());
+        let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::new(layer, h));
         segments.par_iter().enumerate().for_each(|(gi, seg)| {
             for i in 0..m {
                 // SAFETY: row i, columns `seg` of the block buffer: this task's alone.
@@ -480,7 +494,16 @@ fn run(
                 // SAFETY: as for the f32 products below: dW's part for `seg` and dH part `gi`
                 // are this task's alone; dX[:, seg] was written by this task.
                 unsafe {
-                    bf16_grads(layer, h, seg.clone(), z.ptr() as *const f32, gw.ptr(), dh_parts.ptr().add(gi * r * d))
+                    bf16_grads(
+                        layer,
+                        m,
+                        seg.clone(),
+                        z.ptr() as *const f32,
+                        gw.ptr(),
+                        dh_parts.ptr().add(gi * r * d),
+                        &w_segs[gi],
+                        h_packed.as_ref().expect("packed with the bf16 precision"),
+                    )
                 };
                 return;
             }
@@ -522,53 +545,93 @@ fn run(
     Ok(CrossEntropyOutput { loss, lse })
 }
 
+/// `H[R]` packed once per block of rows for the bf16 weight gradient: the right operand of
+/// `dW = Gᵀ·H` (`[V, d]` weights) or the left one of `dW = Hᵀ·G` (`[d, V]`).
+enum PackedHidden {
+    Right(PackedBf16Weights),
+    Left(PackedRows),
+}
+
+impl PackedHidden {
+    fn new(layer: &SoftmaxLayer<'_>, h: MatRef<'_>) -> PackedHidden {
+        let (m, d, p) = (h.rows(), layer.hidden_dim(), layer.precision());
+        match layer.layout() {
+            // N = d units, K = m rows: element (unit q, row i) = H[i, q].
+            WeightLayout::VocabMajor => PackedHidden::Right(PackedBf16Weights::from_fn(d, m, p, |q, i| h.row(i)[q])),
+            // Hᵀ: d rows, K = m: element (q, i) = H[i, q].
+            WeightLayout::HiddenMajor => PackedHidden::Left(PackedRows::from_fn(d, m, p, |q, i| h.row(i)[q])),
+        }
+    }
+}
+
+/// `W[seg]` packed once per call, per segment, for `dH = G·W`: N = d units, K = |seg|
+/// classes.
+fn pack_weight_segments(layer: &SoftmaxLayer<'_>, segments: &[Range<usize>]) -> Vec<PackedBf16Weights> {
+    let (d, v, w) = (layer.hidden_dim(), layer.vocab(), layer.weight());
+    segments
+        .par_iter()
+        .map(|seg| {
+            let at = |q: usize, j: usize| match layer.layout() {
+                WeightLayout::VocabMajor => w[(seg.start + j) * d + q],
+                WeightLayout::HiddenMajor => w[q * v + seg.start + j],
+            };
+            PackedBf16Weights::from_fn(d, seg.len(), layer.precision(), at)
+        })
+        .collect()
+}
+
 /// The bf16 (or bf16x3) gradient products for the classes `cols` of one block of rows:
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or `dW[:, cols] += Hᵀ · dX[:, cols]` for `[d, V]`), and
-/// `dH_part = dX[:, cols] · W[cols]` (overwritten), every operand rounded or split to bf16.
+/// `dH_part = dX[:, cols] · W[cols]` (overwritten), every operand rounded or split to bf16,
+/// `W[cols]` and `H` packed by the caller.
 ///
 /// # Safety
-/// `dx` holds `h.rows()` rows at stride `V` covering `cols`; `gw` is the `V·d` gradient
-/// buffer, whose part for `cols` no other thread touches; `dh` is an `m × d` buffer that no
-/// other thread touches. The layer holds `f32` weights.
+/// `dx` holds `m` rows at stride `V` covering `cols`; `gw` is the `V·d` gradient buffer,
+/// whose part for `cols` no other thread touches; `dh` is an `m × d` buffer that no other
+/// thread touches.
+#[allow(clippy::too_many_arguments)]
 unsafe fn bf16_grads(
     layer: &SoftmaxLayer<'_>,
-    h: MatRef<'_>,
+    m: usize,
     cols: Range<usize>,
     dx: *const f32,
     gw: *mut f32,
     dh: *mut f32,
+    w_seg: &PackedBf16Weights,
+    hp: &PackedHidden,
 ) {
-    let (m, c, d, v) = (h.rows(), cols.len(), layer.hidden_dim(), layer.vocab());
-    let (path, precision, w) = (layer.bf16_path(), layer.precision(), layer.weight());
+    let (c, d, v) = (cols.len(), layer.hidden_dim(), layer.vocab());
+    let (path, precision) = (layer.bf16_path(), layer.precision());
     // SAFETY: row i < m, class j in `cols` of the block buffer (this task's columns).
     let g = |i: usize, j: usize| unsafe { *dx.add(i * v + cols.start + j) };
-    let hv = |i: usize, p: usize| h.row(i)[p];
-    match layer.layout() {
-        WeightLayout::VocabMajor => {
+    match hp {
+        PackedHidden::Right(hb) => {
+            // dW[cols] (c x d) += Gᵀ (c x m, K = m) · H.
+            let gt = PackedRows::from_fn(c, m, precision, |j, i| g(i, j));
             // SAFETY: rows `cols` of dW ([V, d]): c·d elements from cols.start·d, ours alone.
             let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
-            bf16::gemm_fn(path, precision, (c, d, m), |j, i| g(i, j), hv, out, d);
+            bf16::tile_product(path, &gt, hb, 0..d, out, d);
         }
-        WeightLayout::HiddenMajor => {
-            // dW[:, cols] interleaves with other tasks' columns: computed apart, then added.
+        PackedHidden::Left(ha) => {
+            // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
+            // tasks' columns: computed apart, then added.
+            let gb = PackedBf16Weights::from_fn(c, m, precision, |j, i| g(i, j));
             let mut part = vec![0f32; d * c];
-            bf16::gemm_fn(path, precision, (d, c, m), |p, i| hv(i, p), g, &mut part, c);
-            for (p, row) in part.chunks_exact(c).enumerate() {
+            bf16::tile_product(path, ha, &gb, 0..c, &mut part, c);
+            for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
-                    // SAFETY: dW[p, cols.start + j] ([d, V]): a column of `cols`, ours alone.
-                    unsafe { *gw.add(p * v + cols.start + j) += x };
+                    // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
+                    unsafe { *gw.add(q * v + cols.start + j) += x };
                 }
             }
         }
     }
+    // dH part (m x d) = G (m x c, K = c) · W[cols].
+    let ga = PackedRows::from_fn(m, c, precision, g);
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
     out.fill(0.0);
-    let wv = |j: usize, p: usize| match layer.layout() {
-        WeightLayout::VocabMajor => w[(cols.start + j) * d + p],
-        WeightLayout::HiddenMajor => w[p * v + cols.start + j],
-    };
-    bf16::gemm_fn(path, precision, (m, d, c), g, wv, out, d);
+    bf16::tile_product(path, &ga, w_seg, 0..d, out, d);
 }
 
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).

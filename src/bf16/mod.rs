@@ -471,13 +471,13 @@ impl PackedRows {
 
 /// `out[i * ldo + j] += Σ_p a(i, p) · b(p, j)` for `i < m`, `j < n`, `p < k`, with the
 /// operands rounded (or split) to bf16 as `precision` says and the products accumulated in
-/// `f32`: a general product for the gradients (`dH = G·W`, `dW = Gᵀ·H`), packing both
-/// operands from element functions on each call.
+/// `f32`: a general product (for the gradients), packing both operands on each call. Use
+/// [`PackedRows::from_fn`] and [`PackedBf16Weights::from_fn`] with [`tile_product`] to pack
+/// an operand once for many products.
 ///
 /// # Panics
 /// If `precision` is `F32`, `out` is shorter than `(m − 1)·ldo + n` or `ldo < n`, or `path`
 /// is not available: internal invariants.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_fn(
     path: BfPath,
     precision: Precision,
@@ -487,44 +487,72 @@ pub fn gemm_fn(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(precision != Precision::F32, "bf16: gemm_fn needs a bf16 precision");
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let parts = precision.parts();
-    let d_pad = pad_d(k);
-    // A as packed rows: [row tile][part][d_pad / 32][16][32].
-    let tiles = m.div_ceil(32) * 2;
-    let tl = parts * d_pad * 16;
-    let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(tiles * tl) };
-    for i in 0..m {
-        let base = (i / 16) * tl + (i % 16) * 32;
-        for p in 0..k {
-            let (hi, lo) = split(a(i, p));
-            let at = base + (p / 32) * 512 + p % 32;
-            ap.data[at] = hi;
-            if parts == 2 {
-                ap.data[at + d_pad * 16] = lo;
-            }
-        }
-    }
-    // B as packed "weights" of n classes: [block][part][d_pad / 2][16][2].
-    let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
-        unreachable!("bf16: n, k > 0 and a bf16 precision")
-    };
-    let bl = bp.block_len();
-    for j in 0..n {
-        let base = (j / 16) * bl + (j % 16) * 2;
-        for p in 0..k {
-            let (hi, lo) = split(b(p, j));
-            let at = base + (p / 2) * 32 + (p % 2);
-            bp.data[at] = hi;
-            if parts == 2 {
-                bp.data[at + d_pad * 16] = lo;
-            }
-        }
-    }
+    let ap = PackedRows::from_fn(m, k, precision, a);
+    let bp = PackedBf16Weights::from_fn(n, k, precision, |j, p| b(p, j));
     tile_product(path, &ap, &bp, 0..n, out, ldo);
+}
+
+impl PackedRows {
+    /// Packs the `[m, k]` operand whose element `(i, p)` is `a(i, p)`, rounded (or split) for
+    /// `precision` (not `F32`). Visits 16 rows at a time for each `p`, so a transposed
+    /// source is read along its rows.
+    ///
+    /// # Panics
+    /// If `precision` is `F32` (an internal invariant).
+    pub fn from_fn(m: usize, k: usize, precision: Precision, a: impl Fn(usize, usize) -> f32) -> PackedRows {
+        assert!(precision != Precision::F32, "bf16: packing needs a bf16 precision");
+        let parts = precision.parts();
+        let d_pad = pad_d(k.max(1));
+        let tiles = m.div_ceil(32) * 2;
+        let tl = parts * d_pad * 16;
+        let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(tiles * tl) };
+        for t in 0..m.div_ceil(16) {
+            let rows = t * 16..(t * 16 + 16).min(m);
+            for p in 0..k {
+                let at = t * tl + (p / 32) * 512 + p % 32;
+                for i in rows.clone() {
+                    let (hi, lo) = split(a(i, p));
+                    ap.data[at + (i % 16) * 32] = hi;
+                    if parts == 2 {
+                        ap.data[at + (i % 16) * 32 + d_pad * 16] = lo;
+                    }
+                }
+            }
+        }
+        ap
+    }
+}
+
+impl PackedBf16Weights {
+    /// Packs `n` "classes" of `k` values, element `(j, p)` = `w(j, p)`, rounded (or split)
+    /// for `precision` (not `F32`): the right operand of [`tile_product`]. Visits 16
+    /// classes at a time for each `p`.
+    ///
+    /// # Panics
+    /// If `n` or `k` is 0 or `precision` is `F32` (internal invariants).
+    pub fn from_fn(n: usize, k: usize, precision: Precision, w: impl Fn(usize, usize) -> f32) -> PackedBf16Weights {
+        let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
+            panic!("bf16: packing needs n, k > 0 and a bf16 precision")
+        };
+        let (bl, parts, d_pad) = (bp.block_len(), precision.parts(), bp.d_pad);
+        for blk in 0..n.div_ceil(16) {
+            let cols = blk * 16..(blk * 16 + 16).min(n);
+            for p in 0..k {
+                let at = blk * bl + (p / 2) * 32 + (p % 2);
+                for j in cols.clone() {
+                    let (hi, lo) = split(w(j, p));
+                    bp.data[at + (j % 16) * 2] = hi;
+                    if parts == 2 {
+                        bp.data[at + (j % 16) * 2 + d_pad * 16] = lo;
+                    }
+                }
+            }
+        }
+        bp
+    }
 }
 
 /// `out[i * ldo + j] += Σ_terms A_part(i) · W_part(cols.start + j)` for the packed rows
