@@ -514,10 +514,13 @@ impl PackedRows {
             for p in 0..k {
                 let at = t * tl + (p / 32) * 512 + p % 32;
                 for i in rows.clone() {
-                    let (hi, lo) = split(a(i, p));
-                    ap.data[at + (i % 16) * 32] = hi;
+                    let x = a(i, p);
                     if parts == 2 {
+                        let (hi, lo) = split(x);
+                        ap.data[at + (i % 16) * 32] = hi;
                         ap.data[at + (i % 16) * 32 + d_pad * 16] = lo;
+                    } else {
+                        ap.data[at + (i % 16) * 32] = to_bf16(x);
                     }
                 }
             }
@@ -543,10 +546,13 @@ impl PackedBf16Weights {
             for p in 0..k {
                 let at = blk * bl + (p / 2) * 32 + (p % 2);
                 for j in cols.clone() {
-                    let (hi, lo) = split(w(j, p));
-                    bp.data[at + (j % 16) * 2] = hi;
+                    let x = w(j, p);
                     if parts == 2 {
+                        let (hi, lo) = split(x);
+                        bp.data[at + (j % 16) * 2] = hi;
                         bp.data[at + (j % 16) * 2 + d_pad * 16] = lo;
+                    } else {
+                        bp.data[at + (j % 16) * 2] = to_bf16(x);
                     }
                 }
             }
