@@ -545,6 +545,9 @@ fn run(
     Ok(CrossEntropyOutput { loss, lse })
 }
 
+/// Rows of the left operand per bf16 gradient product (a multiple of 32).
+const GRAD_CHUNK: usize = 256;
+
 /// `H[R]` packed once per block of rows for the bf16 weight gradient: the right operand of
 /// `dW = Gᵀ·H` (`[V, d]` weights) or the left one of `dW = Hᵀ·G` (`[d, V]`).
 enum PackedHidden {
@@ -606,11 +609,15 @@ unsafe fn bf16_grads(
     let g = |i: usize, j: usize| unsafe { *dx.add(i * v + cols.start + j) };
     match hp {
         PackedHidden::Right(hb) => {
-            // dW[cols] (c x d) += Gᵀ (c x m, K = m) · H.
-            let gt = PackedRows::from_fn(c, m, precision, |j, i| g(i, j));
+            // dW[cols] (c x d) += Gᵀ (c x m, K = m) · H, GRAD_CHUNK classes at a time so that
+            // the packed Gᵀ stays in L2 while H streams past it.
             // SAFETY: rows `cols` of dW ([V, d]): c·d elements from cols.start·d, ours alone.
             let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
-            bf16::tile_product(path, &gt, hb, 0..d, out, d);
+            for j0 in (0..c).step_by(GRAD_CHUNK) {
+                let cj = GRAD_CHUNK.min(c - j0);
+                let gt = PackedRows::from_fn(cj, m, precision, |j, i| g(i, j0 + j));
+                bf16::tile_product(path, &gt, hb, 0..d, &mut out[j0 * d..(j0 + cj) * d], d);
+            }
         }
         PackedHidden::Left(ha) => {
             // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
@@ -626,12 +633,17 @@ unsafe fn bf16_grads(
             }
         }
     }
-    // dH part (m x d) = G (m x c, K = c) · W[cols].
-    let ga = PackedRows::from_fn(m, c, precision, g);
+    // dH part (m x d) = G (m x c, K = c) · W[cols], GRAD_CHUNK / 2 rows at a time (K is
+    // deep here) so that the packed rows stay in L2.
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
     out.fill(0.0);
-    bf16::tile_product(path, &ga, w_seg, 0..d, out, d);
+    let rows = GRAD_CHUNK / 2;
+    for i0 in (0..m).step_by(rows) {
+        let mi = rows.min(m - i0);
+        let ga = PackedRows::from_fn(mi, c, precision, |i, j| g(i0 + i, j));
+        bf16::tile_product(path, &ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d);
+    }
 }
 
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
