@@ -381,7 +381,8 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
     // Output rows whole cache lines (stride a multiple of 16 f32, start 64-byte aligned):
     // the AMX kernel loads and stores C there directly. Same numbers as the portable path.
     let mut rng = Lcg(17);
-    let (n, d, v) = (70, 96, 300);
+    // d = 800: 25 k-steps, more than one chunk of the in-place blocks.
+    let (n, d, v) = (70, 800, 300);
     let h = rng.vec(n * d, 1.0);
     let w = rng.vec(v * d, 1.0);
     let packed = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, Precision::Bf16x3).unwrap();
@@ -402,7 +403,7 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
                 if j >= cols.len() {
                     assert_eq!(a, 0.5, "{path}: wrote outside at [{i},{j}]");
                 } else {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{path} [{i},{j}]: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * 8.0, "{path} [{i},{j}]: {a} vs {b}");
                 }
             }
         }
