@@ -307,13 +307,16 @@ pub(crate) unsafe fn tile_product(
                                         }
                                     }
                                 }
+                                // Each operand tile is freed as early as possible
+                                // (B0 after two products, A0 after three) so the next
+                                // step's loads can start while products still run.
                                 tload!(4, a0.add(k * TILE));
                                 tload!(6, w0.add(k * TILE));
                                 tdp!(0, 4, 6);
-                                tload!(7, w1.add(k * TILE));
-                                tdp!(1, 4, 7);
                                 tload!(5, a1.add(k * TILE));
                                 tdp!(2, 5, 6);
+                                tload!(7, w1.add(k * TILE));
+                                tdp!(1, 4, 7);
                                 tdp!(3, 5, 7);
                             }
                         }

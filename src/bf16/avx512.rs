@@ -68,15 +68,22 @@ unsafe fn kernel<const R: usize, const NB: usize>(
     let mut acc = [[_mm512_setzero_ps(); NB]; R];
     for &(qa, qb) in w.precision.terms() {
         let a = rows.tile_ptr(t, qa);
-        let wb: [*const u16; NB] = std::array::from_fn(|x| w.block_ptr(b + x, qb));
+        let mut wb = [std::ptr::null::<u16>(); NB];
+        for (x, p) in wb.iter_mut().enumerate() {
+            *p = w.block_ptr(b + x, qb);
+        }
         for p in 0..kp {
             let k = 2 * p;
             // SAFETY: pair p of each block lies inside the packed W (d_pad / 2 pairs of 32
             // u16 per part); the pair (k, k+1) of row r0 + r lies inside the row tile
             // (k / 32 < d_pad / 32 chunks of 16 rows × 32). Unaligned loads.
             unsafe {
-                let bv: [__m512bh; NB] =
-                    std::array::from_fn(|x| std::mem::transmute(_mm512_loadu_si512(wb[x].add(p * 32).cast())));
+                // Plain loops, not closures: a closure would not inherit this function's
+                // target features, and its intrinsics would not be inlined.
+                let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); NB];
+                for x in 0..NB {
+                    bv[x] = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wb[x].add(p * 32).cast()));
+                }
                 for (rr, accr) in acc.iter_mut().enumerate() {
                     let hp = a.add((k / 32) * 512 + (r0 + rr) * 32 + k % 32).cast::<i32>().read_unaligned();
                     let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(hp));
