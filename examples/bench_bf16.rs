@@ -217,7 +217,9 @@ fn main() {
         let packed = PackedBf16Weights::from_bf16_bits(&bits, WeightLayout::VocabMajor, v, d).unwrap();
         drop(bits);
         let bytes = packed.bytes();
+        let t = Instant::now();
         let layer = SoftmaxLayer::from_packed_bf16(packed, None::<&[f32]>).unwrap();
+        eprintln!("layer from packed bf16 weights (finite check) {:.3} s", t.elapsed().as_secs_f64());
         let h = data::fill(n * d, 3, -1.0, 1.0);
         let hv = MatRef::new(&h, n, d).unwrap();
         let mut small = vec![0f32; n];

@@ -369,6 +369,12 @@ impl PackedBf16Weights {
 
     /// Does a NaN or infinity lie in the packed weight? `(class, k, value)` of the first.
     pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
+        // A bf16 is NaN or infinite iff its exponent bits are all ones: scan the packed bits
+        // in parallel (padding is zero), then locate the first offender class by class.
+        let bad = |h: &u16| h & 0x7f80 == 0x7f80;
+        if !self.data.par_chunks(1 << 16).any(|c| c.iter().any(bad)) {
+            return None;
+        }
         (0..self.vocab).find_map(|j| {
             (0..self.hidden).find_map(|k| {
                 let (hi, lo) = self.parts_at(j, k);
