@@ -289,3 +289,20 @@ fn precision_flag_runs_bf16_and_bf16x3_and_keeps_bf16_weights_as_bf16() {
     let a = ["log-probs", "--hidden", &hf, "--weight", &wf, "--precision", "fp8", "-o", "/nonexistent/x.npy"];
     fails(&a, &["--precision", "fp8"]);
 }
+
+#[test]
+fn loss_with_gradients_widens_a_bf16_weight() {
+    use softmax_layer::bf16::to_bf16;
+    let dir = tempfile::tempdir().unwrap();
+    let o = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let w = load(&fx("weight"));
+    let bits: Vec<u16> = w.to_f32().unwrap().iter().map(|&x| to_bf16(x)).collect();
+    let wfile = o("w.safetensors");
+    write_safetensors(Path::new(&wfile), &[("w", w.shape.clone(), OutTensor::Bf16Bits(&bits))]).unwrap();
+    let ws = format!("{wfile}:w");
+    let (hf, yf, out) = (fx("hidden"), fx("targets"), o("loss.safetensors"));
+    ok(&["loss", "--hidden", &hf, "--weight", &ws, "--targets", &yf, "--precision", "bf16", "--grad", "-o", &out]);
+    let gw = load(&format!("{out}:grad_weight"));
+    assert_eq!(gw.shape, w.shape);
+    assert!(gw.to_f64().unwrap().iter().any(|&x| x != 0.0));
+}

@@ -122,9 +122,10 @@ fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
 
 impl Inputs {
     /// The weight as `f32`, unless the product is bf16 and the file holds bf16: then `None`,
-    /// and [`Inputs::layer`] packs the bf16 bits as they are.
-    fn weight_f32(&self) -> Result<Option<Cow<'_, [f32]>>, Failure> {
-        if self.precision == Precision::Bf16 && self.weight.as_bf16_bits().is_some() {
+    /// and [`Inputs::layer`] packs the bf16 bits as they are. `need_f32` (the loss's
+    /// gradients, which need `f32` weights) always widens.
+    fn weight_f32(&self, need_f32: bool) -> Result<Option<Cow<'_, [f32]>>, Failure> {
+        if !need_f32 && self.precision == Precision::Bf16 && self.weight.as_bf16_bits().is_some() {
             return Ok(None);
         }
         Ok(Some(self.weight.to_f32()?))
@@ -166,7 +167,7 @@ pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) 
     let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
     let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let hv = MatRef::new(&h, n, d)?;
@@ -292,7 +293,7 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
     }
     let cw = cw_t.as_ref().map(|c| c.to_f32()).transpose()?;
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight_f32()?;
+    let w = inp.weight_f32(a.grad)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
     let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let hv = MatRef::new(&h, n, d)?;
@@ -401,7 +402,7 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     let bytes = a.bytes.as_deref().map(|s| counts(s, "bytes")).transpose()?;
     let chars = a.chars.as_deref().map(|s| counts(s, "chars")).transpose()?;
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
     let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let opts = ScoreOptions {
@@ -497,7 +498,7 @@ pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let history = a.history.as_deref().map(|s| counts(s, "history")).transpose()?.unwrap_or_default();
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
     let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let mut logits = crate::output_buffer(n, v, "logits")?;
