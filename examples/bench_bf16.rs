@@ -10,6 +10,7 @@
 //! - `gemm`: the bf16 product at n=2048, d=768, V=50257, through the engine with a consumer
 //!   that discards each tile (the product alone), and `logits` (written out as f32).
 //! - `bf16x3`: the same product in bf16x3.
+//! - `kchunk`: the AMX kernel's k-chunking (a tuning knob) against none, alternated.
 //! - `target`: fused target log-probs in bf16 at the same shape (and f32 for reference).
 //! - `loss`: fused cross-entropy forward + backward in bf16, bf16x3 and f32.
 //! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
@@ -110,7 +111,7 @@ fn main() {
     }
 
     let (n, d, v) = (2048, 768, 50257);
-    if on("gemm") || on("target") || on("bf16x3") {
+    if on("gemm") || on("target") || on("bf16x3") || on("kchunk") {
         let t0 = Instant::now();
         let h = data::fill(n * d, 1, -1.0, 1.0);
         let ws = (3.0 / d as f32).sqrt();
@@ -156,6 +157,22 @@ fn main() {
                 std::hint::black_box(engine::run(&f32_layer, hv, &Discard, tiling));
             });
             line("f32_product", n, d, v, med, "");
+        }
+        if on("kchunk") {
+            // The AMX kernel's k-chunk: none (24 steps = all of d = 768) against 8 and 12,
+            // alternated.
+            let run = |k: usize| {
+                softmax_layer::bf16::amx::set_k_chunk(k);
+                std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+            };
+            for k in [8usize, 12] {
+                let (a, b) = timed_pair(reps, || run(24), || run(k));
+                println!(
+                    "{{\"what\": \"amx_kchunk\", \"kchunk_24_s\": {a:.6}, \"kchunk_{k}_s\": {b:.6}, \"ratio\": {:.3}}}",
+                    a / b
+                );
+            }
+            softmax_layer::bf16::amx::set_k_chunk(usize::MAX);
         }
         if on("bf16x3") {
             let x3 = f32_layer.clone().with_precision(Precision::Bf16x3).unwrap();

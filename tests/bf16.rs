@@ -381,7 +381,7 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
     // Output rows whole cache lines (stride a multiple of 16 f32, start 64-byte aligned):
     // the AMX kernel loads and stores C there directly. Same numbers as the portable path.
     let mut rng = Lcg(17);
-    // d = 800: 25 k-steps, more than one chunk of the in-place blocks.
+    // d = 800: 25 k-steps (tests/bf16_kchunk.rs runs this in chunks).
     let (n, d, v) = (70, 800, 300);
     let h = rng.vec(n * d, 1.0);
     let w = rng.vec(v * d, 1.0);

@@ -16,6 +16,7 @@ use std::arch::asm;
 use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
 use std::ops::Range;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// `arch_prctl` request: ask for permission to use an extended state component.
 const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
@@ -128,13 +129,31 @@ macro_rules! tzero {
     };
 }
 
-/// k-steps (of 32) per chunk for blocks that accumulate in place; `SOFTMAX_LAYER_AMX_KCHUNK`
-/// overrides it (for tuning).
+/// k-steps (of 32) per chunk for blocks that accumulate in place; 0 means "not set yet".
+static K_CHUNK: AtomicUsize = AtomicUsize::new(0);
+
+/// k-steps per chunk: [`set_k_chunk`], else `SOFTMAX_LAYER_AMX_KCHUNK`, else all of k (no
+/// chunking: at d = 768, chunks of 8 and 12 steps made the product 15–35% slower,
+/// `bench_bf16 -- 9 kchunk`).
 fn k_chunk() -> usize {
-    static K: OnceLock<usize> = OnceLock::new();
-    *K.get_or_init(|| {
-        std::env::var("SOFTMAX_LAYER_AMX_KCHUNK").ok().and_then(|s| s.parse().ok()).filter(|&k| k > 0).unwrap_or(24)
-    })
+    match K_CHUNK.load(Ordering::Relaxed) {
+        0 => {
+            let k = std::env::var("SOFTMAX_LAYER_AMX_KCHUNK").ok().and_then(|s| s.parse().ok()).filter(|&k| k > 0);
+            let k = k.unwrap_or(usize::MAX);
+            K_CHUNK.store(k, Ordering::Relaxed);
+            k
+        }
+        k => k,
+    }
+}
+
+/// Sets the k-chunk of the AMX kernel's in-place blocks (for tuning; results change only
+/// in the order of the `f32` additions). 0 is ignored.
+#[doc(hidden)]
+pub fn set_k_chunk(k: usize) {
+    if k > 0 {
+        K_CHUNK.store(k, Ordering::Relaxed);
+    }
 }
 
 /// C scratch: 32 rows × 64 `f32` (a 2×2 or 1×4 block of C tiles), row stride 256 bytes.
@@ -229,10 +248,9 @@ pub(crate) unsafe fn tile_product(
         // 2×2: two A tiles, two B tiles per k-chunk; class-block pairs outside, row-tile
         // pairs inside, so a pair of W blocks is reused by every row pair.
         let tiles = rows.tiles();
-        // Blocks that accumulate in place run over k in chunks of `k_chunk()` steps, all
-        // blocks per chunk, so that a W pair's chunk can stay in L1 while the row pairs pass
-        // (24 steps unless overridden: smaller chunks gave no gain measurable on the shared
-        // machine).
+        // Blocks that accumulate in place can run over k in chunks of `k_chunk()` steps, all
+        // blocks per chunk, so that a W pair's chunk may stay in L1 while the row pairs pass
+        // (off by default: it was slower where measured).
         let k_chunk = k_chunk();
         for kb0 in (0..kc).step_by(k_chunk) {
             let mut b = b0;
@@ -262,7 +280,7 @@ pub(crate) unsafe fn tile_product(
                     if !inside && kb0 > 0 {
                         continue;
                     }
-                    let ks = if inside { kb0..(kb0 + k_chunk).min(kc) } else { 0..kc };
+                    let ks = if inside { kb0..kb0.saturating_add(k_chunk).min(kc) } else { 0..kc };
                     let c0 = if inside {
                         out[t * 16 * ldo + b * 16 - cols.start..].as_mut_ptr()
                     } else {
