@@ -111,7 +111,7 @@ fn main() {
     }
 
     let (n, d, v) = (2048, 768, 50257);
-    if on("gemm") || on("target") || on("bf16x3") || on("kchunk") {
+    if on("gemm") || on("target") || on("bf16x3") || on("kchunk") || on("tiling") {
         let t0 = Instant::now();
         let h = data::fill(n * d, 1, -1.0, 1.0);
         let ws = (3.0 / d as f32).sqrt();
@@ -173,6 +173,27 @@ fn main() {
                 );
             }
             softmax_layer::bf16::amx::set_k_chunk(usize::MAX);
+        }
+        if on("tiling") {
+            // Engine tilings for the bf16 product, each alternated with the default.
+            use softmax_layer::engine::Tiling;
+            for (r, c) in [(128usize, 512usize), (256, 256), (128, 256), (512, 256)] {
+                let t = Tiling { row_block: r, col_tile: c, segment: 8192 };
+                let other = bf.clone().with_tiling(t);
+                let (a, b) = timed_pair(
+                    reps,
+                    || {
+                        std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+                    },
+                    || {
+                        std::hint::black_box(engine::run(&other, hv, &Discard, t));
+                    },
+                );
+                println!(
+                    "{{\"what\": \"tiling\", \"default_s\": {a:.6}, \"rows_{r}_cols_{c}_s\": {b:.6}, \"ratio\": {:.3}}}",
+                    a / b
+                );
+            }
         }
         if on("bf16x3") {
             let x3 = f32_layer.clone().with_precision(Precision::Bf16x3).unwrap();
