@@ -32,6 +32,26 @@
 //!
 //! AMX and `vdpbf16ps` treat subnormal inputs and results as zero; the portable path does
 //! not. Products of bf16 numbers whose magnitude is below `2^-126` differ in that way only.
+//!
+//! ```
+//! use softmax_layer::{BfPath, LayerOptions, MatRef, Precision, SoftmaxLayer, WeightLayout};
+//! // V = 3 classes, d = 2; W as PyTorch stores it, [V, d], packed once here.
+//! let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+//! let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 3, 2, None::<&[f32]>)?
+//!     .with_precision(Precision::Bf16x3)?;
+//! let h = [2.0f32, 1.0];
+//! let mut lse = [0f32];
+//! layer.logsumexp(MatRef::new(&h, 1, 2)?, &mut lse, &LayerOptions::default())?;
+//! // logits = [2, 1, 3], exact in bf16.
+//! let want = (2f64.exp() + 1f64.exp() + 3f64.exp()).ln();
+//! assert!((lse[0] as f64 - want).abs() < 1e-6);
+//! // The portable path runs anywhere and gives the same numbers up to summation order.
+//! let portable = layer.with_bf16_path(BfPath::Portable)?;
+//! let mut lse2 = [0f32];
+//! portable.logsumexp(MatRef::new(&h, 1, 2)?, &mut lse2, &LayerOptions::default())?;
+//! assert!((lse2[0] - lse[0]).abs() < 1e-6);
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use crate::matrix::{MatRef, WeightLayout};
