@@ -11,6 +11,8 @@
 //!   that discards each tile (the product alone), and `logits` (written out as f32).
 //! - `bf16x3`: the same product in bf16x3.
 //! - `kchunk`: the AMX kernel's k-chunking (a tuning knob) against none, alternated.
+//! - `tiling`, `prefetch`: engine tilings and the AMX kernel's W prefetch modes against
+//!   the defaults, alternated.
 //! - `target`: fused target log-probs in bf16 at the same shape (and f32 for reference).
 //! - `loss`: fused cross-entropy forward + backward in bf16, bf16x3 and f32.
 //! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
@@ -111,7 +113,7 @@ fn main() {
     }
 
     let (n, d, v) = (2048, 768, 50257);
-    if on("gemm") || on("target") || on("bf16x3") || on("kchunk") || on("tiling") {
+    if on("gemm") || on("target") || on("bf16x3") || on("kchunk") || on("tiling") || on("prefetch") {
         let t0 = Instant::now();
         let h = data::fill(n * d, 1, -1.0, 1.0);
         let ws = (3.0 / d as f32).sqrt();
@@ -173,6 +175,21 @@ fn main() {
                 );
             }
             softmax_layer::bf16::amx::set_k_chunk(usize::MAX);
+        }
+        if on("prefetch") {
+            // The AMX kernel's prefetch of the next W blocks: default against the others.
+            let run = |mode: usize| {
+                softmax_layer::bf16::amx::set_prefetch_mode(mode);
+                std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+            };
+            for mode in [1usize, 2, 3] {
+                let (a, b) = timed_pair(reps, || run(0), || run(mode));
+                println!(
+                    "{{\"what\": \"amx_prefetch\", \"default_s\": {a:.6}, \"mode_{mode}_s\": {b:.6}, \"ratio\": {:.3}}}",
+                    a / b
+                );
+            }
+            softmax_layer::bf16::amx::set_prefetch_mode(0);
         }
         if on("tiling") {
             // Engine tilings for the bf16 product, each alternated with the default.

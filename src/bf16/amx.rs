@@ -13,7 +13,7 @@
 
 use super::{PackedBf16Weights, PackedRows};
 use std::arch::asm;
-use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
 use std::ops::Range;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -147,6 +147,20 @@ fn k_chunk() -> usize {
     }
 }
 
+/// How the next W blocks are prefetched: 0 = the next pair into L2 (default), 1 = none,
+/// 2 = the next pair into L1, 3 = the pair after next into L2.
+static PREFETCH: AtomicUsize = AtomicUsize::new(0);
+
+fn prefetch_mode() -> usize {
+    PREFETCH.load(Ordering::Relaxed)
+}
+
+/// Sets the prefetch mode of the AMX kernel (for tuning; results do not change).
+#[doc(hidden)]
+pub fn set_prefetch_mode(mode: usize) {
+    PREFETCH.store(mode.min(3), Ordering::Relaxed);
+}
+
 /// Sets the k-chunk of the AMX kernel's in-place blocks (for tuning; results change only
 /// in the order of the `f32` additions). 0 is ignored.
 #[doc(hidden)]
@@ -258,7 +272,9 @@ pub(crate) unsafe fn tile_product(
                 let bp = [0, 1].map(|x| terms.iter().map(|&(_, qb)| w.block_ptr(b + x, qb)).collect::<Vec<_>>());
                 // The next pair of W blocks (contiguous) is fetched into L2 while this pair is
                 // used (first chunk only): spread over the row pairs and k-steps of this pair.
-                let next = if b + 2 < b1 && kb0 == 0 { Some(w.block_ptr(b + 2, 0)) } else { None };
+                let mode = prefetch_mode();
+                let ahead = if mode == 3 { 4 } else { 2 };
+                let next = if b + ahead < b1 && kb0 == 0 && mode != 1 { Some(w.block_ptr(b + ahead, 0)) } else { None };
                 let next_lines = 2 * w.precision.parts() * w.d_pad * 16 * 2 / 64;
                 let steps = m.div_ceil(32) * kc * terms.len();
                 let per_step = next_lines.div_ceil(steps.max(1)).min(4);
@@ -320,7 +336,11 @@ pub(crate) unsafe fn tile_product(
                                         if fetched < next_lines {
                                             // A hint only: the line lies inside the packed W
                                             // (blocks b+2, b+3 exist since b + 2 < b1).
-                                            _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
+                                            if mode == 2 {
+                                                _mm_prefetch::<_MM_HINT_T0>(nx.cast::<i8>().add(fetched * 64));
+                                            } else {
+                                                _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
+                                            }
                                             fetched += 1;
                                         }
                                     }
