@@ -3,7 +3,9 @@
     python3 scripts/torch_bf16.py [REPEATS]
 
 Prints one JSON line per figure: the bf16 product H @ W.T and the bf16 target
-log-probs log_softmax(F.linear(H, W).float()).gather(...), at n=2048, d=768, V=50257.
+log-probs log_softmax(F.linear(H, W).float()).gather(...), at n=2048, d=768, V=50257;
+with a second argument `loss`, also the fp32 eager cross-entropy forward + backward
+(F.cross_entropy(F.linear(H, W), y).backward()), the issue's baseline for the bf16 loss.
 """
 import json
 import sys
@@ -39,3 +41,15 @@ with torch.no_grad():
                       "gflops": round(2 * n * d * v / m / 1e9, 1), "torch": torch.__version__}))
     m = median(lambda: F.log_softmax(F.linear(h, w).float(), -1).gather(1, y[:, None]))
     print(json.dumps({"what": "torch_bf16_target_log_probs", "n": n, "d": d, "v": v, "median_s": round(m, 6)}))
+
+if len(sys.argv) > 2 and sys.argv[2] == "loss":
+    hf = h.float().requires_grad_()
+    wf = w.float().requires_grad_()
+
+    def step():
+        hf.grad = None
+        wf.grad = None
+        F.cross_entropy(F.linear(hf, wf), y).backward()
+
+    m = median(step)
+    print(json.dumps({"what": "torch_fp32_loss_forward_backward", "n": n, "d": d, "v": v, "median_s": round(m, 6)}))
