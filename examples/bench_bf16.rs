@@ -214,6 +214,16 @@ fn main() {
         }
         if on("bf16x3") {
             let x3 = f32_layer.clone().with_precision(Precision::Bf16x3).unwrap();
+            let run = |fuse: bool| {
+                softmax_layer::bf16::amx::set_fuse3(fuse);
+                std::hint::black_box(engine::run(&x3, hv, &Discard, tiling));
+            };
+            let (a, b) = timed_pair(reps, || run(true), || run(false));
+            println!(
+                "{{\"what\": \"bf16x3_fused_terms\", \"fused_s\": {a:.6}, \"term_by_term_s\": {b:.6}, \"ratio\": {:.3}}}",
+                b / a
+            );
+            softmax_layer::bf16::amx::set_fuse3(true);
             let med = timed(reps, || {
                 std::hint::black_box(engine::run(&x3, hv, &Discard, tiling));
             });

@@ -16,7 +16,7 @@ use std::arch::asm;
 use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
 use std::ops::Range;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `arch_prctl` request: ask for permission to use an extended state component.
 const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
@@ -161,6 +161,16 @@ pub fn set_prefetch_mode(mode: usize) {
     PREFETCH.store(mode.min(3), Ordering::Relaxed);
 }
 
+/// Whether bf16x3 runs its three terms per k-step (10 tile loads per 12 products).
+static FUSE3: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether bf16x3 fuses its three terms per k-step (for tuning; results change only
+/// in the order of the `f32` additions).
+#[doc(hidden)]
+pub fn set_fuse3(on: bool) {
+    FUSE3.store(on, Ordering::Relaxed);
+}
+
 /// Sets the k-chunk of the AMX kernel's in-place blocks (for tuning; results change only
 /// in the order of the `f32` additions). 0 is ignored.
 #[doc(hidden)]
@@ -266,6 +276,7 @@ pub(crate) unsafe fn tile_product(
         // blocks per chunk, so that a W pair's chunk may stay in L1 while the row pairs pass
         // (off by default: it was slower where measured).
         let k_chunk = k_chunk();
+        let fuse3 = w.precision == super::Precision::Bf16x3 && FUSE3.load(Ordering::Relaxed);
         for kb0 in (0..kc).step_by(k_chunk) {
             let mut b = b0;
             while b < b1 {
@@ -327,7 +338,50 @@ pub(crate) unsafe fn tile_product(
                             tzero!(2);
                             tzero!(3);
                         }
-                        for (ti, &(qa, _)) in terms.iter().enumerate() {
+                        if fuse3 {
+                            // bf16x3 with the three terms per k-step: hi·hi, then hi·lo with
+                            // A's hi parts kept, then lo·hi: 10 tile loads per 12 products
+                            // instead of 12.
+                            let (ah0, ah1) = (rows.tile_ptr(t, 0), rows.tile_ptr(t + 1, 0));
+                            let (al0, al1) = (rows.tile_ptr(t, 1), rows.tile_ptr(t + 1, 1));
+                            let (bh0, bh1) = (w.block_ptr(b, 0), w.block_ptr(b + 1, 0));
+                            let (bl0, bl1) = (w.block_ptr(b, 1), w.block_ptr(b + 1, 1));
+                            for k in ks.clone() {
+                                if let Some(nx) = next {
+                                    for _ in 0..3 * per_step {
+                                        if fetched < next_lines {
+                                            // A hint only: inside the packed W (see below).
+                                            _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
+                                            fetched += 1;
+                                        }
+                                    }
+                                }
+                                let o = k * TILE;
+                                tload!(4, ah0.add(o));
+                                tload!(6, bh0.add(o));
+                                tdp!(0, 4, 6);
+                                tload!(5, ah1.add(o));
+                                tdp!(2, 5, 6);
+                                tload!(7, bh1.add(o));
+                                tdp!(1, 4, 7);
+                                tdp!(3, 5, 7);
+                                tload!(6, bl0.add(o));
+                                tdp!(0, 4, 6);
+                                tdp!(2, 5, 6);
+                                tload!(7, bl1.add(o));
+                                tdp!(1, 4, 7);
+                                tdp!(3, 5, 7);
+                                tload!(4, al0.add(o));
+                                tload!(6, bh0.add(o));
+                                tdp!(0, 4, 6);
+                                tload!(5, al1.add(o));
+                                tdp!(2, 5, 6);
+                                tload!(7, bh1.add(o));
+                                tdp!(1, 4, 7);
+                                tdp!(3, 5, 7);
+                            }
+                        }
+                        for (ti, &(qa, _)) in terms.iter().enumerate().filter(|_| !fuse3) {
                             let (a0, a1) = (rows.tile_ptr(t, qa), rows.tile_ptr(t + 1, qa));
                             let (w0, w1) = (bp[0][ti], bp[1][ti]);
                             for k in ks.clone() {
