@@ -8,6 +8,9 @@
 //! (1×4) when the block has 16 rows or fewer (decoding), so that zero rows are not
 //! multiplied for nothing.
 //!
+//! In bf16x3 the 2×2 kernel runs the three products of each k-step together (hi·hi,
+//! hi·lo, lo·hi), keeping A's hi tiles loaded: 10 tile loads per 12 products.
+//!
 //! The tile configuration is per thread: every call loads it and releases the tiles at
 //! the end (`tilerelease`), so no AMX state outlives a call.
 
