@@ -265,7 +265,7 @@ fn main() {
         }
     }
 
-    if on("decode") {
+    if on("decode") || on("decode_paths") {
         let (n, d, v) = (1, 4096, 128256);
         // bf16 bits straight away: the f32 weight (2 GiB) is never made.
         let bits: Vec<u16> = {
@@ -289,6 +289,21 @@ fn main() {
         let hv = MatRef::new(&h, n, d).unwrap();
         let mut small = vec![0f32; n];
         let opts = LayerOptions::default();
+        if on("decode_paths") {
+            // The AMX 1x4 kernel against AVX512-BF16 for the decode step, alternated.
+            if let Ok(avx) = layer.clone().with_bf16_path(BfPath::Avx512Bf16) {
+                let mut s2 = vec![0f32; n];
+                let (a, b) = timed_pair(
+                    reps,
+                    || layer.target_log_probs(hv, &[17], &mut small, &opts).unwrap(),
+                    || avx.target_log_probs(hv, &[17], &mut s2, &opts).unwrap(),
+                );
+                println!(
+                    "{{\"what\": \"decode_paths\", \"{}_s\": {a:.6}, \"avx512bf16_s\": {b:.6}}}",
+                    layer.bf16_path()
+                );
+            }
+        }
         // Alternated with a read of as many bytes, as fast as we can.
         let buf = data::fill(bytes / 4, 4, -1.0, 1.0);
         let (med, med_r) = timed_pair(

@@ -165,12 +165,7 @@ impl BfPath {
     pub fn best() -> BfPath {
         static BEST: OnceLock<BfPath> = OnceLock::new();
         *BEST.get_or_init(|| {
-            if let Some(p) = std::env::var(PATH_ENV).ok().as_deref().and_then(BfPath::parse)
-                && p.is_available()
-            {
-                return p;
-            }
-            BfPath::ALL.into_iter().find(|p| p.is_available()).unwrap_or(BfPath::Portable)
+            env_path().unwrap_or_else(|| BfPath::ALL.into_iter().find(|p| p.is_available()).unwrap_or(BfPath::Portable))
         })
     }
 
@@ -182,6 +177,12 @@ impl BfPath {
             Err(Error::InvalidArgument(format!("bf16 path {self} is not supported by this CPU or OS")))
         }
     }
+}
+
+/// The available path [`PATH_ENV`] names, if any (read once).
+pub(crate) fn env_path() -> Option<BfPath> {
+    static ENV: OnceLock<Option<BfPath>> = OnceLock::new();
+    *ENV.get_or_init(|| std::env::var(PATH_ENV).ok().as_deref().and_then(BfPath::parse).filter(|p| p.is_available()))
 }
 
 impl std::fmt::Display for BfPath {
