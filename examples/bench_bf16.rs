@@ -17,6 +17,7 @@
 //! - `loss`: fused cross-entropy forward + backward in bf16, bf16x3 and f32.
 //! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
 //!   against a read of the same number of bytes.
+//! - `decode_paths`: the decode step on AMX against AVX512-BF16, alternated.
 //!
 //! `SOFTMAX_LAYER_BF16_PATH=amx|avx512bf16|portable` forces a path.
 #[path = "../benches/support/data.rs"]
