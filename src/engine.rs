@@ -85,15 +85,19 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
     let segment = tiling.segment.max(tiling.col_tile).div_ceil(tiling.col_tile) * tiling.col_tile;
     let row_blocks = ranges(n, tiling.row_block);
     let segments = ranges(v, segment);
-    let work = |rows: &Range<usize>, seg: &Range<usize>| -> C::State {
+    // One segment of one row block, with the rows prepared by the caller (once per task)
+    // and a tile buffer whose start is 64-byte aligned (whole cache lines for the kernels).
+    let work = |rows: &Range<usize>, seg: &Range<usize>, prepared: &mut S::Rows| -> C::State {
         let mut state = consumer.init(rows.clone());
         let h = hidden.sub_rows(rows.clone());
-        let mut prepared = source.prepare_rows(h);
-        let mut tile = vec![0f32; rows.len() * tiling.col_tile.min(seg.len())];
+        let len = rows.len() * tiling.col_tile.min(seg.len());
+        let mut buf = vec![0f32; len + 16];
+        let off = buf.as_ptr().align_offset(64).min(16);
+        let tile = &mut buf[off..off + len];
         for s in (seg.start..seg.end).step_by(tiling.col_tile) {
             let cols = s..(s + tiling.col_tile).min(seg.end);
             let t = &mut tile[..rows.len() * cols.len()];
-            source.logits_tile(&mut prepared, h, cols.clone(), t);
+            source.logits_tile(prepared, h, cols.clone(), t);
             consumer.visit(&mut state, t, rows.clone(), cols);
         }
         state
@@ -105,7 +109,8 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
         return row_blocks
             .into_par_iter()
             .map(|rows| {
-                let st = segments.iter().map(|seg| work(&rows, seg)).reduce(|a, b| consumer.merge(a, b));
+                let mut prepared = source.prepare_rows(hidden.sub_rows(rows.clone()));
+                let st = segments.iter().map(|seg| work(&rows, seg, &mut prepared)).reduce(|a, b| consumer.merge(a, b));
                 let st = st.unwrap_or_else(|| consumer.init(rows.clone()));
                 (rows, st)
             })
@@ -115,7 +120,13 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
     // the same left-to-right order afterwards.
     let pairs: Vec<(usize, usize)> =
         (0..row_blocks.len()).flat_map(|r| (0..segments.len()).map(move |g| (r, g))).collect();
-    let mut states: Vec<C::State> = pairs.par_iter().map(|&(r, g)| work(&row_blocks[r], &segments[g])).collect();
+    let mut states: Vec<C::State> = pairs
+        .par_iter()
+        .map(|&(r, g)| {
+            let rows = &row_blocks[r];
+            work(rows, &segments[g], &mut source.prepare_rows(hidden.sub_rows(rows.clone())))
+        })
+        .collect();
     let mut out = Vec::with_capacity(row_blocks.len());
     for rows in row_blocks.into_iter().rev() {
         let tail = states.split_off(states.len() - segments.len());

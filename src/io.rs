@@ -187,6 +187,25 @@ impl Tensor {
         (pre.is_empty() && post.is_empty()).then_some(mid)
     }
 
+    /// The bits of a bf16 tensor in C (row-major) order, borrowed from the file when they
+    /// are little-endian, C-ordered and aligned; `None` for any other dtype. Never widened
+    /// to `f32`.
+    pub fn as_bf16_bits(&self) -> Option<Cow<'_, [u16]>> {
+        if self.dtype != DType::BF16 {
+            return None;
+        }
+        if !self.fortran && !self.big_endian {
+            // SAFETY: u16 has no invalid bit patterns; `align_to` only yields the aligned middle.
+            let (pre, mid, post) = unsafe { self.raw().align_to::<u16>() };
+            if pre.is_empty() && post.is_empty() {
+                return Some(Cow::Borrowed(mid));
+            }
+        }
+        let be = self.big_endian;
+        let bits: Vec<u16> = self.raw().chunks_exact(2).map(|c| word16(c, be)).collect();
+        Some(Cow::Owned(self.c_order(bits)))
+    }
+
     /// The elements as `f32` in C (row-major) order, converting f64, f16 and bf16.
     /// Integer tensors are an error.
     pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
@@ -604,6 +623,8 @@ pub enum OutTensor<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
     I64(&'a [i64]),
+    /// bf16, as bits.
+    Bf16Bits(&'a [u16]),
 }
 
 /// Writes named tensors into one `.safetensors` file atomically.
@@ -636,6 +657,12 @@ pub fn write_safetensors_with_metadata(
             OutTensor::I64(d) => (
                 name.to_string(),
                 safetensors::Dtype::I64,
+                shape.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            OutTensor::Bf16Bits(d) => (
+                name.to_string(),
+                safetensors::Dtype::BF16,
                 shape.clone(),
                 d.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),

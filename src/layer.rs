@@ -11,6 +11,7 @@
 //! Logits are `f32` dot products (the matrix product accumulates in `f32`); everything
 //! after them is exact to `f32` rounding (see [`crate::rows`]).
 
+use crate::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision};
 use crate::engine::{self, Consumer, LogitSource, Tiling};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, MaxSum};
@@ -20,6 +21,7 @@ use crate::tile_gemm;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Rows per tile below which the product is computed as dot products over the weight
 /// rows (memory-bound decoding) instead of by the blocked matrix product.
@@ -51,6 +53,12 @@ pub struct SoftmaxLayer<'a> {
     hidden: usize,
     kernels: &'static Kernels,
     tiling: Tiling,
+    precision: Precision,
+    /// W packed for the bf16 products (`None` in `f32` precision); shared by clones.
+    packed: Option<Arc<PackedBf16Weights>>,
+    bf_path: BfPath,
+    /// Whether `bf_path` was asked for ([`SoftmaxLayer::with_bf16_path`]) rather than chosen.
+    bf_path_forced: bool,
 }
 
 /// Options of the forward operations.
@@ -117,7 +125,116 @@ impl<'a> SoftmaxLayer<'a> {
                 return Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] });
             }
         }
-        Ok(SoftmaxLayer { weight, bias, layout, vocab, hidden, kernels: Kernels::best(), tiling: Tiling::default() })
+        Ok(SoftmaxLayer {
+            weight,
+            bias,
+            layout,
+            vocab,
+            hidden,
+            kernels: Kernels::best(),
+            tiling: Tiling::default(),
+            precision: Precision::F32,
+            packed: None,
+            bf_path: BfPath::best(),
+            bf_path_forced: bf16::env_path().is_some(),
+        })
+    }
+
+    /// A layer over weights that are already bf16 and packed ([`PackedBf16Weights::from_bf16_bits`]),
+    /// computing in [`Precision::Bf16`] without ever holding `f32` weights: half the memory
+    /// of an `f32` layer. [`SoftmaxLayer::weight`] is empty for such a layer, and the loss's
+    /// gradients (which need `f32` weights) return an error.
+    ///
+    /// Errors on a bias whose length is not `V`, and on NaN or infinity in the weight or bias.
+    pub fn from_packed_bf16(packed: PackedBf16Weights, bias: Option<impl Into<Cow<'a, [f32]>>>) -> Result<Self> {
+        if packed.precision() != Precision::Bf16 {
+            return Err(Error::InvalidArgument(format!(
+                "bf16 weights must be packed for precision bf16, got {}",
+                packed.precision()
+            )));
+        }
+        if let Some((i, j, v)) = packed.find_non_finite() {
+            return Err(Error::NonFinite { tensor: "weight".into(), row: i, col: j, value: v });
+        }
+        let (vocab, hidden) = (packed.vocab(), packed.hidden_dim());
+        let bias = bias.map(Into::into);
+        if let Some(b) = &bias {
+            if b.len() != vocab {
+                return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
+            }
+            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] });
+            }
+        }
+        Ok(SoftmaxLayer {
+            weight: Cow::Owned(Vec::new()),
+            bias,
+            layout: WeightLayout::VocabMajor,
+            vocab,
+            hidden,
+            kernels: Kernels::best(),
+            tiling: Tiling::default(),
+            precision: Precision::Bf16,
+            packed: Some(Arc::new(packed)),
+            bf_path: BfPath::best(),
+            bf_path_forced: bf16::env_path().is_some(),
+        })
+    }
+
+    /// The same layer computing its logits in `precision`. For `bf16` and `bf16x3` the
+    /// weight is packed here, once (every later call reuses the packing); `f32` drops it.
+    ///
+    /// Errors if the layer holds only bf16 weights ([`SoftmaxLayer::from_packed_bf16`]) and
+    /// `precision` is not `bf16`.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        if precision == self.precision {
+            return Ok(self);
+        }
+        if self.weight.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "this layer holds bf16 weights only; it computes in bf16, not {precision}"
+            )));
+        }
+        self.packed = match precision {
+            Precision::F32 => None,
+            p => Some(Arc::new(PackedBf16Weights::from_f32(&self.weight, self.layout, self.vocab, self.hidden, p)?)),
+        };
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// The same layer running its bf16 products on `path` (by default [`BfPath::best`]).
+    /// Errors if this CPU or OS does not run the path.
+    pub fn with_bf16_path(mut self, path: BfPath) -> Result<Self> {
+        self.bf_path = path.check()?;
+        self.bf_path_forced = true;
+        Ok(self)
+    }
+
+    /// The precision of the logits' product.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The code that runs the bf16 products. When it was chosen automatically (not by
+    /// [`SoftmaxLayer::with_bf16_path`] or [`crate::bf16::PATH_ENV`]) and is AMX, tiles of
+    /// at most 4 rows (decoding) run on AVX512-BF16 where the CPU has it: faster there.
+    pub fn bf16_path(&self) -> BfPath {
+        self.bf_path
+    }
+
+    /// `W[class, k]` as the product sees it: in `bf16x3` the sum `hi + lo`.
+    fn weight_parts(&self, class: usize, k: usize) -> (f32, f32) {
+        match &self.packed {
+            Some(p) => p.parts_at(class, k),
+            None => (
+                match self.layout {
+                    WeightLayout::VocabMajor => self.weight[class * self.hidden + k],
+                    WeightLayout::HiddenMajor => self.weight[k * self.vocab + class],
+                },
+                0.0,
+            ),
+        }
     }
 
     /// Number of classes `V`.
@@ -132,7 +249,8 @@ impl<'a> SoftmaxLayer<'a> {
     pub fn layout(&self) -> WeightLayout {
         self.layout
     }
-    /// The weight, in its layout.
+    /// The weight, in its layout; empty for a layer built from bf16 weights
+    /// ([`SoftmaxLayer::from_packed_bf16`]).
     pub fn weight(&self) -> &[f32] {
         &self.weight
     }
@@ -368,18 +486,29 @@ impl SoftmaxLayer<'_> {
                 let (h, y) = (hidden.row(i), targets[i] as usize);
                 let (mut dot, mut mag) = (0f64, 0f64);
                 for (p, &hp) in h.iter().enumerate() {
-                    let w = match self.layout {
-                        WeightLayout::VocabMajor => self.weight[y * d + p],
-                        WeightLayout::HiddenMajor => self.weight[p * self.vocab + y],
+                    let (wh, wl) = self.weight_parts(y, p);
+                    // The products the tile computes: h·w in f32, the bf16 parts otherwise.
+                    let terms = match self.precision {
+                        Precision::F32 => [hp as f64 * wh as f64, 0.0, 0.0],
+                        Precision::Bf16 => [bf16::from_bf16(bf16::to_bf16(hp)) as f64 * wh as f64, 0.0, 0.0],
+                        Precision::Bf16x3 => {
+                            let (a, b) = bf16::split(hp);
+                            let (a, b) = (bf16::from_bf16(a) as f64, bf16::from_bf16(b) as f64);
+                            [a * wh as f64, a * wl as f64, b * wh as f64]
+                        }
                     };
-                    dot += hp as f64 * w as f64;
-                    mag += (hp as f64 * w as f64).abs();
+                    for t in terms {
+                        dot += t;
+                        mag += t.abs();
+                    }
                 }
                 let b = self.bias.as_ref().map_or(0.0, |b| b[y] as f64);
                 let z = dot + b;
                 // |fl(Σ) − Σ| ≤ γ_m·Σ|terms|, γ_m = m·u/(1 − m·u), u = 2^-24, for any summation
-                // order, with m = d products and sums plus the bias; doubled for margin.
-                let mu = (d as f64 + 2.0) * 2f64.powi(-24);
+                // order, with m = d products (3d in bf16x3) and sums plus the bias; doubled
+                // for margin.
+                let products = if self.precision == Precision::Bf16x3 { 3 * d } else { d };
+                let mu = (products as f64 + 2.0) * 2f64.powi(-24);
                 let delta = 2.0 * mu / (1.0 - mu) * (mag + b.abs()) + 1e-30;
                 (z as f32, delta as f32)
             })
@@ -504,6 +633,8 @@ fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
 pub struct PreparedRows {
     packed: Option<tile_gemm::PackedA>,
     scratch: tile_gemm::Scratch,
+    /// The rows rounded (or split) to bf16, in bf16 precisions.
+    bf: Option<PackedRows>,
 }
 
 impl LogitSource for SoftmaxLayer<'_> {
@@ -511,12 +642,16 @@ impl LogitSource for SoftmaxLayer<'_> {
 
     fn prepare_rows(&self, hidden: MatRef<'_>) -> PreparedRows {
         let m = hidden.rows();
+        if self.packed.is_some() {
+            let bf = Some(PackedRows::pack(hidden, self.precision));
+            return PreparedRows { packed: None, scratch: tile_gemm::Scratch::new(), bf };
+        }
         let packed = (self.layout == WeightLayout::VocabMajor && m > GEMV_MAX_ROWS).then(|| {
             let mut p = tile_gemm::PackedA::new();
             p.pack(hidden.as_slice(), m, self.hidden, hidden.row_stride());
             p
         });
-        PreparedRows { packed, scratch: tile_gemm::Scratch::new() }
+        PreparedRows { packed, scratch: tile_gemm::Scratch::new(), bf: None }
     }
 
     fn vocab(&self) -> usize {
@@ -531,6 +666,18 @@ impl LogitSource for SoftmaxLayer<'_> {
         match &self.bias {
             Some(b) => tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()])),
             None => tile.fill(0.0),
+        }
+        if let (Some(bf), Some(w)) = (&rows.bf, &self.packed) {
+            // Decoding (a few rows) is bound by reading W: there AVX512-BF16 was 6–11% faster
+            // than AMX's 1×4 kernel (bench_bf16 decode_paths), unless a path was asked for.
+            let path = match self.bf_path {
+                BfPath::Amx if !self.bf_path_forced && m <= GEMV_MAX_ROWS && BfPath::Avx512Bf16.is_available() => {
+                    BfPath::Avx512Bf16
+                }
+                p => p,
+            };
+            bf16::tile_product(path, bf, w, cols, tile, c);
+            return;
         }
         let k = self.kernels;
         if let Some(packed) = &rows.packed {
@@ -600,7 +747,8 @@ impl SoftmaxLayer<'_> {
         self.kernels
     }
 
-    pub(crate) fn tiling(&self) -> Tiling {
+    /// The engine's tiling.
+    pub fn tiling(&self) -> Tiling {
         self.tiling
     }
 

@@ -104,6 +104,7 @@
 //! - [`kernels`]: the per-row building blocks for tiled callers, and instruction-set choice.
 //! - [`layer`]: [`SoftmaxLayer`] and its forward operations.
 //! - [`loss`]: the fused cross-entropy and its gradients.
+//! - [`bf16`]: bf16 and bf16x3 products on AMX tiles, AVX512-BF16 or portable code.
 //! - [`engine`]: the tiled loop every operation runs through ([`engine::LogitSource`],
 //!   [`engine::Consumer`]).
 //! - [`score`]: sequence scoring with explicit alignment, and candidate ranking.
@@ -114,6 +115,7 @@
 //!   schedules, held-out evaluation, early stopping and checkpoints that resume exactly.
 //! - [`io`]: `.npy` and `.safetensors` reading (memory-mapped) and atomic writing; numeric CSV.
 
+pub mod bf16;
 pub mod engine;
 pub mod error;
 pub mod io;
@@ -131,6 +133,7 @@ pub mod score;
 pub mod tile_gemm;
 pub mod train;
 
+pub use bf16::{BfPath, PackedBf16Weights, Precision};
 pub use error::{Error, Result};
 pub use kernels::{Isa, Kernels, MaxSum};
 pub use layer::{LayerOptions, SoftmaxLayer, TargetStat, TopK};

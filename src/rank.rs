@@ -312,6 +312,11 @@ pub fn list_mle(
 ) -> Result<(f64, crate::loss::Gradients)> {
     use crate::WeightLayout;
     let (n, d, v) = (hidden.rows(), layer.hidden_dim(), layer.vocab());
+    if layer.weight().is_empty() {
+        return Err(Error::InvalidArgument(
+            "the gradients need f32 weights; this layer holds bf16 weights only".into(),
+        ));
+    }
     if rankings.len() != n {
         return Err(Error::Shape(format!("{} rankings for {n} rows of hidden; expected one per row", rankings.len())));
     }

@@ -243,3 +243,66 @@ fn loss_bad_inputs_exit_2() {
     );
     assert!(!Path::new(out).exists());
 }
+
+#[test]
+fn precision_flag_runs_bf16_and_bf16x3_and_keeps_bf16_weights_as_bf16() {
+    use softmax_layer::bf16::{from_bf16, to_bf16};
+    let dir = tempfile::tempdir().unwrap();
+    let o = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let w = load(&fx("weight"));
+    let wf = w.to_f32().unwrap();
+    // The same weight stored as bf16, and as f32 holding the bf16-rounded values.
+    let bits: Vec<u16> = wf.iter().map(|&x| to_bf16(x)).collect();
+    let rounded: Vec<f32> = bits.iter().map(|&b| from_bf16(b)).collect();
+    let wfile = o("w.safetensors");
+    write_safetensors(
+        Path::new(&wfile),
+        &[
+            ("w_bf16", w.shape.clone(), OutTensor::Bf16Bits(&bits)),
+            ("w_rounded", w.shape.clone(), OutTensor::F32(&rounded)),
+        ],
+    )
+    .unwrap();
+    let logits = |weight: &str, precision: &str, out: &str| {
+        let args = ["logits", "--hidden", &fx("hidden"), "--weight", weight, "--precision", precision, "-o", out];
+        ok(&args);
+        load(out).to_f64().unwrap()
+    };
+    // The f32 logits without a bias (the fixture's include one).
+    let want = logits(&fx("weight"), "f32", &o("f.npy"));
+    let kept = logits(&format!("{wfile}:w_bf16"), "bf16", &o("a.npy"));
+    let widened = logits(&format!("{wfile}:w_rounded"), "bf16", &o("b.npy"));
+    assert_eq!(kept, widened, "a bf16 weight kept as bf16 gives the rounded weight's numbers");
+    // bf16: the float64 product of the rounded H and W, up to f32 accumulation.
+    let h = load(&fx("hidden"));
+    let hf = h.to_f32().unwrap();
+    let (n, d) = (h.shape[0], h.shape[1]);
+    let v = w.shape[0];
+    let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+    let exact: Vec<f64> =
+        (0..n * v).map(|x| (0..d).map(|k| r(hf[(x / v) * d + k]) * r(wf[(x % v) * d + k])).sum()).collect();
+    close(&kept, &exact, 1e-5, "bf16 logits");
+    // bf16x3 is within a few units of 2^-16 of f32.
+    let x3 = logits(&fx("weight"), "bf16x3", &o("c.npy"));
+    close(&x3, &want, 2e-4, "bf16x3 logits");
+    let (hf, wf) = (fx("hidden"), fx("weight"));
+    let a = ["log-probs", "--hidden", &hf, "--weight", &wf, "--precision", "fp8", "-o", "/nonexistent/x.npy"];
+    fails(&a, &["--precision", "fp8"]);
+}
+
+#[test]
+fn loss_with_gradients_widens_a_bf16_weight() {
+    use softmax_layer::bf16::to_bf16;
+    let dir = tempfile::tempdir().unwrap();
+    let o = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let w = load(&fx("weight"));
+    let bits: Vec<u16> = w.to_f32().unwrap().iter().map(|&x| to_bf16(x)).collect();
+    let wfile = o("w.safetensors");
+    write_safetensors(Path::new(&wfile), &[("w", w.shape.clone(), OutTensor::Bf16Bits(&bits))]).unwrap();
+    let ws = format!("{wfile}:w");
+    let (hf, yf, out) = (fx("hidden"), fx("targets"), o("loss.safetensors"));
+    ok(&["loss", "--hidden", &hf, "--weight", &ws, "--targets", &yf, "--precision", "bf16", "--grad", "-o", &out]);
+    let gw = load(&format!("{out}:grad_weight"));
+    assert_eq!(gw.shape, w.shape);
+    assert!(gw.to_f64().unwrap().iter().any(|&x| x != 0.0));
+}

@@ -3,7 +3,8 @@
 
 use crate::Failure;
 use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_npy_i64, write_safetensors};
-use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
+use softmax_layer::{Error, LayerOptions, MatMut, MatRef, PackedBf16Weights, Precision, SoftmaxLayer, WeightLayout};
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 /// Where the layer comes from: hidden states, weights, bias and layout.
@@ -21,6 +22,11 @@ pub struct ModelArgs {
     /// `vd`: W is [V, d] (nn.Linear, lm_head.weight); `dv`: W is [d, V].
     #[arg(long, value_name = "vd|dv", default_value = "vd")]
     pub weight_layout: String,
+    /// Product precision: `f32`; `bf16` (H and W rounded to bf16, f32 accumulation; a bf16
+    /// W is used as is, never widened); `bf16x3` (hi·hi + hi·lo + lo·hi, about 16 bits).
+    /// SOFTMAX_LAYER_BF16_PATH=amx|avx512bf16|portable forces the bf16 code path.
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    pub precision: String,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +65,7 @@ struct Inputs {
     weight: Tensor,
     bias: Option<Tensor>,
     layout: WeightLayout,
+    precision: Precision,
     n: usize,
     d: usize,
     v: usize,
@@ -69,6 +76,8 @@ fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
     let layout = WeightLayout::parse(&a.weight_layout).ok_or_else(|| {
         Failure(format!("--weight-layout must be 'vd' ([V, d]) or 'dv' ([d, V]), got '{}'", a.weight_layout))
     })?;
+    let precision = Precision::parse(&a.precision)
+        .ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{}'", a.precision)))?;
     let hidden = load(&a.hidden)?;
     let weight = load(&a.weight)?;
     let (n, d, one_row) = match hidden.shape[..] {
@@ -108,7 +117,34 @@ fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
             weight.source
         )));
     }
-    Ok(Inputs { hidden, weight, bias, layout, n, d, v, one_row })
+    Ok(Inputs { hidden, weight, bias, layout, precision, n, d, v, one_row })
+}
+
+impl Inputs {
+    /// The weight as `f32`, unless the product is bf16 and the file holds bf16: then `None`,
+    /// and [`Inputs::layer`] packs the bf16 bits as they are. `need_f32` (the loss's
+    /// gradients, which need `f32` weights) always widens.
+    fn weight_f32(&self, need_f32: bool) -> Result<Option<Cow<'_, [f32]>>, Failure> {
+        if !need_f32 && self.precision == Precision::Bf16 && self.weight.as_bf16_bits().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.weight.to_f32()?))
+    }
+
+    /// The layer over `w` (from [`Inputs::weight_f32`]) and `b`, in the precision asked for.
+    fn layer<'a>(&self, w: Option<&'a [f32]>, b: Option<&'a [f32]>) -> Result<SoftmaxLayer<'a>, Failure> {
+        let (v, d) = (self.v, self.d);
+        let layer = match w {
+            Some(w) => SoftmaxLayer::new(w, self.layout, v, d, b).and_then(|l| l.with_precision(self.precision)),
+            None => {
+                let bits =
+                    self.weight.as_bf16_bits().ok_or_else(|| Failure("internal: bf16 weight expected".into()))?;
+                PackedBf16Weights::from_bf16_bits(&bits, self.layout, v, d)
+                    .and_then(|p| SoftmaxLayer::from_packed_bf16(p, b))
+            }
+        };
+        layer.map_err(|e| named(e, self, None))
+    }
 }
 
 /// Prefixes a library error with the file that holds the offending tensor.
@@ -131,9 +167,9 @@ pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) 
     let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight.to_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
-    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let hv = MatRef::new(&h, n, d)?;
     let opts = LayerOptions { temperature: a.temperature };
     let row_shape = |cols: usize| if inp.one_row { vec![cols] } else { vec![n, cols] };
@@ -257,9 +293,9 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
     }
     let cw = cw_t.as_ref().map(|c| c.to_f32()).transpose()?;
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight.to_f32()?;
+    let w = inp.weight_f32(a.grad)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
-    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let hv = MatRef::new(&h, n, d)?;
     let opts = CrossEntropyOptions {
         ignore_index: a.ignore_index,
@@ -347,7 +383,7 @@ fn json_num(x: f64) -> String {
 pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     use softmax_layer::score::{Alignment, ScoreOptions, score_sequences};
     let inp = inputs(&a.layer.model)?;
-    let (n, d, v) = (inp.n, inp.d, inp.v);
+    let (n, d) = (inp.n, inp.d);
     let yt = load(&a.targets)?;
     if yt.shape != [n] {
         return Err(Failure(format!(
@@ -366,9 +402,9 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     let bytes = a.bytes.as_deref().map(|s| counts(s, "bytes")).transpose()?;
     let chars = a.chars.as_deref().map(|s| counts(s, "chars")).transpose()?;
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight.to_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
-    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let opts = ScoreOptions {
         lengths: lengths.as_deref(),
         mask: mask.as_deref(),
@@ -462,9 +498,9 @@ pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let history = a.history.as_deref().map(|s| counts(s, "history")).transpose()?.unwrap_or_default();
     let h = inp.hidden.to_f32()?;
-    let w = inp.weight.to_f32()?;
+    let w = inp.weight_f32(false)?;
     let b = inp.bias.as_ref().map(|b| b.to_f32()).transpose()?;
-    let layer = SoftmaxLayer::new(&w[..], inp.layout, v, d, b.as_deref()).map_err(|e| named(e, &inp, None))?;
+    let layer = inp.layer(w.as_deref(), b.as_deref())?;
     let mut logits = crate::output_buffer(n, v, "logits")?;
     layer.logits(MatRef::new(&h, n, d)?, MatMut::new(&mut logits, n, v)?).map_err(|e| named(e, &inp, None))?;
     let mut out = String::new();

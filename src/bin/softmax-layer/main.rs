@@ -117,6 +117,9 @@ struct LogsumexpArgs {
     /// `vd` or `dv` (with --hidden).
     #[arg(long, value_name = "vd|dv", default_value = "vd")]
     weight_layout: String,
+    /// Product precision (with --hidden): f32, bf16 or bf16x3.
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    precision: String,
     /// Additive mask (with --logits).
     #[arg(long, value_name = "M", conflicts_with = "hidden")]
     mask: Option<String>,
@@ -137,7 +140,13 @@ fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
         (None, Some(hidden), Some(weight)) => layer::run(
             layer::LayerOp::Logsumexp,
             &layer::LayerArgs {
-                model: layer::ModelArgs { hidden, weight, bias: a.bias, weight_layout: a.weight_layout },
+                model: layer::ModelArgs {
+                    hidden,
+                    weight,
+                    bias: a.bias,
+                    weight_layout: a.weight_layout,
+                    precision: a.precision,
+                },
                 temperature: a.temperature,
                 output: a.output,
             },

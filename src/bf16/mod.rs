@@ -1,0 +1,680 @@
+//! bf16 products for the output layer: AMX tiles, AVX512-BF16, or portable code.
+//!
+//! A bf16 number keeps the top 16 bits of an `f32` (8 exponent bits, 7 stored mantissa
+//! bits). The product of two bf16 numbers is exact in `f32`, so every path below computes
+//! the same sums of the same exact products, in `f32`, and differs only in the order of the
+//! additions.
+//!
+//! Precisions ([`Precision`]):
+//!
+//! ```text
+//! F32      z = Σ_k h_k · w_k                                    (not this module)
+//! Bf16     z = Σ_k bf(h_k) · bf(w_k)                            bf = round to nearest even
+//! Bf16x3   x = hi + lo, hi = bf(x), lo = bf(x − hi)
+//!          z = Σ_k lo(h)·hi(w) + hi(h)·lo(w) + hi(h)·hi(w)       (lo·lo, ≈ 2^-16 relative, dropped)
+//! ```
+//!
+//! Layouts. `W` is packed once ([`PackedBf16Weights`]) in blocks of 16 classes; inside a
+//! block, for each part (hi, then lo) and each pair of hidden units `(2p, 2p+1)`, 16 classes
+//! × 2 values: `[block][part][d_pad / 2][16][2]`. That is the B operand of AMX's
+//! `tdpbf16ps` (16 rows of 64 bytes: pairs of bf16 along k), and one zmm register of
+//! AVX512-BF16's `vdpbf16ps`. Hidden rows are packed per task ([`PackedRows`]) in tiles of 16
+//! rows: `[row tile][part][d_pad / 32][16][32]`, the A operand of `tdpbf16ps`. Padding
+//! (rows, classes, `d` up to a multiple of 32) is zero, so it adds nothing.
+//!
+//! Paths ([`BfPath`]), chosen once at run time:
+//! - [`BfPath::Amx`]: `tdpbf16ps` on tiles, through `asm!` (the intrinsics are not stable);
+//!   needs CPUID leaf 7 EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), the OS's XSAVE support of
+//!   the tile state (XCR0 bits 17 and 18), and on Linux the permission
+//!   `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, requested once per process.
+//! - [`BfPath::Avx512Bf16`]: `vdpbf16ps` on zmm registers.
+//! - [`BfPath::Portable`]: bf16 widened to `f32`, multiplied and added in `f32`.
+//!
+//! AMX and `vdpbf16ps` treat subnormal inputs and results as zero; the portable path does
+//! not. Products of bf16 numbers whose magnitude is below `2^-126` differ in that way only.
+//!
+//! ```
+//! use softmax_layer::{BfPath, LayerOptions, MatRef, Precision, SoftmaxLayer, WeightLayout};
+//! // V = 3 classes, d = 2; W as PyTorch stores it, [V, d], packed once here.
+//! let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+//! let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 3, 2, None::<&[f32]>)?
+//!     .with_precision(Precision::Bf16x3)?;
+//! let h = [2.0f32, 1.0];
+//! let mut lse = [0f32];
+//! layer.logsumexp(MatRef::new(&h, 1, 2)?, &mut lse, &LayerOptions::default())?;
+//! // logits = [2, 1, 3], exact in bf16.
+//! let want = (2f64.exp() + 1f64.exp() + 3f64.exp()).ln();
+//! assert!((lse[0] as f64 - want).abs() < 1e-6);
+//! // The portable path runs anywhere and gives the same numbers up to summation order.
+//! let portable = layer.with_bf16_path(BfPath::Portable)?;
+//! let mut lse2 = [0f32];
+//! portable.logsumexp(MatRef::new(&h, 1, 2)?, &mut lse2, &LayerOptions::default())?;
+//! assert!((lse2[0] - lse[0]).abs() < 1e-6);
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, WeightLayout};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// How the logits' matrix product is computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// `f32` operands, `f32` accumulation (the default).
+    #[default]
+    F32,
+    /// Operands rounded to bf16 (nearest even), exact products, `f32` accumulation.
+    Bf16,
+    /// Each operand split into bf16 `hi + lo`; `hi·hi + hi·lo + lo·hi` accumulated in `f32`:
+    /// about 16 correct bits per product, at three bf16 products' cost.
+    Bf16x3,
+}
+
+impl Precision {
+    /// Parses `f32`, `bf16` or `bf16x3`.
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            "bf16x3" => Some(Precision::Bf16x3),
+            _ => None,
+        }
+    }
+
+    /// Number of bf16 parts per operand: 1 (hi) or 2 (hi, lo); 0 for `F32`.
+    pub fn parts(self) -> usize {
+        match self {
+            Precision::F32 => 0,
+            Precision::Bf16 => 1,
+            Precision::Bf16x3 => 2,
+        }
+    }
+
+    /// The `(part of H, part of W)` products summed, small ones first.
+    pub(crate) fn terms(self) -> &'static [(usize, usize)] {
+        match self {
+            Precision::F32 => &[],
+            Precision::Bf16 => &[(0, 0)],
+            Precision::Bf16x3 => &[(1, 0), (0, 1), (0, 0)],
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Bf16x3 => "bf16x3",
+        })
+    }
+}
+
+/// The code that computes bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BfPath {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// bf16 widened to `f32`, any CPU.
+    Portable,
+}
+
+/// Environment variable that overrides [`BfPath::best`]: `amx`, `avx512bf16` or
+/// `portable`. An unavailable or unknown value is ignored.
+pub const PATH_ENV: &str = "SOFTMAX_LAYER_BF16_PATH";
+
+impl BfPath {
+    /// All paths, fastest first.
+    pub const ALL: [BfPath; 3] = [BfPath::Amx, BfPath::Avx512Bf16, BfPath::Portable];
+
+    /// Parses `amx`, `avx512bf16` or `portable`.
+    pub fn parse(s: &str) -> Option<BfPath> {
+        match s {
+            "amx" => Some(BfPath::Amx),
+            "avx512bf16" => Some(BfPath::Avx512Bf16),
+            "portable" => Some(BfPath::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU (and OS) runs the path. For [`BfPath::Amx`] the first call asks
+    /// Linux for the tile-data permission; the answer is cached.
+    pub fn is_available(self) -> bool {
+        match self {
+            BfPath::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            BfPath::Amx => amx::available(),
+            #[cfg(target_arch = "x86_64")]
+            BfPath::Avx512Bf16 => avx512::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest available path, or the one [`PATH_ENV`] names if it is available;
+    /// decided once per process.
+    pub fn best() -> BfPath {
+        static BEST: OnceLock<BfPath> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            env_path().unwrap_or_else(|| BfPath::ALL.into_iter().find(|p| p.is_available()).unwrap_or(BfPath::Portable))
+        })
+    }
+
+    /// `Ok(self)` if available, else an error that names the path.
+    pub fn check(self) -> Result<BfPath> {
+        if self.is_available() {
+            Ok(self)
+        } else {
+            Err(Error::InvalidArgument(format!("bf16 path {self} is not supported by this CPU or OS")))
+        }
+    }
+}
+
+/// The available path [`PATH_ENV`] names, if any (read once).
+pub(crate) fn env_path() -> Option<BfPath> {
+    static ENV: OnceLock<Option<BfPath>> = OnceLock::new();
+    *ENV.get_or_init(|| std::env::var(PATH_ENV).ok().as_deref().and_then(BfPath::parse).filter(|p| p.is_available()))
+}
+
+impl std::fmt::Display for BfPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BfPath::Amx => "amx",
+            BfPath::Avx512Bf16 => "avx512bf16",
+            BfPath::Portable => "portable",
+        })
+    }
+}
+
+/// `x` rounded to bf16, nearest even, as bits. Finite values beyond the largest bf16
+/// (`≈ 3.39e38`) round to infinity; NaN stays NaN.
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The `f32` value of bf16 bits (exact).
+#[inline]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x = hi + lo` (to about 16 bits): `hi = bf(x)`, `lo = bf(x − hi)`.
+#[inline]
+pub fn split(x: f32) -> (u16, u16) {
+    let hi = to_bf16(x);
+    // x − hi is exact in f32: hi is x rounded to a coarser grid of the same binade (or the next).
+    (hi, to_bf16(x - from_bf16(hi)))
+}
+
+/// 64 bytes of bf16: the unit of the packed buffers, so that every tile row is one
+/// aligned cache line (a tile load that straddles lines costs twice as many).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// A zeroed, 64-byte-aligned buffer of bf16 bits whose length is a multiple of 32.
+#[derive(Clone, Default)]
+struct Buf(Vec<Line>);
+
+impl Buf {
+    fn zeroed(len: usize) -> Buf {
+        debug_assert!(len.is_multiple_of(32));
+        Buf(vec![Line::default(); len / 32])
+    }
+    fn reset(&mut self, len: usize) {
+        debug_assert!(len.is_multiple_of(32));
+        self.0.clear();
+        self.0.resize(len / 32, Line::default());
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: `Line` is `repr(C)` over `[u16; 32]` with no padding (64 bytes), so the
+        // vector's lines are `32 · len` contiguous, initialized u16.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u16>(), self.0.len() * 32) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as for `deref`, with unique access through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u16>(), self.0.len() * 32) }
+    }
+}
+
+impl std::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buf({} bf16)", self.0.len() * 32)
+    }
+}
+
+/// Pads `d` to the AMX tile depth (32 bf16).
+fn pad_d(d: usize) -> usize {
+    d.div_ceil(32) * 32
+}
+
+/// `W` packed once for the bf16 products (see the module docs for the layout).
+#[derive(Clone, Debug)]
+pub struct PackedBf16Weights {
+    vocab: usize,
+    hidden: usize,
+    d_pad: usize,
+    precision: Precision,
+    /// `[block][part][d_pad / 2][16][2]`, `ceil(V / 16) + 1` blocks (the last all zero, so
+    /// that kernels can always take blocks in pairs).
+    data: Buf,
+}
+
+impl PackedBf16Weights {
+    fn block_len(&self) -> usize {
+        self.precision.parts() * self.d_pad * 16
+    }
+
+    fn alloc(vocab: usize, hidden: usize, precision: Precision) -> Result<Self> {
+        if vocab == 0 || hidden == 0 {
+            return Err(Error::Shape(format!(
+                "a layer needs V > 0 classes and d > 0 hidden units, got V = {vocab}, d = {hidden}"
+            )));
+        }
+        if precision == Precision::F32 {
+            return Err(Error::InvalidArgument("bf16 weights need precision bf16 or bf16x3, got f32".into()));
+        }
+        let d_pad = pad_d(hidden);
+        let blocks = vocab.div_ceil(16) + 1;
+        let len = blocks
+            .checked_mul(precision.parts() * d_pad * 16)
+            .ok_or_else(|| Error::Shape(format!("V = {vocab}, d = {hidden} is too large to pack")))?;
+        Ok(PackedBf16Weights { vocab, hidden, d_pad, precision, data: Buf::zeroed(len) })
+    }
+
+    /// Packs an `f32` weight (`[V, d]` or `[d, V]` by `layout`), rounding to bf16 (or
+    /// splitting into hi and lo for [`Precision::Bf16x3`]). Errors on a length that does
+    /// not match the shape, and on `precision == F32`.
+    pub fn from_f32(
+        weight: &[f32],
+        layout: WeightLayout,
+        vocab: usize,
+        hidden: usize,
+        precision: Precision,
+    ) -> Result<Self> {
+        let mut p = Self::alloc(vocab, hidden, precision)?;
+        check_weight_len(weight.len(), layout, vocab, hidden)?;
+        let bl = p.block_len();
+        let (d_pad, parts) = (p.d_pad, precision.parts());
+        p.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
+            for c in 0..16 {
+                let j = b * 16 + c;
+                if j >= vocab {
+                    break;
+                }
+                for k in 0..hidden {
+                    let w = match layout {
+                        WeightLayout::VocabMajor => weight[j * hidden + k],
+                        WeightLayout::HiddenMajor => weight[k * vocab + j],
+                    };
+                    let (hi, lo) = split(w);
+                    let at = (k / 2) * 32 + c * 2 + (k % 2);
+                    blk[at] = hi;
+                    if parts == 2 {
+                        blk[d_pad * 16 + at] = lo;
+                    }
+                }
+            }
+        });
+        Ok(p)
+    }
+
+    /// Packs a weight that is already bf16 (bits, `[V, d]` or `[d, V]` by `layout`) for
+    /// [`Precision::Bf16`], unchanged.
+    pub fn from_bf16_bits(weight: &[u16], layout: WeightLayout, vocab: usize, hidden: usize) -> Result<Self> {
+        let mut p = Self::alloc(vocab, hidden, Precision::Bf16)?;
+        check_weight_len(weight.len(), layout, vocab, hidden)?;
+        let bl = p.block_len();
+        p.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
+            for c in 0..16 {
+                let j = b * 16 + c;
+                if j >= vocab {
+                    break;
+                }
+                for k in 0..hidden {
+                    blk[(k / 2) * 32 + c * 2 + (k % 2)] = match layout {
+                        WeightLayout::VocabMajor => weight[j * hidden + k],
+                        WeightLayout::HiddenMajor => weight[k * vocab + j],
+                    };
+                }
+            }
+        });
+        Ok(p)
+    }
+
+    /// Number of classes `V`.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// Hidden size `d`.
+    pub fn hidden_dim(&self) -> usize {
+        self.hidden
+    }
+    /// The precision the weight was packed for.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The packed parts of `W[class, k]`: `(hi, lo)` as `f32` (`lo` is 0 in bf16 mode).
+    pub fn parts_at(&self, class: usize, k: usize) -> (f32, f32) {
+        let at = (class / 16) * self.block_len() + (k / 2) * 32 + (class % 16) * 2 + (k % 2);
+        let hi = from_bf16(self.data[at]);
+        let lo = if self.precision.parts() == 2 { from_bf16(self.data[at + self.d_pad * 16]) } else { 0.0 };
+        (hi, lo)
+    }
+
+    /// Does a NaN or infinity lie in the packed weight? `(class, k, value)` of the first.
+    pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
+        // A bf16 is NaN or infinite iff its exponent bits are all ones: scan the packed bits
+        // in parallel (padding is zero), then locate the first offender class by class.
+        let bad = |h: &u16| h & 0x7f80 == 0x7f80;
+        if !self.data.par_chunks(1 << 16).any(|c| c.iter().any(bad)) {
+            return None;
+        }
+        (0..self.vocab).find_map(|j| {
+            (0..self.hidden).find_map(|k| {
+                let (hi, lo) = self.parts_at(j, k);
+                (!(hi + lo).is_finite()).then_some((j, k, hi + lo))
+            })
+        })
+    }
+
+    /// Pointer to part `part`, pair row 0, of block `block`.
+    #[inline]
+    pub(crate) fn block_ptr(&self, block: usize, part: usize) -> *const u16 {
+        debug_assert!(block <= self.vocab.div_ceil(16) && part < self.precision.parts());
+        self.data[block * self.block_len() + part * self.d_pad * 16..].as_ptr()
+    }
+}
+
+fn check_weight_len(len: usize, layout: WeightLayout, vocab: usize, hidden: usize) -> Result<()> {
+    let [r, c] = layout.shape(vocab, hidden);
+    if Some(len) != r.checked_mul(c) {
+        return Err(Error::Shape(format!(
+            "weight has {len} elements, expected [{r}, {c}] for V = {vocab}, d = {hidden}"
+        )));
+    }
+    Ok(())
+}
+
+/// A block of hidden rows packed for the bf16 products (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct PackedRows {
+    rows: usize,
+    d_pad: usize,
+    parts: usize,
+    /// `[row tile][part][d_pad / 32][16][32]`, an even number of row tiles.
+    data: Buf,
+}
+
+impl PackedRows {
+    /// Packs `hidden` (`[m, d]`) for `precision` (Bf16 or Bf16x3).
+    pub fn pack(hidden: MatRef<'_>, precision: Precision) -> PackedRows {
+        let mut p = PackedRows::default();
+        p.repack(hidden, precision);
+        p
+    }
+
+    /// Packs `hidden` again, reusing the allocation.
+    pub fn repack(&mut self, hidden: MatRef<'_>, precision: Precision) {
+        let (m, d) = (hidden.rows(), hidden.cols());
+        let parts = precision.parts().max(1);
+        let d_pad = pad_d(d);
+        let tiles = m.div_ceil(32) * 2;
+        self.data.reset(tiles * parts * d_pad * 16);
+        let tl = parts * d_pad * 16;
+        for i in 0..m {
+            let row = hidden.row(i);
+            let base = (i / 16) * tl + (i % 16) * 32;
+            // 32 hidden units at a time: contiguous in the packed tile row (vectorizes).
+            for (kc, src) in row.chunks(32).enumerate() {
+                let at = base + kc * 512;
+                let hi = &mut self.data[at..at + src.len()];
+                for (h, &x) in hi.iter_mut().zip(src) {
+                    *h = to_bf16(x);
+                }
+                if parts == 2 {
+                    let lo_at = at + d_pad * 16;
+                    let mut his = [0u16; 32];
+                    his[..src.len()].copy_from_slice(&self.data[at..at + src.len()]);
+                    let lo = &mut self.data[lo_at..lo_at + src.len()];
+                    for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&his) {
+                        *l = to_bf16(x - from_bf16(h));
+                    }
+                }
+            }
+        }
+        (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
+    }
+
+    /// Number of rows `m`.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of 16-row tiles held (even, padded with zero rows).
+    pub(crate) fn tiles(&self) -> usize {
+        self.data.len() / (self.parts * self.d_pad * 16).max(1)
+    }
+
+    /// Pointer to part `part`, k-chunk 0, of row tile `tile`.
+    #[inline]
+    pub(crate) fn tile_ptr(&self, tile: usize, part: usize) -> *const u16 {
+        debug_assert!(tile < self.tiles() && part < self.parts);
+        self.data[(tile * self.parts + part) * self.d_pad * 16..].as_ptr()
+    }
+
+    /// The value at row `i`, hidden unit `k`, part `part` (for the portable path).
+    #[inline]
+    fn at(&self, tile: usize, part: usize, r: usize, k: usize) -> f32 {
+        from_bf16(self.data[(tile * self.parts + part) * self.d_pad * 16 + (k / 32) * 512 + r * 32 + (k % 32)])
+    }
+}
+
+/// `out[i * ldo + j] += Σ_p a(i, p) · b(p, j)` for `i < m`, `j < n`, `p < k`, with the
+/// operands rounded (or split) to bf16 as `precision` says and the products accumulated in
+/// `f32`: a general product (for the gradients), packing both operands on each call. Use
+/// [`PackedRows::from_fn`] and [`PackedBf16Weights::from_fn`] with [`tile_product`] to pack
+/// an operand once for many products.
+///
+/// # Panics
+/// If `precision` is `F32`, `out` is shorter than `(m − 1)·ldo + n` or `ldo < n`, or `path`
+/// is not available: internal invariants.
+pub fn gemm_fn(
+    path: BfPath,
+    precision: Precision,
+    (m, n, k): (usize, usize, usize),
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let ap = PackedRows::from_fn(m, k, precision, a);
+    let bp = PackedBf16Weights::from_fn(n, k, precision, |j, p| b(p, j));
+    tile_product(path, &ap, &bp, 0..n, out, ldo);
+}
+
+impl PackedRows {
+    /// Packs the `[m, k]` operand whose element `(i, p)` is `a(i, p)`, rounded (or split) for
+    /// `precision` (not `F32`). Visits 16 rows at a time for each `p`, so a transposed
+    /// source is read along its rows.
+    ///
+    /// # Panics
+    /// If `precision` is `F32` (an internal invariant).
+    pub fn from_fn(m: usize, k: usize, precision: Precision, a: impl Fn(usize, usize) -> f32) -> PackedRows {
+        assert!(precision != Precision::F32, "bf16: packing needs a bf16 precision");
+        let parts = precision.parts();
+        let d_pad = pad_d(k.max(1));
+        let tiles = m.div_ceil(32) * 2;
+        let tl = parts * d_pad * 16;
+        let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(tiles * tl) };
+        for t in 0..m.div_ceil(16) {
+            let rows = t * 16..(t * 16 + 16).min(m);
+            for p in 0..k {
+                let at = t * tl + (p / 32) * 512 + p % 32;
+                for i in rows.clone() {
+                    let x = a(i, p);
+                    if parts == 2 {
+                        let (hi, lo) = split(x);
+                        ap.data[at + (i % 16) * 32] = hi;
+                        ap.data[at + (i % 16) * 32 + d_pad * 16] = lo;
+                    } else {
+                        ap.data[at + (i % 16) * 32] = to_bf16(x);
+                    }
+                }
+            }
+        }
+        ap
+    }
+}
+
+impl PackedBf16Weights {
+    /// Packs `n` "classes" of `k` values, element `(j, p)` = `w(j, p)`, rounded (or split)
+    /// for `precision` (not `F32`): the right operand of [`tile_product`]. Visits 16
+    /// classes at a time for each `p`.
+    ///
+    /// # Panics
+    /// If `n` or `k` is 0 or `precision` is `F32` (internal invariants).
+    pub fn from_fn(n: usize, k: usize, precision: Precision, w: impl Fn(usize, usize) -> f32) -> PackedBf16Weights {
+        let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
+            panic!("bf16: packing needs n, k > 0 and a bf16 precision")
+        };
+        let (bl, parts, d_pad) = (bp.block_len(), precision.parts(), bp.d_pad);
+        for blk in 0..n.div_ceil(16) {
+            let cols = blk * 16..(blk * 16 + 16).min(n);
+            for p in 0..k {
+                let at = blk * bl + (p / 2) * 32 + (p % 2);
+                for j in cols.clone() {
+                    let x = w(j, p);
+                    if parts == 2 {
+                        let (hi, lo) = split(x);
+                        bp.data[at + (j % 16) * 2] = hi;
+                        bp.data[at + (j % 16) * 2 + d_pad * 16] = lo;
+                    } else {
+                        bp.data[at + (j % 16) * 2] = to_bf16(x);
+                    }
+                }
+            }
+        }
+        bp
+    }
+}
+
+/// `out[i * ldo + j] += Σ_terms A_part(i) · W_part(cols.start + j)` for the packed rows
+/// and the classes `cols`, with `path`.
+///
+/// # Panics
+/// If the shapes disagree (`rows` and `w` packed for different `d` or precision), `cols`
+/// leaves `[0, V)`, `out` is too short, or `path` is not available: internal invariants.
+pub fn tile_product(
+    path: BfPath,
+    rows: &PackedRows,
+    w: &PackedBf16Weights,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert_eq!(rows.d_pad, w.d_pad, "bf16: packed rows and weights disagree on d");
+    assert_eq!(rows.parts, w.precision.parts(), "bf16: packed rows and weights disagree on precision");
+    assert!(cols.start <= cols.end && cols.end <= w.vocab, "bf16: classes {cols:?} out of range");
+    let (m, c) = (rows.rows, cols.len());
+    if m == 0 || c == 0 {
+        return;
+    }
+    assert!(ldo >= c && out.len() >= (m - 1) * ldo + c, "bf16: output too short");
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        BfPath::Amx => {
+            assert!(amx::available(), "bf16: AMX is not available");
+            // SAFETY: AMX is available (and permitted); the shape checks above are the
+            // kernel's contract.
+            unsafe { amx::tile_product(rows, w, cols, out, ldo) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        BfPath::Avx512Bf16 => {
+            assert!(avx512::available(), "bf16: AVX512-BF16 is not available");
+            // SAFETY: the CPU has AVX512F and AVX512-BF16; shapes checked above.
+            unsafe { avx512::tile_product(rows, w, cols, out, ldo) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        BfPath::Amx | BfPath::Avx512Bf16 => panic!("bf16: path {path} exists only on x86_64"),
+        BfPath::Portable => portable(rows, w, cols, out, ldo),
+    }
+}
+
+/// The portable path: per 16-class block, 16 `f32` accumulators per row, pairs along k.
+fn portable(rows: &PackedRows, w: &PackedBf16Weights, cols: Range<usize>, out: &mut [f32], ldo: usize) {
+    let kp = w.d_pad / 2;
+    for b in cols.start / 16..cols.end.div_ceil(16) {
+        let j0 = b * 16;
+        for i in 0..rows.rows {
+            let (t, r) = (i / 16, i % 16);
+            let mut acc = [0f32; 16];
+            for &(qa, qb) in w.precision.terms() {
+                let wb = &w.data[b * w.block_len() + qb * w.d_pad * 16..][..kp * 32];
+                for p in 0..kp {
+                    let (a0, a1) = (rows.at(t, qa, r, 2 * p), rows.at(t, qa, r, 2 * p + 1));
+                    let wp = &wb[p * 32..p * 32 + 32];
+                    for (cc, a) in acc.iter_mut().enumerate() {
+                        *a += a0 * from_bf16(wp[2 * cc]) + a1 * from_bf16(wp[2 * cc + 1]);
+                    }
+                }
+            }
+            for (cc, a) in acc.iter().enumerate() {
+                let j = j0 + cc;
+                if cols.contains(&j) {
+                    out[i * ldo + j - cols.start] += a;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6).
+        assert_eq!(to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        assert_eq!(to_bf16(-2.5), half::bf16::from_f32(-2.5).to_bits());
+        for x in [0.1f32, -3.7e-5, 12345.678, 1e30, -7e-39] {
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+        let (hi, lo) = split(0.1);
+        let err = (from_bf16(hi) as f64 + from_bf16(lo) as f64 - 0.1f32 as f64).abs();
+        assert!(err <= 0.1 * 2f64.powi(-16), "{err}");
+    }
+}

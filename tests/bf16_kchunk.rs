@@ -1,0 +1,40 @@
+//! The AMX kernel's optional k-chunking (a process-wide tuning knob, so in its own test
+//! binary): same numbers as the portable path up to f32 summation order.
+
+use softmax_layer::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision};
+use softmax_layer::{MatRef, WeightLayout};
+
+#[test]
+fn chunked_in_place_blocks_match_the_portable_path() {
+    if !BfPath::Amx.is_available() {
+        eprintln!("no AMX here: nothing to test");
+        return;
+    }
+    bf16::amx::set_k_chunk(5);
+    let (n, d, v) = (70, 800, 300);
+    let h: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let w: Vec<f32> = (0..v * d).map(|i| ((i * 53 % 97) as f32 - 48.0) / 97.0).collect();
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        let packed = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, precision).unwrap();
+        let rows = PackedRows::pack(MatRef::new(&h, n, d).unwrap(), precision);
+        // Output rows whole cache lines, so that blocks accumulate in place (and in chunks).
+        let (cols, ldo) = (32..200, 176);
+        let mut buf = vec![0f32; n * ldo + 16];
+        let off = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
+        let mut want = vec![0.25f32; n * ldo];
+        bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo);
+        let out = &mut buf[off..off + n * ldo];
+        out.fill(0.25);
+        bf16::tile_product(BfPath::Amx, &rows, &packed, cols.clone(), out, ldo);
+        for i in 0..n {
+            for j in 0..ldo {
+                let (a, b) = (out[i * ldo + j], want[i * ldo + j]);
+                if j >= cols.len() {
+                    assert_eq!(a, 0.25, "{precision}: wrote outside at [{i},{j}]");
+                } else {
+                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{precision} [{i},{j}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
