@@ -118,12 +118,7 @@ impl<'a> SoftmaxLayer<'a> {
             return Err(Error::NonFinite { tensor: "weight".into(), row: i, col: j, value: v });
         }
         if let Some(b) = &bias {
-            if b.len() != vocab {
-                return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
-            }
-            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] });
-            }
+            check_bias(b, vocab)?;
         }
         Ok(SoftmaxLayer {
             weight,
@@ -159,12 +154,7 @@ impl<'a> SoftmaxLayer<'a> {
         let (vocab, hidden) = (packed.vocab(), packed.hidden_dim());
         let bias = bias.map(Into::into);
         if let Some(b) = &bias {
-            if b.len() != vocab {
-                return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
-            }
-            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] });
-            }
+            check_bias(b, vocab)?;
         }
         Ok(SoftmaxLayer {
             weight: Cow::Owned(Vec::new()),
@@ -619,6 +609,17 @@ impl Consumer for Scorer<'_> {
 
 fn check_len(got: usize, want: usize, what: &str) -> Result<()> {
     if got == want { Ok(()) } else { Err(Error::Shape(format!("{what} has length {got}, expected n = {want}"))) }
+}
+
+/// A bias must have `V` finite entries.
+fn check_bias(b: &[f32], vocab: usize) -> Result<()> {
+    if b.len() != vocab {
+        return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
+    }
+    match b.iter().position(|v| !v.is_finite()) {
+        Some(j) => Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] }),
+        None => Ok(()),
+    }
 }
 
 fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {

@@ -541,18 +541,24 @@ impl PackedRows {
             for p in 0..k {
                 let at = t * tl + (p / 32) * 512 + p % 32;
                 for i in rows.clone() {
-                    let x = a(i, p);
-                    if parts == 2 {
-                        let (hi, lo) = split(x);
-                        ap.data[at + (i % 16) * 32] = hi;
-                        ap.data[at + (i % 16) * 32 + d_pad * 16] = lo;
-                    } else {
-                        ap.data[at + (i % 16) * 32] = to_bf16(x);
-                    }
+                    put(&mut ap.data, at + (i % 16) * 32, d_pad * 16, parts, a(i, p));
                 }
             }
         }
         ap
+    }
+}
+
+/// Stores `x` at `at`: rounded to bf16 (one part), or split into `hi` there and `lo` at
+/// `at + lo_offset` (two parts).
+#[inline]
+fn put(data: &mut [u16], at: usize, lo_offset: usize, parts: usize, x: f32) {
+    if parts == 2 {
+        let (hi, lo) = split(x);
+        data[at] = hi;
+        data[at + lo_offset] = lo;
+    } else {
+        data[at] = to_bf16(x);
     }
 }
 
@@ -573,14 +579,7 @@ impl PackedBf16Weights {
             for p in 0..k {
                 let at = blk * bl + (p / 2) * 32 + (p % 2);
                 for j in cols.clone() {
-                    let x = w(j, p);
-                    if parts == 2 {
-                        let (hi, lo) = split(x);
-                        bp.data[at + (j % 16) * 2] = hi;
-                        bp.data[at + (j % 16) * 2 + d_pad * 16] = lo;
-                    } else {
-                        bp.data[at + (j % 16) * 2] = to_bf16(x);
-                    }
+                    put(&mut bp.data, at + (j % 16) * 2, d_pad * 16, parts, w(j, p));
                 }
             }
         }
