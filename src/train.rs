@@ -447,23 +447,17 @@ struct RunState {
 
 /// Trains a softmax layer on `data` and returns the model with its history.
 ///
+/// With `cfg.holdout > 0`, a seeded random fraction of the rows is held out (both parts are
+/// copied once); [`train_with_heldout`] takes a held-out set of its own instead.
+///
 /// `on_event` sees progress as it happens (a progress bar, a log); it cannot change the run.
-pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'_>)) -> Result<TrainOutput> {
+pub fn train(data: Data<'_>, cfg: &TrainConfig, on_event: impl FnMut(Event<'_>)) -> Result<TrainOutput> {
     let (n_all, d) = (data.rows(), data.features.cols());
-    let classes = match cfg.classes {
-        Some(k) => {
-            if let Some(i) = data.labels.iter().position(|&y| y as u64 >= k as u64) {
-                return Err(Error::InvalidArgument(format!(
-                    "labels[{i}] = {} is not a class id below the {k} classes asked for",
-                    data.labels[i]
-                )));
-            }
-            k
-        }
-        None => data.implied_classes(),
-    };
-    check_config(cfg, n_all, classes)?;
-
+    let classes = classes_of(cfg, &[data])?;
+    check_config(cfg, n_all, classes, cfg.holdout > 0.0)?;
+    if cfg.holdout == 0.0 {
+        return run_training(data, None, cfg, classes, n_all, on_event);
+    }
     // The held-out split: a seeded permutation, its tail held out.
     let mut order: Vec<usize> = (0..n_all).collect();
     Rng::new(cfg.seed ^ 0x0005_EED0_F591).shuffle(&mut order);
@@ -479,23 +473,68 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
         }
         (x, idx.iter().map(|&i| data.labels[i]).collect())
     };
-    // Without a split the data is used in place; with one, both parts are gathered once.
-    let (train_x, train_y, held_x, held_y) = if n_held == 0 {
-        (None, data.labels.to_vec(), Vec::new(), Vec::new())
-    } else {
-        let (tx, ty) = gather(&train_idx);
-        let (hx, hy) = gather(&held_idx);
-        (Some(tx), ty, hx, hy)
-    };
-    let n = train_idx.len();
-    let train_view = match &train_x {
-        Some(x) => MatRef::new(x, n, d)?,
-        None => data.features,
-    };
-    let held =
-        if n_held > 0 { Some(Data { features: MatRef::new(&held_x, n_held, d)?, labels: &held_y }) } else { None };
-    let train_data = Data { features: train_view, labels: &train_y };
+    let (tx, ty) = gather(&train_idx);
+    let (hx, hy) = gather(&held_idx);
+    // Rows of checked data.
+    let train_data = Data { features: MatRef::new(&tx, train_idx.len(), d)?, labels: &ty };
+    let held = Data { features: MatRef::new(&hx, n_held, d)?, labels: &hy };
+    run_training(train_data, Some(held), cfg, classes, n_all, on_event)
+}
 
+/// [`train`] with a held-out set of its own (`cfg.holdout` must be 0), evaluated every
+/// epoch and used for early stopping; nothing is copied.
+pub fn train_with_heldout(
+    data: Data<'_>,
+    heldout: Data<'_>,
+    cfg: &TrainConfig,
+    on_event: impl FnMut(Event<'_>),
+) -> Result<TrainOutput> {
+    if cfg.holdout != 0.0 {
+        return Err(Error::InvalidArgument("give either a holdout fraction or a held-out set, not both".into()));
+    }
+    if heldout.features.cols() != data.features.cols() {
+        return Err(Error::Shape(format!(
+            "the held-out features have {} columns, the training features {}",
+            heldout.features.cols(),
+            data.features.cols()
+        )));
+    }
+    let classes = classes_of(cfg, &[data, heldout])?;
+    check_config(cfg, data.rows(), classes, heldout.rows() > 0)?;
+    let held = (heldout.rows() > 0).then_some(heldout);
+    run_training(data, held, cfg, classes, data.rows() + heldout.rows(), on_event)
+}
+
+/// `cfg.classes`, checked against every label, or the largest label + 1.
+fn classes_of(cfg: &TrainConfig, sets: &[Data<'_>]) -> Result<usize> {
+    match cfg.classes {
+        Some(k) => {
+            for set in sets {
+                if let Some(i) = set.labels.iter().position(|&y| y as u64 >= k as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "labels[{i}] = {} is not a class id below the {k} classes asked for",
+                        set.labels[i]
+                    )));
+                }
+            }
+            Ok(k)
+        }
+        None => Ok(sets.iter().map(Data::implied_classes).max().unwrap_or(0)),
+    }
+}
+
+/// The training loop proper, over checked training rows and an optional held-out set.
+fn run_training(
+    train_data: Data<'_>,
+    held: Option<Data<'_>>,
+    cfg: &TrainConfig,
+    classes: usize,
+    n_all: usize,
+    mut on_event: impl FnMut(Event<'_>),
+) -> Result<TrainOutput> {
+    let (train_view, train_y) = (train_data.features, train_data.labels);
+    let (n, d) = (train_view.rows(), train_view.cols());
+    let n_held = held.map_or(0, |h| h.rows());
     let is_lbfgs = matches!(cfg.optimizer, Optimizer::Lbfgs { .. });
     let steps_per_epoch = if is_lbfgs { 1 } else { n.div_ceil(cfg.batch_size) };
     let epochs = cfg.epochs.unwrap_or(if is_lbfgs { 10_000 } else { 10 });
@@ -625,7 +664,7 @@ pub fn train(data: Data<'_>, cfg: &TrainConfig, mut on_event: impl FnMut(Event<'
     })
 }
 
-fn check_config(cfg: &TrainConfig, n: usize, classes: usize) -> Result<()> {
+fn check_config(cfg: &TrainConfig, n: usize, classes: usize, has_heldout: bool) -> Result<()> {
     let bad = |s: String| Err(Error::InvalidArgument(s));
     if n == 0 {
         return bad("there are no training rows".into());
@@ -659,7 +698,7 @@ fn check_config(cfg: &TrainConfig, n: usize, classes: usize) -> Result<()> {
     {
         return bad(format!("holdout must be in [0, 1) and leave training rows, got {}", cfg.holdout));
     }
-    if cfg.patience.is_some() && cfg.holdout == 0.0 {
+    if cfg.patience.is_some() && !has_heldout {
         return bad("early stopping (patience) needs a held-out split".into());
     }
     match cfg.optimizer {

@@ -309,3 +309,31 @@ fn learning_rate_warms_up_then_follows_a_cosine() {
         assert!((lr - want).abs() < 1e-6, "step {s}: lr {lr} vs {want}");
     }
 }
+
+#[test]
+fn an_explicit_heldout_set_is_evaluated_every_epoch() {
+    let (n, d, k) = (1200, 5, 3);
+    let (x, y) = blobs(n, d, k, 13);
+    let train_part = Data::new(MatRef::new(&x[..1000 * d], 1000, d).unwrap(), &y[..1000]).unwrap();
+    let held = Data::new(MatRef::new(&x[1000 * d..], 200, d).unwrap(), &y[1000..]).unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::adamw(),
+        epochs: Some(4),
+        batch_size: 100,
+        lr: 0.05,
+        patience: Some(10),
+        ..Default::default()
+    };
+    let out = softmax_layer::train::train_with_heldout(train_part, held, &cfg, |_| {}).unwrap();
+    assert_eq!(out.history.len(), 4);
+    // The reported held-out metrics are those of the returned model on exactly that set.
+    let m = evaluate(&out.model, held).unwrap();
+    assert_eq!(out.heldout.unwrap(), m);
+    assert_eq!(out.history[3].heldout.unwrap(), m);
+    let both = TrainConfig { holdout: 0.1, ..cfg.clone() };
+    let e = softmax_layer::train::train_with_heldout(train_part, held, &both, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("not both"), "{e}");
+    let wrong = Data::new(MatRef::new(&x[..200 * 5], 250, 4).unwrap(), &y[..250]).unwrap();
+    let e = softmax_layer::train::train_with_heldout(train_part, wrong, &cfg, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("4 columns"), "{e}");
+}

@@ -16,7 +16,7 @@ use softmax_layer::loss::{
 };
 use softmax_layer::sample::{Sampler, SamplerConfig};
 use softmax_layer::score::{ScoreOptions, rank_candidates, score_sequences};
-use softmax_layer::train::{Data, Optimizer, TrainConfig, train};
+use softmax_layer::train::{Data, Optimizer, TrainConfig, train_with_heldout};
 use softmax_layer::{MatRef, SoftmaxLayer, WeightLayout};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -273,23 +273,24 @@ pub fn run(a: &DemoArgs) -> Result<(), Failure> {
         epochs: Some(a.epochs),
         batch_size: 512,
         lr: 0.05,
-        holdout: 0.05, // a held-out curve per epoch, from training positions
         classes: Some(v),
         seed: a.seed,
         ..TrainConfig::default()
     };
     println!("\n1. Training (AdamW, batch 512, {} epochs)", a.epochs);
     let mut progress = Progress::new(false);
-    let out = train(Data::new(xv, &y)?, &cfg, |e| progress.event(e));
+    // The held-out text is evaluated every epoch, for the loss curve.
+    let held = &c.text[n_train..];
+    let hx = feats.matrix(&c.text, n_train..n_all);
+    let hy: Vec<i64> = held.iter().map(|&t| t as i64).collect();
+    let held_data = Data::new(MatRef::new(&hx, held.len(), d)?, &hy)?;
+    let out = train_with_heldout(Data::new(xv, &y)?, held_data, &cfg, |e| progress.event(e));
     progress.finish();
     let out = out?;
     let layer = out.model.layer()?;
 
     // 2. Held-out perplexity, beside the truth.
-    let held = &c.text[n_train..];
-    let hx = feats.matrix(&c.text, n_train..n_all);
-    let hy: Vec<i64> = held.iter().map(|&t| t as i64).collect();
-    let hm = softmax_layer::train::evaluate(&out.model, Data::new(MatRef::new(&hx, held.len(), d)?, &hy)?)?;
+    let hm = out.heldout.expect("a held-out set was given");
     let bits = |nats: f64| nats / std::f64::consts::LN_2;
     println!("\n2. Held-out text ({} characters)", held.len());
     println!(
