@@ -414,6 +414,52 @@ fn run(
             .par_iter()
             .map(|seg| {
                 let mut part = vec![RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 }; m];
+                if layer.precision() == Precision::F32 {
+                    // In f32, the segment's logits go straight into the block buffer by one
+                    // product (the `gemm` crate): 11% faster than the engine's tiles with
+                    // 100 classes, and no slower with 50257 (alternated runs). Each tile's
+                    // row statistics follow while it is in cache.
+                    for i in 0..m {
+                        // SAFETY: row i, columns `seg`: this task's alone.
+                        let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + seg.start), seg.len()) };
+                        match layer.bias() {
+                            Some(b) => row.copy_from_slice(&b[seg.clone()]),
+                            None => row.fill(0.0),
+                        }
+                    }
+                    let c_op = Operand { ptr: z.ptr().wrapping_add(seg.start), rs: v as isize, cs: 1 };
+                    let a_op = Operand { ptr: h.row(0).as_ptr(), rs: h.row_stride() as isize, cs: 1 };
+                    let w = layer.weight();
+                    let b_op = match layer.layout() {
+                        // Wᵀ[seg]: element (p, j) = W[seg.start + j, p].
+                        WeightLayout::VocabMajor => Operand { ptr: w[seg.start * d..].as_ptr(), rs: 1, cs: d as isize },
+                        // Element (p, j) = W[p, seg.start + j].
+                        WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: v as isize, cs: 1 },
+                    };
+                    // SAFETY: columns `seg` of the block buffer are this task's alone (segments
+                    // are disjoint); H[R] is m × d; W[seg] is in bounds for either layout.
+                    unsafe { linalg::gemm(m, seg.len(), d, c_op, true, a_op, b_op) };
+                    for c0 in (seg.start..seg.end).step_by(col_tile) {
+                        let cols = c0..(c0 + col_tile).min(seg.end);
+                        for (i, p) in part.iter_mut().enumerate() {
+                            // SAFETY: as above.
+                            let row =
+                                unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
+                            if let Some(cap) = s.cap {
+                                k.softcap_in_place(row, cap);
+                            }
+                            p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
+                            let yi = y[i];
+                            if yi != o.ignore_index && cols.contains(&(yi as usize)) {
+                                p.zy = row[yi as usize - cols.start];
+                            }
+                            if s.eps > 0.0 {
+                                p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
+                            }
+                        }
+                    }
+                    return part;
+                }
                 // The engine's tile product: H[R] prepared (packed) once per task.
                 let mut prepared = layer.prepare_rows(h);
                 let mut tile = vec![0f32; m * col_tile.min(seg.len())];
