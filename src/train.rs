@@ -855,7 +855,7 @@ fn lbfgs_iteration(
         dir = lb.g.iter().map(|v| -v).collect();
         dg = dotf(&dir, &lb.g);
     }
-    let t0 = if m == 0 { (1.0 / max_abs(&lb.g).max(1e-12)).min(1.0) } else { 1.0 };
+    let t0 = if m == 0 { (1.0 / dotf(&lb.g, &lb.g).sqrt().max(1e-12)).min(1.0) } else { 1.0 };
     let eval = |t: f64| -> Result<(f64, Vec<f64>, Vec<f64>)> {
         let x: Vec<f64> = lb.x.iter().zip(&dir).map(|(x, p)| x + t * p).collect();
         let (f, g) = objective_f64(&x, classes, d, data, l2)?;
@@ -919,7 +919,7 @@ fn wolfe_search(
             return zoom(f0, dg0, (t, p.0, dg), (t_prev, f_prev, dg_prev), dir, &mut eval, best);
         }
         (t_prev, f_prev, dg_prev) = (t, p.0, dg);
-        t *= 2.0;
+        t *= 4.0; // a step that is still descending steeply: expand boldly
     }
     Ok(best.map(|b| b.1))
 }
