@@ -414,6 +414,20 @@ fn run(
             .par_iter()
             .map(|seg| {
                 let mut part = vec![RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 }; m];
+                // Row i's logits over `cols`: softcap in place, then fold into its part.
+                let fold = |p: &mut RowPart, row: &mut [f32], i: usize, cols: &Range<usize>| {
+                    if let Some(cap) = s.cap {
+                        k.softcap_in_place(row, cap);
+                    }
+                    p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
+                    let yi = y[i];
+                    if yi != o.ignore_index && cols.contains(&(yi as usize)) {
+                        p.zy = row[yi as usize - cols.start];
+                    }
+                    if s.eps > 0.0 {
+                        p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
+                    }
+                };
                 if layer.precision() == Precision::F32 {
                     // In f32, the segment's logits go straight into the block buffer by one
                     // product (the `gemm` crate): 11% faster than the engine's tiles with
@@ -445,17 +459,7 @@ fn run(
                             // SAFETY: as above.
                             let row =
                                 unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
-                            if let Some(cap) = s.cap {
-                                k.softcap_in_place(row, cap);
-                            }
-                            p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
-                            let yi = y[i];
-                            if yi != o.ignore_index && cols.contains(&(yi as usize)) {
-                                p.zy = row[yi as usize - cols.start];
-                            }
-                            if s.eps > 0.0 {
-                                p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
-                            }
+                            fold(p, row, i, &cols);
                         }
                     }
                     return part;
@@ -468,17 +472,7 @@ fn run(
                     let tile = &mut tile[..m * cols.len()];
                     layer.logits_tile(&mut prepared, h, cols.clone(), tile);
                     for ((i, p), row) in part.iter_mut().enumerate().zip(tile.chunks_exact_mut(cols.len())) {
-                        if let Some(cap) = s.cap {
-                            k.softcap_in_place(row, cap);
-                        }
-                        p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
-                        let yi = y[i];
-                        if yi != o.ignore_index && cols.contains(&(yi as usize)) {
-                            p.zy = row[yi as usize - cols.start];
-                        }
-                        if s.eps > 0.0 {
-                            p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
-                        }
+                        fold(p, row, i, &cols);
                         // SAFETY: row i, columns `cols` of the block buffer belong to this
                         // task alone (segments are disjoint); in bounds (i < m <= r, cols < V).
                         unsafe {
