@@ -534,14 +534,27 @@ pub fn safetensors_from_bytes(bytes: Vec<u8>, path: &Path, name: &str) -> Result
     safetensors_from_storage(Storage::Owned(bytes), path, name)
 }
 
+/// Tensor `name` of a `.safetensors` file, or `None` when the file has no tensor of that
+/// name (for optional tensors: a bias, a checkpoint's optional state). Any other problem
+/// is an error.
+pub fn read_safetensors_optional(path: &Path, name: &str) -> Result<Option<Tensor>> {
+    safetensors_lookup(map_file(path)?, path, name).map(|r| r.ok())
+}
+
 fn safetensors_from_storage(storage: Storage, path: &Path, name: &str) -> Result<Tensor> {
+    safetensors_lookup(storage, path, name)?.map_err(|mut names| {
+        names.sort();
+        fmt_err(path, format!("no tensor named '{name}' (it holds: {})", names.join(", ")))
+    })
+}
+
+/// The tensor, or (inner `Err`) the names the file does hold when it has none called `name`.
+fn safetensors_lookup(storage: Storage, path: &Path, name: &str) -> Result<std::result::Result<Tensor, Vec<String>>> {
     let bytes = storage.bytes();
     let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| fmt_err(path, format!("not a valid .safetensors file: {e}")))?;
     let Some(info) = meta.info(name) else {
-        let mut names: Vec<String> = meta.tensors().keys().cloned().collect();
-        names.sort();
-        return Err(fmt_err(path, format!("no tensor named '{name}' (it holds: {})", names.join(", "))));
+        return Ok(Err(meta.tensors().keys().cloned().collect()));
     };
     use safetensors::Dtype as D;
     let dtype = match info.dtype {
@@ -559,16 +572,17 @@ fn safetensors_from_storage(storage: Storage, path: &Path, name: &str) -> Result
     if end - start != len || offset + end > bytes.len() {
         return Err(fmt_err(path, format!("tensor '{name}': data offsets do not match its shape or the file size")));
     }
-    Ok(Tensor {
+    let shape = info.shape.clone();
+    Ok(Ok(Tensor {
         source: format!("{}:{name}", path.display()),
         dtype,
-        shape: info.shape.clone(),
+        shape,
         storage,
         offset: offset + start,
         len,
         fortran: false,
         big_endian: false,
-    })
+    }))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,

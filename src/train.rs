@@ -86,8 +86,8 @@ impl Model {
         let w = io::read_safetensors(path, "weight")?;
         let (classes, dim) = w.as_matrix_shape()?;
         let weight = w.to_f32()?.into_owned();
-        let bias = match io::read_safetensors(path, "bias") {
-            Ok(b) => {
+        let bias = match io::read_safetensors_optional(path, "bias")? {
+            Some(b) => {
                 if b.numel() != classes {
                     return Err(Error::Shape(format!(
                         "{}: bias has {} elements, expected K = {classes} (weight is [{classes}, {dim}])",
@@ -97,8 +97,7 @@ impl Model {
                 }
                 b.to_f32()?.into_owned()
             }
-            Err(Error::Format { what, .. }) if what.starts_with("no tensor named") => vec![0.0; classes],
-            Err(e) => return Err(e),
+            None => vec![0.0; classes],
         };
         let m = Model { weight, bias, classes, dim };
         m.layer()?; // validates finiteness
@@ -543,7 +542,7 @@ fn run_training(
     let fingerprint = fingerprint(cfg, n_all, d, classes);
     let mut st = match cfg.checkpoint.as_ref().filter(|c| c.resume).and_then(|c| latest_checkpoint(&c.dir)) {
         Some(path) => {
-            let st = load_checkpoint(&path, &fingerprint, classes, d)?;
+            let st = load_checkpoint(&path, &fingerprint, cfg.optimizer, classes, d)?;
             on_event(Event::Resumed { path: &path, epoch: st.epoch });
             st
         }
@@ -1081,7 +1080,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     Ok(path)
 }
 
-fn load_checkpoint(path: &Path, fingerprint: &str, classes: usize, d: usize) -> Result<RunState> {
+fn load_checkpoint(path: &Path, fingerprint: &str, optimizer: Optimizer, classes: usize, d: usize) -> Result<RunState> {
     let meta = io::read_safetensors_metadata(path)?;
     let bad = |what: String| Error::Format { path: path.to_path_buf(), what };
     match meta.get("fingerprint") {
@@ -1118,31 +1117,33 @@ fn load_checkpoint(path: &Path, fingerprint: &str, classes: usize, d: usize) -> 
         })
         .collect();
     let (_, step_objectives) = f64s("step_objectives")?;
-    let best = match io::read_safetensors(path, "best_meta") {
-        Ok(t) => {
+    let best = match io::read_safetensors_optional(path, "best_meta")? {
+        Some(t) => {
             let bm = t.to_f64()?;
+            let [loss, epoch] = bm[..] else { return Err(bad("tensor 'best_meta' must have 2 elements".into())) };
             let m =
                 Model { weight: f32s("best_weight", classes * d)?, bias: f32s("best_bias", classes)?, classes, dim: d };
-            Some((bm[0], bm[1] as usize, m))
+            Some((loss, epoch as usize, m))
         }
-        Err(_) => None,
+        None => None,
     };
-    let opt = if meta_has(path, "opt.velocity") {
-        OptState::Sgd { velocity: f32s("opt.velocity", p)? }
-    } else if meta_has(path, "opt.m") {
-        OptState::AdamW { m: f32s("opt.m", p)?, v: f32s("opt.v", p)? }
-    } else {
-        let (_, x) = f64s("opt.x")?;
-        let (_, g) = f64s("opt.g")?;
-        let (_, sc) = f64s("opt.scalars")?;
-        let split = |name: &str| -> Result<Vec<Vec<f64>>> {
-            let (_, v) = f64s(name)?;
-            Ok(v.chunks_exact(p).map(<[f64]>::to_vec).collect())
-        };
-        if x.len() != p || g.len() != p || sc.len() != 2 {
-            return Err(bad("L-BFGS state has the wrong size".into()));
+    // The fingerprint matched, so the checkpoint holds this optimizer's state.
+    let opt = match optimizer {
+        Optimizer::Sgd { .. } => OptState::Sgd { velocity: f32s("opt.velocity", p)? },
+        Optimizer::AdamW { .. } => OptState::AdamW { m: f32s("opt.m", p)?, v: f32s("opt.v", p)? },
+        Optimizer::Lbfgs { .. } => {
+            let (_, x) = f64s("opt.x")?;
+            let (_, g) = f64s("opt.g")?;
+            let (_, sc) = f64s("opt.scalars")?;
+            let split = |name: &str| -> Result<Vec<Vec<f64>>> {
+                let (_, v) = f64s(name)?;
+                Ok(v.chunks_exact(p).map(<[f64]>::to_vec).collect())
+            };
+            if x.len() != p || g.len() != p || sc.len() != 2 {
+                return Err(bad("L-BFGS state has the wrong size".into()));
+            }
+            OptState::Lbfgs(Lbfgs { x, g, f: sc[0], done: sc[1] == 1.0, s: split("opt.s")?, y: split("opt.y")? })
         }
-        OptState::Lbfgs(Lbfgs { x, g, f: sc[0], done: sc[1] == 1.0, s: split("opt.s")?, y: split("opt.y")? })
     };
     Ok(RunState {
         model,
@@ -1154,8 +1155,4 @@ fn load_checkpoint(path: &Path, fingerprint: &str, classes: usize, d: usize) -> 
         step_objectives,
         best,
     })
-}
-
-fn meta_has(path: &Path, name: &str) -> bool {
-    io::read_safetensors(path, name).is_ok()
 }

@@ -85,3 +85,20 @@ fn corrupt_safetensors_is_an_error_never_a_panic() {
         }
     }
 }
+
+#[test]
+fn an_optional_tensor_is_none_only_when_absent() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("t.safetensors");
+    write_safetensors(&p, &[("w", vec![2], OutTensor::F32(&[1.5, -2.0]))]).unwrap();
+    let w = softmax_layer::io::read_safetensors_optional(&p, "w").unwrap().expect("present");
+    assert_eq!(w.to_f32().unwrap().into_owned(), vec![1.5, -2.0]);
+    assert!(softmax_layer::io::read_safetensors_optional(&p, "bias").unwrap().is_none());
+    // Absent from read_safetensors is an error listing what the file holds.
+    let e = softmax_layer::io::read_safetensors(&p, "bias").unwrap_err().to_string();
+    assert!(e.contains("no tensor named 'bias'") && e.contains("holds: w"), "{e}");
+    // A file that is not a .safetensors is an error, never a quiet None.
+    let q = d.path().join("junk.safetensors");
+    std::fs::write(&q, b"not a tensor file at all").unwrap();
+    assert!(softmax_layer::io::read_safetensors_optional(&q, "bias").is_err());
+}
