@@ -6,6 +6,13 @@ use std::time::Instant;
 #[allow(dead_code)]
 pub fn fill(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut out = vec![0f32; n];
+    fill_into(&mut out, seed, lo, hi);
+    out
+}
+
+/// [`fill`] into a caller's buffer.
+#[allow(dead_code)]
+pub fn fill_into(out: &mut [f32], seed: u64, lo: f32, hi: f32) {
     out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
         let mut s = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
         for y in chunk {
@@ -15,7 +22,6 @@ pub fn fill(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
             *y = lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32);
         }
     });
-    out
 }
 
 /// The median of `reps` timed calls of `f`, in seconds (the caller warms up first).

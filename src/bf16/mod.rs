@@ -315,27 +315,9 @@ impl PackedBf16Weights {
     ) -> Result<Self> {
         let mut p = Self::alloc(vocab, hidden, precision)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
-        let bl = p.block_len();
-        let (d_pad, parts) = (p.d_pad, precision.parts());
-        p.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
-            for c in 0..16 {
-                let j = b * 16 + c;
-                if j >= vocab {
-                    break;
-                }
-                for k in 0..hidden {
-                    let w = match layout {
-                        WeightLayout::VocabMajor => weight[j * hidden + k],
-                        WeightLayout::HiddenMajor => weight[k * vocab + j],
-                    };
-                    let (hi, lo) = split(w);
-                    let at = (k / 2) * 32 + c * 2 + (k % 2);
-                    blk[at] = hi;
-                    if parts == 2 {
-                        blk[d_pad * 16 + at] = lo;
-                    }
-                }
-            }
+        let (lo_offset, parts) = (p.d_pad * 16, precision.parts());
+        p.fill_blocks(|blk, at, j, k| {
+            put(blk, at, lo_offset, parts, weight[layout_index(layout, vocab, hidden, j, k)])
         });
         Ok(p)
     }
@@ -345,22 +327,22 @@ impl PackedBf16Weights {
     pub fn from_bf16_bits(weight: &[u16], layout: WeightLayout, vocab: usize, hidden: usize) -> Result<Self> {
         let mut p = Self::alloc(vocab, hidden, Precision::Bf16)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
-        let bl = p.block_len();
-        p.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
-            for c in 0..16 {
-                let j = b * 16 + c;
-                if j >= vocab {
-                    break;
-                }
+        p.fill_blocks(|blk, at, j, k| blk[at] = weight[layout_index(layout, vocab, hidden, j, k)]);
+        Ok(p)
+    }
+
+    /// Fills the blocks of 16 classes in parallel: `store(block, at, j, k)` writes element
+    /// `(j, k)` (class `j`, position `k` along d) at slot `at` of its block (the `lo` part,
+    /// if any, lies `d_pad·16` further). Padding stays zero.
+    fn fill_blocks(&mut self, store: impl Fn(&mut [u16], usize, usize, usize) + Sync) {
+        let (bl, vocab, hidden) = (self.block_len(), self.vocab, self.hidden);
+        self.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
+            for j in b * 16..(b * 16 + 16).min(vocab) {
                 for k in 0..hidden {
-                    blk[(k / 2) * 32 + c * 2 + (k % 2)] = match layout {
-                        WeightLayout::VocabMajor => weight[j * hidden + k],
-                        WeightLayout::HiddenMajor => weight[k * vocab + j],
-                    };
+                    store(blk, (k / 2) * 32 + (j % 16) * 2 + (k % 2), j, k);
                 }
             }
         });
-        Ok(p)
     }
 
     /// Number of classes `V`.
@@ -546,6 +528,15 @@ impl PackedRows {
             }
         }
         ap
+    }
+}
+
+/// Index of element `(j, k)` (class, position along d) of a weight laid out as `layout`.
+#[inline]
+fn layout_index(layout: WeightLayout, vocab: usize, hidden: usize, j: usize, k: usize) -> usize {
+    match layout {
+        WeightLayout::VocabMajor => j * hidden + k,
+        WeightLayout::HiddenMajor => k * vocab + j,
     }
 }
 

@@ -5,10 +5,15 @@
 // Counts heap bytes (current and peak) so that `demo` can report the fused loss's memory.
 #[path = "../../../benches/support/alloc.rs"]
 mod alloc;
+// Timing, data and the plain-read baseline for `selfcheck`, shared with the benches.
+#[path = "../../../benches/support/data.rs"]
+mod data;
 mod demo;
 mod layer;
 mod plot;
 mod rank;
+#[path = "../../../benches/support/read.rs"]
+mod read;
 mod rows;
 mod selfcheck;
 mod train;

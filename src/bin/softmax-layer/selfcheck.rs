@@ -3,9 +3,14 @@
 //! same run.
 
 use crate::Failure;
+
+/// The median of `repeats` timed calls after one warm-up call (page faults, caches).
+fn median_secs(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    crate::data::median_secs(repeats, f)
+}
 use rayon::prelude::*;
 use softmax_layer::{Kernels, MatMut, MatRef, RowOptions};
-use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct SelfcheckArgs {
@@ -18,32 +23,6 @@ pub struct SelfcheckArgs {
     /// Timed repetitions of each operation; the median is reported.
     #[arg(long, default_value_t = 7)]
     repeats: usize,
-}
-
-/// Deterministic pseudo-random logits in [-12, 12), like a language model's.
-fn fill_logits(out: &mut [f32]) {
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        for v in chunk {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 24.0 - 12.0;
-        }
-    });
-}
-
-fn median_secs(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up: page faults, caches
-    let mut t: Vec<f64> = (0..repeats.max(1))
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
 }
 
 /// Worst relative error of probabilities >= 1e-30 and worst absolute lse error, on a row.
@@ -73,7 +52,8 @@ pub fn run(a: &SelfcheckArgs) -> Result<(), Failure> {
         Kernels::best().isa()
     );
     let mut x = crate::output_buffer(n, v, "built-in logits")?;
-    fill_logits(&mut x);
+    // Deterministic pseudo-random logits in [-12, 12), like a language model's.
+    crate::data::fill_into(&mut x, 0xD1B5_4A32_D192_ED03, -12.0, 12.0);
     let mut out = crate::output_buffer(n, v, "output")?;
     let mut lse = vec![0f32; n];
     let xv = MatRef::new(&x, n, v)?;
@@ -98,21 +78,9 @@ pub fn run(a: &SelfcheckArgs) -> Result<(), Failure> {
     let copy = median_secs(a.repeats, || {
         out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, i)| o.copy_from_slice(i));
     });
+    // The fastest plain read we have (four streams per task), a strong baseline.
     let read = median_secs(a.repeats, || {
-        // Four concurrent streams per task, with our AVX-512/AVX2 dot kernel: the fastest
-        // plain read we have, so that "fraction of read" is measured against a strong baseline.
-        let k = Kernels::best();
-        let s: f32 = x
-            .par_chunks(4 * chunk)
-            .map(|c| {
-                let q: Vec<&[f32]> = c.chunks(c.len().div_ceil(4)).collect();
-                match q[..] {
-                    [a, b, d, e] if e.len() == a.len() => k.dot4(a, [a, b, d, e]).iter().sum(),
-                    _ => k.dot(c, c),
-                }
-            })
-            .sum();
-        std::hint::black_box(s);
+        std::hint::black_box(crate::read::read_all(&x));
     });
     let sm = median_secs(a.repeats, || {
         softmax_layer::softmax(xv, MatMut::new(&mut out, n, v).unwrap(), &opts).unwrap();
