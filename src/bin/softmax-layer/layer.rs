@@ -72,6 +72,22 @@ struct Inputs {
     one_row: bool,
 }
 
+/// Target ids `[n]` and where they came from, one per row of hidden (a scalar too when `scalar_ok`: one row given
+/// as `[d]`).
+fn load_targets(spec: &str, inp: &Inputs, scalar_ok: bool) -> Result<(Vec<i64>, String), Failure> {
+    let t = load(spec)?;
+    if t.shape != [inp.n] && !(scalar_ok && t.shape.is_empty()) {
+        return Err(Failure(format!(
+            "shape mismatch: targets {} is {}, expected [{}] (one per row of hidden {})",
+            t.source,
+            shape_str(&t.shape),
+            inp.n,
+            inp.hidden.source
+        )));
+    }
+    Ok((t.to_i64()?, t.source))
+}
+
 fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
     let layout = WeightLayout::parse(&a.weight_layout).ok_or_else(|| {
         Failure(format!("--weight-layout must be 'vd' ([V, d]) or 'dv' ([d, V]), got '{}'", a.weight_layout))
@@ -188,18 +204,9 @@ pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) 
         }
         LayerOp::Logits | LayerOp::Probs | LayerOp::LogProbs => {
             let spec = targets.expect("only log-probs takes targets");
-            let t = load(spec)?;
-            if t.shape != [n] && !(inp.one_row && t.shape.is_empty()) {
-                return Err(Failure(format!(
-                    "shape mismatch: targets {} is {}, expected [{n}] (one per row of hidden {})",
-                    t.source,
-                    shape_str(&t.shape),
-                    inp.hidden.source
-                )));
-            }
-            let y = t.to_i64()?;
+            let (y, y_source) = load_targets(spec, &inp, inp.one_row)?;
             let mut lp = vec![0f32; n];
-            layer.target_log_probs(hv, &y, &mut lp, &opts).map_err(|e| named(e, &inp, Some(&t.source)))?;
+            layer.target_log_probs(hv, &y, &mut lp, &opts).map_err(|e| named(e, &inp, Some(&y_source)))?;
             write_npy_f32(out, &[n], &lp)?;
         }
         LayerOp::Logsumexp => {
@@ -271,16 +278,7 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
         .ok_or_else(|| Failure(format!("--reduction must be mean, sum or none, got '{}'", a.reduction)))?;
     let inp = inputs(&a.layer.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
-    let yt = load(&a.targets)?;
-    if yt.shape != [n] {
-        return Err(Failure(format!(
-            "shape mismatch: targets {} is {}, expected [{n}] (one per row of hidden {})",
-            yt.source,
-            shape_str(&yt.shape),
-            inp.hidden.source
-        )));
-    }
-    let y = yt.to_i64()?;
+    let (y, y_source) = load_targets(&a.targets, &inp, false)?;
     let cw_t = a.class_weights.as_deref().map(load).transpose()?;
     if let Some(c) = &cw_t
         && c.shape != [v]
@@ -310,7 +308,7 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
         Error::InvalidArgument(m) if m.starts_with("class_weights") => {
             Failure(format!("{}: {e}", cw_t.as_ref().map_or("class weights", |c| c.source.as_str())))
         }
-        _ => named(e, &inp, Some(&yt.source)),
+        _ => named(e, &inp, Some(&y_source)),
     };
     let loss_shape = if reduction == Reduction::None { vec![n] } else { vec![] };
     if a.grad {
@@ -384,15 +382,7 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     use softmax_layer::score::{Alignment, ScoreOptions, score_sequences};
     let inp = inputs(&a.layer.model)?;
     let (n, d) = (inp.n, inp.d);
-    let yt = load(&a.targets)?;
-    if yt.shape != [n] {
-        return Err(Failure(format!(
-            "shape mismatch: targets {} is {}, expected [{n}]",
-            yt.source,
-            shape_str(&yt.shape)
-        )));
-    }
-    let y = yt.to_i64()?;
+    let (y, y_source) = load_targets(&a.targets, &inp, false)?;
     let lengths = a.lengths.as_deref().map(|s| counts(s, "lengths")).transpose()?;
     let mask = a
         .mask
@@ -415,7 +405,7 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
         chars: chars.as_deref(),
     };
     let scores =
-        score_sequences(&layer, MatRef::new(&h, n, d)?, &y, &opts).map_err(|e| named(e, &inp, Some(&yt.source)))?;
+        score_sequences(&layer, MatRef::new(&h, n, d)?, &y, &opts).map_err(|e| named(e, &inp, Some(&y_source)))?;
     let mut out = String::new();
     for s in &scores {
         let tokens: Vec<String> = s
