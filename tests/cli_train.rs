@@ -157,7 +157,8 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_bits() {
     }
     std::thread::sleep(std::time::Duration::from_millis(37));
     let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before it could be killed; the test needs a longer run");
     // Whatever moment it died at, every checkpoint left loads.
     for e in std::fs::read_dir(&ck).unwrap() {
         let path = e.unwrap().path();
