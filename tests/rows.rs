@@ -340,6 +340,32 @@ fn nan_in_mask_is_named() {
 }
 
 #[test]
+fn probabilities_below_the_normal_range_flush_to_zero_on_every_isa() {
+    // Gaps of 80 and 86 nats stay accurate; gaps of 87 and more (probability under
+    // 2.7e-38, subnormal or zero in f32) are exactly 0, never a subnormal; the sum and
+    // log-softmax are unaffected. Lengths 1..40 put the small terms in full vectors and tails.
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for len in 2..40 {
+            let x: Vec<f32> = (0..len).map(|i| [0.0f32, -80.0, -86.0, -87.0, -95.0, -103.0][i % 6]).collect();
+            let st = k.max_sum(&x, None, 1.0);
+            let mut p = vec![0f32; len];
+            k.softmax_into(&x, None, 1.0, st, &mut p);
+            let z: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
+            for (i, (&pi, &xi)) in p.iter().zip(&x).enumerate() {
+                let want = (xi as f64).exp() / z;
+                if xi >= -86.0 {
+                    assert!(((pi as f64) - want).abs() <= 1e-6 * want, "{isa} len {len} i {i}: {pi} vs {want}");
+                } else {
+                    assert_eq!(pi, 0.0, "{isa} len {len} i {i}: {pi:e} should be flushed");
+                }
+            }
+            assert!((st.logsumexp(1.0) - z.ln()).abs() < 1e-6, "{isa} len {len}");
+        }
+    }
+}
+
+#[test]
 fn all_masked_row_is_an_error() {
     let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
     let m = [0.0f32, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY];

@@ -88,6 +88,11 @@ impl Vector for F32x4 {
         F32x4(vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(n, vdupq_n_s32(127)))))
     }
     #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        // `x < lim` is false for NaN, so those lanes keep `self`.
+        F32x4(vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(self.0), vcltq_f32(x.0, lim.0))))
+    }
+    #[inline(always)]
     unsafe fn count_gt(self, t: Self) -> usize {
         // Each true lane is all ones; shift to 1 and add across.
         vaddvq_u32(vshrq_n_u32::<31>(vcgtq_f32(self.0, t.0))) as usize

@@ -67,6 +67,10 @@ impl Vector for F32x1 {
         F32x1(f32::from_bits(((self.0 as i32 + 127) as u32) << 23))
     }
     #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        if x.0 < lim.0 { F32x1(0.0) } else { self }
+    }
+    #[inline(always)]
     unsafe fn count_gt(self, t: Self) -> usize {
         (self.0 > t.0) as usize
     }

@@ -105,6 +105,10 @@ impl Vector for F32x16 {
         F32x16(_mm512_scalef_ps(self.0, n.0))
     }
     #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        F32x16(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x.0, lim.0), self.0))
+    }
+    #[inline(always)]
     unsafe fn count_gt(self, t: Self) -> usize {
         (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(self.0, t.0) as u32).count_ones() as usize
     }
@@ -210,6 +214,10 @@ impl Vector for F32x8 {
     unsafe fn pow2i(self) -> Self {
         let n = _mm256_cvtps_epi32(self.0);
         F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)))))
+    }
+    #[inline(always)]
+    unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
+        F32x8(_mm256_and_ps(self.0, _mm256_cmp_ps::<_CMP_NLT_UQ>(x.0, lim.0)))
     }
     #[inline(always)]
     unsafe fn count_gt(self, t: Self) -> usize {
