@@ -61,6 +61,13 @@ pub fn set_stream_min_bytes(bytes: usize) {
 /// Rows up to this length keep the fused softmax's terms in a per-thread scratch row (in
 /// L2) when streaming, so the output is written once, with streaming stores.
 const SCRATCH_MAX: usize = 1 << 18;
+/// Rows of this many elements or more, up to [`AHEAD_MAX`], prefetch the next row towards
+/// L2 while they are read, so reading memory overlaps with computing (one thread's demand
+/// reads alone leave the memory idle during the compute of a row held in cache). Shorter
+/// rows are left to the hardware prefetchers.
+const AHEAD_MIN: usize = 1 << 12;
+/// Longer rows do not prefetch the next one: two of them would not fit in L2 (512 KiB each).
+const AHEAD_MAX: usize = 1 << 17;
 
 /// Options shared by the row functions.
 #[derive(Clone, Copy, Debug)]
@@ -125,11 +132,18 @@ impl<'a> Plan<'a> {
         self.mask.map(|m| if m.rows() == 1 { m.row(0) } else { m.row(i) })
     }
 
+    /// The row after `i` of `src`, when rows of this length prefetch it (see [`AHEAD_MIN`]).
+    fn next_row<'s>(src: MatRef<'s>, i: usize) -> Option<&'s [f32]> {
+        (i + 1 < src.rows() && (AHEAD_MIN..=AHEAD_MAX).contains(&src.cols())).then(|| src.row(i + 1))
+    }
+
     /// `(M, S)` of a row, chunk by chunk, merged in order; chunks in parallel if asked.
-    fn stats(&self, row: &[f32], mask: Option<&[f32]>, parallel: bool) -> MaxSum {
+    /// `next` (the next row, or `None`) is prefetched chunk by chunk meanwhile.
+    fn stats(&self, row: &[f32], mask: Option<&[f32]>, parallel: bool, next: Option<&[f32]>) -> MaxSum {
         let chunk_stats = |(c, chunk): (usize, &[f32])| {
-            let m = mask.map(|m| &m[c * CHUNK..c * CHUNK + chunk.len()]);
-            self.k.max_sum(chunk, m, self.t)
+            let range = c * CHUNK..c * CHUNK + chunk.len();
+            let m = mask.map(|m| &m[range.clone()]);
+            self.k.max_sum_ahead(chunk, m, self.t, next.and_then(|n| n.get(range)))
         };
         if parallel && row.len() > CHUNK {
             let parts: Vec<MaxSum> = row.par_chunks(CHUNK).enumerate().map(chunk_stats).collect();
@@ -185,6 +199,7 @@ fn write_row(k: &Kernels, op: Op, src: Option<&[f32]>, mask: Option<&[f32]>, t: 
 /// `exp((z - m_b) / T)` once, relative to its block's running maximum, then a rescale of
 /// the (cache-resident) output row by `exp((m_b - M) / T) / S` per block. Each exponential
 /// is computed once. `Err(())` marks an invalid row; the error is rebuilt from `src`.
+#[allow(clippy::too_many_arguments)]
 fn fused_softmax_row(
     plan: &Plan<'_>,
     src: &[f32],
@@ -193,6 +208,7 @@ fn fused_softmax_row(
     i: usize,
     parallel: bool,
     scratch: Option<&mut Vec<f32>>,
+    next: Option<&[f32]>,
 ) -> std::result::Result<(), ()> {
     const STACK_BLOCKS: usize = 256;
     let nb = src.len().div_ceil(Kernels::BLOCK);
@@ -215,7 +231,8 @@ fn fused_softmax_row(
             .enumerate()
             .map(|(c, (o, b))| {
                 let range = c * CHUNK..c * CHUNK + o.len();
-                k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
+                let ahead = next.and_then(|n| n.get(range.clone()));
+                k.softmax_pass1_ahead(o, &src[range.clone()], mask.map(|m| &m[range]), t, b, ahead)
             })
             .fold(MaxSum::EMPTY, |a, b| a.merge(b, t));
         check_row(stats, src, mask, i).map_err(|_| ())?;
@@ -224,7 +241,8 @@ fn fused_softmax_row(
     }
     let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
         let range = c * CHUNK..c * CHUNK + o.len();
-        k.softmax_pass1(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b)
+        let ahead = next.and_then(|n| n.get(range.clone()));
+        k.softmax_pass1_ahead(o, &src[range.clone()], mask.map(|m| &m[range]), t, b, ahead)
     };
     let stats = if parallel && src.len() > CHUNK {
         let parts: Vec<MaxSum> =
@@ -268,13 +286,14 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     let do_row = |i: usize, orow: &mut [f32], scratch: &mut Vec<f32>| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
+        let next = src.and_then(|s| Plan::next_row(s, i));
         if let (Op::Softmax, Some(srow)) = (op, srow) {
-            if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch)).is_err() {
+            if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch), next).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
             }
             return;
         }
-        let stats = plan.stats(srow.unwrap_or(orow), mask, false);
+        let stats = plan.stats(srow.unwrap_or(orow), mask, false, next);
         if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
             first_bad.fetch_min(i, Ordering::Relaxed);
             return;
@@ -300,13 +319,13 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             let srow = src.map(|s| s.row(i));
             let mask = plan.mask_row(i);
             if let (Op::Softmax, Some(srow)) = (op, srow) {
-                if fused_softmax_row(&plan, srow, mask, orow, i, true, None).is_err() {
+                if fused_softmax_row(&plan, srow, mask, orow, i, true, None, None).is_err() {
                     first_bad.fetch_min(i, Ordering::Relaxed);
                     break;
                 }
                 continue;
             }
-            let stats = plan.stats(srow.unwrap_or(orow), mask, true);
+            let stats = plan.stats(srow.unwrap_or(orow), mask, true, None);
             if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
                 break;
@@ -337,7 +356,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
                 None => out.as_ref().row(i),
             };
             let mask = plan.mask_row(i);
-            check_row(plan.stats(row, mask, false), row, mask, i)
+            check_row(plan.stats(row, mask, false, None), row, mask, i)
         }
     }
 }
@@ -388,7 +407,7 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
     let first_bad = AtomicUsize::new(usize::MAX);
     let do_row = |i: usize, o: &mut f32, parallel: bool| {
         let (row, mask) = (logits.row(i), plan.mask_row(i));
-        let stats = plan.stats(row, mask, parallel);
+        let stats = plan.stats(row, mask, parallel, Plan::next_row(logits, i));
         match check_row(stats, row, mask, i) {
             Ok(()) => *o = stats.logsumexp(plan.t) as f32,
             Err(_) => {
@@ -408,7 +427,7 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
         usize::MAX => Ok(()),
         i => {
             let (row, mask) = (logits.row(i), plan.mask_row(i));
-            check_row(plan.stats(row, mask, false), row, mask, i)
+            check_row(plan.stats(row, mask, false, None), row, mask, i)
         }
     }
 }

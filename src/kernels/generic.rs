@@ -87,6 +87,10 @@ pub(crate) trait Vector: Copy {
     /// Hints that the cache line holding `ptr` will be read soon. Never faults.
     #[inline(always)]
     unsafe fn prefetch(_ptr: *const f32) {}
+    /// Hints that the cache line holding `ptr` will be read later: into L2, not L1. Never
+    /// faults.
+    #[inline(always)]
+    unsafe fn prefetch_l2(_ptr: *const f32) {}
     /// Lane-wise `if x < lim { 0 } else { self }`; a NaN in `x` keeps `self`.
     unsafe fn zero_below(self, x: Self, lim: Self) -> Self;
     /// How many lanes hold a value strictly greater than the same lane of `t`.
@@ -110,11 +114,18 @@ pub(crate) struct Params {
     pub inv_t: f32,
     /// Write outputs with non-temporal stores (large outputs that will not be re-read soon).
     pub stream: bool,
+    /// Null, or the start of `len` elements (the next row) that the online pass prefetches
+    /// towards L2 while it reads this one: only a hint, never dereferenced.
+    pub ahead: *const f32,
 }
 
 impl Params {
     pub(crate) fn new(t: f32) -> Self {
-        Params { t, inv_t: 1.0 / t, stream: false }
+        Params { t, inv_t: 1.0 / t, stream: false, ahead: std::ptr::null() }
+    }
+    pub(crate) fn prefetching(mut self, ahead: *const f32) -> Self {
+        self.ahead = ahead;
+        self
     }
     pub(crate) fn streaming(mut self, stream: bool) -> Self {
         self.stream = stream;
@@ -327,11 +338,6 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 (V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX), V::splat(-f32::MAX));
             let mut j = 0;
             while j + 4 <= full {
-                // The next block, one cache line per vector (mask lines too).
-                V::prefetch(x.wrapping_add(i + BLOCK + j * lanes));
-                if MASK {
-                    V::prefetch(mask.wrapping_add(i + BLOCK + j * lanes));
-                }
                 a0 = a0.max(load_z::<V, MASK>(x, mask, i + j * lanes));
                 a1 = a1.max(load_z::<V, MASK>(x, mask, i + (j + 1) * lanes));
                 a2 = a2.max(load_z::<V, MASK>(x, mask, i + (j + 2) * lanes));
@@ -384,6 +390,18 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 }};
             }
             while j + 4 <= full {
+                // While the terms are computed (the compute-heavy half), bring the next
+                // block in (mask lines too), and the next row towards L2 when asked: memory
+                // reads then overlap with compute instead of alternating with it.
+                for q in 0..4 {
+                    V::prefetch(x.wrapping_add(i + BLOCK + (j + q) * lanes));
+                    if MASK {
+                        V::prefetch(mask.wrapping_add(i + BLOCK + (j + q) * lanes));
+                    }
+                    if !p.ahead.is_null() {
+                        V::prefetch_l2(p.ahead.wrapping_add(i + (j + q) * lanes));
+                    }
+                }
                 step!(s0, j);
                 step!(s1, j + 1);
                 step!(s2, j + 2);

@@ -291,6 +291,16 @@ impl Kernels {
         unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), Params::new(t)) }
     }
 
+    /// [`Kernels::max_sum`], prefetching `next` (the next row, when it is at least as
+    /// long) towards L2 while this row is read, so that the two rows' memory reads overlap
+    /// with this row's compute.
+    pub(crate) fn max_sum_ahead(&self, row: &[f32], mask: Option<&[f32]>, t: f32, next: Option<&[f32]>) -> MaxSum {
+        let mask_ptr = mask_ptr(row.len(), mask);
+        let p = Params::new(t).prefetching(ahead_ptr(row.len(), next));
+        // SAFETY: as in `max_sum`; `p.ahead` is only prefetched, never read.
+        unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), p) }
+    }
+
     /// Writes `out = softmax((row + mask) / t)` given the row's [`MaxSum`].
     ///
     /// # Panics
@@ -348,6 +358,28 @@ impl Kernels {
         // SAFETY: supported ISA; `x` is the distinct `src` or the output row itself, both
         // of `len` elements; `block_max` was checked above.
         unsafe { (self.softmax_pass1)(x, mask_ptr, out, block_max.as_mut_ptr(), len, Params::new(t)) }
+    }
+
+    /// [`Kernels::softmax_pass1`] from a distinct source, prefetching `next` as
+    /// [`Kernels::max_sum_ahead`] does.
+    pub(crate) fn softmax_pass1_ahead(
+        &self,
+        out: &mut [f32],
+        src: &[f32],
+        mask: Option<&[f32]>,
+        t: f32,
+        block_max: &mut [f32],
+        next: Option<&[f32]>,
+    ) -> MaxSum {
+        let len = out.len();
+        assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
+        assert_eq!(src.len(), len, "softmax_pass1: source and output lengths differ");
+        let mask_ptr = mask_ptr(len, mask);
+        let p = Params::new(t).prefetching(ahead_ptr(len, next));
+        // SAFETY: supported ISA; `src` and `out` are distinct slices of `len` elements (one
+        // shared, one exclusive borrow); `block_max` was checked above; `p.ahead` is only
+        // prefetched.
+        unsafe { (self.softmax_pass1)(src.as_ptr(), mask_ptr, out.as_mut_ptr(), block_max.as_mut_ptr(), len, p) }
     }
 
     /// Step 2 of the fused softmax: scales block `b` of `out` by
@@ -507,6 +539,12 @@ impl Kernels {
         // SAFETY: supported ISA; the kernel allows in == out.
         unsafe { (self.exp)(p, p, x.len()) }
     }
+}
+
+/// The prefetch target for a row of `len` elements: the start of `next` when it holds at
+/// least `len` elements, else null (no prefetch).
+fn ahead_ptr(len: usize, next: Option<&[f32]>) -> *const f32 {
+    next.filter(|n| n.len() >= len).map_or(std::ptr::null(), |n| n.as_ptr())
 }
 
 fn mask_ptr(len: usize, mask: Option<&[f32]>) -> *const f32 {

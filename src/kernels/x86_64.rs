@@ -37,6 +37,11 @@ impl Vector for F32x16 {
         // SAFETY: prefetching is a hint and never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8) }
     }
+    #[inline(always)]
+    unsafe fn prefetch_l2(ptr: *const f32) {
+        // SAFETY: prefetching is a hint and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr as *const i8) }
+    }
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
@@ -144,6 +149,11 @@ impl Vector for F32x8 {
     unsafe fn prefetch(ptr: *const f32) {
         // SAFETY: prefetching is a hint and never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr as *const i8) }
+    }
+    #[inline(always)]
+    unsafe fn prefetch_l2(ptr: *const f32) {
+        // SAFETY: prefetching is a hint and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr as *const i8) }
     }
 
     #[inline(always)]
