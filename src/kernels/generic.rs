@@ -93,6 +93,16 @@ pub(crate) trait Vector: Copy {
     unsafe fn prefetch_l2(_ptr: *const f32) {}
     /// Lane-wise `if x < lim { 0 } else { self }`; a NaN in `x` keeps `self`.
     unsafe fn zero_below(self, x: Self, lim: Self) -> Self;
+    /// Whether [`Vector::scale_pow2_unless_below`] skips the flushed lanes entirely (a
+    /// masked instruction), so that their inputs need no clamping.
+    const MASKED_SCALE: bool = false;
+    /// `(self * 2^n).zero_below(x, lim)`. With [`Vector::MASKED_SCALE`], lanes where
+    /// `x < lim` are not computed at all (no floating-point assist, whatever they hold).
+    #[inline(always)]
+    unsafe fn scale_pow2_unless_below(self, n: Self, x: Self, lim: Self) -> Self {
+        // SAFETY: the caller guarantees the instruction set.
+        unsafe { self.scale_pow2(n).zero_below(x, lim) }
+    }
     /// How many lanes hold a value strictly greater than the same lane of `t`.
     unsafe fn count_gt(self, t: Self) -> usize;
     /// Maximum over the lanes, in a fixed order.
@@ -169,6 +179,19 @@ unsafe fn exp_core<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
+        let (y, n) = exp_parts::<V, EXT>(x, lo);
+        y.scale_pow2(n)
+    }
+}
+
+/// [`exp_core`] before its final scaling: `(y, n)` with `exp(x + lo) = y · 2^n`.
+///
+/// # Safety
+/// The instruction set of `V` is available.
+#[inline(always)]
+unsafe fn exp_parts<V: Vector, const EXT: bool>(x: V, lo: V) -> (V, V) {
+    // SAFETY: pure arithmetic on registers; the caller guarantees the instruction set.
+    unsafe {
         let n = x.mul_add(V::splat(LOG2E), V::splat(ROUND_MAGIC)).sub(V::splat(ROUND_MAGIC));
         // n * LN2_HI is exact, and x - n * LN2_HI is exact by Sterbenz-like cancellation.
         let r = n.mul_add(V::splat(-LN2_HI), x);
@@ -182,8 +205,7 @@ unsafe fn exp_core<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
         p = p.mul_add(r, V::splat(P3));
         p = p.mul_add(r, V::splat(P4));
         p = p.mul_add(r, V::splat(P5));
-        let y = p.mul_add(r.mul(r), r).add(V::splat(1.0));
-        y.scale_pow2(n)
+        (p.mul_add(r.mul(r), r).add(V::splat(1.0)), n)
     }
 }
 
@@ -204,7 +226,14 @@ unsafe fn exp_term<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
     // SAFETY: pure arithmetic on registers; the caller guarantees the instruction set.
     unsafe {
         let lim = V::splat(FLUSH_LO);
-        exp_core::<V, EXT>(lim.max(x), lo).zero_below(x, lim)
+        if V::MASKED_SCALE {
+            // The flushed lanes are never scaled, so they need no clamping: whatever they
+            // hold (NaN from -inf included) never reaches an underflowing operation.
+            let (y, n) = exp_parts::<V, EXT>(x, lo);
+            y.scale_pow2_unless_below(n, x, lim)
+        } else {
+            exp_core::<V, EXT>(lim.max(x), lo).zero_below(x, lim)
+        }
     }
 }
 

@@ -113,6 +113,12 @@ impl Vector for F32x16 {
     unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
         F32x16(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x.0, lim.0), self.0))
     }
+    const MASKED_SCALE: bool = true;
+    #[inline(always)]
+    unsafe fn scale_pow2_unless_below(self, n: Self, x: Self, lim: Self) -> Self {
+        // One masked instruction: lanes with x < lim are zeroed and never computed.
+        F32x16(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x.0, lim.0), self.0, n.0))
+    }
     #[inline(always)]
     unsafe fn count_gt(self, t: Self) -> usize {
         (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(self.0, t.0) as u32).count_ones() as usize
