@@ -22,6 +22,11 @@ fn main() {
     let kcs = [768usize];
     for rep in 0..reps {
         for &var in &variants {
+            if let Some(f) = args.get(2).filter(|f| f.as_str() != "l1")
+                && !format!("{var:?}").contains(f.as_str())
+            {
+                continue;
+            }
             for &kc in &kcs {
                 let t = Instant::now();
                 std::thread::scope(|sc| {
