@@ -585,7 +585,7 @@ impl Consumer for Scorer<'_> {
                 }
             }
             if self.top > 0 {
-                s.cand.offer(row, cols.start, ms.max, self.top);
+                s.cand.offer(row, cols.start, ms.max, self.top, self.kern);
             }
         }
     }
@@ -906,15 +906,23 @@ impl Candidates {
     /// Offers a row of logits for classes `start..`, given the row's maximum: only
     /// values that can still enter the top `k` are kept (strictly above the threshold:
     /// an equal logit seen later has a higher class id).
-    fn offer(&mut self, row: &[f32], start: usize, row_max: f32, k: usize) {
+    fn offer(&mut self, row: &[f32], start: usize, row_max: f32, k: usize, kern: &Kernels) {
         if self.items.len() >= k && row_max <= self.threshold {
             return;
         }
-        for (j, &z) in row.iter().enumerate() {
-            if z > self.threshold || self.items.len() < k {
-                self.items.push((z, (start + j) as u32));
-                if self.items.len() >= 2 * k.max(16) {
-                    self.prune(k);
+        // Pieces of 64: once `k` candidates are held, a vectorized count skips the pieces
+        // with nothing above the threshold (most of them, as the threshold rises).
+        const PIECE: usize = 64;
+        for (p, piece) in row.chunks(PIECE).enumerate() {
+            if self.items.len() >= k && kern.count_greater(piece, self.threshold) == 0 {
+                continue;
+            }
+            for (j, &z) in piece.iter().enumerate() {
+                if z > self.threshold || self.items.len() < k {
+                    self.items.push((z, (start + p * PIECE + j) as u32));
+                    if self.items.len() >= 2 * k.max(16) {
+                        self.prune(k);
+                    }
                 }
             }
         }
@@ -940,7 +948,7 @@ impl Consumer for TopKConsumer {
         for ((s, cand), row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
             let ms = self.kern.max_sum(row, None, self.t);
             *s = s.merge(ms, self.t);
-            cand.offer(row, cols.start, ms.max, self.k);
+            cand.offer(row, cols.start, ms.max, self.k, self.kern);
         }
     }
     fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
