@@ -1,6 +1,8 @@
 //! The fused operations against the bare product, alternated inside one process so that
 //! this machine's drifts in speed hit both sides of each ratio alike:
-//! `cargo run --release --example layer_ratio [N D V ROUNDS]` (default 2048 768 50257 7).
+//! `cargo run --release --example layer_ratio [N D V ROUNDS] [loss]` (default 2048 768
+//! 50257 7; `loss` adds the fused cross-entropy forward + backward, a third of its time
+//! against one bare product).
 //!
 //! Each round times the bare product (`H·Wᵀ` into `[n, V]`, the `gemm` crate on all
 //! threads), then logsumexp, target log-probs and top-k (k = 10) through the engine, once
@@ -14,6 +16,7 @@ use std::time::Instant;
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let with_loss = std::env::args().any(|s| s == "loss");
     let arg = |i: usize, default: usize| a.get(i).copied().unwrap_or(default);
     let (n, d, v, rounds) = (arg(0, 2048), arg(1, 768), arg(2, 50257), arg(3, 7));
     let h = data::fill(n * d, 1, -1.0, 1.0);
@@ -30,19 +33,33 @@ fn main() {
         f();
         t.elapsed().as_secs_f64()
     };
-    let names = ["logsumexp", "target_log_probs", "top_k"];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let mut best = [f64::MAX; 3];
+    let names = ["logsumexp", "target_log_probs", "top_k", "loss_grad / 3"];
+    let ops = if with_loss { 4 } else { 3 };
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); ops];
+    let mut best = [f64::MAX; 4];
+    let (mut gh, mut gw) = if with_loss { (vec![0f32; n * d], vec![0f32; v * d]) } else { (Vec::new(), Vec::new()) };
+    let ce = softmax_layer::loss::CrossEntropyOptions::default();
     let mut bare = Vec::new();
     for r in 0..=rounds {
         let g = time(&mut || data::bare_product(&h, &w, &mut out, n, d, v));
-        let t = [
+        let mut t = vec![
             time(&mut || layer.logsumexp(hv, &mut small, &opts).unwrap()),
             time(&mut || layer.target_log_probs(hv, &targets, &mut small, &opts).unwrap()),
             time(&mut || {
                 std::hint::black_box(layer.top_k(hv, 10, &opts).unwrap());
             }),
         ];
+        if with_loss {
+            // Forward + backward (dH, dW), a third of it against one bare product.
+            let s = time(&mut || {
+                let g = softmax_layer::loss::GradientsMut { hidden: Some(&mut gh), weight: &mut gw, bias: None };
+                let up = softmax_layer::loss::Upstream::Scalar(1.0);
+                std::hint::black_box(
+                    softmax_layer::loss::cross_entropy_with_grad_into(&layer, hv, &targets, &ce, up, g).unwrap(),
+                );
+            });
+            t.push(s / 3.0);
+        }
         if r == 0 {
             continue; // warm-up
         }
