@@ -153,6 +153,19 @@ fn main() {
                     gflops / peak_gflops
                 ),
             );
+            // The product again, on its own: right after the tile-only loop, the cores may
+            // still run at the lower clock that heavy AMX work brings.
+            let med = timed(reps, || {
+                std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
+            });
+            line(
+                "bf16_product_alone",
+                n,
+                d,
+                v,
+                med,
+                &format!(", \"fraction_of_peak\": {:.3}", 2.0 * (n * d * v) as f64 / med / 1e9 / peak_gflops),
+            );
             let mut out = vec![0f32; n * v];
             let med = timed(reps, || bf.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap());
             line("bf16_logits_written", n, d, v, med, "");
