@@ -1,8 +1,26 @@
-//! Tuning sweep for the engine's f32 tile product (not part of the documented benches).
+//! Tuning sweep for the engine's f32 tile product on AVX-512 (x86_64 only):
+//! `cargo run --release --example tile_tune [REPS [VARIANT | l1]]`.
+//!
+//! Times one block of 256 hidden rows (d = 768) against all of a [50257, 768] weight, tile
+//! by tile as the engine does, on 2 threads, for each AVX-512 micro-kernel shape (or only
+//! those whose name contains VARIANT, e.g. `12x32`). `l1` instead times the kernels on
+//! L1-resident operands and measures the FMA peak (registers only) on 1 and 2 threads.
+#[cfg(target_arch = "x86_64")]
 use softmax_layer::tile_gemm::{BLayout, PackedA, Scratch, Variant, gemm_packed_kc};
+#[cfg(target_arch = "x86_64")]
 use std::time::Instant;
 
+#[cfg(not(target_arch = "x86_64"))]
 fn main() {
+    eprintln!("tile_tune: AVX-512 only");
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    if !is_x86_feature_detected!("avx512f") {
+        eprintln!("tile_tune: this CPU has no AVX-512");
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
     if args.get(2).map(String::as_str) == Some("l1") {
@@ -68,8 +86,8 @@ fn main() {
     }
 }
 
-#[allow(dead_code)]
-pub fn l1_case() {
+#[cfg(target_arch = "x86_64")]
+fn l1_case() {
     // Everything in L1: A 12 x 256 (one panel), B 32 x 256.
     for &(var, m) in &[
         (Variant::Avx512x12x32, 12usize),
@@ -105,8 +123,8 @@ pub fn l1_case() {
     }
 }
 
-#[allow(dead_code)]
-pub fn fma_peak() {
+#[cfg(target_arch = "x86_64")]
+fn fma_peak() {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx512f")]
     fn run(iters: usize) -> f32 {
@@ -129,7 +147,7 @@ pub fn fma_peak() {
         let t = Instant::now();
         std::thread::scope(|sc| {
             for _ in 0..threads {
-                // SAFETY: tuning example, run only on AVX-512 machines.
+                // SAFETY: `main` returned early unless the CPU has AVX-512F.
                 sc.spawn(move || std::hint::black_box(unsafe { run(iters) }));
             }
         });
