@@ -313,6 +313,24 @@ pub(crate) unsafe fn tile_product(
                 let steps = m.div_ceil(32) * kc * terms.len();
                 let per_step = next_lines.div_ceil(steps.max(1)).min(4);
                 let mut fetched = 0usize;
+                // Prefetches the next `count` lines of the next pair, if any are left. Only a
+                // hint: the lines lie inside the packed W (blocks b + ahead.. exist since
+                // b + ahead < b1).
+                let mut prefetch_next = |count: usize| {
+                    let Some(nx) = next else { return };
+                    for _ in 0..count.min(next_lines - fetched) {
+                        let line = nx.cast::<i8>().wrapping_add(fetched * 64);
+                        // SAFETY: SSE is part of x86_64; a prefetch never faults.
+                        unsafe {
+                            if mode == 2 {
+                                _mm_prefetch::<_MM_HINT_T0>(line);
+                            } else {
+                                _mm_prefetch::<_MM_HINT_T1>(line);
+                            }
+                        }
+                        fetched += 1;
+                    }
+                };
                 for t in (0..tiles).step_by(2) {
                     if t * 16 >= m {
                         break;
@@ -374,15 +392,7 @@ pub(crate) unsafe fn tile_product(
                             let (bh0, bh1) = (w.block_ptr(b, 0), w.block_ptr(b + 1, 0));
                             let (bl0, bl1) = (w.block_ptr(b, 1), w.block_ptr(b + 1, 1));
                             for k in ks.clone() {
-                                if let Some(nx) = next {
-                                    for _ in 0..3 * per_step {
-                                        if fetched < next_lines {
-                                            // A hint only: inside the packed W (see below).
-                                            _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
-                                            fetched += 1;
-                                        }
-                                    }
-                                }
+                                prefetch_next(3 * per_step);
                                 let o = k * TILE;
                                 tload!(4, ah0.add(o));
                                 tload!(6, bh0.add(o));
@@ -412,20 +422,7 @@ pub(crate) unsafe fn tile_product(
                             let (a0, a1) = (rows.tile_ptr(t, qa), rows.tile_ptr(t + 1, qa));
                             let (w0, w1) = (bp[0][ti], bp[1][ti]);
                             for k in ks.clone() {
-                                if let Some(nx) = next {
-                                    for _ in 0..per_step {
-                                        if fetched < next_lines {
-                                            // A hint only: the line lies inside the packed W
-                                            // (blocks b+2, b+3 exist since b + 2 < b1).
-                                            if mode == 2 {
-                                                _mm_prefetch::<_MM_HINT_T0>(nx.cast::<i8>().add(fetched * 64));
-                                            } else {
-                                                _mm_prefetch::<_MM_HINT_T1>(nx.cast::<i8>().add(fetched * 64));
-                                            }
-                                            fetched += 1;
-                                        }
-                                    }
-                                }
+                                prefetch_next(per_step);
                                 // Each operand tile is freed as early as possible
                                 // (B0 after two products, A0 after three) so the next
                                 // step's loads can start while products still run.
