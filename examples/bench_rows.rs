@@ -1,6 +1,7 @@
 //! Times one row operation for `scripts/compare_torch.py`:
 //! `bench_rows OP N V REPEATS` prints `{"op":..., "median_s":...}` on stdout.
-//! OP is softmax, log_softmax, logsumexp, copy or read.
+//! OP is softmax, log_softmax, logsumexp, copy, read (four streams per task) or read1 (one
+//! stream per task). `BENCH_NO_AHEAD=1` turns off the rows' next-row prefetch.
 #[path = "../benches/support/data.rs"]
 mod data;
 #[path = "../benches/support/read.rs"]
@@ -17,6 +18,9 @@ fn main() {
     }
     let (op, n, v, reps): (&str, usize, usize, usize) =
         (&a[1], a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap());
+    if std::env::var("BENCH_NO_AHEAD").as_deref() == Ok("1") {
+        softmax_layer::rows::set_prefetch_next_row(false);
+    }
     let x = data::fill(n * v, 0, -12.0, 12.0);
     let mut out = vec![0f32; n * v];
     let mut lse = vec![0f32; n];
@@ -29,6 +33,10 @@ fn main() {
         "copy" => out.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(o, i)| o.copy_from_slice(i)),
         "read" => {
             std::hint::black_box(read::read_all(&x));
+        }
+        "read1" => {
+            let k = softmax_layer::Kernels::best();
+            std::hint::black_box(x.par_chunks(1 << 18).map(|c| k.dot(c, c)).sum::<f32>());
         }
         _ => panic!("unknown op {op}"),
     };

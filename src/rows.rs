@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{Isa, Kernels, MaxSum};
 use crate::matrix::{MatMut, MatRef};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Rows longer than this are reduced in chunks of this many elements (256 KiB of `f32`).
 pub const CHUNK: usize = 1 << 16;
@@ -68,6 +68,20 @@ const SCRATCH_MAX: usize = 1 << 18;
 const AHEAD_MIN: usize = 1 << 12;
 /// Longer rows do not prefetch the next one: two of them would not fit in L2 (512 KiB each).
 const AHEAD_MAX: usize = 1 << 17;
+static PREFETCH_NEXT_ROW: AtomicBool = AtomicBool::new(true);
+
+/// Turns the next-row prefetch off or on (default on). The results are the same either
+/// way; benchmarks use this to measure what it brings.
+#[doc(hidden)]
+pub fn set_prefetch_next_row(on: bool) {
+    PREFETCH_NEXT_ROW.store(on, Ordering::Relaxed);
+}
+
+/// The row after `i` of `src`, when rows of this length prefetch it (see [`AHEAD_MIN`]).
+fn next_row(src: MatRef<'_>, i: usize) -> Option<&[f32]> {
+    let wanted = (AHEAD_MIN..=AHEAD_MAX).contains(&src.cols()) && PREFETCH_NEXT_ROW.load(Ordering::Relaxed);
+    (wanted && i + 1 < src.rows()).then(|| src.row(i + 1))
+}
 
 /// Options shared by the row functions.
 #[derive(Clone, Copy, Debug)]
@@ -130,11 +144,6 @@ impl<'a> Plan<'a> {
 
     fn mask_row(&self, i: usize) -> Option<&'a [f32]> {
         self.mask.map(|m| if m.rows() == 1 { m.row(0) } else { m.row(i) })
-    }
-
-    /// The row after `i` of `src`, when rows of this length prefetch it (see [`AHEAD_MIN`]).
-    fn next_row<'s>(src: MatRef<'s>, i: usize) -> Option<&'s [f32]> {
-        (i + 1 < src.rows() && (AHEAD_MIN..=AHEAD_MAX).contains(&src.cols())).then(|| src.row(i + 1))
     }
 
     /// `(M, S)` of a row, chunk by chunk, merged in order; chunks in parallel if asked.
@@ -232,7 +241,7 @@ fn fused_softmax_row(
             .map(|(c, (o, b))| {
                 let range = c * CHUNK..c * CHUNK + o.len();
                 let ahead = next.and_then(|n| n.get(range.clone()));
-                k.softmax_pass1_ahead(o, &src[range.clone()], mask.map(|m| &m[range]), t, b, ahead)
+                k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, ahead)
             })
             .fold(MaxSum::EMPTY, |a, b| a.merge(b, t));
         check_row(stats, src, mask, i).map_err(|_| ())?;
@@ -242,7 +251,7 @@ fn fused_softmax_row(
     let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
         let range = c * CHUNK..c * CHUNK + o.len();
         let ahead = next.and_then(|n| n.get(range.clone()));
-        k.softmax_pass1_ahead(o, &src[range.clone()], mask.map(|m| &m[range]), t, b, ahead)
+        k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, ahead)
     };
     let stats = if parallel && src.len() > CHUNK {
         let parts: Vec<MaxSum> =
@@ -286,7 +295,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     let do_row = |i: usize, orow: &mut [f32], scratch: &mut Vec<f32>| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
-        let next = src.and_then(|s| Plan::next_row(s, i));
+        let next = src.and_then(|s| next_row(s, i));
         if let (Op::Softmax, Some(srow)) = (op, srow) {
             if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch), next).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
@@ -407,7 +416,7 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
     let first_bad = AtomicUsize::new(usize::MAX);
     let do_row = |i: usize, o: &mut f32, parallel: bool| {
         let (row, mask) = (logits.row(i), plan.mask_row(i));
-        let stats = plan.stats(row, mask, parallel, Plan::next_row(logits, i));
+        let stats = plan.stats(row, mask, parallel, next_row(logits, i));
         match check_row(stats, row, mask, i) {
             Ok(()) => *o = stats.logsumexp(plan.t) as f32,
             Err(_) => {

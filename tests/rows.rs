@@ -430,3 +430,33 @@ fn streaming_stores_give_the_same_bits() {
         check_matrix(&x, n, v, stride, None, 1.3, None);
     }
 }
+
+#[test]
+fn prefetching_the_next_row_gives_the_same_bits() {
+    // Rows of 4096..131072 elements prefetch the next row while they are read; the last
+    // row has none. Softmax (streamed and not), log-softmax and logsumexp, with a mask.
+    let mut rng = Rng(29);
+    for (n, v, stride) in [(6usize, 4096usize, 4099usize), (3, 9001, 9001)] {
+        let x = rng.vec((n - 1) * stride + v, -30.0, 30.0);
+        let m: Vec<f32> = (0..v).map(|j| if j % 7 == 3 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
+        let run = |ahead: bool, stream_min: usize| {
+            softmax_layer::rows::set_prefetch_next_row(ahead);
+            softmax_layer::rows::set_stream_min_bytes(stream_min);
+            let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..RowOptions::with_temperature(0.8) };
+            let mut p = vec![f32::NAN; x.len()];
+            let mut lp = vec![f32::NAN; x.len()];
+            let mut lse = vec![f32::NAN; n];
+            softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+            log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
+            logsumexp(xv, &mut lse, &opts).unwrap();
+            softmax_layer::rows::set_prefetch_next_row(true);
+            softmax_layer::rows::set_stream_min_bytes(64 << 20);
+            (bits(&p), bits(&lp), bits(&lse))
+        };
+        for stream_min in [0, usize::MAX] {
+            assert!(run(true, stream_min) == run(false, stream_min), "[{n}, {v}]: the prefetch changed the results");
+        }
+        check_matrix(&x, n, v, stride, Some((&m, 1)), 0.8, None);
+    }
+}

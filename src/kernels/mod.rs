@@ -285,10 +285,7 @@ impl Kernels {
     /// # Panics
     /// If `mask` is given with a different length than `row`.
     pub fn max_sum(&self, row: &[f32], mask: Option<&[f32]>, t: f32) -> MaxSum {
-        let mask_ptr = mask_ptr(row.len(), mask);
-        // SAFETY: this table was built for a supported ISA; `row` and `mask` are valid
-        // for `row.len()` reads.
-        unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), Params::new(t)) }
+        self.max_sum_ahead(row, mask, t, None)
     }
 
     /// [`Kernels::max_sum`], prefetching `next` (the next row, when it is at least as
@@ -297,7 +294,8 @@ impl Kernels {
     pub(crate) fn max_sum_ahead(&self, row: &[f32], mask: Option<&[f32]>, t: f32, next: Option<&[f32]>) -> MaxSum {
         let mask_ptr = mask_ptr(row.len(), mask);
         let p = Params::new(t).prefetching(ahead_ptr(row.len(), next));
-        // SAFETY: as in `max_sum`; `p.ahead` is only prefetched, never read.
+        // SAFETY: this table was built for a supported ISA; `row` and `mask` are valid for
+        // `row.len()` reads; `p.ahead` is only prefetched, never read.
         unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), p) }
     }
 
@@ -344,6 +342,19 @@ impl Kernels {
         t: f32,
         block_max: &mut [f32],
     ) -> MaxSum {
+        self.softmax_pass1_ahead(row, src, mask, t, block_max, None)
+    }
+
+    /// [`Kernels::softmax_pass1`], prefetching `next` as [`Kernels::max_sum_ahead`] does.
+    pub(crate) fn softmax_pass1_ahead(
+        &self,
+        row: &mut [f32],
+        src: Option<&[f32]>,
+        mask: Option<&[f32]>,
+        t: f32,
+        block_max: &mut [f32],
+        next: Option<&[f32]>,
+    ) -> MaxSum {
         let len = row.len();
         assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
         let mask_ptr = mask_ptr(len, mask);
@@ -355,31 +366,10 @@ impl Kernels {
             }
             None => out as *const f32,
         };
-        // SAFETY: supported ISA; `x` is the distinct `src` or the output row itself, both
-        // of `len` elements; `block_max` was checked above.
-        unsafe { (self.softmax_pass1)(x, mask_ptr, out, block_max.as_mut_ptr(), len, Params::new(t)) }
-    }
-
-    /// [`Kernels::softmax_pass1`] from a distinct source, prefetching `next` as
-    /// [`Kernels::max_sum_ahead`] does.
-    pub(crate) fn softmax_pass1_ahead(
-        &self,
-        out: &mut [f32],
-        src: &[f32],
-        mask: Option<&[f32]>,
-        t: f32,
-        block_max: &mut [f32],
-        next: Option<&[f32]>,
-    ) -> MaxSum {
-        let len = out.len();
-        assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
-        assert_eq!(src.len(), len, "softmax_pass1: source and output lengths differ");
-        let mask_ptr = mask_ptr(len, mask);
         let p = Params::new(t).prefetching(ahead_ptr(len, next));
-        // SAFETY: supported ISA; `src` and `out` are distinct slices of `len` elements (one
-        // shared, one exclusive borrow); `block_max` was checked above; `p.ahead` is only
-        // prefetched.
-        unsafe { (self.softmax_pass1)(src.as_ptr(), mask_ptr, out.as_mut_ptr(), block_max.as_mut_ptr(), len, p) }
+        // SAFETY: supported ISA; `x` is the distinct `src` or the output row itself, both
+        // of `len` elements; `block_max` was checked above; `p.ahead` is only prefetched.
+        unsafe { (self.softmax_pass1)(x, mask_ptr, out, block_max.as_mut_ptr(), len, p) }
     }
 
     /// Step 2 of the fused softmax: scales block `b` of `out` by
