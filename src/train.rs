@@ -328,6 +328,9 @@ pub enum Event<'a> {
     Converged {
         iterations: usize,
         max_gradient: f64,
+        /// Evaluations of the loss and its gradient by this call of [`train`] (the line
+        /// searches' and, unless resumed, the starting point's): L-BFGS's cost.
+        evaluations: usize,
     },
 }
 
@@ -540,6 +543,8 @@ fn run_training(
     let total_steps = epochs * steps_per_epoch;
 
     let fingerprint = fingerprint(cfg, n_all, d, classes);
+    // Loss-and-gradient evaluations by L-BFGS in this call.
+    let mut evaluations = 0usize;
     let mut st = match cfg.checkpoint.as_ref().filter(|c| c.resume).and_then(|c| latest_checkpoint(&c.dir)) {
         Some(path) => {
             let st = load_checkpoint(&path, &fingerprint, cfg.optimizer, classes, d)?;
@@ -556,6 +561,7 @@ fn run_training(
                     let mut lb =
                         Lbfgs { x: vec![0.0; p + classes], f: 0.0, g: Vec::new(), s: vec![], y: vec![], done: false };
                     let (f, g) = objective_f64(&lb.x, classes, d, train_data, cfg.l2)?;
+                    evaluations += 1;
                     lb.f = f;
                     lb.g = g;
                     OptState::Lbfgs(lb)
@@ -587,15 +593,16 @@ fn run_training(
                 break;
             }
             let Optimizer::Lbfgs { history, tolerance } = cfg.optimizer else { unreachable!() };
-            let converged = lbfgs_iteration(lb, history, tolerance, classes, d, train_data, cfg.l2)?
-                || cfg.target_objective.is_some_and(|t| lb.f <= t);
+            let (converged, evals) = lbfgs_iteration(lb, history, tolerance, classes, d, train_data, cfg.l2)?;
+            evaluations += evals;
+            let converged = converged || cfg.target_objective.is_some_and(|t| lb.f <= t);
             st.model = model_from_flat(&lb.x, classes, d);
             st.step += 1;
             st.step_objectives.push(lb.f);
             on_event(Event::Step { step: st.step, epoch, objective: lb.f, lr: 0.0 });
             if converged {
                 lb.done = true;
-                on_event(Event::Converged { iterations: st.step, max_gradient: max_abs(&lb.g) });
+                on_event(Event::Converged { iterations: st.step, max_gradient: max_abs(&lb.g), evaluations });
             }
             lb.f
         } else {
@@ -817,7 +824,7 @@ fn dotf(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// One L-BFGS iteration: direction by the two-loop recursion, step by a strong-Wolfe line
-/// search. Returns true once converged.
+/// search. Returns whether it has converged, and how many evaluations the line search made.
 fn lbfgs_iteration(
     lb: &mut Lbfgs,
     history: usize,
@@ -826,9 +833,9 @@ fn lbfgs_iteration(
     d: usize,
     data: Data<'_>,
     l2: f32,
-) -> Result<bool> {
+) -> Result<(bool, usize)> {
     if max_abs(&lb.g) <= tolerance {
-        return Ok(true);
+        return Ok((true, 0));
     }
     // Two-loop recursion: dir = −H·g.
     let mut q = lb.g.clone();
@@ -855,14 +862,16 @@ fn lbfgs_iteration(
         dg = dotf(&dir, &lb.g);
     }
     let t0 = if m == 0 { (1.0 / dotf(&lb.g, &lb.g).sqrt().max(1e-12)).min(1.0) } else { 1.0 };
+    let evaluations = std::cell::Cell::new(0);
     let eval = |t: f64| -> Result<(f64, Vec<f64>, Vec<f64>)> {
+        evaluations.set(evaluations.get() + 1);
         let x: Vec<f64> = lb.x.iter().zip(&dir).map(|(x, p)| x + t * p).collect();
         let (f, g) = objective_f64(&x, classes, d, data, l2)?;
         Ok((f, g, x))
     };
     let Some((f, g, x)) = wolfe_search(lb.f, dg, t0, &dir, eval)? else {
         // No decrease is measurable any more: the f32 evaluation's floor.
-        return Ok(true);
+        return Ok((true, evaluations.get()));
     };
     let s: Vec<f64> = x.iter().zip(&lb.x).map(|(a, b)| a - b).collect();
     let y: Vec<f64> = g.iter().zip(&lb.g).map(|(a, b)| a - b).collect();
@@ -879,7 +888,7 @@ fn lbfgs_iteration(
     lb.x = x;
     lb.g = g;
     lb.f = f;
-    Ok(max_abs(&lb.g) <= tolerance || df.abs() <= 1e-15 * f.abs().max(1.0))
+    Ok((max_abs(&lb.g) <= tolerance || df.abs() <= 1e-15 * f.abs().max(1.0), evaluations.get()))
 }
 
 type Point = (f64, Vec<f64>, Vec<f64>);

@@ -57,9 +57,21 @@ fn lbfgs_reaches_the_scikit_learn_optimum_on_digits() {
     assert!((lam - 1.0 / 1797.0).abs() < 1e-15);
     let data = Data::new(MatRef::new(&dg.x, n, d).unwrap(), &dg.y).unwrap();
     let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), l2: lam as f32, ..Default::default() };
-    let mut converged = false;
-    let out = train(data, &cfg, |e| converged |= matches!(e, Event::Converged { .. })).unwrap();
-    assert!(converged, "L-BFGS runs to convergence by default");
+    let mut converged = None;
+    let out = train(data, &cfg, |e| {
+        if let Event::Converged { iterations, evaluations, .. } = e {
+            converged = Some((iterations, evaluations));
+        }
+    })
+    .unwrap();
+    let (iterations, evaluations) = converged.expect("L-BFGS runs to convergence by default");
+    println!("{iterations} iterations, {evaluations} evaluations");
+    // The starting point, then at least one evaluation per iteration; the line search
+    // accepts the unit step most of the time.
+    assert!(
+        evaluations > iterations && evaluations <= 2 * iterations,
+        "{iterations} iterations, {evaluations} evaluations"
+    );
     // Our objective, recomputed independently in float64 from the f32 model.
     let w: Vec<f64> = out.model.weight.iter().map(|&v| v as f64).collect();
     let b: Vec<f64> = out.model.bias.iter().map(|&v| v as f64).collect();

@@ -250,9 +250,10 @@ impl Progress {
             Event::EarlyStop { epoch, best_epoch } => {
                 self.say(format!("early stop at epoch {epoch}: the held-out loss was best at epoch {best_epoch}"))
             }
-            Event::Converged { iterations, max_gradient } => {
-                self.say(format!("converged after {iterations} iterations (largest gradient entry {max_gradient:.2e})"))
-            }
+            Event::Converged { iterations, max_gradient, evaluations } => self.say(format!(
+                "converged after {iterations} iterations, {evaluations} evaluations of the loss and gradient \
+                 (largest gradient entry {max_gradient:.2e})"
+            )),
         }
     }
 
