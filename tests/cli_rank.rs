@@ -1,7 +1,7 @@
 //! `rank-prob` and `fit-pl` on the command line, with their bad-input errors.
 
 mod common;
-use common::{fails, run};
+use common::{fails, run, strs};
 use softmax_layer::io::{read_npy, write_npy_f32, write_npy_i64};
 use std::path::Path;
 
@@ -79,24 +79,19 @@ fn score_command_writes_one_json_line_per_sequence() {
     write_npy_i64(Path::new(&p("y.npy")), &[4], &[0, 1, 2, 1]).unwrap();
     write_npy_i64(Path::new(&p("l.npy")), &[2], &[3, 1]).unwrap();
     write_npy_i64(Path::new(&p("b.npy")), &[2], &[7, 0]).unwrap();
-    let (code, err) = run(&[
-        "score",
-        "--hidden",
-        &p("h.npy"),
-        "--weight",
-        &p("w.npy"),
-        "--targets",
-        &p("y.npy"),
-        "--lengths",
-        &p("l.npy"),
-        "--shifted",
-        "--top-logprobs",
-        "1",
-        "--bytes",
-        &p("b.npy"),
-        "-o",
-        &p("s.jsonl"),
-    ]);
+    // `score` over H, W and the targets `y`, with more options, into `out`.
+    let score = |y: &str, extra: &[&str], out: &str| {
+        let mut a: Vec<String> =
+            ["score", "--hidden", &p("h.npy"), "--weight", &p("w.npy"), "--targets", &p(y)].map(String::from).into();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(["-o".to_string(), p(out)]);
+        a
+    };
+    let (code, err) = run(&strs(&score(
+        "y.npy",
+        &["--lengths", &p("l.npy"), "--shifted", "--top-logprobs", "1", "--bytes", &p("b.npy")],
+        "s.jsonl",
+    )));
     assert_eq!(code, 0, "{err}");
     let text = std::fs::read_to_string(p("s.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -112,61 +107,16 @@ fn score_command_writes_one_json_line_per_sequence() {
     assert!((got - want_bpb).abs() < 1e-6, "{got} vs {want_bpb}");
     // Bad input: lengths that do not sum to n, a mask of the wrong length, a negative count.
     write_npy_i64(Path::new(&p("l5.npy")), &[2], &[3, 2]).unwrap();
-    fails(
-        &[
-            "score",
-            "--hidden",
-            &p("h.npy"),
-            "--weight",
-            &p("w.npy"),
-            "--targets",
-            &p("y.npy"),
-            "--lengths",
-            &p("l5.npy"),
-            "-o",
-            &p("x.jsonl"),
-        ],
-        &["lengths sum to 5"],
-    );
+    fails(&strs(&score("y.npy", &["--lengths", &p("l5.npy")], "x.jsonl")), &["lengths sum to 5"]);
     write_npy_i64(Path::new(&p("m.npy")), &[3], &[1, 1, 1]).unwrap();
-    fails(
-        &[
-            "score",
-            "--hidden",
-            &p("h.npy"),
-            "--weight",
-            &p("w.npy"),
-            "--targets",
-            &p("y.npy"),
-            "--mask",
-            &p("m.npy"),
-            "-o",
-            &p("x.jsonl"),
-        ],
-        &["mask has length 3"],
-    );
+    fails(&strs(&score("y.npy", &["--mask", &p("m.npy")], "x.jsonl")), &["mask has length 3"]);
     write_npy_i64(Path::new(&p("neg.npy")), &[2], &[-1, 5]).unwrap();
     fails(
-        &[
-            "score",
-            "--hidden",
-            &p("h.npy"),
-            "--weight",
-            &p("w.npy"),
-            "--targets",
-            &p("y.npy"),
-            "--lengths",
-            &p("neg.npy"),
-            "-o",
-            &p("x.jsonl"),
-        ],
+        &strs(&score("y.npy", &["--lengths", &p("neg.npy")], "x.jsonl")),
         &["neg.npy", "lengths[0] = -1 is negative"],
     );
     write_npy_i64(Path::new(&p("ybad.npy")), &[4], &[0, 1, 7, 1]).unwrap();
-    fails(
-        &["score", "--hidden", &p("h.npy"), "--weight", &p("w.npy"), "--targets", &p("ybad.npy"), "-o", &p("x.jsonl")],
-        &["ybad.npy", "targets[2] = 7 is out of range [0, 3)"],
-    );
+    fails(&strs(&score("ybad.npy", &[], "x.jsonl")), &["ybad.npy", "targets[2] = 7 is out of range [0, 3)"]);
     assert!(!Path::new(&p("x.jsonl")).exists());
 }
 
@@ -184,7 +134,7 @@ fn sample_command_is_seeded_and_validates() {
         a.extend(["-o".to_string(), p(out)]);
         a
     };
-    let go = |a: Vec<String>| run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let go = |a: Vec<String>| run(&strs(&a));
     assert_eq!(go(args("a.jsonl", &["--seed", "7", "--num-samples", "5"])).0, 0);
     assert_eq!(go(args("b.jsonl", &["--seed", "7", "--num-samples", "5"])).0, 0);
     let a = std::fs::read_to_string(p("a.jsonl")).unwrap();
@@ -195,14 +145,8 @@ fn sample_command_is_seeded_and_validates() {
     assert_eq!(go(args("g.jsonl", &["--temperature", "0"])).0, 0);
     let g = std::fs::read_to_string(p("g.jsonl")).unwrap();
     assert!(g.lines().nth(1).unwrap().contains("\"token\": 0, \"logprob\": 0"), "{g}");
-    fails(
-        &args("x.jsonl", &["--top-p", "0"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        &["top_p must be in (0, 1], got 0"],
-    );
-    fails(&args("x.jsonl", &["--top-k", "0"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["top_k must be >= 1"]);
-    fails(
-        &args("x.jsonl", &["--temperature", "-1"]).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        &["temperature must be finite and >= 0"],
-    );
+    fails(&strs(&args("x.jsonl", &["--top-p", "0"])), &["top_p must be in (0, 1], got 0"]);
+    fails(&strs(&args("x.jsonl", &["--top-k", "0"])), &["top_k must be >= 1"]);
+    fails(&strs(&args("x.jsonl", &["--temperature", "-1"])), &["temperature must be finite and >= 0"]);
     assert!(!Path::new(&p("x.jsonl")).exists());
 }

@@ -63,6 +63,12 @@ pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_softmax-layer"))
 }
 
+/// Borrows built argument lists as `&str`s, for [`run`] and [`fails`].
+#[allow(dead_code)]
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// Runs the binary: `(exit status, stderr)`.
 pub fn run(args: &[&str]) -> (i32, String) {
     let out = bin().args(args).output().expect("run the binary");
