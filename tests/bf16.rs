@@ -2,6 +2,8 @@
 //! (or split) operands, the paths against each other, and every tail (n, d, V not multiples
 //! of 16 or 32, n = 1, class ranges that start and end inside a 16-class block).
 
+mod common;
+use common::{aligned_offset, assert_tile_matches};
 use softmax_layer::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision, from_bf16, split, to_bf16};
 use softmax_layer::{MatRef, WeightLayout};
 
@@ -390,23 +392,14 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
     let cols = 32..200;
     let ldo = 176;
     let mut buf = vec![f32::NAN; n * ldo + 16];
-    let off = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
+    let off = aligned_offset(&buf);
     let mut want = vec![0.5f32; n * ldo];
     bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo);
     for path in paths() {
         let out = &mut buf[off..off + n * ldo];
         out.fill(0.5);
         bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo);
-        for i in 0..n {
-            for j in 0..ldo {
-                let (a, b) = (out[i * ldo + j], want[i * ldo + j]);
-                if j >= cols.len() {
-                    assert_eq!(a, 0.5, "{path}: wrote outside at [{i},{j}]");
-                } else {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()) * 8.0, "{path} [{i},{j}]: {a} vs {b}");
-                }
-            }
-        }
+        assert_tile_matches(out, &want, ldo, cols.len(), 0.5, 8e-4, &path.to_string());
     }
 }
 
@@ -423,7 +416,7 @@ fn results_do_not_depend_on_where_the_output_lies_in_memory() {
     let (cols, ldo) = (32..200, 176);
     let start = rng.vec(n * ldo, 3.0);
     let mut buf = vec![0f32; n * ldo + 32];
-    let aligned = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
+    let aligned = aligned_offset(&buf);
     for path in paths() {
         let mut results = Vec::new();
         for off in [aligned, aligned + 1] {

@@ -1,6 +1,8 @@
 //! The AMX kernel's optional k-chunking (a process-wide tuning knob, so in its own test
 //! binary): same numbers as the portable path up to f32 summation order.
 
+mod common;
+use common::{aligned_offset, assert_tile_matches};
 use softmax_layer::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision};
 use softmax_layer::{MatRef, WeightLayout};
 
@@ -20,21 +22,12 @@ fn chunked_in_place_blocks_match_the_portable_path() {
         // Output rows whole cache lines, so that blocks accumulate in place (and in chunks).
         let (cols, ldo) = (32..200, 176);
         let mut buf = vec![0f32; n * ldo + 16];
-        let off = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
+        let off = aligned_offset(&buf);
         let mut want = vec![0.25f32; n * ldo];
         bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo);
         let out = &mut buf[off..off + n * ldo];
         out.fill(0.25);
         bf16::tile_product(BfPath::Amx, &rows, &packed, cols.clone(), out, ldo);
-        for i in 0..n {
-            for j in 0..ldo {
-                let (a, b) = (out[i * ldo + j], want[i * ldo + j]);
-                if j >= cols.len() {
-                    assert_eq!(a, 0.25, "{precision}: wrote outside at [{i},{j}]");
-                } else {
-                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{precision} [{i},{j}]: {a} vs {b}");
-                }
-            }
-        }
+        assert_tile_matches(out, &want, ldo, cols.len(), 0.25, 1e-3, &precision.to_string());
     }
 }

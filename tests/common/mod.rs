@@ -64,7 +64,6 @@ pub fn bin() -> std::process::Command {
 }
 
 /// Borrows built argument lists as `&str`s, for [`run`] and [`fails`].
-#[allow(dead_code)]
 pub fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
@@ -89,4 +88,25 @@ pub fn fails(args: &[&str], needles: &[&str]) {
 pub fn ok(args: &[&str]) {
     let (code, err) = run(args);
     assert_eq!(code, 0, "{args:?}: {err}");
+}
+
+/// Index of the first `f32` of `buf` on a 64-byte boundary (for outputs the AMX kernel
+/// accumulates into in place).
+pub fn aligned_offset(buf: &[f32]) -> usize {
+    (64 - (buf.as_ptr() as usize % 64)) % 64 / 4
+}
+
+/// Checks a tile product written into `out` (`ldo` per row) against `want`: columns below
+/// `cols` agree within `tol · (1 + |want|)`, and the rest still hold `canary`.
+pub fn assert_tile_matches(out: &[f32], want: &[f32], ldo: usize, cols: usize, canary: f32, tol: f32, what: &str) {
+    for (i, (o, w)) in out.chunks_exact(ldo).zip(want.chunks_exact(ldo)).enumerate() {
+        for j in 0..ldo {
+            let (a, b) = (o[j], w[j]);
+            if j >= cols {
+                assert_eq!(a, canary, "{what}: wrote outside at [{i},{j}]");
+            } else {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} [{i},{j}]: {a} vs {b}");
+            }
+        }
+    }
 }
