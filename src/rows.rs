@@ -231,6 +231,12 @@ fn fused_softmax_row(
     };
     let per_chunk = CHUNK / Kernels::BLOCK;
     let (k, t) = (plan.k, plan.t);
+    // Chunk `c` of pass 1: its terms into `o` (of the output row or the scratch row).
+    let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
+        let range = c * CHUNK..c * CHUNK + o.len();
+        let ahead = next.and_then(|n| n.get(range.clone()));
+        k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, ahead)
+    };
     if let Some(scratch) = scratch.filter(|_| !parallel && src.len() <= SCRATCH_MAX) {
         // Streaming: terms into the cache-resident scratch row, then one streamed write.
         scratch.resize(src.len(), 0.0);
@@ -238,21 +244,12 @@ fn fused_softmax_row(
             .chunks_mut(CHUNK)
             .zip(block_max.chunks_mut(per_chunk))
             .enumerate()
-            .map(|(c, (o, b))| {
-                let range = c * CHUNK..c * CHUNK + o.len();
-                let ahead = next.and_then(|n| n.get(range.clone()));
-                k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, ahead)
-            })
+            .map(pass1)
             .fold(MaxSum::EMPTY, |a, b| a.merge(b, t));
         check_row(stats, src, mask, i).map_err(|_| ())?;
         k.rescale_into(scratch, block_max, t, stats, out, true);
         return Ok(());
     }
-    let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
-        let range = c * CHUNK..c * CHUNK + o.len();
-        let ahead = next.and_then(|n| n.get(range.clone()));
-        k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, ahead)
-    };
     let stats = if parallel && src.len() > CHUNK {
         let parts: Vec<MaxSum> =
             out.par_chunks_mut(CHUNK).zip(block_max.par_chunks_mut(per_chunk)).enumerate().map(pass1).collect();
