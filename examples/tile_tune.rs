@@ -3,8 +3,9 @@
 //!
 //! Times one block of 256 hidden rows (d = 768) against all of a [50257, 768] weight, tile
 //! by tile as the engine does, on 2 threads, for each AVX-512 micro-kernel shape (or only
-//! those whose name contains VARIANT, e.g. `12x32`). `l1` instead times the kernels on
-//! L1-resident operands and measures the FMA peak (registers only) on 1 and 2 threads.
+//! those whose name contains VARIANT, e.g. `12x32`) and each k-block of 768, 384, 256 and
+//! 192. `l1` instead times the kernels on L1-resident operands and measures the FMA peak
+//! (registers only) on 1 and 2 threads.
 #[cfg(target_arch = "x86_64")]
 use softmax_layer::tile_gemm::{BLayout, PackedA, Scratch, Variant, gemm_packed_kc};
 #[cfg(target_arch = "x86_64")]
@@ -37,7 +38,7 @@ fn main() {
     let h: Vec<f32> = (0..r * d).map(|_| rnd()).collect();
     let w: Vec<f32> = (0..v * d).map(|_| rnd()).collect();
     let variants = [Variant::Avx512x12x32, Variant::Avx512x14x32, Variant::Avx512x8x48, Variant::Avx512x6x64];
-    let kcs = [768usize];
+    let kcs = [768usize, 384, 256, 192];
     for rep in 0..reps {
         for &var in &variants {
             if let Some(f) = args.get(2).filter(|f| f.as_str() != "l1")

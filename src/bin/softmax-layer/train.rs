@@ -73,6 +73,7 @@ pub struct TrainArgs {
     /// Number of classes K (default: the largest label + 1).
     #[arg(long, value_name = "K")]
     pub classes: Option<usize>,
+    /// Seed of the mini-batch shuffles and the held-out split.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
     /// Folder for checkpoints.
