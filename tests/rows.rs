@@ -70,16 +70,23 @@ fn temperature_flattens_and_sharpens() {
 }
 
 /// Checks all three operations on a matrix against the f64 reference.
-fn check_matrix(x: &[f32], n: usize, v: usize, stride: usize, mask: Option<(&[f32], usize)>, t: f32, isa: Option<Isa>) {
-    let mask_view = mask.map(|(m, rows)| MatRef::new(m, rows, v).unwrap());
-    let opts = RowOptions { temperature: t, mask: mask_view, isa };
+/// Softmax, log-softmax and logsumexp of `x` as `[n, v]` with row `stride`, into outputs
+/// laid out like `x` and filled with NaN first (so padding that is written shows).
+fn all_three(x: &[f32], n: usize, v: usize, stride: usize, opts: &RowOptions<'_>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let xv = MatRef::with_stride(x, n, v, stride).unwrap();
     let mut p = vec![f32::NAN; x.len()];
     let mut lp = vec![f32::NAN; x.len()];
     let mut lse = vec![f32::NAN; n];
-    softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
-    log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
-    logsumexp(xv, &mut lse, &opts).unwrap();
+    softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), opts).unwrap();
+    log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), opts).unwrap();
+    logsumexp(xv, &mut lse, opts).unwrap();
+    (p, lp, lse)
+}
+
+fn check_matrix(x: &[f32], n: usize, v: usize, stride: usize, mask: Option<(&[f32], usize)>, t: f32, isa: Option<Isa>) {
+    let mask_view = mask.map(|(m, rows)| MatRef::new(m, rows, v).unwrap());
+    let opts = RowOptions { temperature: t, mask: mask_view, isa };
+    let (p, lp, lse) = all_three(x, n, v, stride, &opts);
     for i in 0..n {
         let row = &x[i * stride..i * stride + v];
         let mrow = mask.map(|(m, rows)| if rows == 1 { &m[..v] } else { &m[i * v..(i + 1) * v] });
@@ -414,14 +421,9 @@ fn streaming_stores_give_the_same_bits() {
     // Odd strides make every row start at a different alignment.
     for (n, v, stride) in [(5usize, 3001usize, 3007usize), (64, 1000, 1003), (3, 70_000, 70_001)] {
         let x = rng.vec((n - 1) * stride + v, -30.0, 30.0);
-        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
         let run = |stream_min: usize| {
             softmax_layer::rows::set_stream_min_bytes(stream_min);
-            let mut p = vec![f32::NAN; x.len()];
-            let mut lp = vec![f32::NAN; x.len()];
-            let opts = RowOptions::with_temperature(1.3);
-            softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
-            log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
+            let (p, lp, _) = all_three(&x, n, v, stride, &RowOptions::with_temperature(1.3));
             softmax_layer::rows::set_stream_min_bytes(64 << 20);
             (bits(&p), bits(&lp))
         };
@@ -439,17 +441,11 @@ fn prefetching_the_next_row_gives_the_same_bits() {
     for (n, v, stride) in [(6usize, 4096usize, 4099usize), (3, 9001, 9001)] {
         let x = rng.vec((n - 1) * stride + v, -30.0, 30.0);
         let m: Vec<f32> = (0..v).map(|j| if j % 7 == 3 { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
         let run = |ahead: bool, stream_min: usize| {
             softmax_layer::rows::set_prefetch_next_row(ahead);
             softmax_layer::rows::set_stream_min_bytes(stream_min);
             let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..RowOptions::with_temperature(0.8) };
-            let mut p = vec![f32::NAN; x.len()];
-            let mut lp = vec![f32::NAN; x.len()];
-            let mut lse = vec![f32::NAN; n];
-            softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
-            log_softmax(xv, MatMut::with_stride(&mut lp, n, v, stride).unwrap(), &opts).unwrap();
-            logsumexp(xv, &mut lse, &opts).unwrap();
+            let (p, lp, lse) = all_three(&x, n, v, stride, &opts);
             softmax_layer::rows::set_prefetch_next_row(true);
             softmax_layer::rows::set_stream_min_bytes(64 << 20);
             (bits(&p), bits(&lp), bits(&lse))
