@@ -491,3 +491,95 @@ pub fn peak_loop(iters: u64) -> u64 {
     }
     iters * 4 * 16 * 16 * 32 * 2
 }
+
+/// The tile-load patterns [`load_loop`] can run.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadPattern {
+    /// The 2×2 kernel's step: 4 tile loads (2 A, 2 B), 4 products into 4 C tiles.
+    Kernel,
+    /// The 4 tile loads alone, no products.
+    LoadsOnly,
+    /// 2 tile loads (A) per 4 products into 2 C tiles.
+    HalfLoads,
+    /// The kernel's step with its 4 loads from 4 streams 24 KiB apart (as A and B at d = 768).
+    Streams,
+}
+
+/// A diagnostic of the tile-load path: `iters` steps of `pattern`, whose loads cycle over
+/// `buf` (4 KiB per step, from its first 64-byte boundary). Returns the flops of the
+/// products the step would do in the 2×2 kernel (`iters × 4 × 16·16·32·2`), so that its
+/// rate compares with [`peak_loop`]'s. Returns 0 if AMX is not available or `buf` holds
+/// less than one step.
+#[doc(hidden)]
+pub fn load_loop(iters: u64, buf: &[u16], pattern: LoadPattern) -> u64 {
+    let off = buf.as_ptr().align_offset(64).min(buf.len());
+    let steps = if pattern == LoadPattern::Streams {
+        (buf.len() - off) / TILE / 4 / 24 * 24
+    } else {
+        (buf.len() - off) / (4 * TILE)
+    };
+    if !available() || steps == 0 {
+        return 0;
+    }
+    let cfg = TileConfig::all_16x64();
+    let base = buf[off..].as_ptr();
+    // SAFETY: AMX is available and permitted; the configuration is valid (see
+    // `tile_product`). Every load reads one 16 × 64-byte tile at `base + (s·4 + x)·TILE`
+    // with s < steps and x < 4, inside `buf` (steps·4·TILE elements from `off`). The tiles
+    // are released at the end.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
+        tzero!(0);
+        tzero!(1);
+        tzero!(2);
+        tzero!(3);
+        let mut s = 0;
+        for _ in 0..iters {
+            let q = base.add(s * 4 * TILE);
+            match pattern {
+                LoadPattern::Streams => {
+                    let r = base.add((s / 24 * 96 + s % 24) * TILE);
+                    tload!(4, r);
+                    tload!(6, r.add(48 * TILE));
+                    tdp!(0, 4, 6);
+                    tload!(5, r.add(24 * TILE));
+                    tdp!(2, 5, 6);
+                    tload!(7, r.add(72 * TILE));
+                    tdp!(1, 4, 7);
+                    tdp!(3, 5, 7);
+                }
+                LoadPattern::Kernel => {
+                    tload!(4, q);
+                    tload!(6, q.add(TILE));
+                    tdp!(0, 4, 6);
+                    tload!(5, q.add(2 * TILE));
+                    tdp!(2, 5, 6);
+                    tload!(7, q.add(3 * TILE));
+                    tdp!(1, 4, 7);
+                    tdp!(3, 5, 7);
+                }
+                LoadPattern::LoadsOnly => {
+                    tload!(4, q);
+                    tload!(6, q.add(TILE));
+                    tload!(5, q.add(2 * TILE));
+                    tload!(7, q.add(3 * TILE));
+                }
+                LoadPattern::HalfLoads => {
+                    tdp!(0, 4, 6);
+                    tdp!(1, 4, 7);
+                    tload!(4, q);
+                    tdp!(0, 5, 6);
+                    tdp!(1, 5, 7);
+                    tload!(5, q.add(TILE));
+                }
+            }
+            s += 1;
+            if s == steps {
+                s = 0;
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+    iters * 4 * 16 * 16 * 32 * 2
+}
