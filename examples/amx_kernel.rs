@@ -77,7 +77,7 @@ fn main() {
             let peak = rate(|| amx::peak_loop(iters));
             // The kernel's step on L2 data: a gauge of the machine's state this round.
             ratios[0].push(rate(|| amx::load_loop(iters, &ring, LoadPattern::Kernel)) / peak);
-            for case in 1..cases.len() {
+            for (case, acc) in ratios.iter_mut().enumerate().skip(1) {
                 // The engine's tiles are 64-byte aligned; one float off is not.
                 let o = if case == 3 { at + 1 } else { at };
                 let out = &mut buf[o..o + m * c];
@@ -88,7 +88,7 @@ fn main() {
                     }
                     (2 * m * c * d * calls) as u64
                 });
-                ratios[case].push(got / peak);
+                acc.push(got / peak);
             }
             let line: Vec<String> = ratios.iter().map(|r| format!("{:.2}", r.last().unwrap())).collect();
             println!("  {}", line.join("  "));
