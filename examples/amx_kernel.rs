@@ -9,10 +9,11 @@
 //! - **Blocks** (default 256 512 768 and 256 512 4096, the engine's tile): per round, the
 //!   kernel's step on L2 data (a gauge of the machine's state), then `tile_product` on one
 //!   block of m rows × c classes × d: a fresh W block of a V = 50257 vocabulary per call
-//!   into a 64-byte-aligned output (as in the engine), the same W block each call, and the
-//!   same into an output one float off alignment. `BLOCKS_ONLY=1` skips the load patterns.
+//!   written over a 64-byte-aligned output (as in the engine for a layer without bias), the
+//!   same adding to the output, the same W block each call, and the same into an output one
+//!   float off alignment. `BLOCKS_ONLY=1` skips the load patterns.
 use softmax_layer::bf16::amx::{self, LoadPattern};
-use softmax_layer::bf16::{self, PackedRows};
+use softmax_layer::bf16::{self, Output, PackedRows};
 use softmax_layer::{BfPath, PackedBf16Weights, Precision};
 use std::time::Instant;
 
@@ -70,7 +71,8 @@ fn main() {
         let blocks = v / c;
         let calls = ((4e9 / (2.0 * (m * c * d) as f64)) as usize).max(4);
         let ring = vec![0u16; 512 * 512 + 32];
-        let cases = ["kernel step", "engine-like block", "same W block", "same W, out misaligned"];
+        let cases =
+            ["kernel step", "engine-like block", "same, adding to out", "same W block", "same W, out misaligned"];
         let mut ratios = vec![Vec::new(); cases.len()];
         println!("m={m} c={c} d={d}, per round (fraction of the round's tile-only peak): {}", cases.join(", "));
         for _ in 0..rounds {
@@ -79,12 +81,14 @@ fn main() {
             ratios[0].push(rate(|| amx::load_loop(iters, &ring, LoadPattern::Kernel)) / peak);
             for (case, acc) in ratios.iter_mut().enumerate().skip(1) {
                 // The engine's tiles are 64-byte aligned; one float off is not.
-                let o = if case == 3 { at + 1 } else { at };
+                let o = if case == 4 { at + 1 } else { at };
+                // The engine writes over its tile when the layer has no bias.
+                let output = if case == 1 { Output::Overwrite } else { Output::Add };
                 let out = &mut buf[o..o + m * c];
                 let got = rate(|| {
                     for call in 0..calls {
-                        let b = if case == 1 { call % blocks } else { 0 };
-                        bf16::tile_product(BfPath::Amx, &rows, &w, b * c..(b + 1) * c, out, c);
+                        let b = if case <= 2 { call % blocks } else { 0 };
+                        bf16::tile_product(BfPath::Amx, &rows, &w, b * c..(b + 1) * c, out, c, output);
                     }
                     (2 * m * c * d * calls) as u64
                 });

@@ -664,9 +664,8 @@ impl LogitSource for SoftmaxLayer<'_> {
     fn logits_tile(&self, rows: &mut PreparedRows, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]) {
         let (m, c, d) = (hidden.rows(), cols.len(), self.hidden);
         debug_assert_eq!(tile.len(), m * c);
-        match &self.bias {
-            Some(b) => tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()])),
-            None => tile.fill(0.0),
+        if let Some(b) = &self.bias {
+            tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
         }
         if let (Some(bf), Some(w)) = (&rows.bf, &self.packed) {
             // Decoding (a few rows) is bound by reading W: there AVX512-BF16 was 6–11% faster
@@ -677,15 +676,23 @@ impl LogitSource for SoftmaxLayer<'_> {
                 }
                 p => p,
             };
-            bf16::tile_product(path, bf, w, cols, tile, c);
+            // Without a bias the product is written over the tile: no zeroing pass first, and
+            // on AMX no loading of zeros into C.
+            let output = if self.bias.is_some() { bf16::Output::Add } else { bf16::Output::Overwrite };
+            bf16::tile_product(path, bf, w, cols, tile, c, output);
             return;
         }
         let k = self.kernels;
         if let Some(packed) = &rows.packed {
-            // The blocked kernel (weights [V, d]): H packed once per task, W[cols] per tile.
+            // The blocked kernel (weights [V, d]): H packed once per task, W[cols] per tile,
+            // written over the tile when there is no bias.
             let w = &self.weight[cols.start * d..cols.end * d];
-            tile_gemm::gemm_packed(packed, w, tile_gemm::BLayout::VocabMajor, c, d, tile, c, true, &mut rows.scratch);
+            let add = self.bias.is_some();
+            tile_gemm::gemm_packed(packed, w, tile_gemm::BLayout::VocabMajor, c, d, tile, c, add, &mut rows.scratch);
             return;
+        }
+        if self.bias.is_none() {
+            tile.fill(0.0);
         }
         match self.layout {
             WeightLayout::VocabMajor if m <= GEMV_MAX_ROWS => {

@@ -40,7 +40,7 @@
 //! threads give the same bits. Extra memory is the block buffer and the `dH` parts (one
 //! `r × d` block per segment), independent of `n`.
 
-use crate::bf16::{self, PackedBf16Weights, PackedRows, Precision};
+use crate::bf16::{self, Output, PackedBf16Weights, PackedRows, Precision};
 use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
@@ -691,7 +691,7 @@ unsafe fn bf16_grads(
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
                 let gt = PackedRows::from_fn(cj, m, precision, |j, i| g(i, j0 + j));
-                bf16::tile_product(path, &gt, hb, 0..d, &mut out[j0 * d..(j0 + cj) * d], d);
+                bf16::tile_product(path, &gt, hb, 0..d, &mut out[j0 * d..(j0 + cj) * d], d, Output::Add);
             }
         }
         PackedHidden::Left(ha) => {
@@ -699,7 +699,7 @@ unsafe fn bf16_grads(
             // tasks' columns: computed apart, then added.
             let gb = PackedBf16Weights::from_fn(c, m, precision, |j, i| g(i, j));
             let mut part = vec![0f32; d * c];
-            bf16::tile_product(path, ha, &gb, 0..c, &mut part, c);
+            bf16::tile_product(path, ha, &gb, 0..c, &mut part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
                     // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
@@ -713,12 +713,12 @@ unsafe fn bf16_grads(
     let Some(dh) = dh else { return };
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
-    out.fill(0.0);
     let rows = GRAD_CHUNK / 2;
     for i0 in (0..m).step_by(rows) {
         let mi = rows.min(m - i0);
         let ga = PackedRows::from_fn(mi, c, precision, |i, j| g(i0 + i, j));
-        bf16::tile_product(path, &ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d);
+        // Each row chunk is written once, over all of d: no need to zero `out` first.
+        bf16::tile_product(path, &ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d, Output::Overwrite);
     }
 }
 

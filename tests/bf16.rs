@@ -4,7 +4,7 @@
 
 mod common;
 use common::{aligned_offset, assert_tile_matches};
-use softmax_layer::bf16::{self, BfPath, PackedBf16Weights, PackedRows, Precision, from_bf16, split, to_bf16};
+use softmax_layer::bf16::{self, BfPath, Output, PackedBf16Weights, PackedRows, Precision, from_bf16, split, to_bf16};
 use softmax_layer::{MatRef, WeightLayout};
 
 /// A small deterministic generator of values in [-1, 1) times a scale.
@@ -66,7 +66,7 @@ fn product(path: BfPath, h: &[f32], n: usize, w: &PackedBf16Weights, cols: std::
     for i in 0..n {
         out[i * ldo..i * ldo + c].fill(0.0);
     }
-    bf16::tile_product(path, &rows, w, cols, &mut out, ldo);
+    bf16::tile_product(path, &rows, w, cols, &mut out, ldo, Output::Add);
     for i in 0..n {
         assert!(out[i * ldo + c..(i + 1) * ldo].iter().all(|x| x.is_nan()), "{path}: wrote outside the tile");
     }
@@ -394,11 +394,11 @@ fn amx_accumulates_in_place_into_an_aligned_output() {
     let mut buf = vec![f32::NAN; n * ldo + 16];
     let off = aligned_offset(&buf);
     let mut want = vec![0.5f32; n * ldo];
-    bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo);
+    bf16::tile_product(BfPath::Portable, &rows, &packed, cols.clone(), &mut want, ldo, Output::Add);
     for path in paths() {
         let out = &mut buf[off..off + n * ldo];
         out.fill(0.5);
-        bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo);
+        bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo, Output::Add);
         assert_tile_matches(out, &want, ldo, cols.len(), 0.5, 8e-4, &path.to_string());
     }
 }
@@ -422,7 +422,7 @@ fn results_do_not_depend_on_where_the_output_lies_in_memory() {
         for off in [aligned, aligned + 1] {
             let out = &mut buf[off..off + n * ldo];
             out.copy_from_slice(&start);
-            bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo);
+            bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo, Output::Add);
             results.push(out.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
         assert!(results[0] == results[1], "{path}: the bits depend on the output's alignment");
@@ -493,5 +493,41 @@ fn loss_gradients_use_the_forward_precision() {
         assert!(max_rel(&gt.hidden, &g.hidden) <= 1e-5, "{path}: dv dH");
         let gt_vd: Vec<f32> = (0..v * d).map(|x| gt.weight[(x % d) * v + x / d]).collect();
         assert!(max_rel(&gt_vd, &g.weight) <= 1e-5, "{path}: dv dW");
+    }
+}
+
+#[test]
+fn overwriting_gives_the_bits_of_adding_onto_zeros_and_never_reads_the_output() {
+    // Every path, few rows (AMX's 1×4 kernel) and many (2×2), an output 64-byte aligned
+    // (AMX's in-place blocks) and one float off (its scratch), classes not from 0.
+    let mut rng = Lcg(29);
+    let (d, v) = (100, 300);
+    let w = rng.vec(v * d, 1.0);
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        let packed = PackedBf16Weights::from_f32(&w, WeightLayout::VocabMajor, v, d, precision).unwrap();
+        for n in [5, 70] {
+            let h = rng.vec(n * d, 1.0);
+            let rows = PackedRows::pack(MatRef::new(&h, n, d).unwrap(), precision);
+            let (cols, ldo) = (32..200, 176);
+            let mut buf = vec![0f32; n * ldo + 32];
+            let aligned = aligned_offset(&buf);
+            for path in paths() {
+                for off in [aligned, aligned + 1] {
+                    let out = &mut buf[off..off + n * ldo];
+                    out.fill(0.0);
+                    bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo, Output::Add);
+                    let want: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+                    // NaN where the product writes, 7 in the gaps between rows (kept).
+                    for (i, x) in out.iter_mut().enumerate() {
+                        *x = if i % ldo < cols.len() { f32::NAN } else { 7.0 };
+                    }
+                    bf16::tile_product(path, &rows, &packed, cols.clone(), out, ldo, Output::Overwrite);
+                    for (i, (x, &b)) in out.iter().zip(&want).enumerate() {
+                        let expect = if i % ldo < cols.len() { b } else { 7f32.to_bits() };
+                        assert_eq!(x.to_bits(), expect, "{path} {precision} n={n} at {i}: {x}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -188,7 +188,8 @@ pub fn set_k_chunk(k: usize) {
 struct CBlock([f32; 32 * 64]);
 const C_STRIDE: usize = 64 * 4;
 
-/// `out[i * ldo + j] += (A · W[cols]ᵀ)[i, j]` over the precision's terms.
+/// `out[i * ldo + j] += (A · W[cols]ᵀ)[i, j]` over the precision's terms, or `=` with
+/// `overwrite` (C tiles then start at zero instead of at `out`'s values, never read).
 ///
 /// # Safety
 /// AMX must be available and permitted ([`available`]). `rows` and `w` must be packed for
@@ -200,6 +201,7 @@ pub(crate) unsafe fn tile_product(
     cols: Range<usize>,
     out: &mut [f32],
     ldo: usize,
+    overwrite: bool,
 ) {
     let cfg = TileConfig::all_16x64();
     // SAFETY: the configuration is a valid palette-1 configuration (16 rows × 64 bytes per
@@ -288,7 +290,7 @@ pub(crate) unsafe fn tile_product(
                     tstore!(3, s.add(48), C_STRIDE);
                 }
             }
-            flush(out, &scratch, 0, b, 1, nc, false);
+            flush(out, &scratch, 0, b, 1, nc, overwrite);
             b += nc;
         }
     } else {
@@ -349,10 +351,14 @@ pub(crate) unsafe fn tile_product(
                         continue;
                     }
                     let ks = if inside { kb0..kb0.saturating_add(k_chunk).min(kc) } else { 0..kc };
+                    // With `overwrite`, C starts at zero in the first k-chunk: nothing to gather.
+                    let fresh = overwrite && kb0 == 0;
                     let c0 = if inside {
                         out[t * 16 * ldo + b * 16 - cols.start..].as_mut_ptr()
                     } else {
-                        gather(out, &mut scratch, t, b);
+                        if !fresh {
+                            gather(out, &mut scratch, t, b);
+                        }
                         scratch.0.as_mut_ptr()
                     };
                     let (c1, c2, c3) = if inside {
@@ -369,7 +375,12 @@ pub(crate) unsafe fn tile_product(
                     // row stride `ldb` bytes inside `out` (rows < m, classes in `cols`) when
                     // `inside`, else with stride 256 bytes inside the scratch.
                     unsafe {
-                        if inside {
+                        if fresh {
+                            tzero!(0);
+                            tzero!(1);
+                            tzero!(2);
+                            tzero!(3);
+                        } else if inside {
                             tload_s!(0, c0, ldb);
                             tload_s!(1, c1, ldb);
                             tload_s!(2, c2, ldb);

@@ -501,7 +501,7 @@ pub fn gemm_fn(
     }
     let ap = PackedRows::from_fn(m, k, precision, a);
     let bp = PackedBf16Weights::from_fn(n, k, precision, |j, p| b(p, j));
-    tile_product(path, &ap, &bp, 0..n, out, ldo);
+    tile_product(path, &ap, &bp, 0..n, out, ldo, Output::Add);
 }
 
 impl PackedRows {
@@ -578,8 +578,18 @@ impl PackedBf16Weights {
     }
 }
 
-/// `out[i * ldo + j] += Σ_terms A_part(i) · W_part(cols.start + j)` for the packed rows
-/// and the classes `cols`, with `path`.
+/// How a tile product meets the values its output holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// `out += product`.
+    Add,
+    /// `out = product`: `out`'s values are never read, so a caller that would zero it
+    /// first need not. The bits are those of [`Output::Add`] onto zeros.
+    Overwrite,
+}
+
+/// `out[i * ldo + j] (+)= Σ_terms A_part(i) · W_part(cols.start + j)` for the packed rows
+/// and the classes `cols`, with `path`: added to `out` or written over it, as `output` says.
 ///
 /// # Panics
 /// If the shapes disagree (`rows` and `w` packed for different `d` or precision), `cols`
@@ -591,6 +601,7 @@ pub fn tile_product(
     cols: Range<usize>,
     out: &mut [f32],
     ldo: usize,
+    output: Output,
 ) {
     assert_eq!(rows.d_pad, w.d_pad, "bf16: packed rows and weights disagree on d");
     assert_eq!(rows.parts, w.precision.parts(), "bf16: packed rows and weights disagree on precision");
@@ -600,13 +611,17 @@ pub fn tile_product(
         return;
     }
     assert!(ldo >= c && out.len() >= (m - 1) * ldo + c, "bf16: output too short");
+    // The AMX kernel starts its C tiles at zero itself; the other paths accumulate.
+    if output == Output::Overwrite && path != BfPath::Amx {
+        out[..(m - 1) * ldo + c].chunks_mut(ldo).for_each(|r| r[..c].fill(0.0));
+    }
     match path {
         #[cfg(target_arch = "x86_64")]
         BfPath::Amx => {
             assert!(amx::available(), "bf16: AMX is not available");
             // SAFETY: AMX is available (and permitted); the shape checks above are the
             // kernel's contract.
-            unsafe { amx::tile_product(rows, w, cols, out, ldo) }
+            unsafe { amx::tile_product(rows, w, cols, out, ldo, output == Output::Overwrite) }
         }
         #[cfg(target_arch = "x86_64")]
         BfPath::Avx512Bf16 => {
