@@ -536,9 +536,11 @@ pub fn load_loop(iters: u64, buf: &[u16], pattern: LoadPattern) -> u64 {
     let cfg = TileConfig::all_16x64();
     let base = buf[off..].as_ptr();
     // SAFETY: AMX is available and permitted; the configuration is valid (see
-    // `tile_product`). Every load reads one 16 × 64-byte tile at `base + (s·4 + x)·TILE`
-    // with s < steps and x < 4, inside `buf` (steps·4·TILE elements from `off`). The tiles
-    // are released at the end.
+    // `tile_product`). Every load reads one 16 × 64-byte tile at `base + i·TILE` with
+    // i < steps·4, inside `buf` (steps·4·TILE elements from `off`): i = s·4 + x (x < 4)
+    // for the 4 KiB pieces; for the streams (steps a multiple of 24),
+    // i = ⌊s/24⌋·96 + s mod 24 + 24·x ≤ (steps/24 − 1)·96 + 23 + 72 = steps·4 − 1. The
+    // tiles are released at the end.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
         tzero!(0);
@@ -549,24 +551,20 @@ pub fn load_loop(iters: u64, buf: &[u16], pattern: LoadPattern) -> u64 {
         for _ in 0..iters {
             let q = base.add(s * 4 * TILE);
             match pattern {
-                LoadPattern::Streams => {
-                    let r = base.add((s / 24 * 96 + s % 24) * TILE);
-                    tload!(4, r);
-                    tload!(6, r.add(48 * TILE));
+                LoadPattern::Kernel | LoadPattern::Streams => {
+                    // A0, B0, A1, B1: one 4 KiB piece, or four streams 24 KiB apart.
+                    let [a0, b0, a1, b1] = if pattern == LoadPattern::Kernel {
+                        [q, q.add(TILE), q.add(2 * TILE), q.add(3 * TILE)]
+                    } else {
+                        let r = base.add((s / 24 * 96 + s % 24) * TILE);
+                        [r, r.add(48 * TILE), r.add(24 * TILE), r.add(72 * TILE)]
+                    };
+                    tload!(4, a0);
+                    tload!(6, b0);
                     tdp!(0, 4, 6);
-                    tload!(5, r.add(24 * TILE));
+                    tload!(5, a1);
                     tdp!(2, 5, 6);
-                    tload!(7, r.add(72 * TILE));
-                    tdp!(1, 4, 7);
-                    tdp!(3, 5, 7);
-                }
-                LoadPattern::Kernel => {
-                    tload!(4, q);
-                    tload!(6, q.add(TILE));
-                    tdp!(0, 4, 6);
-                    tload!(5, q.add(2 * TILE));
-                    tdp!(2, 5, 6);
-                    tload!(7, q.add(3 * TILE));
+                    tload!(7, b1);
                     tdp!(1, 4, 7);
                     tdp!(3, 5, 7);
                 }
