@@ -170,7 +170,7 @@ fn main() {
             let med = timed(reps, || bf.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap());
             line("bf16_logits_written", n, d, v, med, "");
             let med = timed(reps, || {
-                std::hint::black_box(engine::run(&f32_layer, hv, &Discard, tiling));
+                std::hint::black_box(engine::run(&f32_layer, hv, &Discard, f32_layer.tiling()));
             });
             line("f32_product", n, d, v, med, "");
         }
