@@ -635,7 +635,7 @@ impl PackedHidden {
         let (m, d, p) = (h.rows(), layer.hidden_dim(), layer.precision());
         match layer.layout() {
             // N = d units, K = m rows: element (unit q, row i) = H[i, q].
-            WeightLayout::VocabMajor => PackedHidden::Right(PackedBf16Weights::from_fn(d, m, p, |q, i| h.row(i)[q])),
+            WeightLayout::VocabMajor => PackedHidden::Right(PackedBf16Weights::from_rows(d, m, p, |i| h.row(i))),
             // Hᵀ: d rows, K = m: element (q, i) = H[i, q].
             WeightLayout::HiddenMajor => PackedHidden::Left(PackedRows::from_fn(d, m, p, |q, i| h.row(i)[q])),
         }
@@ -648,12 +648,14 @@ fn pack_weight_segments(layer: &SoftmaxLayer<'_>, segments: &[Range<usize>]) -> 
     let (d, v, w) = (layer.hidden_dim(), layer.vocab(), layer.weight());
     segments
         .par_iter()
-        .map(|seg| {
-            let at = |q: usize, j: usize| match layer.layout() {
-                WeightLayout::VocabMajor => w[(seg.start + j) * d + q],
-                WeightLayout::HiddenMajor => w[q * v + seg.start + j],
-            };
-            PackedBf16Weights::from_fn(d, seg.len(), layer.precision(), at)
+        .map(|seg| match layer.layout() {
+            // Element (unit q, class j) = W[seg.start + j, q]: row j of W[seg].
+            WeightLayout::VocabMajor => {
+                PackedBf16Weights::from_rows(d, seg.len(), layer.precision(), |j| &w[(seg.start + j) * d..][..d])
+            }
+            WeightLayout::HiddenMajor => {
+                PackedBf16Weights::from_fn(d, seg.len(), layer.precision(), |q, j| w[q * v + seg.start + j])
+            }
         })
         .collect()
 }
@@ -680,8 +682,9 @@ unsafe fn bf16_grads(
 ) {
     let (c, d, v) = (cols.len(), layer.hidden_dim(), layer.vocab());
     let (path, precision) = (layer.bf16_path(), layer.precision());
-    // SAFETY: row i < m, class j in `cols` of the block buffer (this task's columns).
-    let g = |i: usize, j: usize| unsafe { *dx.add(i * v + cols.start + j) };
+    // Row i < m of G: the block buffer's classes `cols` (this task's columns).
+    // SAFETY: in bounds per the contract; no other thread writes these columns.
+    let g_row = |i: usize| unsafe { std::slice::from_raw_parts(dx.add(i * v + cols.start), c) };
     match hp {
         PackedHidden::Right(hb) => {
             // dW[cols] (c x d) += Gᵀ (c x m, K = m) · H, GRAD_CHUNK classes at a time so that
@@ -690,14 +693,14 @@ unsafe fn bf16_grads(
             let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
-                let gt = PackedRows::from_fn(cj, m, precision, |j, i| g(i, j0 + j));
+                let gt = PackedRows::from_rows_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
                 bf16::tile_product(path, &gt, hb, 0..d, &mut out[j0 * d..(j0 + cj) * d], d, Output::Add);
             }
         }
         PackedHidden::Left(ha) => {
             // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
             // tasks' columns: computed apart, then added.
-            let gb = PackedBf16Weights::from_fn(c, m, precision, |j, i| g(i, j));
+            let gb = PackedBf16Weights::from_rows(c, m, precision, g_row);
             let mut part = vec![0f32; d * c];
             bf16::tile_product(path, ha, &gb, 0..c, &mut part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
@@ -716,7 +719,7 @@ unsafe fn bf16_grads(
     let rows = GRAD_CHUNK / 2;
     for i0 in (0..m).step_by(rows) {
         let mi = rows.min(m - i0);
-        let ga = PackedRows::from_fn(mi, c, precision, |i, j| g(i0 + i, j));
+        let ga = PackedRows::from_rows(mi, c, precision, |i| g_row(i0 + i));
         // Each row chunk is written once, over all of d: no need to zero `out` first.
         bf16::tile_product(path, &ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d, Output::Overwrite);
     }

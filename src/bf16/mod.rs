@@ -424,31 +424,68 @@ impl PackedRows {
 
     /// Packs `hidden` again, reusing the allocation.
     pub fn repack(&mut self, hidden: MatRef<'_>, precision: Precision) {
-        let (m, d) = (hidden.rows(), hidden.cols());
+        self.repack_rows(hidden.rows(), hidden.cols(), precision, |i| hidden.row(i));
+    }
+
+    /// Packs the `[m, d]` operand whose row `i` is `row(i)` (`d` values), rounded (or split)
+    /// for `precision`: rows read front to back, 32 values at a time (vectorizes). For
+    /// operands that are not one slice, such as a block of columns that other threads
+    /// write beside.
+    pub fn from_rows<'r>(m: usize, d: usize, precision: Precision, row: impl Fn(usize) -> &'r [f32]) -> PackedRows {
+        let mut p = PackedRows::default();
+        p.repack_rows(m, d, precision, row);
+        p
+    }
+
+    /// Packs the transpose of a `[k, m]` operand whose row `p` is `row(p)` (`m` values):
+    /// packed row `i` is column `i` of the source, so element `(i, p)` = `row(p)[i]`. Reads
+    /// each source row once per 16 packed rows, 16 values at a time. For `Gᵀ` in the weight
+    /// gradient, whose source is the row-major `G`.
+    pub fn from_rows_transposed<'r>(
+        m: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) -> PackedRows {
+        assert!(precision != Precision::F32, "bf16: packing needs a bf16 precision");
+        let parts = precision.parts();
+        let d_pad = pad_d(k.max(1));
+        let tl = parts * d_pad * 16;
+        let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(m.div_ceil(32) * 2 * tl) };
+        // 32 source rows at a time (one k-chunk), transposed 16 columns at a time through a
+        // small block, whose rows are then stored like `repack`'s (contiguous, vectorized).
+        for p0 in (0..k).step_by(32) {
+            let srcs: Vec<&[f32]> = (p0..(p0 + 32).min(k)).map(&row).collect();
+            debug_assert!(srcs.iter().all(|r| r.len() == m));
+            for t in 0..m.div_ceil(16) {
+                let mut blk = [[0f32; 32]; 16];
+                for (kk, src) in srcs.iter().enumerate() {
+                    for (r, &x) in src[16 * t..(16 * t + 16).min(m)].iter().enumerate() {
+                        blk[r][kk] = x;
+                    }
+                }
+                for (r, b) in blk.iter().enumerate().take(m - 16 * t) {
+                    let at = t * tl + (p0 / 32) * 512 + r * 32;
+                    store_chunk(&mut ap.data, at, d_pad * 16, parts, &b[..srcs.len()]);
+                }
+            }
+        }
+        ap
+    }
+
+    fn repack_rows<'r>(&mut self, m: usize, d: usize, precision: Precision, row_of: impl Fn(usize) -> &'r [f32]) {
         let parts = precision.parts().max(1);
         let d_pad = pad_d(d);
         let tiles = m.div_ceil(32) * 2;
         self.data.reset(tiles * parts * d_pad * 16);
         let tl = parts * d_pad * 16;
         for i in 0..m {
-            let row = hidden.row(i);
+            let row = row_of(i);
+            debug_assert_eq!(row.len(), d);
             let base = (i / 16) * tl + (i % 16) * 32;
             // 32 hidden units at a time: contiguous in the packed tile row (vectorizes).
             for (kc, src) in row.chunks(32).enumerate() {
-                let at = base + kc * 512;
-                let hi = &mut self.data[at..at + src.len()];
-                for (h, &x) in hi.iter_mut().zip(src) {
-                    *h = to_bf16(x);
-                }
-                if parts == 2 {
-                    let lo_at = at + d_pad * 16;
-                    let mut his = [0u16; 32];
-                    his[..src.len()].copy_from_slice(&self.data[at..at + src.len()]);
-                    let lo = &mut self.data[lo_at..lo_at + src.len()];
-                    for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&his) {
-                        *l = to_bf16(x - from_bf16(h));
-                    }
-                }
+                store_chunk(&mut self.data, base + kc * 512, d_pad * 16, parts, src);
             }
         }
         (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
@@ -540,6 +577,24 @@ fn layout_index(layout: WeightLayout, vocab: usize, hidden: usize, j: usize, k: 
     }
 }
 
+/// Stores up to 32 values `src` from `at` on, contiguous: rounded to bf16 (one part), or
+/// split into `hi` there and `lo` at `at + lo_offset` (two parts). Vectorizes.
+#[inline]
+fn store_chunk(data: &mut [u16], at: usize, lo_offset: usize, parts: usize, src: &[f32]) {
+    let hi = &mut data[at..at + src.len()];
+    for (h, &x) in hi.iter_mut().zip(src) {
+        *h = to_bf16(x);
+    }
+    if parts == 2 {
+        let mut his = [0u16; 32];
+        his[..src.len()].copy_from_slice(&data[at..at + src.len()]);
+        let lo = &mut data[at + lo_offset..at + lo_offset + src.len()];
+        for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&his) {
+            *l = to_bf16(x - from_bf16(h));
+        }
+    }
+}
+
 /// Stores `x` at `at`: rounded to bf16 (one part), or split into `hi` there and `lo` at
 /// `at + lo_offset` (two parts).
 #[inline]
@@ -554,6 +609,40 @@ fn put(data: &mut [u16], at: usize, lo_offset: usize, parts: usize, x: f32) {
 }
 
 impl PackedBf16Weights {
+    /// Packs `n` "classes" of `k` values from `k` source rows of `n` values: element
+    /// `(j, p)` = `row(p)[j]`, rounded (or split) for `precision` (not `F32`). Reads each
+    /// source row once, in pairs (the tiles interleave pairs along k), 16 classes at a time.
+    /// For `W[seg]` as the right operand of `dH = G·W`, and `H` of `dW = Gᵀ·H`.
+    ///
+    /// # Panics
+    /// If `n` or `k` is 0 or `precision` is `F32` (internal invariants).
+    pub fn from_rows<'r>(
+        n: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) -> PackedBf16Weights {
+        let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
+            panic!("bf16: packing needs n, k > 0 and a bf16 precision")
+        };
+        let (bl, parts, d_pad) = (bp.block_len(), precision.parts(), bp.d_pad);
+        let zeros = vec![0f32; n];
+        for p in (0..k).step_by(2) {
+            let (a, b) = (row(p), if p + 1 < k { row(p + 1) } else { &zeros[..] });
+            debug_assert!(a.len() == n && b.len() == n);
+            for (blk, (ca, cb)) in a.chunks(16).zip(b.chunks(16)).enumerate() {
+                // Classes 16·blk.. at k-pair p / 2: 16 pairs (a, b), 32 values, contiguous.
+                let mut pair = [0f32; 32];
+                for (r, (&x, &y)) in ca.iter().zip(cb).enumerate() {
+                    pair[2 * r] = x;
+                    pair[2 * r + 1] = y;
+                }
+                store_chunk(&mut bp.data, blk * bl + (p / 2) * 32, d_pad * 16, parts, &pair[..2 * ca.len()]);
+            }
+        }
+        bp
+    }
+
     /// Packs `n` "classes" of `k` values, element `(j, p)` = `w(j, p)`, rounded (or split)
     /// for `precision` (not `F32`): the right operand of [`tile_product`]. Visits 16
     /// classes at a time for each `p`.
@@ -681,5 +770,27 @@ mod tests {
         let (hi, lo) = split(0.1);
         let err = (from_bf16(hi) as f64 + from_bf16(lo) as f64 - 0.1f32 as f64).abs();
         assert!(err <= 0.1 * 2f64.powi(-16), "{err}");
+    }
+
+    #[test]
+    fn packing_from_rows_matches_packing_element_by_element() {
+        // Sizes off every multiple of 16 and 32; the reference is `from_fn`.
+        let (m, k) = (37, 45);
+        let src: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
+        for precision in [Precision::Bf16, Precision::Bf16x3] {
+            let want = PackedRows::from_fn(m, k, precision, |i, p| src[i * k + p]);
+            let got = PackedRows::from_rows(m, k, precision, |i| &src[i * k..(i + 1) * k]);
+            assert_eq!((got.rows, got.d_pad, got.parts), (want.rows, want.d_pad, want.parts));
+            assert!(got.data[..] == want.data[..], "{precision}: from_rows");
+            // The transpose: packed row i is source column i (source [k, m] = src as k × m).
+            let want = PackedRows::from_fn(m, k, precision, |i, p| src[p * m + i]);
+            let got = PackedRows::from_rows_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+            assert_eq!((got.rows, got.d_pad, got.parts), (want.rows, want.d_pad, want.parts));
+            assert!(got.data[..] == want.data[..], "{precision}: from_rows_transposed");
+            // Weights-side packing from source rows along k: element (j, p) = row p, value j.
+            let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
+            let got = PackedBf16Weights::from_rows(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+            assert!(got.data[..] == want.data[..], "{precision}: weights from_rows");
+        }
     }
 }
