@@ -37,6 +37,12 @@ fn main() {
         let p: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect();
         layer = layer.with_tiling(softmax_layer::engine::Tiling { row_block: p[0], col_tile: p[1], segment: p[2] });
     }
+    // BENCH_PRECISION=bf16|bf16x3 runs the layer's products in that precision.
+    if let Ok(p) = std::env::var("BENCH_PRECISION") {
+        layer = layer
+            .with_precision(softmax_layer::Precision::parse(&p).expect("BENCH_PRECISION: f32, bf16 or bf16x3"))
+            .unwrap();
+    }
     let hv = MatRef::new(&h, n, d).unwrap();
     let opts = LayerOptions::default();
     let needs_out = matches!(op, "gemm" | "logits" | "probs");

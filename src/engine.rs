@@ -17,6 +17,7 @@
 //! any thread count. Where `W` lives and what type it has is the [`LogitSource`]'s concern:
 //! an `f32` layer in memory today, bf16 weights or a vocabulary shard tomorrow.
 
+use crate::linalg::AlignedF32;
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -91,9 +92,7 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
         let mut state = consumer.init(rows.clone());
         let h = hidden.sub_rows(rows.clone());
         let len = rows.len() * tiling.col_tile.min(seg.len());
-        let mut buf = vec![0f32; len + 16];
-        let off = buf.as_ptr().align_offset(64).min(16);
-        let tile = &mut buf[off..off + len];
+        let mut tile = AlignedF32::zeroed(len);
         for s in (seg.start..seg.end).step_by(tiling.col_tile) {
             let cols = s..(s + tiling.col_tile).min(seg.end);
             let t = &mut tile[..rows.len() * cols.len()];

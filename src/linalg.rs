@@ -75,3 +75,32 @@ impl SharedMut {
 unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
+
+/// A zeroed `f32` buffer whose start is 64-byte aligned: rows whose stride is a multiple of
+/// 16 values are then whole cache lines, which the AMX kernel updates in place.
+pub(crate) struct AlignedF32 {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedF32 {
+    pub fn zeroed(len: usize) -> AlignedF32 {
+        let buf = vec![0f32; len + 16];
+        let off = buf.as_ptr().align_offset(64).min(16);
+        AlignedF32 { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for AlignedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}

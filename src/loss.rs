@@ -45,7 +45,7 @@ use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
 use crate::layer::SoftmaxLayer;
-use crate::linalg::{self, Operand, SharedMut};
+use crate::linalg::{self, AlignedF32, Operand, SharedMut};
 use crate::matrix::{MatRef, WeightLayout};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -374,13 +374,19 @@ fn run(
         rows_per_block(v)
     };
     let r = r.min(n.max(1));
-    let mut zbuf = vec![0f32; r * v];
-    // Each segment's part of dH for the current block of rows.
-    let mut dh_part = if grad.as_ref().is_some_and(|(_, g)| g.hidden.is_some()) {
-        vec![0f32; segments.len() * r * d]
+    // The block buffer, segment-major: segment `seg`'s logits (then dX) for the block's rows
+    // are `r × |seg|` from `r·seg.start` on, row stride `|seg|`. Each task's part is one
+    // slice apart from the others', and products see short rows (not V apart). Parts start
+    // on 64-byte boundaries (seg.start is a multiple of the tile width), so that AMX updates
+    // them in place.
+    let mut zbuf = AlignedF32::zeroed(r * v);
+    // Each segment's part of dH for the current block of rows (aligned likewise when d is a
+    // multiple of 16).
+    let mut dh_part = AlignedF32::zeroed(if grad.as_ref().is_some_and(|(_, g)| g.hidden.is_some()) {
+        segments.len() * r * d
     } else {
-        Vec::new()
-    };
+        0
+    });
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
@@ -428,20 +434,22 @@ fn run(
                         p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
                     }
                 };
+                // This segment's part of the block buffer: m rows of |seg| logits.
+                // SAFETY: segments are disjoint, so this part is this task's alone; in bounds
+                // (r·seg.start + m·|seg| ≤ r·V).
+                let part_z = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(r * seg.start), m * seg.len()) };
                 if layer.precision() == Precision::F32 {
                     // In f32, the segment's logits go straight into the block buffer by one
                     // product (the `gemm` crate): 11% faster than the engine's tiles with
                     // 100 classes, and no slower with 50257 (alternated runs). Each tile's
                     // row statistics follow while it is in cache.
-                    for i in 0..m {
-                        // SAFETY: row i, columns `seg`: this task's alone.
-                        let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + seg.start), seg.len()) };
-                        match layer.bias() {
-                            Some(b) => row.copy_from_slice(&b[seg.clone()]),
-                            None => row.fill(0.0),
+                    match layer.bias() {
+                        Some(b) => {
+                            part_z.chunks_exact_mut(seg.len()).for_each(|row| row.copy_from_slice(&b[seg.clone()]))
                         }
+                        None => part_z.fill(0.0),
                     }
-                    let c_op = Operand { ptr: z.ptr().wrapping_add(seg.start), rs: v as isize, cs: 1 };
+                    let c_op = Operand { ptr: part_z.as_mut_ptr(), rs: seg.len() as isize, cs: 1 };
                     let a_op = Operand { ptr: h.row(0).as_ptr(), rs: h.row_stride() as isize, cs: 1 };
                     let w = layer.weight();
                     let b_op = match layer.layout() {
@@ -450,34 +458,20 @@ fn run(
                         // Element (p, j) = W[p, seg.start + j].
                         WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: v as isize, cs: 1 },
                     };
-                    // SAFETY: columns `seg` of the block buffer are this task's alone (segments
-                    // are disjoint); H[R] is m × d; W[seg] is in bounds for either layout.
+                    // SAFETY: the part is m × |seg| with row stride |seg|; H[R] is m × d; W[seg]
+                    // is in bounds for either layout.
                     unsafe { linalg::gemm(m, seg.len(), d, c_op, true, a_op, b_op) };
-                    for c0 in (seg.start..seg.end).step_by(col_tile) {
-                        let cols = c0..(c0 + col_tile).min(seg.end);
-                        for (i, p) in part.iter_mut().enumerate() {
-                            // SAFETY: as above.
-                            let row =
-                                unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + cols.start), cols.len()) };
-                            fold(p, row, i, &cols);
-                        }
-                    }
-                    return part;
+                } else {
+                    // bf16: the engine's tile product over the whole segment, written into
+                    // the part (H[R] packed once per task).
+                    let mut prepared = layer.prepare_rows(h);
+                    layer.logits_tile(&mut prepared, h, seg.clone(), part_z);
                 }
-                // The engine's tile product: H[R] prepared (packed) once per task.
-                let mut prepared = layer.prepare_rows(h);
-                let mut tile = vec![0f32; m * col_tile.min(seg.len())];
+                // Row statistics a tile at a time, while it is in cache.
                 for c0 in (seg.start..seg.end).step_by(col_tile) {
                     let cols = c0..(c0 + col_tile).min(seg.end);
-                    let tile = &mut tile[..m * cols.len()];
-                    layer.logits_tile(&mut prepared, h, cols.clone(), tile);
-                    for ((i, p), row) in part.iter_mut().enumerate().zip(tile.chunks_exact_mut(cols.len())) {
-                        fold(p, row, i, &cols);
-                        // SAFETY: row i, columns `cols` of the block buffer belong to this
-                        // task alone (segments are disjoint); in bounds (i < m <= r, cols < V).
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), z.ptr().add(i * v + cols.start), row.len())
-                        };
+                    for (i, p) in part.iter_mut().enumerate() {
+                        fold(p, &mut part_z[i * seg.len() + cols.start - seg.start..][..cols.len()], i, &cols);
                     }
                 }
                 part
@@ -537,9 +531,11 @@ fn run(
         let want_dh = g.hidden.is_some();
         let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::new(layer, h));
         segments.par_iter().enumerate().for_each(|(gi, seg)| {
+            // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
+            let dx = z.ptr().wrapping_add(r * seg.start);
             for i in 0..m {
-                // SAFETY: row i, columns `seg` of the block buffer: this task's alone.
-                let row = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(i * v + seg.start), seg.len()) };
+                // SAFETY: row i of this segment's part: this task's alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(dx.add(i * seg.len()), seg.len()) };
                 match coef[i] {
                     None => row.fill(0.0),
                     Some((a, b, target)) => {
@@ -569,7 +565,7 @@ fn run(
                         layer,
                         m,
                         seg.clone(),
-                        z.ptr() as *const f32,
+                        dx as *const f32,
                         gw.ptr(),
                         want_dh.then(|| dh_parts.ptr().add(gi * r * d)),
                         &w_segs[gi],
@@ -580,13 +576,13 @@ fn run(
             }
             // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
             // buffer's columns `seg` were written by this task; H[R] is read-only.
-            unsafe { weight_grad(layer, h, seg.clone(), z.ptr() as *const f32, v, gw.ptr()) };
+            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, seg.len(), gw.ptr()) };
             if !want_dh {
                 return;
             }
             // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
             let c_op = Operand { ptr: dh_parts.ptr().wrapping_add(gi * r * d), rs: d as isize, cs: 1 };
-            let a_op = Operand { ptr: z.ptr().wrapping_add(seg.start), rs: v as isize, cs: 1 };
+            let a_op = Operand { ptr: dx, rs: seg.len() as isize, cs: 1 };
             let w = layer.weight();
             let b_op = match layer.layout() {
                 // W[j, p]: (k = j, n = p).
@@ -666,7 +662,8 @@ fn pack_weight_segments(layer: &SoftmaxLayer<'_>, segments: &[Range<usize>]) -> 
 /// operand rounded or split to bf16, `W[cols]` and `H` packed by the caller.
 ///
 /// # Safety
-/// `dx` holds `m` rows at stride `V` covering `cols`; `gw` is the `V·d` gradient buffer,
+/// `dx` holds `G[:, cols]`: `m` rows of `|cols|` values, row stride `|cols|`; `gw` is the
+/// `V·d` gradient buffer,
 /// whose part for `cols` no other thread touches; `dh`, if given, is an `m × d` buffer that
 /// no other thread touches.
 #[allow(clippy::too_many_arguments)]
@@ -684,24 +681,30 @@ unsafe fn bf16_grads(
     let (path, precision) = (layer.bf16_path(), layer.precision());
     // Row i < m of G: the block buffer's classes `cols` (this task's columns).
     // SAFETY: in bounds per the contract; no other thread writes these columns.
-    let g_row = |i: usize| unsafe { std::slice::from_raw_parts(dx.add(i * v + cols.start), c) };
+    let g_row = |i: usize| unsafe { std::slice::from_raw_parts(dx.add(i * c), c) };
     match hp {
         PackedHidden::Right(hb) => {
             // dW[cols] (c x d) += Gᵀ (c x m, K = m) · H, GRAD_CHUNK classes at a time so that
             // the packed Gᵀ stays in L2 while H streams past it.
             // SAFETY: rows `cols` of dW ([V, d]): c·d elements from cols.start·d, ours alone.
             let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
+            // Each chunk's product goes to an aligned buffer, written over (AMX works there
+            // in place, whereas dW's rows lie wherever the caller's buffer does), then is
+            // added to dW: the same bits wherever dW lies.
+            let mut part = AlignedF32::zeroed(GRAD_CHUNK.min(c) * d);
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
                 let gt = PackedRows::from_rows_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
-                bf16::tile_product(path, &gt, hb, 0..d, &mut out[j0 * d..(j0 + cj) * d], d, Output::Add);
+                let part = &mut part[..cj * d];
+                bf16::tile_product(path, &gt, hb, 0..d, part, d, Output::Overwrite);
+                layer.kernels().axpy(&mut out[j0 * d..(j0 + cj) * d], 1.0, part);
             }
         }
         PackedHidden::Left(ha) => {
             // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
             // tasks' columns: computed apart, then added.
             let gb = PackedBf16Weights::from_rows(c, m, precision, g_row);
-            let mut part = vec![0f32; d * c];
+            let mut part = AlignedF32::zeroed(d * c);
             bf16::tile_product(path, ha, &gb, 0..c, &mut part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
@@ -728,7 +731,7 @@ unsafe fn bf16_grads(
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
 ///
 /// # Safety
-/// `dx` holds `h.rows()` rows at stride `ldx` covering `cols`; `gw` is the `V·d` gradient
+/// `dx` holds `G[:, cols]` from its element (0, 0): `h.rows()` rows at stride `ldx`; `gw` is the `V·d` gradient
 /// buffer, whose part for `cols` no other thread touches.
 unsafe fn weight_grad(
     layer: &SoftmaxLayer<'_>,
@@ -746,7 +749,7 @@ unsafe fn weight_grad(
         WeightLayout::VocabMajor => {
             // dW[cols] (c x d) += dXᵀ (c x m) · H (m x d).
             let c_op = Operand { ptr: gw.wrapping_add(cols.start * d), rs: d as isize, cs: 1 };
-            let a_op = Operand { ptr: dx.wrapping_add(cols.start), rs: 1, cs: ldx as isize };
+            let a_op = Operand { ptr: dx, rs: 1, cs: ldx as isize };
             let b_op = Operand { ptr: hp, rs: hs, cs: 1 };
             unsafe { linalg::gemm(c, d, m, c_op, true, a_op, b_op) }
         }
@@ -754,7 +757,7 @@ unsafe fn weight_grad(
             // dW[:, cols] (d x c) += Hᵀ (d x m) · dX (m x c).
             let c_op = Operand { ptr: gw.wrapping_add(cols.start), rs: v as isize, cs: 1 };
             let a_op = Operand { ptr: hp, rs: 1, cs: hs };
-            let b_op = Operand { ptr: dx.wrapping_add(cols.start), rs: ldx as isize, cs: 1 };
+            let b_op = Operand { ptr: dx, rs: ldx as isize, cs: 1 };
             // SAFETY: as above, for the [d, V] layout.
             unsafe { linalg::gemm(d, c, m, c_op, true, a_op, b_op) }
         }
