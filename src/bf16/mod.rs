@@ -438,9 +438,10 @@ impl PackedRows {
     }
 
     /// Packs the transpose of a `[k, m]` operand whose row `p` is `row(p)` (`m` values):
-    /// packed row `i` is column `i` of the source, so element `(i, p)` = `row(p)[i]`. Reads
-    /// each source row once per 16 packed rows, 16 values at a time. For `Gᵀ` in the weight
-    /// gradient, whose source is the row-major `G`.
+    /// packed row `i` is column `i` of the source, so element `(i, p)` = `row(p)[i]`. Takes
+    /// 32 source rows at a time and transposes them through 16 × 32 blocks, each stored as
+    /// `repack` stores rows. For `Gᵀ` in the weight gradient, whose source is the row-major
+    /// `G`.
     pub fn from_rows_transposed<'r>(
         m: usize,
         k: usize,
