@@ -315,9 +315,21 @@ impl PackedBf16Weights {
     ) -> Result<Self> {
         let mut p = Self::alloc(vocab, hidden, precision)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
-        let (lo_offset, parts) = (p.d_pad * 16, precision.parts());
-        p.fill_blocks(|blk, at, j, k| {
-            put(blk, at, lo_offset, parts, weight[layout_index(layout, vocab, hidden, j, k)])
+        let (bl, lo_offset, parts) = (p.block_len(), p.d_pad * 16, precision.parts());
+        // The last block (past V) stays zero.
+        p.data.par_chunks_mut(bl).enumerate().take(vocab.div_ceil(16)).for_each(|(b, blk)| {
+            let nr = 16.min(vocab - 16 * b);
+            match layout {
+                // Class rows of W: row 16·b + r.
+                WeightLayout::VocabMajor => {
+                    let rows = &weight[16 * b * hidden..(16 * b + nr) * hidden];
+                    pack_block(blk, lo_offset, parts, nr, hidden, |r, k| rows[r * hidden + k]);
+                }
+                // Rows of W are hidden units: element (class 16·b + r, k) = W[k, 16·b + r].
+                WeightLayout::HiddenMajor => {
+                    pack_block(blk, lo_offset, parts, nr, hidden, |r, k| weight[k * vocab + 16 * b + r])
+                }
+            }
         });
         Ok(p)
     }
@@ -578,6 +590,30 @@ fn layout_index(layout: WeightLayout, vocab: usize, hidden: usize, j: usize, k: 
     }
 }
 
+/// Packs one block of 16 classes of the right operand (classes `r < nr` of the block, the
+/// rest left zero): element `(r, k)` is `value(r, k)`, `k < depth`. Each pair along k of
+/// the 16 classes is 32 contiguous values, stored at once.
+#[inline]
+fn pack_block(
+    blk: &mut [u16],
+    lo_offset: usize,
+    parts: usize,
+    nr: usize,
+    depth: usize,
+    value: impl Fn(usize, usize) -> f32,
+) {
+    for k in (0..depth).step_by(2) {
+        let mut pair = [0f32; 32];
+        for r in 0..nr {
+            pair[2 * r] = value(r, k);
+            if k + 1 < depth {
+                pair[2 * r + 1] = value(r, k + 1);
+            }
+        }
+        store_chunk(blk, (k / 2) * 32, lo_offset, parts, &pair[..2 * nr]);
+    }
+}
+
 /// Stores up to 32 values `src` from `at` on, contiguous: rounded to bf16 (one part), or
 /// split into `hi` there and `lo` at `at + lo_offset` (two parts). Vectorizes.
 #[inline]
@@ -627,19 +663,11 @@ impl PackedBf16Weights {
             panic!("bf16: packing needs n, k > 0 and a bf16 precision")
         };
         let (bl, parts, d_pad) = (bp.block_len(), precision.parts(), bp.d_pad);
-        let zeros = vec![0f32; n];
-        for p in (0..k).step_by(2) {
-            let (a, b) = (row(p), if p + 1 < k { row(p + 1) } else { &zeros[..] });
-            debug_assert!(a.len() == n && b.len() == n);
-            for (blk, (ca, cb)) in a.chunks(16).zip(b.chunks(16)).enumerate() {
-                // Classes 16·blk.. at k-pair p / 2: 16 pairs (a, b), 32 values, contiguous.
-                let mut pair = [0f32; 32];
-                for (r, (&x, &y)) in ca.iter().zip(cb).enumerate() {
-                    pair[2 * r] = x;
-                    pair[2 * r + 1] = y;
-                }
-                store_chunk(&mut bp.data, blk * bl + (p / 2) * 32, d_pad * 16, parts, &pair[..2 * ca.len()]);
-            }
+        let rows: Vec<&[f32]> = (0..k).map(&row).collect();
+        debug_assert!(rows.iter().all(|r| r.len() == n));
+        for (b, blk) in bp.data.chunks_mut(bl).enumerate().take(n.div_ceil(16)) {
+            let nr = 16.min(n - 16 * b);
+            pack_block(blk, d_pad * 16, parts, nr, k, |r, p| rows[p][16 * b + r]);
         }
         bp
     }
@@ -792,6 +820,13 @@ mod tests {
             let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
             let got = PackedBf16Weights::from_rows(m, k, precision, |p| &src[p * m..(p + 1) * m]);
             assert!(got.data[..] == want.data[..], "{precision}: weights from_rows");
+            // Whole weights in both layouts: src as [m, k] (classes × units) and as [k, m].
+            let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[j * k + p]);
+            let got = PackedBf16Weights::from_f32(&src, WeightLayout::VocabMajor, m, k, precision).unwrap();
+            assert!(got.data[..] == want.data[..], "{precision}: from_f32 [V, d]");
+            let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
+            let got = PackedBf16Weights::from_f32(&src, WeightLayout::HiddenMajor, m, k, precision).unwrap();
+            assert!(got.data[..] == want.data[..], "{precision}: from_f32 [d, V]");
         }
     }
 }
