@@ -293,7 +293,9 @@ fn main() {
                 })
                 .collect()
         };
+        let t = Instant::now();
         let packed = PackedBf16Weights::from_bf16_bits(&bits, WeightLayout::VocabMajor, v, d).unwrap();
+        eprintln!("packing the bf16 weight ({v} × {d}) {:.3} s", t.elapsed().as_secs_f64());
         drop(bits);
         let bytes = packed.bytes();
         let t = Instant::now();

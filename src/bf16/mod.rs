@@ -315,22 +315,8 @@ impl PackedBf16Weights {
     ) -> Result<Self> {
         let mut p = Self::alloc(vocab, hidden, precision)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
-        let (bl, lo_offset, parts) = (p.block_len(), p.d_pad * 16, precision.parts());
-        // The last block (past V) stays zero.
-        p.data.par_chunks_mut(bl).enumerate().take(vocab.div_ceil(16)).for_each(|(b, blk)| {
-            let nr = 16.min(vocab - 16 * b);
-            match layout {
-                // Class rows of W: row 16·b + r.
-                WeightLayout::VocabMajor => {
-                    let rows = &weight[16 * b * hidden..(16 * b + nr) * hidden];
-                    pack_block(blk, lo_offset, parts, nr, hidden, |r, k| rows[r * hidden + k]);
-                }
-                // Rows of W are hidden units: element (class 16·b + r, k) = W[k, 16·b + r].
-                WeightLayout::HiddenMajor => {
-                    pack_block(blk, lo_offset, parts, nr, hidden, |r, k| weight[k * vocab + 16 * b + r])
-                }
-            }
-        });
+        let (lo_offset, parts) = (p.d_pad * 16, precision.parts());
+        p.pack_weight(weight, layout, |blk, at, src| store_chunk(blk, at, lo_offset, parts, src));
         Ok(p)
     }
 
@@ -339,20 +325,33 @@ impl PackedBf16Weights {
     pub fn from_bf16_bits(weight: &[u16], layout: WeightLayout, vocab: usize, hidden: usize) -> Result<Self> {
         let mut p = Self::alloc(vocab, hidden, Precision::Bf16)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
-        p.fill_blocks(|blk, at, j, k| blk[at] = weight[layout_index(layout, vocab, hidden, j, k)]);
+        p.pack_weight(weight, layout, |blk, at, src| blk[at..at + src.len()].copy_from_slice(src));
         Ok(p)
     }
 
     /// Fills the blocks of 16 classes in parallel: `store(block, at, j, k)` writes element
     /// `(j, k)` (class `j`, position `k` along d) at slot `at` of its block (the `lo` part,
     /// if any, lies `d_pad·16` further). Padding stays zero.
-    fn fill_blocks(&mut self, store: impl Fn(&mut [u16], usize, usize, usize) + Sync) {
+    /// Fills the blocks from a weight in `layout` (the last block, past V, stays zero): each
+    /// pair along k of 16 classes is gathered, then stored at once by `store(block, at,
+    /// values)`.
+    fn pack_weight<T: Copy + Default + Sync>(
+        &mut self,
+        weight: &[T],
+        layout: WeightLayout,
+        store: impl Fn(&mut [u16], usize, &[T]) + Sync,
+    ) {
         let (bl, vocab, hidden) = (self.block_len(), self.vocab, self.hidden);
-        self.data.par_chunks_mut(bl).enumerate().for_each(|(b, blk)| {
-            for j in b * 16..(b * 16 + 16).min(vocab) {
-                for k in 0..hidden {
-                    store(blk, (k / 2) * 32 + (j % 16) * 2 + (k % 2), j, k);
+        self.data.par_chunks_mut(bl).enumerate().take(vocab.div_ceil(16)).for_each(|(b, blk)| {
+            let nr = 16.min(vocab - 16 * b);
+            match layout {
+                // Class rows of W: row 16·b + r.
+                WeightLayout::VocabMajor => {
+                    let rows = &weight[16 * b * hidden..(16 * b + nr) * hidden];
+                    pack_pairs(blk, nr, hidden, |r, k| rows[r * hidden + k], &store);
                 }
+                // Rows of W are hidden units: element (class 16·b + r, k) = W[k, 16·b + r].
+                WeightLayout::HiddenMajor => pack_pairs(blk, nr, hidden, |r, k| weight[k * vocab + 16 * b + r], &store),
             }
         });
     }
@@ -581,36 +580,27 @@ impl PackedRows {
     }
 }
 
-/// Index of element `(j, k)` (class, position along d) of a weight laid out as `layout`.
-#[inline]
-fn layout_index(layout: WeightLayout, vocab: usize, hidden: usize, j: usize, k: usize) -> usize {
-    match layout {
-        WeightLayout::VocabMajor => j * hidden + k,
-        WeightLayout::HiddenMajor => k * vocab + j,
-    }
-}
-
 /// Packs one block of 16 classes of the right operand (classes `r < nr` of the block, the
 /// rest left zero): element `(r, k)` is `value(r, k)`, `k < depth`. Each pair along k of
-/// the 16 classes is 32 contiguous values, stored at once.
+/// the 16 classes is 32 contiguous values, gathered, then stored at once by
+/// `store(block, at, values)`.
 #[inline]
-fn pack_block(
+fn pack_pairs<T: Copy + Default>(
     blk: &mut [u16],
-    lo_offset: usize,
-    parts: usize,
     nr: usize,
     depth: usize,
-    value: impl Fn(usize, usize) -> f32,
+    value: impl Fn(usize, usize) -> T,
+    store: impl Fn(&mut [u16], usize, &[T]),
 ) {
     for k in (0..depth).step_by(2) {
-        let mut pair = [0f32; 32];
+        let mut pair = [T::default(); 32];
         for r in 0..nr {
             pair[2 * r] = value(r, k);
             if k + 1 < depth {
                 pair[2 * r + 1] = value(r, k + 1);
             }
         }
-        store_chunk(blk, (k / 2) * 32, lo_offset, parts, &pair[..2 * nr]);
+        store(blk, (k / 2) * 32, &pair[..2 * nr]);
     }
 }
 
@@ -667,7 +657,8 @@ impl PackedBf16Weights {
         debug_assert!(rows.iter().all(|r| r.len() == n));
         for (b, blk) in bp.data.chunks_mut(bl).enumerate().take(n.div_ceil(16)) {
             let nr = 16.min(n - 16 * b);
-            pack_block(blk, d_pad * 16, parts, nr, k, |r, p| rows[p][16 * b + r]);
+            let store = |blk: &mut [u16], at: usize, src: &[f32]| store_chunk(blk, at, d_pad * 16, parts, src);
+            pack_pairs(blk, nr, k, |r, p| rows[p][16 * b + r], store);
         }
         bp
     }
@@ -827,6 +818,15 @@ mod tests {
             let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
             let got = PackedBf16Weights::from_f32(&src, WeightLayout::HiddenMajor, m, k, precision).unwrap();
             assert!(got.data[..] == want.data[..], "{precision}: from_f32 [d, V]");
+            if precision == Precision::Bf16 {
+                // bf16 bits in both layouts pack like the rounded f32 weight.
+                let bits: Vec<u16> = src.iter().map(|&x| to_bf16(x)).collect();
+                for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+                    let want = PackedBf16Weights::from_f32(&src, layout, m, k, precision).unwrap();
+                    let got = PackedBf16Weights::from_bf16_bits(&bits, layout, m, k).unwrap();
+                    assert!(got.data[..] == want.data[..], "from_bf16_bits {layout:?}");
+                }
+            }
         }
     }
 }
