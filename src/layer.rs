@@ -629,6 +629,35 @@ fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
     }
 }
 
+impl SoftmaxLayer<'_> {
+    /// The logits of the classes `cols` for rows already packed in this layer's bf16
+    /// precision, into `tile` (`m × |cols|`): bias, then the product. Shared by the engine's
+    /// tiles and the loss, which packs a block's rows once for all its segments.
+    ///
+    /// # Panics
+    /// If the layer computes in `f32` (an internal invariant), or `tile` has the wrong length.
+    pub(crate) fn bf16_logits(&self, rows: &PackedRows, cols: Range<usize>, tile: &mut [f32]) {
+        let (m, c) = (rows.rows(), cols.len());
+        assert_eq!(tile.len(), m * c, "bf16_logits: tile length");
+        let w = self.packed.as_ref().expect("bf16_logits: a bf16 layer");
+        if let Some(b) = &self.bias {
+            tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
+        }
+        // Decoding (a few rows) is bound by reading W: there AVX512-BF16 was 6–11% faster
+        // than AMX's 1×4 kernel (bench_bf16 decode_paths), unless a path was asked for.
+        let path = match self.bf_path {
+            BfPath::Amx if !self.bf_path_forced && m <= GEMV_MAX_ROWS && BfPath::Avx512Bf16.is_available() => {
+                BfPath::Avx512Bf16
+            }
+            p => p,
+        };
+        // Without a bias the product is written over the tile: no zeroing pass first, and on
+        // AMX no loading of zeros into C.
+        let output = if self.bias.is_some() { bf16::Output::Add } else { bf16::Output::Overwrite };
+        bf16::tile_product(path, rows, w, cols, tile, c, output);
+    }
+}
+
 /// Hidden rows prepared for the tile product: packed once per task for the blocked
 /// kernel (weights `[V, d]`), with the kernel's scratch space.
 pub struct PreparedRows {
@@ -664,23 +693,12 @@ impl LogitSource for SoftmaxLayer<'_> {
     fn logits_tile(&self, rows: &mut PreparedRows, hidden: MatRef<'_>, cols: Range<usize>, tile: &mut [f32]) {
         let (m, c, d) = (hidden.rows(), cols.len(), self.hidden);
         debug_assert_eq!(tile.len(), m * c);
+        if let Some(bf) = &rows.bf {
+            self.bf16_logits(bf, cols, tile);
+            return;
+        }
         if let Some(b) = &self.bias {
             tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
-        }
-        if let (Some(bf), Some(w)) = (&rows.bf, &self.packed) {
-            // Decoding (a few rows) is bound by reading W: there AVX512-BF16 was 6–11% faster
-            // than AMX's 1×4 kernel (bench_bf16 decode_paths), unless a path was asked for.
-            let path = match self.bf_path {
-                BfPath::Amx if !self.bf_path_forced && m <= GEMV_MAX_ROWS && BfPath::Avx512Bf16.is_available() => {
-                    BfPath::Avx512Bf16
-                }
-                p => p,
-            };
-            // Without a bias the product is written over the tile: no zeroing pass first, and
-            // on AMX no loading of zeros into C.
-            let output = if self.bias.is_some() { bf16::Output::Add } else { bf16::Output::Overwrite };
-            bf16::tile_product(path, bf, w, cols, tile, c, output);
-            return;
         }
         let k = self.kernels;
         if let Some(packed) = &rows.packed {

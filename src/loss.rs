@@ -41,7 +41,6 @@
 //! `r × d` block per segment), independent of `n`.
 
 use crate::bf16::{self, Output, PackedBf16Weights, PackedRows, Precision};
-use crate::engine::LogitSource;
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
 use crate::layer::SoftmaxLayer;
@@ -415,6 +414,8 @@ fn run(
         let z = SharedMut(zbuf.as_mut_ptr());
         let y = &targets[rows.clone()];
 
+        // bf16: H[R] packed once for every segment's product.
+        let h_bf16 = (layer.precision() != Precision::F32).then(|| PackedRows::pack(h, layer.precision()));
         // Phase 1: logits into the block buffer, per-segment row parts.
         let parts: Vec<Vec<RowPart>> = segments
             .par_iter()
@@ -460,10 +461,9 @@ fn run(
                     // is in bounds for either layout.
                     unsafe { linalg::gemm(m, seg.len(), d, c_op, layer.bias().is_some(), a_op, b_op) };
                 } else {
-                    // bf16: the engine's tile product over the whole segment, written into
-                    // the part (H[R] packed once per task).
-                    let mut prepared = layer.prepare_rows(h);
-                    layer.logits_tile(&mut prepared, h, seg.clone(), part_z);
+                    // bf16: the tile product over the whole segment, written into the part.
+                    let bf = h_bf16.as_ref().expect("packed with the bf16 precision");
+                    layer.bf16_logits(bf, seg.clone(), part_z);
                 }
                 // Row statistics a tile at a time, while it is in cache.
                 for c0 in (seg.start..seg.end).step_by(col_tile) {

@@ -329,9 +329,6 @@ impl PackedBf16Weights {
         Ok(p)
     }
 
-    /// Fills the blocks of 16 classes in parallel: `store(block, at, j, k)` writes element
-    /// `(j, k)` (class `j`, position `k` along d) at slot `at` of its block (the `lo` part,
-    /// if any, lies `d_pad·16` further). Padding stays zero.
     /// Fills the blocks from a weight in `layout` (the last block, past V, stays zero): each
     /// pair along k of 16 classes is gathered, then stored at once by `store(block, at,
     /// values)`.
@@ -466,9 +463,13 @@ impl PackedRows {
         let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(m.div_ceil(32) * 2 * tl) };
         // 32 source rows at a time (one k-chunk), transposed 16 columns at a time through a
         // small block, whose rows are then stored like `repack`'s (contiguous, vectorized).
+        let mut rows: [&[f32]; 32] = [&[]; 32];
         for p0 in (0..k).step_by(32) {
-            let srcs: Vec<&[f32]> = (p0..(p0 + 32).min(k)).map(&row).collect();
-            debug_assert!(srcs.iter().all(|r| r.len() == m));
+            let srcs = &mut rows[..(k - p0).min(32)];
+            for (kk, r) in srcs.iter_mut().enumerate() {
+                *r = row(p0 + kk);
+                debug_assert_eq!(r.len(), m);
+            }
             for t in 0..m.div_ceil(16) {
                 let mut blk = [[0f32; 32]; 16];
                 for (kk, src) in srcs.iter().enumerate() {
