@@ -1,7 +1,10 @@
 //! Time of one training evaluation (loss and gradient over all rows) of a small softmax
 //! classifier, the unit of L-BFGS's cost.
 //!
-//! `cargo run --release --example bench_train [n d K reps]` (default 50000 256 100 9)
+//! `cargo run --release --example bench_train [n d K reps]` (default 50000 256 100 9);
+//! with `BENCH_DATA=DIR`, the features and labels are `DIR/x.npy` and `DIR/y.npy`, and n
+//! and d come from the file (`python3 scripts/sklearn_reference.py --save-synthetic DIR`
+//! writes scikit-learn's speed problem there).
 
 use softmax_layer::MatRef;
 use softmax_layer::train::{Data, Model, loss_and_gradient};
@@ -20,8 +23,19 @@ fn main() {
         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     };
-    let x: Vec<f32> = (0..n * d).map(|_| next()).collect();
-    let y: Vec<i64> = (0..n).map(|i| (i * 7919 % k) as i64).collect();
+    // BENCH_DATA=DIR reads DIR/x.npy (f32 [n, d]) and DIR/y.npy instead (n and d from the file).
+    let (x, y, n, d) = match std::env::var("BENCH_DATA") {
+        Ok(dir) => {
+            let x = softmax_layer::io::read_npy(&std::path::Path::new(&dir).join("x.npy")).unwrap();
+            let (n, d) = x.as_matrix_shape().unwrap();
+            let y = softmax_layer::io::read_npy(&std::path::Path::new(&dir).join("y.npy")).unwrap();
+            (x.to_f32().unwrap().into_owned(), y.to_i64().unwrap(), n, d)
+        }
+        Err(_) => {
+            let x: Vec<f32> = (0..n * d).map(|_| next()).collect();
+            (x, (0..n).map(|i| (i * 7919 % k) as i64).collect(), n, d)
+        }
+    };
     let model = Model { weight: (0..k * d).map(|_| next() * 0.1).collect(), bias: vec![0.0; k], classes: k, dim: d };
     let (mut gw, mut gb) = (vec![0f32; k * d], vec![0f32; k]);
     let xv = MatRef::new(&x, n, d).unwrap();

@@ -91,5 +91,15 @@ def speed():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--save-synthetic", metavar="DIR",
+                    help="write the speed problem's features and labels as DIR/x.npy and DIR/y.npy, then stop")
     a = ap.parse_args()
-    speed() if a.speed else digits()
+    if a.save_synthetic:
+        X, y = synthetic()
+        os.makedirs(a.save_synthetic, exist_ok=True)
+        np.save(os.path.join(a.save_synthetic, "x.npy"), X)
+        np.save(os.path.join(a.save_synthetic, "y.npy"), y)
+    elif a.speed:
+        speed()
+    else:
+        digits()
