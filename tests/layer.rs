@@ -264,3 +264,47 @@ fn target_stats_ties_count_in_the_targets_favour() {
     assert_eq!(st.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![1, 1, 4, 6]);
     assert_eq!(st[0].top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
 }
+
+#[test]
+fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
+    // Every class's weights are one base row, each entry nudged by a few ulps: in exact
+    // arithmetic the logits differ by about the rounding of the dot products themselves, so
+    // the rank depends on the order the product's rounding puts them in, which the target's
+    // estimate window has to resolve exactly as the tiles computed them.
+    let mut rng = Rng(2024);
+    let (n, d, v) = (40usize, 96usize, 300usize);
+    let base = rng.vec(d, -1.0, 1.0);
+    let mut w_vd = vec![0f32; v * d];
+    for j in 0..v {
+        for p in 0..d {
+            w_vd[j * d + p] = base[p] * (1.0 + rng.vec(1, -4e-7, 4e-7)[0]);
+        }
+    }
+    let mut w_dv = vec![0f32; v * d];
+    for j in 0..v {
+        for p in 0..d {
+            w_dv[p * v + j] = w_vd[j * d + p];
+        }
+    }
+    let h = rng.vec(n * d, -1.0, 1.0);
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let y: Vec<i64> = (0..n).map(|i| ((i * 37 + 5) % v) as i64).collect();
+    for (layout, w) in [(WeightLayout::VocabMajor, &w_vd), (WeightLayout::HiddenMajor, &w_dv)] {
+        for tiling in [Tiling::default(), SMALL] {
+            let layer = SoftmaxLayer::new(&w[..], layout, v, d, None::<&[f32]>).unwrap().with_tiling(tiling);
+            let stats = layer.target_stats(hv, &y, 0, &LayerOptions::default()).unwrap();
+            let mut logits = vec![0f32; n * v];
+            layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+            let mut spread = 0usize;
+            for i in 0..n {
+                let row = &logits[i * v..(i + 1) * v];
+                let zy = row[y[i] as usize];
+                let rank = 1 + row.iter().filter(|&&z| z > zy).count();
+                assert_eq!(stats[i].rank, rank, "row {i} {layout:?} {tiling:?}");
+                spread += (rank > 1 && rank < v) as usize;
+            }
+            // The case is a real test: most targets are neither first nor last.
+            assert!(spread > n / 2, "{spread} of {n} rows have a rank strictly inside");
+        }
+    }
+}

@@ -108,9 +108,9 @@ pub struct PredictArgs {
     pub output: PathBuf,
 }
 
-/// Features (owned) and optional labels, from CSV or tensor files.
+/// Features and optional labels, from CSV or tensor files.
 struct Loaded {
-    x: Vec<f32>,
+    x: Features,
     n: usize,
     d: usize,
     y: Option<Vec<i64>>,
@@ -120,13 +120,28 @@ fn load_tensor(spec: &str) -> Result<Tensor, Failure> {
     Ok(Tensor::load(&TensorSpec::parse(spec)?)?)
 }
 
+/// The features: read from CSV or converted, or f32 in the tensor file as loaded (no copy).
+enum Features {
+    Owned(Vec<f32>),
+    Tensor(Tensor),
+}
+
+impl Features {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Features::Owned(v) => v,
+            Features::Tensor(t) => t.as_f32().expect("kept as a tensor only when it holds f32 in C order"),
+        }
+    }
+}
+
 fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Loaded, Failure> {
     if let Some(path) = &a.data {
         if need_labels && a.label_column.is_none() {
             return Err(Failure("--data needs --label-column NAME to train".into()));
         }
         let CsvTable { features, rows, cols, labels, .. } = read_csv(path, a.label_column.as_deref())?;
-        return Ok(Loaded { x: features, n: rows, d: cols, y: labels });
+        return Ok(Loaded { x: Features::Owned(features), n: rows, d: cols, y: labels });
     }
     let Some(fx) = &a.features else {
         return Err(Failure("give the data: --data FILE.csv or --features X".into()));
@@ -136,7 +151,8 @@ fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Lo
         [n, d] => (n, d),
         _ => return Err(Failure(format!("{}: features must be [n, d], got {:?}", t.source, t.shape))),
     };
-    let x = t.to_f32()?.into_owned();
+    let source = t.source.clone();
+    let x = if t.as_f32().is_some() { Features::Tensor(t) } else { Features::Owned(t.to_f32()?.into_owned()) };
     let y = match labels {
         None if need_labels => return Err(Failure("--features needs --labels Y to train".into())),
         None => None,
@@ -158,7 +174,7 @@ fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Lo
                     "{}: labels have length {}, but the features {} have n = {n} rows",
                     ty.source,
                     y.len(),
-                    t.source
+                    source
                 )));
             }
             if let Some(i) = y.iter().position(|&v| v < 0) {
@@ -294,7 +310,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     };
     let data = load_data(&a.data, a.labels.as_deref(), true)?;
     let labels = data.y.as_deref().expect("labels are required");
-    let x = MatRef::new(&data.x, data.n, data.d)?;
+    let x = MatRef::new(data.x.as_slice(), data.n, data.d)?;
     let lr = a.lr.unwrap_or(if a.optimizer == "sgd" { 0.1 } else { 0.01 });
     let cfg = TrainConfig {
         optimizer,
@@ -378,7 +394,7 @@ pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
             model.dim
         )));
     }
-    let probs = model.predict_proba(MatRef::new(&data.x, data.n, data.d)?)?;
+    let probs = model.predict_proba(MatRef::new(data.x.as_slice(), data.n, data.d)?)?;
     write_npy_f32(&a.output, &[data.n, model.classes], &probs)?;
     Ok(())
 }
