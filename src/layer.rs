@@ -21,7 +21,7 @@ use crate::tile_gemm;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Rows per tile below which the product is computed as dot products over the weight
 /// rows (memory-bound decoding) instead of by the blocked matrix product.
@@ -59,6 +59,17 @@ pub struct SoftmaxLayer<'a> {
     bf_path: BfPath,
     /// Whether `bf_path` was asked for ([`SoftmaxLayer::with_bf16_path`]) rather than chosen.
     bf_path_forced: bool,
+    /// W packed a second way for the bf16 gradient `dH = G·W` (K along the classes), per
+    /// segment of classes: made by the first gradient call, kept for the later ones; shared
+    /// by clones.
+    grad_packed: Arc<OnceLock<GradPacked>>,
+}
+
+/// The segments of classes and `W[seg]` packed for `dH = G·W`, one per segment.
+#[derive(Debug)]
+pub(crate) struct GradPacked {
+    pub segments: Vec<Range<usize>>,
+    pub weights: Vec<PackedBf16Weights>,
 }
 
 /// Options of the forward operations.
@@ -132,6 +143,7 @@ impl<'a> SoftmaxLayer<'a> {
             packed: None,
             bf_path: BfPath::best(),
             bf_path_forced: bf16::env_path().is_some(),
+            grad_packed: Arc::default(),
         })
     }
 
@@ -168,6 +180,7 @@ impl<'a> SoftmaxLayer<'a> {
             packed: Some(Arc::new(packed)),
             bf_path: BfPath::best(),
             bf_path_forced: bf16::env_path().is_some(),
+            grad_packed: Arc::default(),
         })
     }
 
@@ -185,6 +198,7 @@ impl<'a> SoftmaxLayer<'a> {
                 "this layer holds bf16 weights only; it computes in bf16, not {precision}"
             )));
         }
+        self.grad_packed = Arc::default();
         self.packed = match precision {
             Precision::F32 => None,
             p => Some(Arc::new(PackedBf16Weights::from_f32(&self.weight, self.layout, self.vocab, self.hidden, p)?)),
@@ -252,7 +266,20 @@ impl<'a> SoftmaxLayer<'a> {
     /// summation order of the dot products).
     pub fn with_tiling(mut self, tiling: Tiling) -> Self {
         self.tiling = tiling;
+        self.grad_packed = Arc::default();
         self
+    }
+
+    /// `W[seg]` packed for the bf16 gradient `dH = G·W` over `segments`: by `pack` on the
+    /// first call, then kept with the layer, so that a layer reused for many gradient calls
+    /// packs W once. `None` for other segments than the kept ones (the caller packs them).
+    pub(crate) fn grad_packed(
+        &self,
+        segments: &[Range<usize>],
+        pack: impl FnOnce() -> Vec<PackedBf16Weights>,
+    ) -> Option<&[PackedBf16Weights]> {
+        let kept = self.grad_packed.get_or_init(|| GradPacked { segments: segments.to_vec(), weights: pack() });
+        (kept.segments == segments).then_some(&kept.weights[..])
     }
 
     fn check(&self, hidden: MatRef<'_>, opts: &LayerOptions) -> Result<()> {

@@ -531,3 +531,39 @@ fn overwriting_gives_the_bits_of_adding_onto_zeros_and_never_reads_the_output() 
         }
     }
 }
+
+#[test]
+fn the_kept_gradient_packing_of_w_gives_the_bits_of_a_fresh_one() {
+    use softmax_layer::engine::Tiling;
+    use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
+    let mut rng = Lcg(57);
+    let (n, d, v) = (70, 48, 530);
+    let h = rng.vec(n * d, 1.0);
+    let w = rng.vec(v * d, 0.3);
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 53) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions::default();
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let grads = |layer: &SoftmaxLayer<'_>| {
+        let (_, g) = cross_entropy_with_grad(layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+        (bits(&g.hidden), bits(&g.weight))
+    };
+    let small = Tiling { row_block: 16, col_tile: 32, segment: 128 };
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        let fresh = || SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+        let layer = fresh().with_precision(precision).unwrap();
+        let first = grads(&layer);
+        // The second call and a clone's use the packing the first one kept.
+        assert!(first == grads(&layer), "{precision}: second call");
+        assert!(first == grads(&layer.clone()), "{precision}: clone");
+        // Another tiling gives other segments: the same as a layer built with it.
+        let retiled = grads(&layer.clone().with_tiling(small));
+        let built = grads(&fresh().with_tiling(small).with_precision(precision).unwrap());
+        assert!(retiled == built, "{precision}: retiled");
+        // And they are this layer's gradients: within bf16's reach of the f32 layer's.
+        let (_, g32) = cross_entropy_with_grad(&fresh(), hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+        let gw: Vec<f32> = first.1.iter().map(|&b| f32::from_bits(b)).collect();
+        let tol = if precision == Precision::Bf16 { 2f64.powi(-5) } else { 2e-4 };
+        assert!(max_rel(&gw, &g32.weight) <= tol, "{precision}: dW {}", max_rel(&gw, &g32.weight));
+    }
+}
