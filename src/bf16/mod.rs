@@ -456,6 +456,54 @@ impl PackedRows {
         precision: Precision,
         row: impl Fn(usize) -> &'r [f32],
     ) -> PackedRows {
+        #[cfg(target_arch = "x86_64")]
+        if packing_avx512() {
+            // SAFETY: the CPU has AVX-512F and AVX-512BW (just checked).
+            return unsafe { Self::transposed_avx512(m, k, precision, row) };
+        }
+        Self::transposed_impl(m, k, precision, row, transpose_block)
+    }
+
+    /// The same loop compiled for AVX-512, with the blocks transposed in registers: the
+    /// rounding to bf16 vectorizes 16 lanes wide instead of 4 (SSE2), with the same bits.
+    /// (In a profile of the bf16x3 loss, this packing of `Gᵀ` was 10% of the samples in the
+    /// SSE2 build, most of it the element-by-element transpose.)
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn transposed_avx512<'r>(
+        m: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) -> PackedRows {
+        // (The closure inherits this function's target features, so it calls the AVX-512
+        // transpose without `unsafe`.)
+        Self::transposed_impl(m, k, precision, row, |srcs, c0, blk| transpose_block_avx512(srcs, c0, blk))
+    }
+
+    /// [`PackedRows::from_rows_transposed`] compiled for any x86_64 (for the tests, which
+    /// check it against the AVX-512 build).
+    #[doc(hidden)]
+    pub fn from_rows_transposed_portable<'r>(
+        m: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) -> PackedRows {
+        Self::transposed_impl(m, k, precision, row, transpose_block)
+    }
+
+    #[inline(always)]
+    fn transposed_impl<'r>(
+        m: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+        fill: impl Fn(&[&[f32]], usize, &mut [[f32; 32]; 16]),
+    ) -> PackedRows {
         assert!(precision != Precision::F32, "bf16: packing needs a bf16 precision");
         let parts = precision.parts();
         let d_pad = pad_d(k.max(1));
@@ -472,11 +520,7 @@ impl PackedRows {
             }
             for t in 0..m.div_ceil(16) {
                 let mut blk = [[0f32; 32]; 16];
-                for (kk, src) in srcs.iter().enumerate() {
-                    for (r, &x) in src[16 * t..(16 * t + 16).min(m)].iter().enumerate() {
-                        blk[r][kk] = x;
-                    }
-                }
+                fill(srcs, 16 * t, &mut blk);
                 for (r, b) in blk.iter().enumerate().take(m - 16 * t) {
                     let at = t * tl + (p0 / 32) * 512 + r * 32;
                     store_chunk(&mut ap.data, at, d_pad * 16, parts, &b[..srcs.len()]);
@@ -487,6 +531,32 @@ impl PackedRows {
     }
 
     fn repack_rows<'r>(&mut self, m: usize, d: usize, precision: Precision, row_of: impl Fn(usize) -> &'r [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if packing_avx512() {
+            // SAFETY: the CPU has AVX-512F and AVX-512BW (just checked).
+            return unsafe { self.repack_rows_avx512(m, d, precision, row_of) };
+        }
+        self.repack_rows_impl(m, d, precision, row_of)
+    }
+
+    /// [`PackedRows::repack_rows`] compiled for AVX-512 (as `transposed_avx512`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn repack_rows_avx512<'r>(
+        &mut self,
+        m: usize,
+        d: usize,
+        precision: Precision,
+        row_of: impl Fn(usize) -> &'r [f32],
+    ) {
+        self.repack_rows_impl(m, d, precision, row_of)
+    }
+
+    #[inline(always)]
+    fn repack_rows_impl<'r>(&mut self, m: usize, d: usize, precision: Precision, row_of: impl Fn(usize) -> &'r [f32]) {
         let parts = precision.parts().max(1);
         let d_pad = pad_d(d);
         let tiles = m.div_ceil(32) * 2;
@@ -605,9 +675,86 @@ fn pack_pairs<T: Copy + Default>(
     }
 }
 
+/// `blk[r][kk] = srcs[kk][c0 + r]` for the `srcs.len() ≤ 32` source rows and the columns
+/// `c0 + r` they have (`r < 16`); the rest of `blk` is left as it is (zero).
+#[inline(always)]
+fn transpose_block(srcs: &[&[f32]], c0: usize, blk: &mut [[f32; 32]; 16]) {
+    for (kk, src) in srcs.iter().enumerate() {
+        for (r, &x) in src[c0..(c0 + 16).min(src.len())].iter().enumerate() {
+            blk[r][kk] = x;
+        }
+    }
+}
+
+/// [`transpose_block`] in registers: two 16 × 16 transposes (4 shuffle stages each). Callers
+/// outside AVX-512 code must know the CPU has AVX-512F (hence `unsafe` there).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_block_avx512(srcs: &[&[f32]], c0: usize, blk: &mut [[f32; 32]; 16]) {
+    use std::arch::x86_64::*;
+    for half in 0..2 {
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, x) in r.iter_mut().enumerate() {
+            if let Some(src) = srcs.get(16 * half + i) {
+                let len = src.len().saturating_sub(c0).min(16);
+                let mask = ((1u32 << len) - 1) as __mmask16;
+                // SAFETY: the masked lanes are elements c0 .. c0 + len of `src`, in bounds;
+                // masked-off lanes are not read.
+                *x = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(c0)) };
+            }
+        }
+        // Stage 1: 32-bit interleaves of row pairs; stage 2: 64-bit interleaves of those.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            let pd = _mm512_castps_pd;
+            u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+            u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+            u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+            u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+        }
+        // Now lane L of u[4i + c] holds column c + 4L of rows 4i .. 4i+3. Stages 3 and 4
+        // gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into output row c + 4L.
+        for c in 0..4 {
+            let x = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let y = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let x2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let y2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            let rows = [
+                (c, _mm512_shuffle_f32x4::<0x88>(x, x2)),
+                (c + 4, _mm512_shuffle_f32x4::<0x88>(y, y2)),
+                (c + 8, _mm512_shuffle_f32x4::<0xdd>(x, x2)),
+                (c + 12, _mm512_shuffle_f32x4::<0xdd>(y, y2)),
+            ];
+            for (row, v) in rows {
+                // SAFETY: 16 floats at blk[row][16·half ..], inside the row of 32.
+                unsafe { _mm512_storeu_ps(blk[row][16 * half..].as_mut_ptr(), v) };
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs the packing loops' AVX-512 builds (F and BW; detected once).
+fn packing_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Stores up to 32 values `src` from `at` on, contiguous: rounded to bf16 (one part), or
 /// split into `hi` there and `lo` at `at + lo_offset` (two parts). Vectorizes.
-#[inline]
+#[inline(always)]
 fn store_chunk(data: &mut [u16], at: usize, lo_offset: usize, parts: usize, src: &[f32]) {
     let hi = &mut data[at..at + src.len()];
     for (h, &x) in hi.iter_mut().zip(src) {
@@ -808,6 +955,8 @@ mod tests {
             let got = PackedRows::from_rows_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
             assert_eq!((got.rows, got.d_pad, got.parts), (want.rows, want.d_pad, want.parts));
             assert!(got.data[..] == want.data[..], "{precision}: from_rows_transposed");
+            let got = PackedRows::from_rows_transposed_portable(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+            assert!(got.data[..] == want.data[..], "{precision}: from_rows_transposed, portable build");
             // Weights-side packing from source rows along k: element (j, p) = row p, value j.
             let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
             let got = PackedBf16Weights::from_rows(m, k, precision, |p| &src[p * m..(p + 1) * m]);
