@@ -941,6 +941,25 @@ mod tests {
     }
 
     #[test]
+    fn transposed_packing_matches_element_by_element_over_every_tail() {
+        // Both builds (AVX-512 where the CPU has it, and the portable one) over every row
+        // tail of a 16-row tile and the k-chunk tails around 32.
+        for m in 1..=34 {
+            for k in [1, 2, 15, 16, 17, 31, 32, 33, 63, 65] {
+                let src: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
+                for precision in [Precision::Bf16, Precision::Bf16x3] {
+                    let want = PackedRows::from_fn(m, k, precision, |i, p| src[p * m + i]);
+                    let fast = PackedRows::from_rows_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+                    let portable =
+                        PackedRows::from_rows_transposed_portable(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+                    assert!(fast.data[..] == want.data[..], "m={m} k={k} {precision}: fast build");
+                    assert!(portable.data[..] == want.data[..], "m={m} k={k} {precision}: portable build");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn packing_from_rows_matches_packing_element_by_element() {
         // Sizes off every multiple of 16 and 32; the reference is `from_fn`.
         let (m, k) = (37, 45);
