@@ -722,8 +722,9 @@ impl LogitSource for SoftmaxLayer<'_> {
             return PreparedRows { packed: None, scratch: tile_gemm::Scratch::new(), bf };
         }
         // With all classes in one column tile (a classifier's few), the `gemm` crate's product
-        // is faster: target stats at n = 50000, d = 256, V = 100 took 40–53 ms against
-        // 44–61 ms through the blocked kernel (`bench_train`, alternated).
+        // is faster: target stats at n = 50000, d = 256, V = 100 (`bench_train`'s evaluate,
+        // three alternated pairs, twice) took 52–53 against 60–61 ms through the blocked
+        // kernel, and after the estimates were vectorized 40–45 against 44–47 ms.
         let narrow = self.vocab <= self.tiling.col_tile;
         let packed = (self.layout == WeightLayout::VocabMajor && m > GEMV_MAX_ROWS && !narrow).then(|| {
             let mut p = tile_gemm::PackedA::new();

@@ -740,16 +740,10 @@ fn transpose_block_avx512(srcs: &[&[f32]], c0: usize, blk: &mut [[f32; 32]; 16])
 }
 
 /// Whether this CPU runs the packing loops' AVX-512 builds (F and BW; detected once).
+#[cfg(target_arch = "x86_64")]
 fn packing_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
 }
 
 /// Stores up to 32 values `src` from `at` on, contiguous: rounded to bf16 (one part), or
