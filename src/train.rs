@@ -31,6 +31,7 @@
 //! file, fsync, rename): killing the process at any moment leaves the previous checkpoint
 //! intact. Resuming from one continues the run to the same bits as an uninterrupted run.
 
+use crate::bf16::Precision;
 use crate::error::{Error, Result};
 use crate::io::{self, OutTensor};
 use crate::layer::{LayerOptions, SoftmaxLayer};
@@ -60,12 +61,23 @@ impl Model {
         SoftmaxLayer::new(&self.weight[..], WeightLayout::VocabMajor, self.classes, self.dim, Some(&self.bias[..]))
     }
 
+    /// [`Model::layer`] computing its products in `precision` (bf16 precisions pack the
+    /// weight here).
+    pub fn layer_in(&self, precision: Precision) -> Result<SoftmaxLayer<'_>> {
+        self.layer()?.with_precision(precision)
+    }
+
     /// Class probabilities `[n, K]` for `features [n, d]`.
     pub fn predict_proba(&self, features: MatRef<'_>) -> Result<Vec<f32>> {
+        self.predict_proba_in(features, Precision::F32)
+    }
+
+    /// [`Model::predict_proba`] with the product in `precision`.
+    pub fn predict_proba_in(&self, features: MatRef<'_>, precision: Precision) -> Result<Vec<f32>> {
         check_dim(features, self.dim)?;
         let mut out = vec![0f32; features.rows() * self.classes];
         let view = crate::MatMut::new(&mut out, features.rows(), self.classes)?;
-        self.layer()?.probs(features, view, &LayerOptions::default())?;
+        self.layer_in(precision)?.probs(features, view, &LayerOptions::default())?;
         Ok(out)
     }
 
@@ -179,8 +191,13 @@ pub struct Metrics {
 
 /// Evaluates `model` on `data` in one fused pass.
 pub fn evaluate(model: &Model, data: Data<'_>) -> Result<Metrics> {
+    evaluate_in(model, data, Precision::F32)
+}
+
+/// [`evaluate`] with the product in `precision`.
+pub fn evaluate_in(model: &Model, data: Data<'_>, precision: Precision) -> Result<Metrics> {
     check_dim(data.features, model.dim)?;
-    let stats = model.layer()?.target_stats(data.features, data.labels, 0, &LayerOptions::default())?;
+    let stats = model.layer_in(precision)?.target_stats(data.features, data.labels, 0, &LayerOptions::default())?;
     let n = stats.len().max(1) as f64;
     let loss = -stats.iter().map(|s| s.log_prob as f64).sum::<f64>() / n;
     let accuracy = stats.iter().filter(|s| s.rank == 1).count() as f64 / n;
@@ -263,6 +280,10 @@ pub struct TrainConfig {
     pub checkpoint: Option<Checkpointing>,
     /// L-BFGS also stops once `J` is at most this (to time reaching a peer's objective).
     pub target_objective: Option<f64>,
+    /// Precision of the layer's products in the loss, its gradients and the metrics
+    /// ([`Precision::F32`] by default). The optimizer's state and updates stay f32 (f64
+    /// for L-BFGS).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -282,6 +303,7 @@ impl Default for TrainConfig {
             classes: None,
             checkpoint: None,
             target_objective: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -362,6 +384,17 @@ const CHUNKED_MAX_PARAMS: usize = 1 << 20;
 /// with its own gradient, summed in chunk order; larger ones run one fused call that is
 /// parallel over classes. Either way the result does not depend on the thread count.
 pub fn loss_and_gradient(model: &Model, data: Data<'_>, gw: &mut [f32], gb: &mut [f32]) -> Result<f64> {
+    loss_and_gradient_in(model, data, Precision::F32, gw, gb)
+}
+
+/// [`loss_and_gradient`] with the products in `precision`.
+pub fn loss_and_gradient_in(
+    model: &Model,
+    data: Data<'_>,
+    precision: Precision,
+    gw: &mut [f32],
+    gb: &mut [f32],
+) -> Result<f64> {
     let (features, labels) = (data.features, data.labels);
     check_dim(features, model.dim)?;
     if let Some(i) = labels.iter().position(|&y| y as u64 >= model.classes as u64) {
@@ -383,7 +416,7 @@ pub fn loss_and_gradient(model: &Model, data: Data<'_>, gw: &mut [f32], gb: &mut
         gb.fill(0.0);
         return Ok(0.0);
     }
-    let layer = model.layer()?;
+    let layer = model.layer_in(precision)?;
     let opts = CrossEntropyOptions { reduction: Reduction::None, ..Default::default() };
     let up = Upstream::Scalar(1.0 / n as f32);
     let one = |x: MatRef<'_>, y: &[i64], gw: &mut [f32], gb: &mut [f32]| -> Result<f64> {
@@ -560,7 +593,7 @@ fn run_training(
                 Optimizer::Lbfgs { .. } => {
                     let mut lb =
                         Lbfgs { x: vec![0.0; p + classes], f: 0.0, g: Vec::new(), s: vec![], y: vec![], done: false };
-                    let (f, g) = objective_f64(&lb.x, classes, d, train_data, cfg.l2)?;
+                    let (f, g) = objective_f64(&lb.x, classes, d, train_data, cfg.l2, cfg.precision)?;
                     evaluations += 1;
                     lb.f = f;
                     lb.g = g;
@@ -593,7 +626,8 @@ fn run_training(
                 break;
             }
             let Optimizer::Lbfgs { history, tolerance } = cfg.optimizer else { unreachable!() };
-            let (converged, evals) = lbfgs_iteration(lb, history, tolerance, classes, d, train_data, cfg.l2)?;
+            let (converged, evals) =
+                lbfgs_iteration(lb, history, tolerance, classes, d, train_data, cfg.l2, cfg.precision)?;
             evaluations += evals;
             let converged = converged || cfg.target_objective.is_some_and(|t| lb.f <= t);
             st.model = model_from_flat(&lb.x, classes, d);
@@ -618,7 +652,7 @@ fn run_training(
                 }
                 // Rows of already checked data.
                 let batch_data = Data { features: MatRef::new(&batch_x, batch.len(), d)?, labels: &batch_y };
-                let loss = loss_and_gradient(&st.model, batch_data, &mut gw, &mut gb)?;
+                let loss = loss_and_gradient_in(&st.model, batch_data, cfg.precision, &mut gw, &mut gb)?;
                 let objective = loss + penalty(&st.model.weight, cfg.l2);
                 let lr = lr_at(cfg, st.step, total_steps);
                 minibatch_step(&mut st, cfg, &mut gw, &mut gb, lr);
@@ -630,7 +664,7 @@ fn run_training(
             sum / steps_per_epoch as f64
         };
         st.epoch = epoch;
-        let heldout = held.map(|h| evaluate(&st.model, h)).transpose()?;
+        let heldout = held.map(|h| evaluate_in(&st.model, h, cfg.precision)).transpose()?;
         let rec = EpochRecord { epoch, train_objective, heldout };
         st.history.push(rec);
         on_event(Event::Epoch(&rec));
@@ -658,8 +692,8 @@ fn run_training(
         _ => st.model,
     };
     // One fused forward pass gives the training loss (the mean −log p) and the accuracy.
-    let train_metrics = evaluate(&model, train_data)?;
-    let heldout = held.map(|h| evaluate(&model, h)).transpose()?;
+    let train_metrics = evaluate_in(&model, train_data, cfg.precision)?;
+    let heldout = held.map(|h| evaluate_in(&model, h, cfg.precision)).transpose()?;
     Ok(TrainOutput {
         objective: train_metrics.loss + penalty(&model.weight, cfg.l2),
         model,
@@ -800,11 +834,18 @@ fn model_from_flat(x: &[f64], classes: usize, d: usize) -> Model {
 }
 
 /// `J` and `∇J` at the flat `f64` point `x`, evaluated through the `f32` model.
-fn objective_f64(x: &[f64], classes: usize, d: usize, data: Data<'_>, l2: f32) -> Result<(f64, Vec<f64>)> {
+fn objective_f64(
+    x: &[f64],
+    classes: usize,
+    d: usize,
+    data: Data<'_>,
+    l2: f32,
+    precision: Precision,
+) -> Result<(f64, Vec<f64>)> {
     let model = model_from_flat(x, classes, d);
     let p = classes * d;
     let (mut gw, mut gb) = (vec![0f32; p], vec![0f32; classes]);
-    let loss = loss_and_gradient(&model, data, &mut gw, &mut gb)?;
+    let loss = loss_and_gradient_in(&model, data, precision, &mut gw, &mut gb)?;
     let l2 = l2 as f64;
     let mut g: Vec<f64> = gw.iter().chain(&gb).map(|&v| v as f64).collect();
     let mut pen = 0.0;
@@ -825,6 +866,7 @@ fn dotf(a: &[f64], b: &[f64]) -> f64 {
 
 /// One L-BFGS iteration: direction by the two-loop recursion, step by a strong-Wolfe line
 /// search. Returns whether it has converged, and how many evaluations the line search made.
+#[allow(clippy::too_many_arguments)]
 fn lbfgs_iteration(
     lb: &mut Lbfgs,
     history: usize,
@@ -833,6 +875,7 @@ fn lbfgs_iteration(
     d: usize,
     data: Data<'_>,
     l2: f32,
+    precision: Precision,
 ) -> Result<(bool, usize)> {
     if max_abs(&lb.g) <= tolerance {
         return Ok((true, 0));
@@ -866,7 +909,7 @@ fn lbfgs_iteration(
     let eval = |t: f64| -> Result<(f64, Vec<f64>, Vec<f64>)> {
         evaluations.set(evaluations.get() + 1);
         let x: Vec<f64> = lb.x.iter().zip(&dir).map(|(x, p)| x + t * p).collect();
-        let (f, g) = objective_f64(&x, classes, d, data, l2)?;
+        let (f, g) = objective_f64(&x, classes, d, data, l2, precision)?;
         Ok((f, g, x))
     };
     let Some((f, g, x)) = wolfe_search(lb.f, dg, t0, &dir, eval)? else {
@@ -1002,7 +1045,11 @@ fn fingerprint(cfg: &TrainConfig, n: usize, d: usize, classes: usize) -> String 
         cfg.seed,
         cfg.holdout,
         cfg.patience
-    )
+    ) + &match cfg.precision {
+        // (Absent for f32, so that checkpoints written before the setting existed resume.)
+        Precision::F32 => String::new(),
+        p => format!(" precision={p}"),
+    }
 }
 
 /// The checkpoint with the highest epoch in `dir`, if any.

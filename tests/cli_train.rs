@@ -60,6 +60,25 @@ fn train_and_predict_from_csv_and_tensors() {
         right += (best as i64 == y[i]) as usize;
     }
     assert!(right >= 290, "training accuracy {right}/300");
+    // predict in bf16 (H and W rounded to 8 bits): close to the f32 probabilities; bf16x3
+    // closer still.
+    for (precision, tol) in [("bf16", 2e-2), ("bf16x3", 1e-4)] {
+        let out = p(&format!("{precision}.npy"));
+        ok(&[
+            "predict",
+            "--model",
+            &p("m.safetensors"),
+            "--features",
+            &p("x.npy"),
+            "--precision",
+            precision,
+            "-o",
+            &out,
+        ]);
+        let c = read_npy(Path::new(&out)).unwrap().to_f32().unwrap().into_owned();
+        let err = c.iter().zip(&a).map(|(u, v)| (u - v).abs()).fold(0f32, f32::max);
+        assert!(err <= tol && (precision == "bf16x3" || err > 0.0), "{precision}: max |Δp| {err}");
+    }
     // Tensor inputs with AdamW and a held-out split, JSON summary.
     write_npy_i64(Path::new(&p("y.npy")), &[300], &y).unwrap();
     let out = bin()
@@ -110,6 +129,10 @@ fn bad_training_input_exits_2_with_one_line() {
     write_npy_f32(Path::new(&p("yf.npy")), &[4], &[0.0, 1.0, 0.5, 0.0]).unwrap();
     fails(&["train", "--features", &p("x.npy"), "--labels", &p("yf.npy"), "-o", &o], &["yf.npy", "0.5", "integer"]);
     fails(&["train", "--features", &p("x.npy"), "--labels", &p("y3.npy"), "--optimizer", "adam", "-o", &o], &["adam"]);
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("y3.npy"), "--precision", "fp8", "-o", &o],
+        &["--precision", "'fp8'"],
+    );
     let mut bad = vec![0f32; 8];
     bad[5] = f32::NAN;
     write_npy_f32(Path::new(&p("xnan.npy")), &[4, 2], &bad).unwrap();

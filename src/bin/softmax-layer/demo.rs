@@ -10,6 +10,7 @@
 use crate::Failure;
 use crate::alloc::peak_extra;
 use crate::train::{Progress, plot_history};
+use softmax_layer::bf16::Precision;
 use softmax_layer::io::write_atomic;
 use softmax_layer::loss::{
     CrossEntropyOptions, GradientsMut, Upstream, cross_entropy_with_grad, cross_entropy_with_grad_into,
@@ -40,6 +41,10 @@ pub struct DemoArgs {
     /// Where to write the loss-curve plot.
     #[arg(long, value_name = "FILE.svg", default_value = "demo-loss.svg")]
     pub plot: PathBuf,
+    /// Precision of the layer's products in training, scoring and sampling: f32, bf16 or
+    /// bf16x3.
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    pub precision: String,
 }
 
 use softmax_layer::rng::SplitMix64 as Rng;
@@ -249,6 +254,8 @@ fn show(symbols: &[char], ids: &[usize]) -> String {
 
 pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     let started = Instant::now();
+    let precision = Precision::parse(&a.precision)
+        .ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{}'", a.precision)))?;
     let c = corpus(a)?;
     let v = c.symbols.len();
     let feats = Features { vocab: v, buckets: a.buckets, hashes: 2 };
@@ -275,6 +282,7 @@ pub fn run(a: &DemoArgs) -> Result<(), Failure> {
         lr: 0.05,
         classes: Some(v),
         seed: a.seed,
+        precision,
         ..TrainConfig::default()
     };
     println!("\n1. Training (AdamW, batch 512, {} epochs)", a.epochs);
@@ -287,7 +295,7 @@ pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     let out = train_with_heldout(Data::new(xv, &y)?, held_data, &cfg, |e| progress.event(e));
     progress.finish();
     let out = out?;
-    let layer = out.model.layer()?;
+    let layer = out.model.layer_in(precision)?;
 
     // 2. Held-out perplexity, beside the truth.
     let hm = out.heldout.expect("a held-out set was given");

@@ -4,6 +4,7 @@ use crate::Failure;
 use crate::plot::{Series, svg};
 use indicatif::{ProgressBar, ProgressStyle};
 use softmax_layer::MatRef;
+use softmax_layer::bf16::Precision;
 use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
 use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
 use std::io::IsTerminal;
@@ -91,6 +92,10 @@ pub struct TrainArgs {
     /// Print the summary as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Precision of the layer's products (loss, gradients, metrics): f32, bf16 or bf16x3.
+    /// The optimizer's state and updates stay f32 (f64 for L-BFGS).
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    pub precision: String,
     /// The model: a .safetensors with `weight` [K, d] and `bias` [K].
     #[arg(short = 'o', long = "output", value_name = "MODEL")]
     pub output: PathBuf,
@@ -103,6 +108,9 @@ pub struct PredictArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Precision of the product: f32, bf16 or bf16x3.
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    pub precision: String,
     /// Probabilities [n, K], f32 .npy.
     #[arg(short = 'o', long = "output", value_name = "PROBS.npy")]
     pub output: PathBuf,
@@ -308,6 +316,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         "sgd" => Optimizer::Sgd { momentum: a.momentum },
         o => return Err(Failure(format!("--optimizer must be lbfgs, adamw or sgd, got '{o}'"))),
     };
+    let precision = parse_precision(&a.precision)?;
     let data = load_data(&a.data, a.labels.as_deref(), true)?;
     let labels = data.y.as_deref().expect("labels are required");
     let x = MatRef::new(data.x.as_slice(), data.n, data.d)?;
@@ -330,6 +339,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
             resume: a.resume,
         }),
         target_objective: a.target_objective,
+        precision,
         ..TrainConfig::default()
     };
     let mut progress = Progress::new(a.optimizer == "lbfgs");
@@ -383,7 +393,12 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     p.with_file_name(format!("{stem}{suffix}"))
 }
 
+fn parse_precision(s: &str) -> Result<Precision, Failure> {
+    Precision::parse(s).ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{s}'")))
+}
+
 pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
+    let precision = parse_precision(&a.precision)?;
     let model = Model::load(&a.model)?;
     let data = load_data(&a.data, None, false)?;
     if data.d != model.dim {
@@ -394,7 +409,7 @@ pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
             model.dim
         )));
     }
-    let probs = model.predict_proba(MatRef::new(data.x.as_slice(), data.n, data.d)?)?;
+    let probs = model.predict_proba_in(MatRef::new(data.x.as_slice(), data.n, data.d)?, precision)?;
     write_npy_f32(&a.output, &[data.n, model.classes], &probs)?;
     Ok(())
 }
