@@ -78,6 +78,7 @@ unsafe impl Sync for SharedMut {}
 
 /// A zeroed `f32` buffer whose start is 64-byte aligned: rows whose stride is a multiple of
 /// 16 values are then whole cache lines, which the AMX kernel updates in place.
+#[derive(Default)]
 pub(crate) struct AlignedF32 {
     buf: Vec<f32>,
     off: usize,

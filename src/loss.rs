@@ -540,7 +540,8 @@ fn run(
         let dh_parts = SharedMut(dh_part.as_mut_ptr());
         let want_dh = g.hidden.is_some();
         let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::new(layer, h));
-        segments.par_iter().enumerate().for_each(|(gi, seg)| {
+        // bf16: each worker's packing buffers, reused from segment to segment.
+        segments.par_iter().enumerate().for_each_init(GradScratch::default, |scratch, (gi, seg)| {
             // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
             let dx = z.ptr().wrapping_add(r * seg.start);
             for i in 0..m {
@@ -580,6 +581,7 @@ fn run(
                         want_dh.then(|| dh_parts.ptr().add(gi * r * d)),
                         &w_segs[gi],
                         h_packed.as_ref().expect("packed with the bf16 precision"),
+                        scratch,
                     )
                 };
                 return;
@@ -624,6 +626,16 @@ fn run(
         }
     };
     Ok(CrossEntropyOutput { loss, lse })
+}
+
+/// A worker's buffers for the bf16 gradient products, reused across the segments it takes
+/// (rather than allocated, zeroed and freed per segment and chunk).
+#[derive(Default)]
+struct GradScratch {
+    /// A chunk of `dW`'s product, before it is added to `dW`.
+    part: AlignedF32,
+    /// `Gᵀ` or `G` packed for a product.
+    packed: PackedRows,
 }
 
 /// Rows of the left operand per bf16 gradient product (a multiple of 32).
@@ -685,6 +697,7 @@ unsafe fn bf16_grads(
     dh: Option<*mut f32>,
     w_seg: &PackedBf16Weights,
     hp: &PackedHidden,
+    scratch: &mut GradScratch,
 ) {
     let (c, d, v) = (cols.len(), layer.hidden_dim(), layer.vocab());
     let (path, precision) = (layer.bf16_path(), layer.precision());
@@ -700,12 +713,15 @@ unsafe fn bf16_grads(
             // Each chunk's product goes to an aligned buffer, written over (AMX works there
             // in place, whereas dW's rows lie wherever the caller's buffer does), then is
             // added to dW: the same bits wherever dW lies.
-            let mut part = AlignedF32::zeroed(GRAD_CHUNK.min(c) * d);
+            let GradScratch { part, packed } = scratch;
+            if part.len() < GRAD_CHUNK.min(c) * d {
+                *part = AlignedF32::zeroed(GRAD_CHUNK.min(c) * d);
+            }
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
-                let gt = PackedRows::from_rows_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
+                packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
                 let part = &mut part[..cj * d];
-                bf16::tile_product(path, &gt, hb, 0..d, part, d, Output::Overwrite);
+                bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
                 layer.kernels().axpy(&mut out[j0 * d..(j0 + cj) * d], 1.0, part);
             }
         }
@@ -729,11 +745,12 @@ unsafe fn bf16_grads(
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
     let rows = GRAD_CHUNK / 2;
+    let ga = &mut scratch.packed;
     for i0 in (0..m).step_by(rows) {
         let mi = rows.min(m - i0);
-        let ga = PackedRows::from_rows(mi, c, precision, |i| g_row(i0 + i));
+        ga.repack_rows(mi, c, precision, |i| g_row(i0 + i));
         // Each row chunk is written once, over all of d: no need to zero `out` first.
-        bf16::tile_product(path, &ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d, Output::Overwrite);
+        bf16::tile_product(path, ga, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d, Output::Overwrite);
     }
 }
 

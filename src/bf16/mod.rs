@@ -456,12 +456,25 @@ impl PackedRows {
         precision: Precision,
         row: impl Fn(usize) -> &'r [f32],
     ) -> PackedRows {
+        let mut p = PackedRows::default();
+        p.repack_transposed(m, k, precision, row);
+        p
+    }
+
+    /// [`PackedRows::from_rows_transposed`] into this packing, reusing its allocation.
+    pub fn repack_transposed<'r>(
+        &mut self,
+        m: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if packing_avx512() {
             // SAFETY: the CPU has AVX-512F and AVX-512BW (just checked).
-            return unsafe { Self::transposed_avx512(m, k, precision, row) };
+            return unsafe { self.transposed_avx512(m, k, precision, row) };
         }
-        Self::transposed_impl(m, k, precision, row, transpose_block)
+        self.transposed_impl(m, k, precision, row, transpose_block)
     }
 
     /// The same loop compiled for AVX-512, with the blocks transposed in registers: the
@@ -474,14 +487,15 @@ impl PackedRows {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn transposed_avx512<'r>(
+        &mut self,
         m: usize,
         k: usize,
         precision: Precision,
         row: impl Fn(usize) -> &'r [f32],
-    ) -> PackedRows {
+    ) {
         // (The closure inherits this function's target features, so it calls the AVX-512
         // transpose without `unsafe`.)
-        Self::transposed_impl(m, k, precision, row, |srcs, c0, blk| transpose_block_avx512(srcs, c0, blk))
+        self.transposed_impl(m, k, precision, row, |srcs, c0, blk| transpose_block_avx512(srcs, c0, blk))
     }
 
     /// [`PackedRows::from_rows_transposed`] compiled for any x86_64 (for the tests, which
@@ -493,22 +507,27 @@ impl PackedRows {
         precision: Precision,
         row: impl Fn(usize) -> &'r [f32],
     ) -> PackedRows {
-        Self::transposed_impl(m, k, precision, row, transpose_block)
+        let mut p = PackedRows::default();
+        p.transposed_impl(m, k, precision, row, transpose_block);
+        p
     }
 
     #[inline(always)]
     fn transposed_impl<'r>(
+        &mut self,
         m: usize,
         k: usize,
         precision: Precision,
         row: impl Fn(usize) -> &'r [f32],
         fill: impl Fn(&[&[f32]], usize, &mut [[f32; 32]; 16]),
-    ) -> PackedRows {
+    ) {
         assert!(precision != Precision::F32, "bf16: packing needs a bf16 precision");
         let parts = precision.parts();
         let d_pad = pad_d(k.max(1));
         let tl = parts * d_pad * 16;
-        let mut ap = PackedRows { rows: m, d_pad, parts, data: Buf::zeroed(m.div_ceil(32) * 2 * tl) };
+        self.data.reset(m.div_ceil(32) * 2 * tl);
+        (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
+        let ap = self;
         // 32 source rows at a time (one k-chunk), transposed 16 columns at a time through a
         // small block, whose rows are then stored like `repack`'s (contiguous, vectorized).
         let mut rows: [&[f32]; 32] = [&[]; 32];
@@ -527,10 +546,15 @@ impl PackedRows {
                 }
             }
         }
-        ap
     }
 
-    fn repack_rows<'r>(&mut self, m: usize, d: usize, precision: Precision, row_of: impl Fn(usize) -> &'r [f32]) {
+    pub(crate) fn repack_rows<'r>(
+        &mut self,
+        m: usize,
+        d: usize,
+        precision: Precision,
+        row_of: impl Fn(usize) -> &'r [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if packing_avx512() {
             // SAFETY: the CPU has AVX-512F and AVX-512BW (just checked).
