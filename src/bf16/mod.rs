@@ -961,7 +961,9 @@ mod tests {
     #[test]
     fn transposed_packing_matches_element_by_element_over_every_tail() {
         // Both builds (AVX-512 where the CPU has it, and the portable one) over every row
-        // tail of a 16-row tile and the k-chunk tails around 32.
+        // tail of a 16-row tile and the k-chunk tails around 32; and one packing reused for
+        // every shape in turn (larger and smaller), as the loss reuses it.
+        let mut reused = PackedRows::default();
         for m in 1..=34 {
             for k in [1, 2, 15, 16, 17, 31, 32, 33, 63, 65] {
                 let src: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
@@ -971,6 +973,9 @@ mod tests {
                     let portable =
                         PackedRows::from_rows_transposed_portable(m, k, precision, |p| &src[p * m..(p + 1) * m]);
                     assert!(fast.data[..] == want.data[..], "m={m} k={k} {precision}: fast build");
+                    reused.repack_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+                    assert_eq!((reused.rows, reused.d_pad, reused.parts), (want.rows, want.d_pad, want.parts));
+                    assert!(reused.data[..] == want.data[..], "m={m} k={k} {precision}: reused packing");
                     assert!(portable.data[..] == want.data[..], "m={m} k={k} {precision}: portable build");
                 }
             }
