@@ -548,6 +548,8 @@ impl PackedRows {
         }
     }
 
+    /// Packs the `[m, d]` operand whose row `i` is `row_of(i)` into this packing, reusing its
+    /// allocation (the AVX-512 build where the CPU has it).
     pub(crate) fn repack_rows<'r>(
         &mut self,
         m: usize,
