@@ -5,6 +5,7 @@
 //! `rows == 0`). Elements between `cols` and `s` in each row are never read or written.
 
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 fn required_len(rows: usize, cols: usize, stride: usize) -> Option<usize> {
     if rows == 0 { Some(0) } else { (rows - 1).checked_mul(stride)?.checked_add(cols) }
@@ -75,15 +76,21 @@ impl<'a> MatRef<'a> {
 
     /// Finds the first NaN or infinity, as `(row, col, value)`.
     pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
-        // A branch-free scan over blocks (it vectorizes); the position only on failure.
+        // A branch-free scan over blocks (it vectorizes); the position only on failure. Large
+        // matrices are scanned by all threads, the first bad element in row order reported.
         let clean = |c: &[f32]| c.iter().fold(true, |ok, v| ok & v.is_finite());
-        (0..self.rows).find_map(|i| {
+        let check_row = |i: usize| {
             let row = self.row(i);
             if row.chunks(64).all(clean) {
                 return None;
             }
             row.iter().position(|v| !v.is_finite()).map(|j| (i, j, row[j]))
-        })
+        };
+        if self.rows * self.cols < 1 << 18 {
+            return (0..self.rows).find_map(check_row);
+        }
+        let min_rows = ((1usize << 16) / self.cols.max(1)).max(1);
+        (0..self.rows).into_par_iter().with_min_len(min_rows).find_map_first(check_row)
     }
 
     /// Row `i`, of length `cols`.
@@ -180,6 +187,36 @@ impl WeightLayout {
         match self {
             WeightLayout::VocabMajor => [vocab, hidden],
             WeightLayout::HiddenMajor => [hidden, vocab],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_finite_element_in_row_order_is_found_small_or_large() {
+        // Small (one thread) and large (all threads, above 2^18 elements) matrices, with a
+        // row stride past the columns whose padding holds NaN that must not count.
+        for (rows, cols) in [(7usize, 9usize), (1000, 300)] {
+            let stride = cols + 3;
+            let mut data = vec![1.5f32; rows * stride];
+            for i in 0..rows {
+                data[i * stride + cols..(i + 1) * stride].fill(f32::NAN);
+            }
+            let view = |d: &[f32]| MatRef::with_stride(d, rows, cols, stride).unwrap().find_non_finite();
+            assert_eq!(view(&data), None);
+            data[(rows - 1) * stride + 2] = f32::NAN;
+            data[(rows / 3) * stride + cols - 1] = f32::INFINITY;
+            data[(rows / 3) * stride + cols - 2] = 0.0;
+            let got = view(&data).unwrap();
+            assert_eq!((got.0, got.1), (rows / 3, cols - 1));
+            assert_eq!(got.2, f32::INFINITY);
+            data[(rows / 3) * stride + cols - 1] = 2.0;
+            let got = view(&data).unwrap();
+            assert_eq!((got.0, got.1), (rows - 1, 2));
+            assert!(got.2.is_nan());
         }
     }
 }
