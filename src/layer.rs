@@ -617,9 +617,9 @@ impl Consumer for Scorer<'_> {
                 s.above += above;
                 // The target's own logit lies in [lo, hi] (that is what the estimate's bound
                 // says) and needs no look: only others there do. (Scanning every row for it
-                // cost target stats at n = 50000, V = 100 a quarter of its time: 46–55 ms
-                // against 32–40 ms, `bench_train`'s evaluate, three alternated pairs.)
-                let own = cols.contains(&y) && (lo..=hi).contains(&row[y - cols.start]);
+                // cost target stats at n = 50000, V = 100 a quarter of its time: 46–55 ms at
+                // commit `941d528` against 32–40 ms, `bench_train`'s evaluate, three pairs.)
+                let own = cols.contains(&y) && (lo..=hi).contains(&s.zy);
                 // Values in [lo, hi] are few: find the 64-element pieces that hold any,
                 // and look at those one by one.
                 if self.kern.count_greater(row, lo.next_down()) > above + own as usize {
@@ -680,6 +680,16 @@ fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
 }
 
 impl SoftmaxLayer<'_> {
+    /// Starts a tile of logits for the classes `cols` (rows of `|cols|`): with a bias, each
+    /// row is set to it and the product must add to the tile (returns `true`); without, the
+    /// tile is left as it is and the product writes over it (`false`), so that no pass zeroes
+    /// it first.
+    pub(crate) fn start_tile(&self, tile: &mut [f32], cols: Range<usize>) -> bool {
+        let Some(b) = &self.bias else { return false };
+        tile.chunks_exact_mut(cols.len()).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
+        true
+    }
+
     /// The logits of the classes `cols` for rows already packed in this layer's bf16
     /// precision, into `tile` (`m × |cols|`): bias, then the product. Shared by the engine's
     /// tiles and the loss, which packs a block's rows once for all its segments.
@@ -690,9 +700,7 @@ impl SoftmaxLayer<'_> {
         let (m, c) = (rows.rows(), cols.len());
         assert_eq!(tile.len(), m * c, "bf16_logits: tile length");
         let w = self.packed.as_ref().expect("bf16_logits: a bf16 layer");
-        if let Some(b) = &self.bias {
-            tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
-        }
+        let output = if self.start_tile(tile, cols.clone()) { bf16::Output::Add } else { bf16::Output::Overwrite };
         // Decoding (a few rows) is bound by reading W: there AVX512-BF16 was 6–11% faster
         // than AMX's 1×4 kernel (bench_bf16 decode_paths), unless a path was asked for.
         let path = match self.bf_path {
@@ -701,9 +709,7 @@ impl SoftmaxLayer<'_> {
             }
             p => p,
         };
-        // Without a bias the product is written over the tile: no zeroing pass first, and on
-        // AMX no loading of zeros into C.
-        let output = if self.bias.is_some() { bf16::Output::Add } else { bf16::Output::Overwrite };
+        // (Written over, AMX does not even load C.)
         bf16::tile_product(path, rows, w, cols, tile, c, output);
     }
 }
@@ -728,8 +734,9 @@ impl LogitSource for SoftmaxLayer<'_> {
         }
         // With all classes in one column tile (a classifier's few), the `gemm` crate's product
         // is faster: target stats at n = 50000, d = 256, V = 100 (`bench_train`'s evaluate,
-        // three alternated pairs, twice) took 52–53 against 60–61 ms through the blocked
-        // kernel, and after the estimates were vectorized 40–45 against 44–47 ms.
+        // three alternated pairs, twice, the blocked kernel switched on in a temporary build)
+        // took 52–53 against 60–61 ms, and after the estimates were vectorized 40–45 against
+        // 44–47 ms.
         let narrow = self.vocab <= self.tiling.col_tile;
         let packed = (self.layout == WeightLayout::VocabMajor && m > GEMV_MAX_ROWS && !narrow).then(|| {
             let mut p = tile_gemm::PackedA::new();
@@ -752,19 +759,17 @@ impl LogitSource for SoftmaxLayer<'_> {
             self.bf16_logits(bf, cols, tile);
             return;
         }
-        if let Some(b) = &self.bias {
-            tile.chunks_exact_mut(c).for_each(|r| r.copy_from_slice(&b[cols.clone()]));
-        }
+        let add = self.start_tile(tile, cols.clone());
         let k = self.kernels;
         if let Some(packed) = &rows.packed {
-            // The blocked kernel (weights [V, d]): H packed once per task, W[cols] per tile,
-            // written over the tile when there is no bias.
+            // The blocked kernel (weights [V, d]): H packed once per task, W[cols] per tile.
             let w = &self.weight[cols.start * d..cols.end * d];
-            let add = self.bias.is_some();
             tile_gemm::gemm_packed(packed, w, tile_gemm::BLayout::VocabMajor, c, d, tile, c, add, &mut rows.scratch);
             return;
         }
-        if self.bias.is_none() {
+        // The dot-product paths below add into the tile; the `gemm` crate's product writes
+        // over it when there is no bias.
+        if !add && m <= GEMV_MAX_ROWS {
             tile.fill(0.0);
         }
         match self.layout {
@@ -800,8 +805,8 @@ impl LogitSource for SoftmaxLayer<'_> {
                 let c_op = Operand { ptr: tile.as_mut_ptr(), rs: c as isize, cs: 1 };
                 // SAFETY: `tile` is m x c row-major and ours alone; `hidden` is m x d within
                 // its slice; `weight_block` addresses W inside `self.weight` (cols.end <= V).
-                // The bias written above is accumulated onto.
-                unsafe { linalg::gemm(m, c, d, c_op, true, hidden_op(hidden), self.weight_block(layout, cols.start)) }
+                // It adds onto the bias written above, or writes over the tile.
+                unsafe { linalg::gemm(m, c, d, c_op, add, hidden_op(hidden), self.weight_block(layout, cols.start)) }
             }
         }
     }
@@ -994,7 +999,8 @@ impl Candidates {
         // skips the pieces with nothing above the threshold (most of them, as the threshold
         // rises), and a piece that passes costs 16 scalar looks, not 64. (Top-k, k = 10, at
         // n = 2048, d = 768, V = 50257: 0.870–0.877 s against 0.872–0.903 s with pieces of
-        // 64, `bench_layer top_k … 5 10`, three alternated pairs.)
+        // 64 at commit `90472d8`, `bench_layer top_k 2048 768 50257 5 10`, three alternated
+        // pairs.)
         const PIECE: usize = 16;
         for (p, piece) in row.chunks(PIECE).enumerate() {
             if self.items.len() >= k && kern.count_greater(piece, self.threshold) == 0 {

@@ -457,9 +457,7 @@ fn run(
                     // 100 classes, and no slower with 50257 (alternated runs). Each tile's
                     // row statistics follow while it is in cache.
                     // With a bias the product adds to it; without, it writes over the part.
-                    if let Some(b) = layer.bias() {
-                        part_z.chunks_exact_mut(seg.len()).for_each(|row| row.copy_from_slice(&b[seg.clone()]));
-                    }
+                    let add = layer.start_tile(part_z, seg.clone());
                     let c_op = Operand { ptr: part_z.as_mut_ptr(), rs: seg.len() as isize, cs: 1 };
                     let a_op = Operand { ptr: h.row(0).as_ptr(), rs: h.row_stride() as isize, cs: 1 };
                     let w = layer.weight();
@@ -471,7 +469,7 @@ fn run(
                     };
                     // SAFETY: the part is m × |seg| with row stride |seg|; H[R] is m × d; W[seg]
                     // is in bounds for either layout.
-                    unsafe { linalg::gemm(m, seg.len(), d, c_op, layer.bias().is_some(), a_op, b_op) };
+                    unsafe { linalg::gemm(m, seg.len(), d, c_op, add, a_op, b_op) };
                 } else {
                     // bf16: the tile product over the whole segment, written into the part.
                     let bf = h_bf16.as_ref().expect("packed with the bf16 precision");
@@ -588,7 +586,7 @@ fn run(
             }
             // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
             // buffer's columns `seg` were written by this task; H[R] is read-only.
-            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, seg.len(), gw.ptr()) };
+            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr()) };
             if !want_dh {
                 return;
             }
@@ -638,6 +636,16 @@ struct GradScratch {
     packed: PackedRows,
 }
 
+impl GradScratch {
+    /// The first `len` values of `part`, grown (aligned, zeroed) when it is shorter.
+    fn sized(part: &mut AlignedF32, len: usize) -> &mut [f32] {
+        if part.len() < len {
+            *part = AlignedF32::zeroed(len);
+        }
+        &mut part[..len]
+    }
+}
+
 /// Rows of the left operand per bf16 gradient product (a multiple of 32).
 const GRAD_CHUNK: usize = 256;
 
@@ -655,7 +663,7 @@ impl PackedHidden {
             // N = d units, K = m rows: element (unit q, row i) = H[i, q].
             WeightLayout::VocabMajor => PackedHidden::Right(PackedBf16Weights::from_rows(d, m, p, |i| h.row(i))),
             // Hᵀ: d rows, K = m: element (q, i) = H[i, q].
-            WeightLayout::HiddenMajor => PackedHidden::Left(PackedRows::from_fn(d, m, p, |q, i| h.row(i)[q])),
+            WeightLayout::HiddenMajor => PackedHidden::Left(PackedRows::from_rows_transposed(d, m, p, |i| h.row(i))),
         }
     }
 }
@@ -713,14 +721,11 @@ unsafe fn bf16_grads(
             // Each chunk's product goes to an aligned buffer, written over (AMX works there
             // in place, whereas dW's rows lie wherever the caller's buffer does), then is
             // added to dW: the same bits wherever dW lies.
-            let GradScratch { part, packed } = scratch;
-            if part.len() < GRAD_CHUNK.min(c) * d {
-                *part = AlignedF32::zeroed(GRAD_CHUNK.min(c) * d);
-            }
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
-                packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
-                let part = &mut part[..cj * d];
+                scratch.packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
+                let GradScratch { part, packed } = scratch;
+                let part = GradScratch::sized(part, cj * d);
                 bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
                 layer.kernels().axpy(&mut out[j0 * d..(j0 + cj) * d], 1.0, part);
             }
@@ -729,8 +734,8 @@ unsafe fn bf16_grads(
             // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
             // tasks' columns: computed apart, then added.
             let gb = PackedBf16Weights::from_rows(c, m, precision, g_row);
-            let mut part = AlignedF32::zeroed(d * c);
-            bf16::tile_product(path, ha, &gb, 0..c, &mut part, c, Output::Overwrite);
+            let part = GradScratch::sized(&mut scratch.part, d * c);
+            bf16::tile_product(path, ha, &gb, 0..c, part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
                     // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
@@ -757,16 +762,9 @@ unsafe fn bf16_grads(
 /// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
 ///
 /// # Safety
-/// `dx` holds `G[:, cols]` from its element (0, 0): `h.rows()` rows at stride `ldx`; `gw` is the `V·d` gradient
-/// buffer, whose part for `cols` no other thread touches.
-unsafe fn weight_grad(
-    layer: &SoftmaxLayer<'_>,
-    h: MatRef<'_>,
-    cols: Range<usize>,
-    dx: *const f32,
-    ldx: usize,
-    gw: *mut f32,
-) {
+/// `dx` holds `G[:, cols]`: `h.rows()` rows of `|cols|` values, row stride `|cols|`; `gw` is
+/// the `V·d` gradient buffer, whose part for `cols` no other thread touches.
+unsafe fn weight_grad(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize>, dx: *const f32, gw: *mut f32) {
     let (m, c, d, v) = (h.rows(), cols.len(), layer.hidden_dim(), layer.vocab());
     let hs = h.row_stride() as isize;
     let hp = h.row(0).as_ptr();
@@ -775,7 +773,7 @@ unsafe fn weight_grad(
         WeightLayout::VocabMajor => {
             // dW[cols] (c x d) += dXᵀ (c x m) · H (m x d).
             let c_op = Operand { ptr: gw.wrapping_add(cols.start * d), rs: d as isize, cs: 1 };
-            let a_op = Operand { ptr: dx, rs: 1, cs: ldx as isize };
+            let a_op = Operand { ptr: dx, rs: 1, cs: c as isize };
             let b_op = Operand { ptr: hp, rs: hs, cs: 1 };
             unsafe { linalg::gemm(c, d, m, c_op, true, a_op, b_op) }
         }
@@ -783,7 +781,7 @@ unsafe fn weight_grad(
             // dW[:, cols] (d x c) += Hᵀ (d x m) · dX (m x c).
             let c_op = Operand { ptr: gw.wrapping_add(cols.start), rs: v as isize, cs: 1 };
             let a_op = Operand { ptr: hp, rs: 1, cs: hs };
-            let b_op = Operand { ptr: dx, rs: ldx as isize, cs: 1 };
+            let b_op = Operand { ptr: dx, rs: c as isize, cs: 1 };
             // SAFETY: as above, for the [d, V] layout.
             unsafe { linalg::gemm(d, c, m, c_op, true, a_op, b_op) }
         }

@@ -576,6 +576,8 @@ fn run_training(
     let total_steps = epochs * steps_per_epoch;
 
     let fingerprint = fingerprint(cfg, n_all, d, classes);
+    // L-BFGS's objective J and its gradient at a flat point.
+    let objective = |x: &[f64]| objective_f64(x, classes, d, train_data, cfg.l2, cfg.precision);
     // Loss-and-gradient evaluations by L-BFGS in this call.
     let mut evaluations = 0usize;
     let mut st = match cfg.checkpoint.as_ref().filter(|c| c.resume).and_then(|c| latest_checkpoint(&c.dir)) {
@@ -593,7 +595,7 @@ fn run_training(
                 Optimizer::Lbfgs { .. } => {
                     let mut lb =
                         Lbfgs { x: vec![0.0; p + classes], f: 0.0, g: Vec::new(), s: vec![], y: vec![], done: false };
-                    let (f, g) = objective_f64(&lb.x, classes, d, train_data, cfg.l2, cfg.precision)?;
+                    let (f, g) = objective(&lb.x)?;
                     evaluations += 1;
                     lb.f = f;
                     lb.g = g;
@@ -626,8 +628,7 @@ fn run_training(
                 break;
             }
             let Optimizer::Lbfgs { history, tolerance } = cfg.optimizer else { unreachable!() };
-            let (converged, evals) =
-                lbfgs_iteration(lb, history, tolerance, classes, d, train_data, cfg.l2, cfg.precision)?;
+            let (converged, evals) = lbfgs_iteration(lb, history, tolerance, objective)?;
             evaluations += evals;
             let converged = converged || cfg.target_objective.is_some_and(|t| lb.f <= t);
             st.model = model_from_flat(&lb.x, classes, d);
@@ -864,18 +865,14 @@ fn dotf(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// One L-BFGS iteration: direction by the two-loop recursion, step by a strong-Wolfe line
-/// search. Returns whether it has converged, and how many evaluations the line search made.
-#[allow(clippy::too_many_arguments)]
+/// One L-BFGS iteration on `objective` (`J` and `∇J` at a point): direction by the two-loop
+/// recursion, step by a strong-Wolfe line search. Returns whether it has converged, and how
+/// many evaluations the line search made.
 fn lbfgs_iteration(
     lb: &mut Lbfgs,
     history: usize,
     tolerance: f64,
-    classes: usize,
-    d: usize,
-    data: Data<'_>,
-    l2: f32,
-    precision: Precision,
+    objective: impl Fn(&[f64]) -> Result<(f64, Vec<f64>)>,
 ) -> Result<(bool, usize)> {
     if max_abs(&lb.g) <= tolerance {
         return Ok((true, 0));
@@ -909,7 +906,7 @@ fn lbfgs_iteration(
     let eval = |t: f64| -> Result<(f64, Vec<f64>, Vec<f64>)> {
         evaluations.set(evaluations.get() + 1);
         let x: Vec<f64> = lb.x.iter().zip(&dir).map(|(x, p)| x + t * p).collect();
-        let (f, g) = objective_f64(&x, classes, d, data, l2, precision)?;
+        let (f, g) = objective(&x)?;
         Ok((f, g, x))
     };
     let Some((f, g, x)) = wolfe_search(lb.f, dg, t0, &dir, eval)? else {

@@ -3,7 +3,7 @@
 //! of 16 or 32, n = 1, class ranges that start and end inside a 16-class block).
 
 mod common;
-use common::{aligned_offset, assert_tile_matches};
+use common::{aligned_offset, assert_tile_matches, transpose};
 use softmax_layer::bf16::{self, BfPath, Output, PackedBf16Weights, PackedRows, Precision, from_bf16, split, to_bf16};
 use softmax_layer::{MatRef, WeightLayout};
 
@@ -95,7 +95,7 @@ fn every_path_matches_the_float64_reference_of_the_rounded_operands() {
             let h = rng.vec(n * d, 2.0);
             let w_vd = rng.vec(v * d, 0.5);
             // The same W stored [d, V].
-            let w_dv: Vec<f32> = (0..d * v).map(|x| w_vd[(x % v) * d + x / v]).collect();
+            let w_dv = transpose(&w_vd, v, d);
             let packed = PackedBf16Weights::from_f32(&w_vd, WeightLayout::VocabMajor, v, d, precision).unwrap();
             let packed_dv = PackedBf16Weights::from_f32(&w_dv, WeightLayout::HiddenMajor, v, d, precision).unwrap();
             let ranges = [0..v, v / 3..v, 1.min(v)..v.saturating_sub(1).max(1), 0..1];
@@ -467,7 +467,7 @@ fn loss_gradients_use_the_forward_precision() {
     let hrv = MatRef::new(&hr, n, d).unwrap();
     let exact = SoftmaxLayer::new(&wr[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
     let (_, ge) = grads(&exact, hrv);
-    let wr_dv: Vec<f32> = (0..d * v).map(|x| wr[(x % v) * d + x / v]).collect();
+    let wr_dv = transpose(&wr, v, d);
     for path in paths() {
         let bf = exact.clone().with_precision(Precision::Bf16).unwrap().with_bf16_path(path).unwrap();
         let (_, g) = grads(&bf, hrv);
@@ -491,7 +491,7 @@ fn loss_gradients_use_the_forward_precision() {
             .unwrap();
         let (_, gt) = grads(&dv, hrv);
         assert!(max_rel(&gt.hidden, &g.hidden) <= 1e-5, "{path}: dv dH");
-        let gt_vd: Vec<f32> = (0..v * d).map(|x| gt.weight[(x % d) * v + x / d]).collect();
+        let gt_vd = transpose(&gt.weight, d, v);
         assert!(max_rel(&gt_vd, &g.weight) <= 1e-5, "{path}: dv dW");
     }
 }

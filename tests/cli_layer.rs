@@ -2,7 +2,7 @@
 //! written by scripts/make_fixtures.py), and their bad-input errors.
 
 mod common;
-use common::{fails, ok};
+use common::{fails, ok, transpose};
 use softmax_layer::io::{OutTensor, Tensor, TensorSpec, write_npy_f32, write_safetensors};
 use std::path::Path;
 
@@ -63,12 +63,7 @@ fn hidden_major_layout_gives_the_same_result() {
     let w = load(&fx("weight"));
     let (v, d) = (w.shape[0], w.shape[1]);
     let w = w.to_f32().unwrap();
-    let mut wt = vec![0f32; v * d];
-    for j in 0..v {
-        for p in 0..d {
-            wt[p * v + j] = w[j * d + p];
-        }
-    }
+    let wt = transpose(&w, v, d);
     let wt_path = dir.path().join("wt.npy");
     write_npy_f32(&wt_path, &[d, v], &wt).unwrap();
     let out = dir.path().join("lse.npy");

@@ -1,7 +1,7 @@
 //! The layer's forward operations against float64 references.
 
 mod common;
-use common::{Rng, assert_log_close, assert_prob_close, reference};
+use common::{Rng, assert_log_close, assert_prob_close, reference, transpose};
 use softmax_layer::engine::Tiling;
 use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
 
@@ -18,12 +18,7 @@ struct Case {
 fn case(rng: &mut Rng, n: usize, d: usize, v: usize, bias: bool) -> Case {
     let h = rng.vec(n * d, -1.0, 1.0);
     let w_vd = rng.vec(v * d, -1.0, 1.0);
-    let mut w_dv = vec![0f32; v * d];
-    for j in 0..v {
-        for p in 0..d {
-            w_dv[p * v + j] = w_vd[j * d + p];
-        }
-    }
+    let w_dv = transpose(&w_vd, v, d);
     let b = bias.then(|| rng.vec(v, -2.0, 2.0));
     Case { n, d, v, h, w_vd, w_dv, b }
 }
@@ -280,12 +275,7 @@ fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
             w_vd[j * d + p] = base[p] * (1.0 + rng.vec(1, -4e-7, 4e-7)[0]);
         }
     }
-    let mut w_dv = vec![0f32; v * d];
-    for j in 0..v {
-        for p in 0..d {
-            w_dv[p * v + j] = w_vd[j * d + p];
-        }
-    }
+    let w_dv = transpose(&w_vd, v, d);
     let h = rng.vec(n * d, -1.0, 1.0);
     let hv = MatRef::new(&h, n, d).unwrap();
     let y: Vec<i64> = (0..n).map(|i| ((i * 37 + 5) % v) as i64).collect();

@@ -527,7 +527,6 @@ impl PackedRows {
         let tl = parts * d_pad * 16;
         self.data.reset(m.div_ceil(32) * 2 * tl);
         (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
-        let ap = self;
         // 32 source rows at a time (one k-chunk), transposed 16 columns at a time through a
         // small block, whose rows are then stored like `repack`'s (contiguous, vectorized).
         let mut rows: [&[f32]; 32] = [&[]; 32];
@@ -542,7 +541,7 @@ impl PackedRows {
                 fill(srcs, 16 * t, &mut blk);
                 for (r, b) in blk.iter().enumerate().take(m - 16 * t) {
                     let at = t * tl + (p0 / 32) * 512 + r * 32;
-                    store_chunk(&mut ap.data, at, d_pad * 16, parts, &b[..srcs.len()]);
+                    store_chunk(&mut self.data, at, d_pad * 16, parts, &b[..srcs.len()]);
                 }
             }
         }
@@ -963,17 +962,18 @@ mod tests {
     #[test]
     fn transposed_packing_matches_element_by_element_over_every_tail() {
         // Both builds (AVX-512 where the CPU has it, and the portable one) over every row
-        // tail of a 16-row tile and the k-chunk tails around 32; and one packing reused for
-        // every shape in turn (larger and smaller), as the loss reuses it.
+        // tail of a 16-row tile (and 37) and the k-chunk tails around 32 (and 45); and one
+        // packing reused for every shape in turn (larger and smaller), as the loss reuses it.
         let mut reused = PackedRows::default();
-        for m in 1..=34 {
-            for k in [1, 2, 15, 16, 17, 31, 32, 33, 63, 65] {
+        for m in (1..=34).chain([37]) {
+            for k in [1, 2, 15, 16, 17, 31, 32, 33, 45, 63, 65] {
                 let src: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
                 for precision in [Precision::Bf16, Precision::Bf16x3] {
                     let want = PackedRows::from_fn(m, k, precision, |i, p| src[p * m + i]);
                     let fast = PackedRows::from_rows_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
                     let portable =
                         PackedRows::from_rows_transposed_portable(m, k, precision, |p| &src[p * m..(p + 1) * m]);
+                    assert_eq!((fast.rows, fast.d_pad, fast.parts), (want.rows, want.d_pad, want.parts));
                     assert!(fast.data[..] == want.data[..], "m={m} k={k} {precision}: fast build");
                     reused.repack_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
                     assert_eq!((reused.rows, reused.d_pad, reused.parts), (want.rows, want.d_pad, want.parts));
@@ -994,13 +994,7 @@ mod tests {
             let got = PackedRows::from_rows(m, k, precision, |i| &src[i * k..(i + 1) * k]);
             assert_eq!((got.rows, got.d_pad, got.parts), (want.rows, want.d_pad, want.parts));
             assert!(got.data[..] == want.data[..], "{precision}: from_rows");
-            // The transpose: packed row i is source column i (source [k, m] = src as k × m).
-            let want = PackedRows::from_fn(m, k, precision, |i, p| src[p * m + i]);
-            let got = PackedRows::from_rows_transposed(m, k, precision, |p| &src[p * m..(p + 1) * m]);
-            assert_eq!((got.rows, got.d_pad, got.parts), (want.rows, want.d_pad, want.parts));
-            assert!(got.data[..] == want.data[..], "{precision}: from_rows_transposed");
-            let got = PackedRows::from_rows_transposed_portable(m, k, precision, |p| &src[p * m..(p + 1) * m]);
-            assert!(got.data[..] == want.data[..], "{precision}: from_rows_transposed, portable build");
+            // (The transpose, at this shape too, is checked with every tail above.)
             // Weights-side packing from source rows along k: element (j, p) = row p, value j.
             let want = PackedBf16Weights::from_fn(m, k, precision, |j, p| src[p * m + j]);
             let got = PackedBf16Weights::from_rows(m, k, precision, |p| &src[p * m..(p + 1) * m]);

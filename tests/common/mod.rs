@@ -1,6 +1,11 @@
 //! Shared test helpers: a seeded generator and naive float64 references.
 #![allow(dead_code)]
 
+/// The transpose of a row-major `[rows, cols]` matrix (a `[V, d]` weight as `[d, V]`).
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|x| a[(x % rows) * cols + x / rows]).collect()
+}
+
 /// The crate's SplitMix64 (tested against the reference sequence) with test conveniences.
 pub struct Rng(pub u64);
 

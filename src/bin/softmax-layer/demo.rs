@@ -10,7 +10,6 @@
 use crate::Failure;
 use crate::alloc::peak_extra;
 use crate::train::{Progress, plot_history};
-use softmax_layer::bf16::Precision;
 use softmax_layer::io::write_atomic;
 use softmax_layer::loss::{
     CrossEntropyOptions, GradientsMut, Upstream, cross_entropy_with_grad, cross_entropy_with_grad_into,
@@ -254,8 +253,7 @@ fn show(symbols: &[char], ids: &[usize]) -> String {
 
 pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     let started = Instant::now();
-    let precision = Precision::parse(&a.precision)
-        .ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{}'", a.precision)))?;
+    let precision = crate::layer::parse_precision(&a.precision)?;
     let c = corpus(a)?;
     let v = c.symbols.len();
     let feats = Features { vocab: v, buckets: a.buckets, hashes: 2 };

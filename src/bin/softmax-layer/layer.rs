@@ -88,12 +88,16 @@ fn load_targets(spec: &str, inp: &Inputs, scalar_ok: bool) -> Result<(Vec<i64>, 
     Ok((t.to_i64()?, t.source))
 }
 
+/// `--precision`'s word, or the one-line error every command gives for another.
+pub fn parse_precision(s: &str) -> Result<Precision, Failure> {
+    Precision::parse(s).ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{s}'")))
+}
+
 fn inputs(a: &ModelArgs) -> Result<Inputs, Failure> {
     let layout = WeightLayout::parse(&a.weight_layout).ok_or_else(|| {
         Failure(format!("--weight-layout must be 'vd' ([V, d]) or 'dv' ([d, V]), got '{}'", a.weight_layout))
     })?;
-    let precision = Precision::parse(&a.precision)
-        .ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{}'", a.precision)))?;
+    let precision = parse_precision(&a.precision)?;
     let hidden = load(&a.hidden)?;
     let weight = load(&a.weight)?;
     let (n, d, one_row) = match hidden.shape[..] {

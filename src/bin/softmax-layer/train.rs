@@ -1,10 +1,10 @@
 //! `train` and `predict`: fitting a softmax layer on features and labels, and using it.
 
 use crate::Failure;
+use crate::layer::parse_precision;
 use crate::plot::{Series, svg};
 use indicatif::{ProgressBar, ProgressStyle};
 use softmax_layer::MatRef;
-use softmax_layer::bf16::Precision;
 use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
 use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
 use std::io::IsTerminal;
@@ -391,10 +391,6 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     p.with_file_name(format!("{stem}{suffix}"))
-}
-
-fn parse_precision(s: &str) -> Result<Precision, Failure> {
-    Precision::parse(s).ok_or_else(|| Failure(format!("--precision must be f32, bf16 or bf16x3, got '{s}'")))
 }
 
 pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
