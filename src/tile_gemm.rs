@@ -714,7 +714,7 @@ unsafe fn pack_hidden_scalar<const NR: usize>(b: *const f32, ldb: usize, nr: usi
 // ---------------------------------------------------------------------------------------
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{Kern, Pf, pack_hidden_scalar, pack_vocab_scalar, prefetch_l2};
     use std::arch::x86_64::*;
 
@@ -962,10 +962,10 @@ mod x86 {
         }
     }
 
-    /// In-register transpose of a 16×16 f32 block.
+    /// In-register transpose of a 16×16 f32 block (also the bf16 packing's, for `Gᵀ`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: &mut [__m512; 16]) {
+    pub(crate) fn transpose16(r: &mut [__m512; 16]) {
         let mut t = [_mm512_setzero_ps(); 16];
         for q in 0..8 {
             t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);

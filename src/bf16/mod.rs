@@ -711,7 +711,7 @@ fn transpose_block(srcs: &[&[f32]], c0: usize, blk: &mut [[f32; 32]; 16]) {
     }
 }
 
-/// [`transpose_block`] in registers: two 16 × 16 transposes (4 shuffle stages each). Callers
+/// [`transpose_block`] in registers: two 16 × 16 transposes (`tile_gemm`'s). Callers
 /// outside AVX-512 code must know the CPU has AVX-512F (hence `unsafe` there).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -728,38 +728,10 @@ fn transpose_block_avx512(srcs: &[&[f32]], c0: usize, blk: &mut [[f32; 32]; 16])
                 *x = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(c0)) };
             }
         }
-        // Stage 1: 32-bit interleaves of row pairs; stage 2: 64-bit interleaves of those.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        let mut u = [_mm512_setzero_ps(); 16];
-        for i in 0..4 {
-            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
-            let pd = _mm512_castps_pd;
-            u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c)));
-            u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c)));
-            u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d)));
-            u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d)));
-        }
-        // Now lane L of u[4i + c] holds column c + 4L of rows 4i .. 4i+3. Stages 3 and 4
-        // gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into output row c + 4L.
-        for c in 0..4 {
-            let x = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-            let y = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-            let x2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-            let y2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-            let rows = [
-                (c, _mm512_shuffle_f32x4::<0x88>(x, x2)),
-                (c + 4, _mm512_shuffle_f32x4::<0x88>(y, y2)),
-                (c + 8, _mm512_shuffle_f32x4::<0xdd>(x, x2)),
-                (c + 12, _mm512_shuffle_f32x4::<0xdd>(y, y2)),
-            ];
-            for (row, v) in rows {
-                // SAFETY: 16 floats at blk[row][16·half ..], inside the row of 32.
-                unsafe { _mm512_storeu_ps(blk[row][16 * half..].as_mut_ptr(), v) };
-            }
+        crate::tile_gemm::x86::transpose16(&mut r);
+        for (row, v) in r.into_iter().enumerate() {
+            // SAFETY: 16 floats at blk[row][16·half ..], inside the row of 32.
+            unsafe { _mm512_storeu_ps(blk[row][16 * half..].as_mut_ptr(), v) };
         }
     }
 }
