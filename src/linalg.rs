@@ -76,32 +76,48 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
-/// A zeroed `f32` buffer whose start is 64-byte aligned: rows whose stride is a multiple of
-/// 16 values are then whole cache lines, which the AMX kernel updates in place.
+/// One 64-byte aligned cache line of f32.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line(pub [f32; 16]);
+
+/// A zeroed `f32` buffer whose start is 64-byte aligned (it is a vector of cache lines):
+/// rows whose stride is a multiple of 16 values are then whole cache lines, which the AMX
+/// kernel updates in place, and packed panels start on a line.
 #[derive(Default)]
 pub(crate) struct AlignedF32 {
-    buf: Vec<f32>,
-    off: usize,
+    lines: Vec<Line>,
     len: usize,
 }
 
 impl AlignedF32 {
     pub fn zeroed(len: usize) -> AlignedF32 {
-        let buf = vec![0f32; len + 16];
-        let off = buf.as_ptr().align_offset(64).min(16);
-        AlignedF32 { buf, off, len }
+        AlignedF32 { lines: vec![Line([0.0; 16]); len.div_ceil(16)], len }
+    }
+
+    /// Grows to hold at least `len` values, reusing the allocation; afterwards the buffer
+    /// is its whole capacity (whole lines), whose values are unspecified (zero when new).
+    pub fn ensure(&mut self, len: usize) {
+        let lines = len.div_ceil(16);
+        if self.lines.len() < lines {
+            self.lines.resize(lines, Line([0.0; 16]));
+        }
+        self.len = self.lines.len() * 16;
     }
 }
 
 impl std::ops::Deref for AlignedF32 {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.buf[self.off..self.off + self.len]
+        // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with alignment 64 == size 64, so the
+        // lines are `16 · lines.len()` contiguous, initialized f32 values, and len ≤ that.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
     }
 }
 
 impl std::ops::DerefMut for AlignedF32 {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.buf[self.off..self.off + self.len]
+        // SAFETY: as above; the mutable borrow of `self` gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
     }
 }

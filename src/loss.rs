@@ -637,11 +637,10 @@ struct GradScratch {
 }
 
 impl GradScratch {
-    /// The first `len` values of `part`, grown (aligned, zeroed) when it is shorter.
+    /// The first `len` values of `part`, grown when it is shorter (values unspecified: the
+    /// products write over them).
     fn sized(part: &mut AlignedF32, len: usize) -> &mut [f32] {
-        if part.len() < len {
-            *part = AlignedF32::zeroed(len);
-        }
+        part.ensure(len);
         &mut part[..len]
     }
 }

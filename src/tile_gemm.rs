@@ -30,6 +30,7 @@
 
 #![allow(clippy::too_many_arguments)]
 
+use crate::linalg::{AlignedF32, Line};
 use std::sync::OnceLock;
 
 /// Maximum block size along `k` (reduction dimension). `k` is split into
@@ -131,56 +132,10 @@ pub enum BLayout {
     HiddenMajor,
 }
 
-/// One 64-byte aligned cache line of f32.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// Growable 64-byte-aligned f32 buffer (contents unspecified after growth).
-#[derive(Default)]
-struct AlignedBuf {
-    lines: Vec<Line>,
-}
-
-impl AlignedBuf {
-    fn ensure(&mut self, n_f32: usize) {
-        let lines = n_f32.div_ceil(16);
-        if self.lines.len() < lines {
-            self.lines.resize(lines, Line([0.0; 16]));
-        }
-    }
-    fn len(&self) -> usize {
-        self.lines.len() * 16
-    }
-    fn as_slice(&self) -> &[f32] {
-        self.lines.as_flattened_f32()
-    }
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        self.lines.as_flattened_f32_mut()
-    }
-}
-
-trait FlattenLines {
-    fn as_flattened_f32(&self) -> &[f32];
-    fn as_flattened_f32_mut(&mut self) -> &mut [f32];
-}
-
-impl FlattenLines for Vec<Line> {
-    fn as_flattened_f32(&self) -> &[f32] {
-        // SAFETY: `Line` is `repr(C)` around `[f32; 16]` with alignment 64 == size 64, so a
-        // `[Line]` of length L is exactly `16 * L` contiguous, initialized f32 values.
-        unsafe { std::slice::from_raw_parts(self.as_ptr().cast::<f32>(), self.len() * 16) }
-    }
-    fn as_flattened_f32_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as above; the mutable borrow of `self` guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr().cast::<f32>(), self.len() * 16) }
-    }
-}
-
 /// `A` (m×k) packed into `MR`-row panels, each laid out `[k][MR]` (zero padded rows).
 /// Owns its buffer; [`PackedA::pack`] reuses the allocation.
 pub struct PackedA {
-    buf: AlignedBuf,
+    buf: AlignedF32,
     m: usize,
     k: usize,
     variant: Variant,
@@ -214,7 +169,7 @@ impl PackedA {
             "tile_gemm: instruction set {:?} is not available on this CPU",
             variant.isa()
         );
-        PackedA { buf: AlignedBuf::default(), m: 0, k: 0, variant }
+        PackedA { buf: AlignedF32::default(), m: 0, k: 0, variant }
     }
 
     /// Rows of the packed `A`.
@@ -247,7 +202,7 @@ impl PackedA {
         self.buf.ensure(total);
         self.m = m;
         self.k = k;
-        let dst = &mut self.buf.as_mut_slice()[..total];
+        let dst = &mut self.buf[..total];
         #[cfg(target_arch = "x86_64")]
         if self.variant.isa() == Isa::Avx512 && mr <= 16 {
             for ip in 0..panels {
@@ -284,7 +239,7 @@ impl PackedA {
 /// offsets (up to ~30 KiB). Grows on first use, never shrinks. One per thread.
 #[derive(Default)]
 pub struct Scratch {
-    buf: AlignedBuf,
+    buf: AlignedF32,
     /// Prefetch offsets (see `Pf`), rebuilt for every micro-panel.
     pf: Vec<usize>,
 }
@@ -292,7 +247,7 @@ pub struct Scratch {
 impl Scratch {
     /// Empty scratch (no allocation until first use).
     pub fn new() -> Self {
-        Scratch { buf: AlignedBuf::default(), pf: Vec::new() }
+        Scratch { buf: AlignedF32::default(), pf: Vec::new() }
     }
 }
 
@@ -461,8 +416,8 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
     };
     let gw = group * nr;
     scratch.buf.ensure(kcb * gw);
-    let bp = scratch.buf.as_mut_slice().as_mut_ptr();
-    let apack = a.buf.as_slice();
+    let bp = scratch.buf.as_mut_ptr();
+    let apack = &a.buf[..];
     let mpanels = m.div_ceil(mr);
     let mut tmp = [Line([0.0; 16]); MAX_TILE / 16];
     let mut pc = 0;
@@ -504,7 +459,7 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
             for q in 0..npan {
                 let jq = j0 + q * nr;
                 let nrv = nr.min(n - jq);
-                let bq = scratch.buf.as_slice()[q * kc * nr..(q + 1) * kc * nr].as_ptr();
+                let bq = scratch.buf[q * kc * nr..(q + 1) * kc * nr].as_ptr();
                 for ip in 0..mpanels {
                     let call = q * mpanels + ip;
                     let (lo, hi) = (pf_total * call / calls, pf_total * (call + 1) / calls);
