@@ -5,7 +5,8 @@
 //! with `BENCH_DATA=DIR`, the features and labels are `DIR/x.npy` and `DIR/y.npy`, and n
 //! and d come from the file (`python3 scripts/sklearn_reference.py --save-synthetic DIR`
 //! writes scikit-learn's speed problem there). `ONLY_EVAL=1` runs the loss once, so that a
-//! profile sees mostly the closing metrics pass (`train::evaluate`).
+//! profile sees mostly the closing metrics pass (`train::evaluate`); `ONLY_LOSS=1` skips
+//! that pass, so that a profile sees only the loss and gradient.
 
 use softmax_layer::MatRef;
 use softmax_layer::train::{Data, Model, evaluate, loss_and_gradient};
@@ -59,6 +60,9 @@ fn main() {
     );
     // CPU time is less disturbed than wall time by other processes on a shared machine.
     println!("  CPU time per evaluation (all threads): {:.1} ms", cpu * 1e3);
+    if std::env::var("ONLY_LOSS").is_ok() {
+        return;
+    }
     // The metrics pass that ends a run (loss and accuracy): one fused forward product.
     let mut times = vec![];
     for _ in 0..reps {

@@ -61,6 +61,102 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, c: Operand, accumulate: 
     }
 }
 
+/// `dst[i·ldd + j] = src[j·lds + i] (+ add[j])` for `i < m`, `j < n`: a column-major
+/// `m × n` matrix written out row-major, with an optional row vector added to every row.
+/// (The loss computes its logits column-major, so that the `gemm` crate reads `W` where it
+/// lies instead of packing it, then writes them row by row with this.)
+///
+/// # Panics
+/// If a slice is too short for the shapes and strides, or `add` is shorter than `n`.
+pub(crate) fn transpose_into(
+    src: &[f32],
+    lds: usize,
+    dst: &mut [f32],
+    ldd: usize,
+    m: usize,
+    n: usize,
+    add: Option<&[f32]>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(lds >= m && ldd >= n, "transpose_into: strides {lds}, {ldd} for [{m}, {n}]");
+    assert!(src.len() >= (n - 1) * lds + m && dst.len() >= (m - 1) * ldd + n, "transpose_into: slices too short");
+    assert!(add.is_none_or(|a| a.len() >= n), "transpose_into: the added row is shorter than {n}");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is available; the bounds were asserted above.
+        unsafe { transpose_into_avx512(src, lds, dst, ldd, m, n, add) };
+        return;
+    }
+    transpose_into_scalar(src, lds, dst, ldd, m, n, add);
+}
+
+/// The portable build of [`transpose_into`] (also the tests' reference).
+fn transpose_into_scalar(
+    src: &[f32],
+    lds: usize,
+    dst: &mut [f32],
+    ldd: usize,
+    m: usize,
+    n: usize,
+    add: Option<&[f32]>,
+) {
+    // 16 × 16 blocks, so that both sides are read and written a cache line at a time.
+    for i0 in (0..m).step_by(16) {
+        for j0 in (0..n).step_by(16) {
+            for i in i0..(i0 + 16).min(m) {
+                for j in j0..(j0 + 16).min(n) {
+                    dst[i * ldd + j] = src[j * lds + i] + add.map_or(0.0, |a| a[j]);
+                }
+            }
+        }
+    }
+}
+
+/// [`transpose_into`] by 16 × 16 in-register transposes (masked at the edges).
+///
+/// # Safety
+/// AVX-512F is available, and the slices hold the elements that [`transpose_into`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_into_avx512(
+    src: &[f32],
+    lds: usize,
+    dst: &mut [f32],
+    ldd: usize,
+    m: usize,
+    n: usize,
+    add: Option<&[f32]>,
+) {
+    use std::arch::x86_64::*;
+    // A strip of 16 rows of `dst` at a time, left to right: the stores then sweep whole
+    // rows (as the row kernels will read them) rather than columns of cache lines.
+    for i0 in (0..m).step_by(16) {
+        let mi = 16.min(m - i0);
+        let row_mask: __mmask16 = if mi == 16 { !0 } else { (1u16 << mi) - 1 };
+        for j0 in (0..n).step_by(16) {
+            let nj = 16.min(n - j0);
+            let col_mask: __mmask16 = if nj == 16 { !0 } else { (1u16 << nj) - 1 };
+            // SAFETY: add[j0..j0 + nj] is in bounds (add.len() ≥ n); masked lanes are not read.
+            let bias = add.map(|a| unsafe { _mm512_maskz_loadu_ps(col_mask, a.as_ptr().add(j0)) });
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (jj, x) in r.iter_mut().enumerate().take(nj) {
+                // SAFETY: column j0 + jj < n, rows i0..i0 + mi ≤ m: src[(j0+jj)·lds + i0 + lane]
+                // is in bounds for the unmasked lanes (src.len() ≥ (n−1)·lds + m).
+                *x = unsafe { _mm512_maskz_loadu_ps(row_mask, src.as_ptr().add((j0 + jj) * lds + i0)) };
+            }
+            crate::tile_gemm::x86::transpose16(&mut r);
+            for (ii, &x) in r.iter().enumerate().take(mi) {
+                let x = bias.map_or(x, |b| _mm512_add_ps(x, b));
+                // SAFETY: row i0 + ii < m, columns j0..j0 + nj ≤ n: inside dst
+                // (dst.len() ≥ (m−1)·ldd + n) for the unmasked lanes.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((i0 + ii) * ldd + j0), col_mask, x) };
+            }
+        }
+    }
+}
+
 /// A raw pointer that may cross threads: tasks write disjoint parts of one buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SharedMut(pub *mut f32);
@@ -119,5 +215,44 @@ impl std::ops::DerefMut for AlignedF32 {
     fn deref_mut(&mut self) -> &mut [f32] {
         // SAFETY: as above; the mutable borrow of `self` gives exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorized transpose against the scalar one, over every tail length of both
+    /// dimensions (1..=40 covers two full blocks and every remainder), with strides wider
+    /// than the shapes and with and without an added row.
+    #[test]
+    fn transpose_into_matches_scalar_over_every_tail() {
+        for m in 1..=40 {
+            for n in 1..=40 {
+                let (lds, ldd) = (m + 3, n + 5);
+                let src: Vec<f32> = (0..n * lds).map(|i| (i as f32 * 0.37).sin()).collect();
+                let add: Vec<f32> = (0..n).map(|j| j as f32 * 0.5 - 3.0).collect();
+                for a in [None, Some(&add[..])] {
+                    let mut want = vec![f32::NAN; m * ldd];
+                    transpose_into_scalar(&src, lds, &mut want, ldd, m, n, a);
+                    let mut got = vec![f32::NAN; m * ldd];
+                    transpose_into(&src, lds, &mut got, ldd, m, n, a);
+                    for i in 0..m {
+                        for j in 0..ldd {
+                            let (w, g) = (want[i * ldd + j], got[i * ldd + j]);
+                            if j < n {
+                                // Also the definition, independently of the scalar build.
+                                let exact = src[j * lds + i] + a.map_or(0.0, |a| a[j]);
+                                assert_eq!(w.to_bits(), exact.to_bits(), "scalar m={m} n={n} ({i}, {j})");
+                                assert_eq!(g.to_bits(), w.to_bits(), "m={m} n={n} ({i}, {j})");
+                            } else {
+                                // The stride's padding is never written.
+                                assert!(g.is_nan(), "m={m} n={n}: wrote padding ({i}, {j})");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -419,6 +419,9 @@ fn run(
     } else {
         &[]
     };
+    // f32, [V, d]: each worker's buffer for a segment's logits computed column-major.
+    let col_bufs: Vec<std::sync::Mutex<AlignedF32>> =
+        (0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect();
     for r0 in (0..n).step_by(r) {
         let rows = r0..(r0 + r).min(n);
         let m = rows.len();
@@ -452,24 +455,41 @@ fn run(
                 // (r·seg.start + m·|seg| ≤ r·V).
                 let part_z = unsafe { std::slice::from_raw_parts_mut(z.ptr().add(r * seg.start), m * seg.len()) };
                 if layer.precision() == Precision::F32 {
-                    // In f32, the segment's logits go straight into the block buffer by one
-                    // product (the `gemm` crate): 11% faster than the engine's tiles with
-                    // 100 classes, and no slower with 50257 (alternated runs). Each tile's
-                    // row statistics follow while it is in cache.
-                    // With a bias the product adds to it; without, it writes over the part.
-                    let add = layer.start_tile(part_z, seg.clone());
-                    let c_op = Operand { ptr: part_z.as_mut_ptr(), rs: seg.len() as isize, cs: 1 };
+                    // In f32, one product of the `gemm` crate per segment (11% faster than the
+                    // engine's tiles with 100 classes, no slower with 50257; alternated runs).
+                    // Each tile's row statistics follow while it is in cache.
+                    let (c, w) = (seg.len(), layer.weight());
                     let a_op = Operand { ptr: h.row(0).as_ptr(), rs: h.row_stride() as isize, cs: 1 };
-                    let w = layer.weight();
+                    // W[seg] as the product's right operand: element (p, j) is W[seg.start + j, p]
+                    // ([V, d]) or W[p, seg.start + j] ([d, V]).
                     let b_op = match layer.layout() {
-                        // Wᵀ[seg]: element (p, j) = W[seg.start + j, p].
                         WeightLayout::VocabMajor => Operand { ptr: w[seg.start * d..].as_ptr(), rs: 1, cs: d as isize },
-                        // Element (p, j) = W[p, seg.start + j].
                         WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: v as isize, cs: 1 },
                     };
-                    // SAFETY: the part is m × |seg| with row stride |seg|; H[R] is m × d; W[seg]
-                    // is in bounds for either layout.
-                    unsafe { linalg::gemm(m, seg.len(), d, c_op, add, a_op, b_op) };
+                    if layer.layout() == WeightLayout::VocabMajor && c > m {
+                        // A row-major result makes the crate transpose the problem and pack
+                        // W[seg] across its rows (a gather, 10% of the loss's time, redone for
+                        // every block of rows). Computed column-major instead, the crate packs
+                        // the block's rows (the smaller operand here) and reads W where it
+                        // lies; this worker's buffer then goes into the part row by row, with
+                        // the bias added.
+                        let slot = rayon::current_thread_index().unwrap_or(0) % col_bufs.len();
+                        let mut cm = col_bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
+                        cm.ensure(m * c);
+                        let c_op = Operand { ptr: cm.as_mut_ptr(), rs: 1, cs: m as isize };
+                        // SAFETY: the buffer holds m·c values (column stride m), this task's
+                        // alone while the lock is held; H[R] is m × d; W[seg] is in bounds.
+                        unsafe { linalg::gemm(m, c, d, c_op, false, a_op, b_op) };
+                        linalg::transpose_into(&cm, m, part_z, c, m, c, layer.bias().map(|b| &b[seg.clone()]));
+                    } else {
+                        // Straight into the part: with a bias the product adds to it; without,
+                        // it writes over the part.
+                        let add = layer.start_tile(part_z, seg.clone());
+                        let c_op = Operand { ptr: part_z.as_mut_ptr(), rs: c as isize, cs: 1 };
+                        // SAFETY: the part is m × |seg| with row stride |seg|; H[R] is m × d;
+                        // W[seg] is in bounds for either layout.
+                        unsafe { linalg::gemm(m, c, d, c_op, add, a_op, b_op) };
+                    }
                 } else {
                     // bf16: the tile product over the whole segment, written into the part.
                     let bf = h_bf16.as_ref().expect("packed with the bf16 precision");
