@@ -355,7 +355,11 @@ fn run(
             if let Some(i) = up_row.iter().position(|g| !g.is_finite()) {
                 return Err(Error::NonFinite { tensor: "upstream gradient".into(), row: 0, col: i, value: up_row[i] });
             }
-            g.weight.fill(0.0);
+            // dW is written over by the first block of rows and added to by the others (no
+            // pass over its V·d values first); with no rows at all it is zero.
+            if n == 0 {
+                g.weight.fill(0.0);
+            }
             if let Some(b) = g.bias.as_deref_mut() {
                 b.fill(0.0);
             }
@@ -600,13 +604,14 @@ fn run(
                         &w_segs[gi],
                         h_packed.as_ref().expect("packed with the bf16 precision"),
                         scratch,
+                        r0 == 0,
                     )
                 };
                 return;
             }
             // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
             // buffer's columns `seg` were written by this task; H[R] is read-only.
-            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr()) };
+            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr(), r0 == 0) };
             if !want_dh {
                 return;
             }
@@ -705,9 +710,10 @@ fn pack_weight_segments(layer: &SoftmaxLayer<'_>, segments: &[Range<usize>]) -> 
 }
 
 /// The bf16 (or bf16x3) gradient products for the classes `cols` of one block of rows:
-/// `dW[cols] += dX[:, cols]ᵀ · H` (or `dW[:, cols] += Hᵀ · dX[:, cols]` for `[d, V]`), and
-/// `dH_part = dX[:, cols] · W[cols]` (overwritten; skipped when `dh` is `None`), every
-/// operand rounded or split to bf16, `W[cols]` and `H` packed by the caller.
+/// `dW[cols] += dX[:, cols]ᵀ · H` (or `dW[:, cols] += Hᵀ · dX[:, cols]` for `[d, V]`; `=`
+/// for the `first` block of rows), and `dH_part = dX[:, cols] · W[cols]` (overwritten;
+/// skipped when `dh` is `None`), every operand rounded or split to bf16, `W[cols]` and `H`
+/// packed by the caller.
 ///
 /// # Safety
 /// `dx` holds `G[:, cols]`: `m` rows of `|cols|` values, row stride `|cols|`; `gw` is the
@@ -725,6 +731,7 @@ unsafe fn bf16_grads(
     w_seg: &PackedBf16Weights,
     hp: &PackedHidden,
     scratch: &mut GradScratch,
+    first: bool,
 ) {
     let (c, d, v) = (cols.len(), layer.hidden_dim(), layer.vocab());
     let (path, precision) = (layer.bf16_path(), layer.precision());
@@ -746,7 +753,12 @@ unsafe fn bf16_grads(
                 let GradScratch { part, packed } = scratch;
                 let part = GradScratch::sized(part, cj * d);
                 bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
-                layer.kernels().axpy(&mut out[j0 * d..(j0 + cj) * d], 1.0, part);
+                let dst = &mut out[j0 * d..(j0 + cj) * d];
+                if first {
+                    dst.copy_from_slice(part);
+                } else {
+                    layer.kernels().axpy(dst, 1.0, part);
+                }
             }
         }
         PackedHidden::Left(ha) => {
@@ -758,7 +770,10 @@ unsafe fn bf16_grads(
             for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
                     // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
-                    unsafe { *gw.add(q * v + cols.start + j) += x };
+                    unsafe {
+                        let g = gw.add(q * v + cols.start + j);
+                        *g = if first { *x } else { *g + x };
+                    }
                 }
             }
         }
@@ -778,12 +793,20 @@ unsafe fn bf16_grads(
     }
 }
 
-/// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`).
+/// `dW[cols] += dX[:, cols]ᵀ · H` (or, in the `[d, V]` layout, `dW[:, cols] += Hᵀ · dX`);
+/// `=` instead of `+=` for the `first` block of rows.
 ///
 /// # Safety
 /// `dx` holds `G[:, cols]`: `h.rows()` rows of `|cols|` values, row stride `|cols|`; `gw` is
 /// the `V·d` gradient buffer, whose part for `cols` no other thread touches.
-unsafe fn weight_grad(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize>, dx: *const f32, gw: *mut f32) {
+unsafe fn weight_grad(
+    layer: &SoftmaxLayer<'_>,
+    h: MatRef<'_>,
+    cols: Range<usize>,
+    dx: *const f32,
+    gw: *mut f32,
+    first: bool,
+) {
     let (m, c, d, v) = (h.rows(), cols.len(), layer.hidden_dim(), layer.vocab());
     let hs = h.row_stride() as isize;
     let hp = h.row(0).as_ptr();
@@ -794,7 +817,7 @@ unsafe fn weight_grad(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize
             let c_op = Operand { ptr: gw.wrapping_add(cols.start * d), rs: d as isize, cs: 1 };
             let a_op = Operand { ptr: dx, rs: 1, cs: c as isize };
             let b_op = Operand { ptr: hp, rs: hs, cs: 1 };
-            unsafe { linalg::gemm(c, d, m, c_op, true, a_op, b_op) }
+            unsafe { linalg::gemm(c, d, m, c_op, !first, a_op, b_op) }
         }
         WeightLayout::HiddenMajor => {
             // dW[:, cols] (d x c) += Hᵀ (d x m) · dX (m x c).
@@ -802,7 +825,7 @@ unsafe fn weight_grad(layer: &SoftmaxLayer<'_>, h: MatRef<'_>, cols: Range<usize
             let a_op = Operand { ptr: hp, rs: 1, cs: hs };
             let b_op = Operand { ptr: dx, rs: c as isize, cs: 1 };
             // SAFETY: as above, for the [d, V] layout.
-            unsafe { linalg::gemm(d, c, m, c_op, true, a_op, b_op) }
+            unsafe { linalg::gemm(d, c, m, c_op, !first, a_op, b_op) }
         }
     }
 }

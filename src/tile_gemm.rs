@@ -432,7 +432,7 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
                 // SAFETY: the CPU supports K's ISA (checked when `a` was created). The B
                 // slice was checked to hold (n-1)*ldb+k elements, so rows j0..j0+ncols,
                 // columns pc..pc+kc are in bounds (ncols <= NR here). The scratch holds
-                // >= kcb*gw >= kc*NR floats and is 64-byte aligned (`Line` buffer).
+                // >= kcb*gw >= kc*NR floats and is 64-byte aligned (`AlignedF32`).
                 BLayout::VocabMajor => unsafe { K::pack_vocab(b.as_ptr().add(j0 * ldb + pc), ldb, ncols, kc, bp) },
                 // SAFETY: as above with the bound (k-1)*ldb+n for rows pc..pc+kc, columns
                 // j0..j0+ncols; the scratch holds npan*kc*NR floats.

@@ -4,7 +4,10 @@
 mod common;
 use common::Rng;
 use softmax_layer::io::{Tensor, TensorSpec};
-use softmax_layer::loss::{CrossEntropyOptions, Reduction, Upstream, cross_entropy, cross_entropy_with_grad};
+use softmax_layer::loss::{
+    CrossEntropyOptions, GradientsMut, Reduction, Upstream, cross_entropy, cross_entropy_with_grad,
+    cross_entropy_with_grad_into,
+};
 use softmax_layer::{Error, MatRef, SoftmaxLayer, WeightLayout};
 
 const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cross_entropy.safetensors");
@@ -210,6 +213,35 @@ fn bit_identical_for_any_thread_count() {
     let one = run(1);
     for t in [2, 3] {
         assert!(run(t) == one, "{t} threads differ from 1");
+    }
+}
+
+/// The gradient buffers are written over, never read: buffers full of NaN give the same
+/// bits as fresh ones, over several blocks of rows (the first block writes dW, the others
+/// add to it), in both layouts, with and without dH.
+#[test]
+fn gradient_buffers_are_overwritten_not_read() {
+    let mut rng = Rng(5);
+    let (n, d, v) = (600, 24, 3000);
+    let (h, w, b, y) = small_layer(&mut rng, n, d, v);
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let wt = transpose(&w, v, d);
+    let opts = CrossEntropyOptions { label_smoothing: 0.05, ..Default::default() };
+    for (weights, layout) in [(&w, WeightLayout::VocabMajor), (&wt, WeightLayout::HiddenMajor)] {
+        let layer = SoftmaxLayer::new(&weights[..], layout, v, d, Some(&b[..])).unwrap();
+        let (_, fresh) = cross_entropy_with_grad(&layer, hv, &y, &opts, Upstream::Scalar(1.0)).unwrap();
+        for with_dh in [true, false] {
+            let (mut gh, mut gw, mut gb) = (vec![f32::NAN; n * d], vec![f32::NAN; v * d], vec![f32::NAN; v]);
+            let g = GradientsMut { hidden: with_dh.then_some(&mut gh[..]), weight: &mut gw, bias: Some(&mut gb) };
+            cross_entropy_with_grad_into(&layer, hv, &y, &opts, Upstream::Scalar(1.0), g).unwrap();
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&gw, &fresh.weight), "{layout:?}, dH {with_dh}: dW");
+            assert!(same(&gb, fresh.bias.as_ref().unwrap()), "{layout:?}, dH {with_dh}: db");
+            if with_dh {
+                assert!(same(&gh, &fresh.hidden), "{layout:?}: dH");
+            }
+            assert!(gw.iter().any(|&x| x != 0.0), "{layout:?}: dW is all zeros");
+        }
     }
 }
 

@@ -305,7 +305,15 @@ pub(crate) unsafe fn tile_product(
         for kb0 in (0..kc).step_by(k_chunk) {
             let mut b = b0;
             while b < b1 {
-                let bp = [0, 1].map(|x| terms.iter().map(|&(_, qb)| w.block_ptr(b + x, qb)).collect::<Vec<_>>());
+                // The pair's blocks for each term (at most three terms; no allocation here, in
+                // the loop over W's pairs).
+                let bp = [0, 1].map(|x| {
+                    let mut p = [std::ptr::null::<u16>(); 3];
+                    for (slot, &(_, qb)) in p.iter_mut().zip(terms) {
+                        *slot = w.block_ptr(b + x, qb);
+                    }
+                    p
+                });
                 // The next pair of W blocks (contiguous) is fetched into L2 while this pair is
                 // used (first chunk only): spread over the row pairs and k-steps of this pair.
                 let mode = prefetch_mode();
