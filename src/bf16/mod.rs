@@ -235,9 +235,11 @@ impl Buf {
         debug_assert!(len.is_multiple_of(32));
         Buf(vec![Line::default(); len / 32])
     }
-    fn reset(&mut self, len: usize) {
+    /// Holds `len` values afterwards, keeping those it held (new ones zero): for packings
+    /// that write every value but their padding, and then zero the padding themselves (no
+    /// pass over the whole buffer first: 1.3% of the bf16x3 loss's samples).
+    fn resize(&mut self, len: usize) {
         debug_assert!(len.is_multiple_of(32));
-        self.0.clear();
         self.0.resize(len / 32, Line::default());
     }
 }
@@ -525,8 +527,9 @@ impl PackedRows {
         let parts = precision.parts();
         let d_pad = pad_d(k.max(1));
         let tl = parts * d_pad * 16;
-        self.data.reset(m.div_ceil(32) * 2 * tl);
+        self.data.resize(m.div_ceil(32) * 2 * tl);
         (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
+        self.zero_padding(k);
         // 32 source rows at a time (one k-chunk), transposed 16 columns at a time through a
         // small block, whose rows are then stored like `repack`'s (contiguous, vectorized).
         let mut rows: [&[f32]; 32] = [&[]; 32];
@@ -585,7 +588,9 @@ impl PackedRows {
         let parts = precision.parts().max(1);
         let d_pad = pad_d(d);
         let tiles = m.div_ceil(32) * 2;
-        self.data.reset(tiles * parts * d_pad * 16);
+        self.data.resize(tiles * parts * d_pad * 16);
+        (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
+        self.zero_padding(d);
         let tl = parts * d_pad * 16;
         for i in 0..m {
             let row = row_of(i);
@@ -596,7 +601,27 @@ impl PackedRows {
                 store_chunk(&mut self.data, base + kc * 512, d_pad * 16, parts, src);
             }
         }
-        (self.rows, self.d_pad, self.parts) = (m, d_pad, parts);
+    }
+
+    /// Zeroes what packing `rows` rows of `d` values does not write, whatever the buffer
+    /// held before: every value of the rows past `rows` in the last tiles, and each row's
+    /// hidden units `d..d_pad`, in every part.
+    fn zero_padding(&mut self, d: usize) {
+        let (m, parts, d_pad) = (self.rows, self.parts, self.d_pad);
+        let tl = parts * d_pad * 16;
+        let tiles = self.data.len() / tl.max(1);
+        let (full, rem) = (d / 32, d % 32);
+        for i in 0..tiles * 16 {
+            for q in 0..parts {
+                // Row i of part q, k-chunk c: 32 values at `row + c·512`.
+                let row = (i / 16) * tl + q * d_pad * 16 + (i % 16) * 32;
+                let from = if i >= m { 0 } else { full };
+                for c in from..d_pad / 32 {
+                    let skip = if i < m && c == full { rem } else { 0 };
+                    self.data[row + c * 512 + skip..row + c * 512 + 32].fill(0);
+                }
+            }
+        }
     }
 
     /// Number of rows `m`.
@@ -752,10 +777,11 @@ fn store_chunk(data: &mut [u16], at: usize, lo_offset: usize, parts: usize, src:
         *h = to_bf16(x);
     }
     if parts == 2 {
-        let mut his = [0u16; 32];
-        his[..src.len()].copy_from_slice(&data[at..at + src.len()]);
-        let lo = &mut data[at + lo_offset..at + lo_offset + src.len()];
-        for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&his) {
+        // The hi parts just stored are read back where they lie (the lo part starts
+        // `lo_offset ≥ src.len()` further on), without a copy.
+        let (head, tail) = data.split_at_mut(at + lo_offset);
+        let lo = &mut tail[..src.len()];
+        for ((l, &x), &h) in lo.iter_mut().zip(src).zip(&head[at..at + src.len()]) {
             *l = to_bf16(x - from_bf16(h));
         }
     }
@@ -952,6 +978,22 @@ mod tests {
                     assert!(reused.data[..] == want.data[..], "m={m} k={k} {precision}: reused packing");
                     assert!(portable.data[..] == want.data[..], "m={m} k={k} {precision}: portable build");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_reused_row_packing_equals_a_fresh_one() {
+        // One packing repacked for shapes larger and smaller in turn, and across precisions
+        // (as the loss reuses its buffers): its padding must be zero again every time.
+        let mut reused = PackedRows::default();
+        for (m, k) in [(37, 45), (5, 7), (64, 96), (1, 1), (33, 31), (16, 64), (40, 3)] {
+            let src: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
+            for precision in [Precision::Bf16x3, Precision::Bf16] {
+                let want = PackedRows::from_fn(m, k, precision, |i, p| src[i * k + p]);
+                reused.repack_rows(m, k, precision, |i| &src[i * k..(i + 1) * k]);
+                assert_eq!((reused.rows, reused.d_pad, reused.parts), (want.rows, want.d_pad, want.parts));
+                assert!(reused.data[..] == want.data[..], "m={m} k={k} {precision}: reused packing");
             }
         }
     }
