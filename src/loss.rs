@@ -630,13 +630,17 @@ fn run(
             unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
         });
 
-        // Phase 3: dH[R] = Σ_G parts, in segment order.
+        // Phase 3: dH[R] = Σ_G parts, in segment order, a few rows per task (each element
+        // sums its parts in the same order whatever the thread count).
         let Some(gh) = g.hidden.as_deref_mut() else { continue };
-        let gh = &mut gh[r0 * d..(r0 + m) * d];
-        gh.copy_from_slice(&dh_part[..m * d]);
-        for gi in 1..segments.len() {
-            k.axpy(gh, 1.0, &dh_part[gi * r * d..gi * r * d + m * d]);
-        }
+        const SUM_ROWS: usize = 16;
+        gh[r0 * d..(r0 + m) * d].par_chunks_mut(SUM_ROWS * d).enumerate().for_each(|(c, out)| {
+            let at = c * SUM_ROWS * d;
+            out.copy_from_slice(&dh_part[at..at + out.len()]);
+            for gi in 1..segments.len() {
+                k.axpy(out, 1.0, &dh_part[gi * r * d + at..gi * r * d + at + out.len()]);
+            }
+        });
     }
 
     let loss = match o.reduction {
