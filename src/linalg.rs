@@ -199,8 +199,9 @@ impl AlignedF32 {
         a
     }
 
-    /// Grows to hold at least `len` values, reusing the allocation; afterwards the buffer
-    /// is its whole capacity (whole lines), whose values are unspecified (zero when new).
+    /// Holds at least `len` values afterwards: the allocation is kept when it is large
+    /// enough, else replaced by a larger zeroed one. The buffer is then its whole capacity
+    /// (whole lines), whose values are unspecified (zero when new).
     pub fn ensure(&mut self, len: usize) {
         let lines = len.div_ceil(16);
         if self.buf.len() < lines * 16 + 15 {
