@@ -423,6 +423,8 @@ fn run(
     } else {
         &[]
     };
+    // bf16: the block's rows packed for the logits, and for dW; reused from block to block.
+    let (mut h_rows, mut h_grad) = (PackedRows::default(), None);
     // f32, [V, d]: each worker's buffer for a segment's logits computed column-major.
     let col_bufs: Vec<std::sync::Mutex<AlignedF32>> =
         (0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect();
@@ -434,7 +436,10 @@ fn run(
         let y = &targets[rows.clone()];
 
         // bf16: H[R] packed once for every segment's product.
-        let h_bf16 = (layer.precision() != Precision::F32).then(|| PackedRows::pack(h, layer.precision()));
+        let h_bf16 = (layer.precision() != Precision::F32).then(|| {
+            h_rows.repack_rows(m, d, layer.precision(), |i| h.row(i));
+            &h_rows
+        });
         // Phase 1: logits into the block buffer, per-segment row parts.
         let parts: Vec<Vec<RowPart>> = segments
             .par_iter()
@@ -496,7 +501,7 @@ fn run(
                     }
                 } else {
                     // bf16: the tile product over the whole segment, written into the part.
-                    let bf = h_bf16.as_ref().expect("packed with the bf16 precision");
+                    let bf = h_bf16.expect("packed with the bf16 precision");
                     layer.bf16_logits(bf, seg.clone(), part_z);
                 }
                 // Row statistics a tile at a time, while it is in cache.
@@ -561,7 +566,7 @@ fn run(
         // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
         let dh_parts = SharedMut(dh_part.as_mut_ptr());
         let want_dh = g.hidden.is_some();
-        let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::new(layer, h));
+        let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::repack(&mut h_grad, layer, h));
         // bf16: each worker's packing buffers, reused from segment to segment.
         segments.par_iter().enumerate().for_each_init(GradScratch::default, |scratch, (gi, seg)| {
             // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
@@ -602,7 +607,7 @@ fn run(
                         gw.ptr(),
                         want_dh.then(|| dh_parts.ptr().add(gi * r * d)),
                         &w_segs[gi],
-                        h_packed.as_ref().expect("packed with the bf16 precision"),
+                        h_packed.expect("packed with the bf16 precision"),
                         scratch,
                         r0 == 0,
                     )
@@ -685,14 +690,22 @@ enum PackedHidden {
 }
 
 impl PackedHidden {
-    fn new(layer: &SoftmaxLayer<'_>, h: MatRef<'_>) -> PackedHidden {
+    /// Packs `h` into `slot`, reusing the packing already there (the previous block's).
+    fn repack<'s>(slot: &'s mut Option<PackedHidden>, layer: &SoftmaxLayer<'_>, h: MatRef<'_>) -> &'s PackedHidden {
         let (m, d, p) = (h.rows(), layer.hidden_dim(), layer.precision());
-        match layer.layout() {
+        match (layer.layout(), slot.as_mut()) {
             // N = d units, K = m rows: element (unit q, row i) = H[i, q].
-            WeightLayout::VocabMajor => PackedHidden::Right(PackedBf16Weights::from_rows(d, m, p, |i| h.row(i))),
+            (WeightLayout::VocabMajor, Some(PackedHidden::Right(w))) => w.repack_rows(d, m, p, |i| h.row(i)),
+            (WeightLayout::VocabMajor, _) => {
+                *slot = Some(PackedHidden::Right(PackedBf16Weights::from_rows(d, m, p, |i| h.row(i))))
+            }
             // Hᵀ: d rows, K = m: element (q, i) = H[i, q].
-            WeightLayout::HiddenMajor => PackedHidden::Left(PackedRows::from_rows_transposed(d, m, p, |i| h.row(i))),
+            (WeightLayout::HiddenMajor, Some(PackedHidden::Left(r))) => r.repack_transposed(d, m, p, |i| h.row(i)),
+            (WeightLayout::HiddenMajor, _) => {
+                *slot = Some(PackedHidden::Left(PackedRows::from_rows_transposed(d, m, p, |i| h.row(i))))
+            }
         }
+        slot.as_ref().expect("packed just above")
     }
 }
 

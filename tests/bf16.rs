@@ -496,6 +496,35 @@ fn loss_gradients_use_the_forward_precision() {
     }
 }
 
+/// Over several blocks of rows (the loss reuses its packings of each block's rows), with
+/// bf16-representable operands: every precision's gradients stay within G's rounding of the
+/// f32 layer's, in both layouts. A packing left stale from the block before would be far off.
+#[test]
+fn loss_gradients_over_several_blocks_of_rows() {
+    use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
+    let mut rng = Lcg(77);
+    // 1100 rows: three blocks of rows (at most 512 each), the last one shorter.
+    let (n, d, v) = (1100, 48, 700);
+    let round = |x: Vec<f32>| x.into_iter().map(|x| from_bf16(to_bf16(x))).collect::<Vec<f32>>();
+    let (h, w, b) = (round(rng.vec(n * d, 1.0)), round(rng.vec(v * d, 0.3)), rng.vec(v, 0.1));
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 37) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions::default();
+    let wt = transpose(&w, v, d);
+    for (weights, layout) in [(&w, WeightLayout::VocabMajor), (&wt, WeightLayout::HiddenMajor)] {
+        let f32_layer = SoftmaxLayer::new(&weights[..], layout, v, d, Some(&b[..])).unwrap();
+        let (_, g32) = cross_entropy_with_grad(&f32_layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+        for precision in [Precision::Bf16, Precision::Bf16x3] {
+            for path in paths() {
+                let layer = f32_layer.clone().with_precision(precision).unwrap().with_bf16_path(path).unwrap();
+                let (_, g) = cross_entropy_with_grad(&layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+                let (eh, ew) = (max_rel(&g.hidden, &g32.hidden), max_rel(&g.weight, &g32.weight));
+                assert!(eh <= 2f64.powi(-7) && ew <= 2f64.powi(-7), "{layout:?} {precision} {path}: dH {eh}, dW {ew}");
+            }
+        }
+    }
+}
+
 #[test]
 fn overwriting_gives_the_bits_of_adding_onto_zeros_and_never_reads_the_output() {
     // Every path, few rows (AMX's 1×4 kernel) and many (2×2), an output 64-byte aligned

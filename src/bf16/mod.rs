@@ -817,15 +817,40 @@ impl PackedBf16Weights {
         let Ok(mut bp) = PackedBf16Weights::alloc(n, k, precision) else {
             panic!("bf16: packing needs n, k > 0 and a bf16 precision")
         };
-        let (bl, parts, d_pad) = (bp.block_len(), precision.parts(), bp.d_pad);
+        bp.fill_rows(row);
+        bp
+    }
+
+    /// [`PackedBf16Weights::from_rows`] into this packing: in place when the shape and
+    /// precision are the same as its own (every value the packing writes is written again,
+    /// and the padding, which it never writes, is still zero), else into a new one. For the
+    /// loss, which packs each block of rows at the same shape.
+    pub(crate) fn repack_rows<'r>(
+        &mut self,
+        n: usize,
+        k: usize,
+        precision: Precision,
+        row: impl Fn(usize) -> &'r [f32],
+    ) {
+        if (self.vocab, self.hidden, self.precision) == (n, k, precision) {
+            self.fill_rows(row);
+        } else {
+            *self = PackedBf16Weights::from_rows(n, k, precision, row);
+        }
+    }
+
+    /// Writes the values of [`PackedBf16Weights::from_rows`] (its shape and precision are
+    /// this packing's), leaving the padding as it is.
+    fn fill_rows<'r>(&mut self, row: impl Fn(usize) -> &'r [f32]) {
+        let (n, k) = (self.vocab, self.hidden);
+        let (bl, parts, d_pad) = (self.block_len(), self.precision.parts(), self.d_pad);
         let rows: Vec<&[f32]> = (0..k).map(&row).collect();
         debug_assert!(rows.iter().all(|r| r.len() == n));
-        for (b, blk) in bp.data.chunks_mut(bl).enumerate().take(n.div_ceil(16)) {
+        for (b, blk) in self.data.chunks_mut(bl).enumerate().take(n.div_ceil(16)) {
             let nr = 16.min(n - 16 * b);
             let store = |blk: &mut [u16], at: usize, src: &[f32]| store_chunk(blk, at, d_pad * 16, parts, src);
             pack_pairs(blk, nr, k, |r, p| rows[p][16 * b + r], store);
         }
-        bp
     }
 
     /// Packs `n` "classes" of `k` values, element `(j, p)` = `w(j, p)`, rounded (or split)
@@ -994,6 +1019,30 @@ mod tests {
                 reused.repack_rows(m, k, precision, |i| &src[i * k..(i + 1) * k]);
                 assert_eq!((reused.rows, reused.d_pad, reused.parts), (want.rows, want.d_pad, want.parts));
                 assert!(reused.data[..] == want.data[..], "m={m} k={k} {precision}: reused packing");
+            }
+        }
+    }
+
+    #[test]
+    fn a_reused_weight_packing_equals_a_fresh_one() {
+        // Repacked with the same shape (in place: the padding must still be zero) and with
+        // other shapes and precisions in between (a new packing).
+        let mut reused = PackedBf16Weights::from_rows(3, 5, Precision::Bf16, |_| &[1.0, 2.0, 3.0]);
+        for (n, k, precision) in [
+            (37, 45, Precision::Bf16x3),
+            (37, 45, Precision::Bf16x3),
+            (37, 45, Precision::Bf16),
+            (16, 33, Precision::Bf16),
+            (16, 33, Precision::Bf16),
+            (5, 2, Precision::Bf16x3),
+        ] {
+            for seed in 0..2usize {
+                let src: Vec<f32> =
+                    (0..n * k).map(|i| (((i + 31 * seed) * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
+                let want = PackedBf16Weights::from_rows(n, k, precision, |p| &src[p * n..(p + 1) * n]);
+                reused.repack_rows(n, k, precision, |p| &src[p * n..(p + 1) * n]);
+                assert!(reused.data[..] == want.data[..], "n={n} k={k} {precision} seed {seed}");
+                assert_eq!((reused.vocab, reused.hidden, reused.d_pad), (want.vocab, want.hidden, want.d_pad));
             }
         }
     }
