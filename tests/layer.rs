@@ -154,6 +154,44 @@ fn ties_go_to_the_lower_class_id() {
     assert_eq!(top.log_probs[0], top.log_probs[2]);
 }
 
+/// Top-k against a naive sort of the layer's own logits, on integer-valued operands (exact
+/// products, so the logits tie often): every k from 1 to past the candidate list's size,
+/// tilings whose tiles and segments cut the 16-value pieces anywhere, both layouts.
+#[test]
+fn top_k_matches_a_sort_of_the_logits_among_many_ties() {
+    let mut rng = Rng(21);
+    let (n, d, v) = (7, 6, 3001);
+    let ints = |rng: &mut Rng, len: usize, span: usize| -> Vec<f32> {
+        (0..len).map(|_| rng.below(2 * span + 1) as f32 - span as f32).collect()
+    };
+    let h = ints(&mut rng, n * d, 2);
+    let w = ints(&mut rng, v * d, 3);
+    let wt = transpose(&w, v, d);
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let tilings = [
+        Tiling::default(),
+        Tiling { row_block: 3, col_tile: 40, segment: 200 },
+        Tiling { row_block: 8, col_tile: 17, segment: 1001 },
+    ];
+    for (weights, layout) in [(&w, WeightLayout::VocabMajor), (&wt, WeightLayout::HiddenMajor)] {
+        for tiling in tilings {
+            let layer = SoftmaxLayer::new(&weights[..], layout, v, d, None::<&[f32]>).unwrap().with_tiling(tiling);
+            let mut logits = vec![0f32; n * v];
+            layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+            for k in [1, 2, 9, 10, 16, 17, 33, 100] {
+                let top = layer.top_k(hv, k, &LayerOptions::default()).unwrap();
+                for i in 0..n {
+                    let row = &logits[i * v..(i + 1) * v];
+                    let mut order: Vec<usize> = (0..v).collect();
+                    // Larger logit first, then the lower class id.
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                    assert_eq!(&top.indices[i * k..(i + 1) * k], &order[..k], "{layout:?} {tiling:?} k={k} row {i}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_ops_are_bit_identical_for_any_thread_count() {
     let mut rng = Rng(8);
