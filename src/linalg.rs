@@ -213,6 +213,12 @@ impl AlignedF32 {
         // ≥ lines·16, since off ≤ 15 (an f32 vector is 4-byte aligned).
         self.len = (self.buf.len() - self.off) / 16 * 16;
     }
+
+    /// The first `len` values, the buffer grown first if it is shorter (values unspecified).
+    pub fn prefix_mut(&mut self, len: usize) -> &mut [f32] {
+        self.ensure(len);
+        &mut self[..len]
+    }
 }
 
 impl std::ops::Deref for AlignedF32 {

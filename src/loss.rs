@@ -425,9 +425,7 @@ fn run(
     };
     // bf16: the block's rows packed for the logits, and for dW; reused from block to block.
     let (mut h_rows, mut h_grad) = (PackedRows::default(), None);
-    // f32, [V, d]: each worker's buffer for a segment's logits computed column-major.
-    let col_bufs: Vec<std::sync::Mutex<AlignedF32>> =
-        (0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect();
+    let scratch = PerWorker::<Scratch>::new();
     for r0 in (0..n).step_by(r) {
         let rows = r0..(r0 + r).min(n);
         let m = rows.len();
@@ -482,14 +480,14 @@ fn run(
                         // the block's rows (the smaller operand here) and reads W where it
                         // lies; this worker's buffer then goes into the part row by row, with
                         // the bias added.
-                        let slot = rayon::current_thread_index().unwrap_or(0) % col_bufs.len();
-                        let mut cm = col_bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
-                        cm.ensure(m * c);
+                        let mut ws = scratch.get();
+                        let cm = ws.cols.prefix_mut(m * c);
                         let c_op = Operand { ptr: cm.as_mut_ptr(), rs: 1, cs: m as isize };
                         // SAFETY: the buffer holds m·c values (column stride m), this task's
-                        // alone while the lock is held; H[R] is m × d; W[seg] is in bounds.
+                        // alone while it holds its worker's scratch; H[R] is m × d; W[seg] is
+                        // in bounds.
                         unsafe { linalg::gemm(m, c, d, c_op, false, a_op, b_op) };
-                        linalg::transpose_into(&cm, m, part_z, c, m, c, layer.bias().map(|b| &b[seg.clone()]));
+                        linalg::transpose_into(cm, m, part_z, c, m, c, layer.bias().map(|b| &b[seg.clone()]));
                     } else {
                         // Straight into the part: with a bias the product adds to it; without,
                         // it writes over the part.
@@ -567,8 +565,7 @@ fn run(
         let dh_parts = SharedMut(dh_part.as_mut_ptr());
         let want_dh = g.hidden.is_some();
         let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::repack(&mut h_grad, layer, h));
-        // bf16: each worker's packing buffers, reused from segment to segment.
-        segments.par_iter().enumerate().for_each_init(GradScratch::default, |scratch, (gi, seg)| {
+        segments.par_iter().enumerate().for_each(|(gi, seg)| {
             // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
             let dx = z.ptr().wrapping_add(r * seg.start);
             for i in 0..m {
@@ -608,7 +605,7 @@ fn run(
                         want_dh.then(|| dh_parts.ptr().add(gi * r * d)),
                         &w_segs[gi],
                         h_packed.expect("packed with the bf16 precision"),
-                        scratch,
+                        &mut scratch.get(),
                         r0 == 0,
                     )
                 };
@@ -660,22 +657,32 @@ fn run(
     Ok(CrossEntropyOutput { loss, lse })
 }
 
-/// A worker's buffers for the bf16 gradient products, reused across the segments it takes
-/// (rather than allocated, zeroed and freed per segment and chunk).
+/// A worker's buffers, kept for the whole call and reused by every segment and block of
+/// rows it takes (rather than allocated, zeroed and freed per task).
 #[derive(Default)]
-struct GradScratch {
-    /// A chunk of `dW`'s product, before it is added to `dW`.
+struct Scratch {
+    /// f32: a segment's logits computed column-major, before they go into the block buffer.
+    cols: AlignedF32,
+    /// bf16: a chunk of `dW`'s product, before it goes into `dW`.
     part: AlignedF32,
-    /// `Gᵀ` or `G` packed for a product.
+    /// bf16: `Gᵀ` or `G` packed for a product.
     packed: PackedRows,
+    /// bf16, `[d, V]` weights: `G` packed as the right operand of `dW = Hᵀ·G`.
+    g_right: Option<PackedBf16Weights>,
 }
 
-impl GradScratch {
-    /// The first `len` values of `part`, grown when it is shorter (values unspecified: the
-    /// products write over them).
-    fn sized(part: &mut AlignedF32, len: usize) -> &mut [f32] {
-        part.ensure(len);
-        &mut part[..len]
+/// One value per worker of the current `rayon` pool, held for a call: a task takes its
+/// worker's. Never contended, as long as a task holding one starts no parallel work (which
+/// could run another task of the same worker inside it).
+struct PerWorker<T>(Vec<std::sync::Mutex<T>>);
+
+impl<T: Default> PerWorker<T> {
+    fn new() -> Self {
+        PerWorker((0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect())
+    }
+    fn get(&self) -> std::sync::MutexGuard<'_, T> {
+        let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
+        self.0[slot].lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -747,7 +754,7 @@ unsafe fn bf16_grads(
     dh: Option<*mut f32>,
     w_seg: &PackedBf16Weights,
     hp: &PackedHidden,
-    scratch: &mut GradScratch,
+    scratch: &mut Scratch,
     first: bool,
 ) {
     let (c, d, v) = (cols.len(), layer.hidden_dim(), layer.vocab());
@@ -767,8 +774,8 @@ unsafe fn bf16_grads(
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
                 scratch.packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
-                let GradScratch { part, packed } = scratch;
-                let part = GradScratch::sized(part, cj * d);
+                let Scratch { part, packed, .. } = scratch;
+                let part = part.prefix_mut(cj * d);
                 bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
                 let dst = &mut out[j0 * d..(j0 + cj) * d];
                 if first {
@@ -781,9 +788,16 @@ unsafe fn bf16_grads(
         PackedHidden::Left(ha) => {
             // dW[:, cols] (d x c) += Hᵀ · G (N = c classes, K = m). It interleaves with other
             // tasks' columns: computed apart, then added.
-            let gb = PackedBf16Weights::from_rows(c, m, precision, g_row);
-            let part = GradScratch::sized(&mut scratch.part, d * c);
-            bf16::tile_product(path, ha, &gb, 0..c, part, c, Output::Overwrite);
+            let Scratch { part, g_right, .. } = scratch;
+            let gb = match g_right {
+                Some(p) => {
+                    p.repack_rows(c, m, precision, g_row);
+                    p
+                }
+                None => g_right.insert(PackedBf16Weights::from_rows(c, m, precision, g_row)),
+            };
+            let part = part.prefix_mut(d * c);
+            bf16::tile_product(path, ha, gb, 0..c, part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
                 for (j, x) in row.iter().enumerate() {
                     // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
