@@ -39,7 +39,7 @@
 //! the result, so that a row with an error is never modified.
 
 use crate::error::{Error, Result};
-use crate::kernels::{Isa, Kernels, MaxSum};
+use crate::kernels::{Isa, Kernels, MaxSum, PrevRow};
 use crate::matrix::{MatMut, MatRef};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -265,9 +265,92 @@ fn fused_softmax_row(
     if parallel && src.len() > CHUNK {
         out.par_chunks_mut(CHUNK).zip(block_max.par_chunks(per_chunk)).for_each(|(o, b)| k.rescale(o, b, t, stats));
     } else {
-        k.rescale(out, block_max, t, stats);
+        // Last chunk first: the end of a row longer than L2 is still there from pass 1.
+        for (o, b) in out.chunks_mut(CHUNK).zip(block_max.chunks(per_chunk)).rev() {
+            k.rescale(o, b, t, stats);
+        }
     }
     Ok(())
+}
+
+/// Rows up to this length run the out-of-place softmax as a pipeline over two scratch rows
+/// (512 KiB each at most, so both stay in L2): see [`softmax_rows_pipelined`].
+const PIPELINE_MAX: usize = 1 << 17;
+
+/// The two scratch rows (terms and block maxima) of [`softmax_rows_pipelined`].
+#[derive(Default)]
+struct PipelineRows {
+    terms: [Vec<f32>; 2],
+    block_max: [Vec<f32>; 2],
+}
+
+/// Out-of-place softmax of consecutive rows on this thread, software-pipelined: the online
+/// pass over row `i` stores its terms in a scratch row and, in the same loop, rescales row
+/// `i − 1`'s terms into its output. Each row's stores then overlap the next row's
+/// exponentials instead of following them. The values are those of [`fused_softmax_row`]
+/// bit for bit (same chunks, same blocks, same factors). `out` holds the rows
+/// `first..first + out.rows()`; a row that is invalid is marked in `first_bad`.
+fn softmax_rows_pipelined(
+    plan: &Plan<'_>,
+    src: MatRef<'_>,
+    first: usize,
+    mut out: MatMut<'_>,
+    bufs: &mut PipelineRows,
+    stream: bool,
+    first_bad: &AtomicUsize,
+) {
+    let v = src.cols();
+    let blocks = v.div_ceil(Kernels::BLOCK);
+    let per_chunk = CHUNK / Kernels::BLOCK;
+    let (k, t) = (plan.k, plan.t);
+    for b in 0..2 {
+        bufs.terms[b].resize(v, 0.0);
+        bufs.block_max[b].resize(blocks, 0.0);
+    }
+    let [t0, t1] = &mut bufs.terms;
+    let [b0, b1] = &mut bufs.block_max;
+    let (mut cur_terms, mut prev_terms) = (t0.as_mut_slice(), t1.as_mut_slice());
+    let (mut cur_max, mut prev_max) = (b0.as_mut_slice(), b1.as_mut_slice());
+    // The previous row (in `out`) and its final state, its terms in `prev_terms`, when valid.
+    let mut pending: Option<(usize, MaxSum)> = None;
+    for r in 0..out.rows() {
+        let i = first + r;
+        let (srow, mask, next) = (src.row(i), plan.mask_row(i), next_row(src, i));
+        let mut prev = pending.take().map(|(q, st)| (out.row_mut(q), st));
+        let mut stats = MaxSum::EMPTY;
+        for c in 0..v.div_ceil(CHUNK) {
+            let cols = c * CHUNK..((c + 1) * CHUNK).min(v);
+            let bl = c * per_chunk..c * per_chunk + cols.len().div_ceil(Kernels::BLOCK);
+            let finish = prev.as_mut().map(|(o, st)| PrevRow {
+                terms: &prev_terms[cols.start..],
+                block_max: &prev_max[bl.start..],
+                stats: *st,
+                out: &mut o[cols.start..],
+                head: c == 0,
+            });
+            let part = k.softmax_pass1_pipelined(
+                &mut cur_terms[cols.clone()],
+                &srow[cols.clone()],
+                mask.map(|m| &m[cols.clone()]),
+                t,
+                &mut cur_max[bl],
+                next.and_then(|n| n.get(cols.clone())),
+                finish,
+                stream,
+            );
+            stats = stats.merge(part, t);
+        }
+        if check_row(stats, srow, mask, i).is_err() {
+            first_bad.fetch_min(i, Ordering::Relaxed);
+        } else {
+            pending = Some((r, stats));
+        }
+        std::mem::swap(&mut cur_terms, &mut prev_terms);
+        std::mem::swap(&mut cur_max, &mut prev_max);
+    }
+    if let Some((q, st)) = pending {
+        k.rescale_into(prev_terms, prev_max, t, st, out.row_mut(q), stream);
+    }
 }
 
 /// Softmax or log-softmax of every row; `src = None` means in place in `out`.
@@ -310,7 +393,28 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
         }
     };
 
-    if big && n >= threads {
+    if let (true, Op::Softmax, Some(s)) = (big && n >= threads && v <= PIPELINE_MAX, op, src) {
+        // Groups of consecutive rows, each pipelined on one thread.
+        let group = n.div_ceil(threads * 4).clamp((PAR_MIN / v).max(1), 64);
+        out.data_mut().par_chunks_mut(stride * group).take(n.div_ceil(group)).enumerate().for_each_init(
+            PipelineRows::default,
+            |bufs, (g, rows)| {
+                let first = g * group;
+                let k = group.min(n - first);
+                let rows = MatMut::with_stride(&mut rows[..((k - 1) * stride + v)], k, v, stride);
+                // (The group's rows lie inside `out`, whose shape was checked.)
+                softmax_rows_pipelined(
+                    &plan,
+                    s,
+                    first,
+                    rows.expect("a group of output rows"),
+                    bufs,
+                    stream,
+                    &first_bad,
+                );
+            },
+        );
+    } else if big && n >= threads {
         let min_rows = (PAR_MIN / v).max(1);
         out.data_mut()
             .par_chunks_mut(stride)

@@ -456,3 +456,51 @@ fn prefetching_the_next_row_gives_the_same_bits() {
         check_matrix(&x, n, v, stride, Some((&m, 1)), 0.8, None);
     }
 }
+
+#[test]
+fn a_pipelined_softmax_equals_one_row_at_a_time() {
+    // Many rows on two threads run pipelined (each row's stores ride along with the next
+    // row's pass, streamed or not, at every output alignment); one row alone does not.
+    // Lengths cover every vector tail, block and chunk edges, and the pipeline's limit.
+    let mut rng = Rng(31);
+    let mut lens: Vec<usize> = (1..=40).collect();
+    lens.extend([1023, 1024, 1025, 2047, 4111, 65_535, 65_536, 65_537, 131_072]);
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let four = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    for isa in Isa::available() {
+        for &v in &lens {
+            // Enough rows for the parallel path (32768 elements), at least 3.
+            let n = (40_000 / v).clamp(3, 400);
+            let stride = v + v % 5;
+            let x = rng.vec((n - 1) * stride + v, -40.0, 40.0);
+            let m: Vec<f32> = (0..v).map(|j| if j % 11 == 4 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let masked = v > 4;
+            let opts = RowOptions {
+                mask: masked.then(|| MatRef::from_row(&m)),
+                isa: Some(isa),
+                ..RowOptions::with_temperature(if v % 2 == 0 { 1.0 } else { 0.7 })
+            };
+            let one_by_one: Vec<u32> = four.install(|| {
+                (0..n)
+                    .flat_map(|i| {
+                        let mut p = vec![0f32; v];
+                        let row = MatRef::new(&x[i * stride..i * stride + v], 1, v).unwrap();
+                        softmax(row, MatMut::new(&mut p, 1, v).unwrap(), &opts).unwrap();
+                        bits(&p)
+                    })
+                    .collect()
+            });
+            for stream_min in [0, usize::MAX] {
+                let all = two.install(|| {
+                    softmax_layer::rows::set_stream_min_bytes(stream_min);
+                    let mut p = vec![f32::NAN; (n - 1) * stride + v];
+                    let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
+                    softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+                    softmax_layer::rows::set_stream_min_bytes(64 << 20);
+                    (0..n).flat_map(|i| bits(&p[i * stride..i * stride + v])).collect::<Vec<u32>>()
+                });
+                assert!(all == one_by_one, "{isa:?} [{n}, {v}] stride {stride}, streaming {}", stream_min == 0);
+            }
+        }
+    }
+}

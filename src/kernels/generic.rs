@@ -127,11 +127,87 @@ pub(crate) struct Params {
     /// Null, or the start of `len` elements (the next row) that the online pass prefetches
     /// towards L2 while it reads this one: only a hint, never dereferenced.
     pub ahead: *const f32,
+    /// For the `STORE` online pass only: the previous row's stored terms, rescaled into its
+    /// output while this row is computed (null `src`: none).
+    pub prev: PrevRow,
+}
+
+/// The previous row of a software-pipelined softmax, from the offset of the current call
+/// to the end of that row: its stored terms `src`, its output `out` (both valid for
+/// `avail` elements) and its `block_max` (for `avail.div_ceil(BLOCK)` blocks, aligned with
+/// the current row's), and its final `(M, S)`. The online pass writes
+/// `out[e] = src[e] · exp((block_max[e / BLOCK] − m) / T) / sum`, as [`rescale`] does,
+/// while it computes the current row's terms.
+///
+/// The previous row is covered `h` elements ahead of the current one, `h` being what
+/// brings `out` to a vector boundary, so that its full vectors can be streamed: a call
+/// over `len` current elements writes previous elements `[h, h + len)` (capped at
+/// `avail`), plus `[0, h)` when `head` is set (the call at the start of the row).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrevRow {
+    pub src: *const f32,
+    pub out: *mut f32,
+    pub block_max: *const f32,
+    pub avail: usize,
+    pub m: f32,
+    pub sum: f64,
+    pub head: bool,
+}
+
+impl PrevRow {
+    pub(crate) const NONE: PrevRow = PrevRow {
+        src: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        block_max: std::ptr::null(),
+        avail: 0,
+        m: 0.0,
+        sum: 1.0,
+        head: false,
+    };
+
+    /// The factor of block `b`, as [`rescale`] computes it; 0 past the row's last block.
+    ///
+    /// # Safety
+    /// `block_max` is valid as described above.
+    #[inline(always)]
+    unsafe fn factor(&self, b: usize, t: f32) -> f32 {
+        if b < self.avail.div_ceil(BLOCK) {
+            // SAFETY: `b` is one of the row's blocks (checked above).
+            block_factor(unsafe { *self.block_max.add(b) }, self.m, self.sum, t)
+        } else {
+            0.0
+        }
+    }
+
+    /// Scalar `out[e] = src[e] · f` for `e` in `[e0, e1)` (capped at `avail`), with `f` the
+    /// factor `fb` below `split` and `fb1` from there (blocks b and b + 1).
+    ///
+    /// # Safety
+    /// `src` and `out` are valid as described above.
+    #[inline(always)]
+    unsafe fn scalar(&self, e0: usize, e1: usize, split: usize, fb: f32, fb1: f32) {
+        for e in e0..e1.min(self.avail) {
+            let f = if e < split { fb } else { fb1 };
+            // SAFETY: `e < avail` (contract).
+            unsafe { *self.out.add(e) = *self.src.add(e) * f };
+        }
+    }
+}
+
+/// `exp((m_b − M) / T) / S`, computed in `f64`: the factor that turns the terms stored
+/// against a block's running maximum `m_b` into probabilities.
+#[inline(always)]
+fn block_factor(m_b: f32, m: f32, sum: f64, t: f32) -> f32 {
+    (((m_b as f64 - m as f64) / t as f64).exp() / sum) as f32
 }
 
 impl Params {
     pub(crate) fn new(t: f32) -> Self {
-        Params { t, inv_t: 1.0 / t, stream: false, ahead: std::ptr::null() }
+        Params { t, inv_t: 1.0 / t, stream: false, ahead: std::ptr::null(), prev: PrevRow::NONE }
+    }
+    pub(crate) fn rescaling(mut self, prev: PrevRow) -> Self {
+        self.prev = prev;
+        self
     }
     pub(crate) fn prefetching(mut self, ahead: *const f32) -> Self {
         self.ahead = ahead;
@@ -334,13 +410,15 @@ unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V)
 ///
 /// With `STORE`, it also writes `out[i] = exp((z_i - m_b) / T)`, where `m_b` is the running
 /// maximum after block `b` (of [`BLOCK`] elements), and stores `m_b` in `block_max[b]`;
-/// [`rescale_impl`] then turns these into probabilities. `out` may equal `x`.
+/// [`rescale`] then turns these into probabilities. `out` may equal `x`. With `PREV` too,
+/// it rescales `p.prev`'s blocks into their output as it goes (see [`PrevRow`]), so that
+/// one row's stores overlap with the next row's exponentials.
 ///
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STORE: bool>(
+unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STORE: bool, const PREV: bool>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -358,6 +436,16 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
         let (t, inv_t) = (V::splat(p.t), V::splat(p.inv_t));
         let mut i = 0;
         let mut b = 0;
+        // The previous row's shift to a vector boundary of its output, its head, and the
+        // factor of the block being written.
+        let h = if PREV { (p.prev.out as usize).wrapping_neg() % (lanes * 4) / 4 } else { 0 };
+        let mut f_cur = 0.0;
+        if PREV {
+            f_cur = p.prev.factor(0, p.t);
+            if p.prev.head {
+                p.prev.scalar(0, h, BLOCK, f_cur, f_cur);
+            }
+        }
         while i < len {
             let blen = BLOCK.min(len - i);
             let full = blen / lanes;
@@ -389,6 +477,15 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 m = bm;
             }
             let mv = V::splat(m);
+            // The previous row's vectors `[i + k·lanes + h, +lanes)` go along with this
+            // block's; those wholly inside its block `b` and its row (below `limit`) in one
+            // vector store each, the one or two that straddle either in scalar.
+            let (pf, limit, f_next) = if PREV {
+                let f_next = p.prev.factor(b + 1, p.t);
+                (V::splat(f_cur), (i + BLOCK).min(p.prev.avail), f_next)
+            } else {
+                (V::splat(0.0), 0, 0.0)
+            };
             /// # Safety
             /// The instruction set of `V` is available, and every pointer is valid for the
             /// elements this function reads or writes.
@@ -414,6 +511,19 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                     let e = term::<V, SCALED, STORE>(load_z::<V, MASK>(x, mask, i + $k * lanes), mv, t, inv_t);
                     if STORE {
                         e.store(out.add(i + $k * lanes));
+                    }
+                    if PREV {
+                        let e0 = i + $k * lanes + h;
+                        if e0 + lanes <= limit {
+                            let y = V::load(p.prev.src.add(e0)).mul(pf);
+                            if p.stream {
+                                y.store_stream(p.prev.out.add(e0));
+                            } else {
+                                y.store(p.prev.out.add(e0));
+                            }
+                        } else {
+                            p.prev.scalar(e0, e0 + lanes, i + BLOCK, f_cur, f_next);
+                        }
                     }
                     $acc = $acc.add(e);
                 }};
@@ -447,14 +557,24 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 if STORE {
                     e.store_partial(out.add(i + full * lanes), tail);
                 }
+                if PREV {
+                    let e0 = i + full * lanes + h;
+                    p.prev.scalar(e0, e0 + tail, i + BLOCK, f_cur, f_next);
+                }
                 s1 = s1.add(e);
             }
             s += s0.add(s1).add(s2.add(s3)).reduce_sum() as f64;
             if STORE {
                 *block_max.add(b) = m;
             }
+            if PREV {
+                f_cur = f_next;
+            }
             b += 1;
             i += blen;
+        }
+        if PREV && p.stream {
+            V::stream_fence();
         }
         MaxSum { max: m, sum: s }
     }
@@ -472,7 +592,7 @@ unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
 ) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { online_impl::<V, MASK, SCALED, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
+    unsafe { online_impl::<V, MASK, SCALED, false, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
 }
 
 /// # Safety
@@ -489,7 +609,13 @@ unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
 ) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { online_impl::<V, MASK, SCALED, true>(x, mask, out, block_max, len, p) }
+    unsafe {
+        if p.prev.src.is_null() {
+            online_impl::<V, MASK, SCALED, true, false>(x, mask, out, block_max, len, p)
+        } else {
+            online_impl::<V, MASK, SCALED, true, true>(x, mask, out, block_max, len, p)
+        }
+    }
 }
 
 /// Produces the output of a pass-2 kernel, one vector at a time.
@@ -596,7 +722,7 @@ pub(crate) unsafe fn rescale<V: Vector>(
         let mut b = 0;
         while i < len {
             let end = (i + BLOCK).min(len);
-            let f = (((*block_max.add(b) as f64 - m as f64) / p.t as f64).exp() / sum) as f32;
+            let f = block_factor(*block_max.add(b), m, sum, p.t);
             let prod = Scaled { src, f: V::splat(f) };
             if p.stream {
                 write_span::<V, _, true>(&prod, out, i, end);

@@ -63,6 +63,22 @@ impl MaxSum {
     }
 }
 
+/// The previous row of a pipelined softmax ([`Kernels::softmax_pass1_pipelined`]): its
+/// stored terms and block maxima from [`Kernels::softmax_pass1`], its final state, and the
+/// output they are rescaled into.
+#[derive(Debug)]
+pub(crate) struct PrevRow<'a> {
+    /// Its terms, from the current chunk's first column to the end of the row.
+    pub terms: &'a [f32],
+    /// Its block maxima, from the current chunk's first block.
+    pub block_max: &'a [f32],
+    pub stats: MaxSum,
+    /// Its output, as `terms`.
+    pub out: &'a mut [f32],
+    /// Whether this is the row's first chunk.
+    pub head: bool,
+}
+
 /// Coefficients of [`Kernels::ce_grad_in_place`]: `out_j = (a·p_j − b·w_j)·g_j`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CeGradCoef {
@@ -370,6 +386,53 @@ impl Kernels {
         // SAFETY: supported ISA; `x` is the distinct `src` or the output row itself, both
         // of `len` elements; `block_max` was checked above; `p.ahead` is only prefetched.
         unsafe { (self.softmax_pass1)(x, mask_ptr, out, block_max.as_mut_ptr(), len, p) }
+    }
+
+    /// [`Kernels::softmax_pass1_ahead`] of a row (or of a chunk of it) into `terms`, which
+    /// also finishes the previous row of a pipeline: `prev`'s stored terms, scaled as
+    /// [`Kernels::rescale_into`] would scale them (the same bits), go to its output while
+    /// this row's exponentials are computed; `stream` writes them with non-temporal stores.
+    /// `prev`'s slices start at the same column as `src` and run to the end of its row.
+    /// Over all the chunks of a row, in order, the whole previous row is written.
+    ///
+    /// # Panics
+    /// If lengths differ or a `block_max` is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn softmax_pass1_pipelined(
+        &self,
+        terms: &mut [f32],
+        src: &[f32],
+        mask: Option<&[f32]>,
+        t: f32,
+        block_max: &mut [f32],
+        next: Option<&[f32]>,
+        prev: Option<PrevRow<'_>>,
+        stream: bool,
+    ) -> MaxSum {
+        let len = terms.len();
+        assert_eq!(src.len(), len, "softmax_pass1: source and output lengths differ");
+        assert!(block_max.len() >= len.div_ceil(Self::BLOCK), "softmax_pass1: block_max too short");
+        let mask_ptr = mask_ptr(len, mask);
+        let mut p = Params::new(t).prefetching(ahead_ptr(len, next)).streaming(stream);
+        if let Some(q) = prev {
+            let avail = q.terms.len();
+            assert!(avail >= len && q.out.len() == avail, "softmax_pass1: previous row's lengths differ");
+            assert!(q.block_max.len() >= avail.div_ceil(Self::BLOCK), "softmax_pass1: previous block_max too short");
+            p = p.rescaling(generic::PrevRow {
+                src: q.terms.as_ptr(),
+                out: q.out.as_mut_ptr(),
+                block_max: q.block_max.as_ptr(),
+                avail,
+                m: q.stats.max,
+                sum: q.stats.sum,
+                head: q.head,
+            });
+        }
+        // SAFETY: supported ISA; `src`, `terms` (a distinct `&mut`) and the mask have `len`
+        // elements, `block_max` at least `len / BLOCK` rounded up (checked above); `prev`'s
+        // terms and output (distinct from each other and from this row's) have `avail`
+        // elements and its block maxima cover them; `p.ahead` is only prefetched.
+        unsafe { (self.softmax_pass1)(src.as_ptr(), mask_ptr, terms.as_mut_ptr(), block_max.as_mut_ptr(), len, p) }
     }
 
     /// Step 2 of the fused softmax: scales block `b` of `out` by
