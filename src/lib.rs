@@ -124,6 +124,7 @@ pub mod layer;
 mod linalg;
 pub mod loss;
 pub mod matrix;
+mod narrow;
 pub mod rank;
 pub mod rng;
 pub mod rows;

@@ -419,7 +419,14 @@ pub fn loss_and_gradient_in(
     let layer = model.layer_in(precision)?;
     let opts = CrossEntropyOptions { reduction: Reduction::None, ..Default::default() };
     let up = Upstream::Scalar(1.0 / n as f32);
+    // Few classes in f32: the narrow path (rows along the vector lanes; see `narrow`).
+    let narrow = precision == Precision::F32 && crate::narrow::applies(k, d);
     let one = |x: MatRef<'_>, y: &[i64], gw: &mut [f32], gb: &mut [f32]| -> Result<f64> {
+        if narrow {
+            gw.fill(0.0);
+            gb.fill(0.0);
+            return Ok(crate::narrow::loss_grad(x, y, &model.weight, &model.bias, 1.0 / n as f32, gw, gb));
+        }
         let g = GradientsMut { hidden: None, weight: gw, bias: Some(gb) };
         let out = loss::cross_entropy_with_grad_prechecked(&layer, x, y, &opts, up, g)?;
         Ok(out.loss.iter().map(|&l| l as f64).sum())

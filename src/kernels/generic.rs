@@ -333,7 +333,7 @@ pub(crate) unsafe fn exp<V: Vector>(x: V) -> V {
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn exp_nonpositive<V: Vector>(x: V) -> V {
+pub(crate) unsafe fn exp_nonpositive<V: Vector>(x: V) -> V {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
     unsafe { exp_term::<V, false>(x, x) }
