@@ -326,20 +326,20 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Args<'_>, dw: &mut [f32], db
                 // of them are read; G's panel is mr·nr values from c0·nr; dW's rows c0.. c0 + mr
                 // hold d values each, fw of them from f0 are updated.
                 unsafe {
-                    with_mr!(
-                        mr,
-                        weight_panel,
-                        V,
-                        (
-                            x.row(r0).as_ptr().add(f0),
-                            ldx,
-                            rows,
-                            fw,
-                            z.as_ptr().add(c0 * nr),
-                            dw.as_mut_ptr().add(c0 * d + f0),
-                            d
-                        )
-                    )
+                    let args = (
+                        x.row(r0).as_ptr().add(f0),
+                        ldx,
+                        rows,
+                        fw,
+                        z.as_ptr().add(c0 * nr),
+                        dw.as_mut_ptr().add(c0 * d + f0),
+                        d,
+                    );
+                    if fw == nr {
+                        with_mr!(mr, weight_panel_full, V, (args))
+                    } else {
+                        with_mr!(mr, weight_panel_part, V, (args))
+                    }
                 };
             }
         }
@@ -401,7 +401,7 @@ unsafe fn logits_panel<V: Vector, const MR: usize>(
 /// The instruction set of `V` is available; `x` holds `rows` rows of `fw` values (stride
 /// `ldx`), `g` `MR · 2·LANES` values, `dw` `MR` rows of `fw` values (stride `d`).
 #[inline(always)]
-unsafe fn weight_panel<V: Vector, const MR: usize>(
+unsafe fn weight_panel<V: Vector, const MR: usize, const FULL: bool>(
     x: *const f32,
     ldx: usize,
     rows: usize,
@@ -418,8 +418,13 @@ unsafe fn weight_panel<V: Vector, const MR: usize>(
         let mut acc = [[V::splat(0.0); 2]; MR];
         for r in 0..rows {
             let xr = x.add(r * ldx);
-            let x0 = load_upto::<V>(xr, w0);
-            let x1 = if w1 > 0 { load_upto::<V>(xr.add(l), w1) } else { V::splat(0.0) };
+            // (Whole panels load without a test per row: a test's scalar operations would
+            // take slots from the multiply-adds.)
+            let (x0, x1) = if FULL {
+                (V::load(xr), V::load(xr.add(l)))
+            } else {
+                (load_upto::<V>(xr, w0), if w1 > 0 { load_upto::<V>(xr.add(l), w1) } else { V::splat(0.0) })
+            };
             for (j, a) in acc.iter_mut().enumerate() {
                 let gv = V::splat(*g.add(j * nr + r));
                 a[0] = gv.mul_add(x0, a[0]);
@@ -440,6 +445,32 @@ unsafe fn weight_panel<V: Vector, const MR: usize>(
             }
         }
     }
+}
+
+/// [`weight_panel`] over two whole vectors of features (`fw = 2·LANES`).
+///
+/// # Safety
+/// As [`weight_panel`].
+#[inline(always)]
+unsafe fn weight_panel_full<V: Vector, const MR: usize>(
+    args: (*const f32, usize, usize, usize, *const f32, *mut f32, usize),
+) {
+    let (x, ldx, rows, fw, g, dw, d) = args;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { weight_panel::<V, MR, true>(x, ldx, rows, fw, g, dw, d) }
+}
+
+/// [`weight_panel`] over the last, partial panel of features.
+///
+/// # Safety
+/// As [`weight_panel`].
+#[inline(always)]
+unsafe fn weight_panel_part<V: Vector, const MR: usize>(
+    args: (*const f32, usize, usize, usize, *const f32, *mut f32, usize),
+) {
+    let (x, ldx, rows, fw, g, dw, d) = args;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { weight_panel::<V, MR, false>(x, ldx, rows, fw, g, dw, d) }
 }
 
 /// `w ≤ LANES` values from `p` (the other lanes zero).
