@@ -596,3 +596,35 @@ fn the_kept_gradient_packing_of_w_gives_the_bits_of_a_fresh_one() {
         assert!(max_rel(&gw, &g32.weight) <= tol, "{precision}: dW {}", max_rel(&gw, &g32.weight));
     }
 }
+
+#[test]
+fn loss_weight_gradient_does_not_depend_on_where_it_lies() {
+    // dW accumulates over three blocks of rows onto the caller's buffer: 64-byte aligned
+    // (AMX adds in place) or 4 bytes off (through its scratch), the same bits.
+    use softmax_layer::loss::{CrossEntropyOptions, GradientsMut, Upstream, cross_entropy_with_grad_into};
+    let mut rng = Lcg(91);
+    let (n, d, v) = (1100, 64, 300);
+    let (h, w, b) = (rng.vec(n * d, 1.0), rng.vec(v * d, 0.3), rng.vec(v, 0.1));
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 53) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions::default();
+    let f32_layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let mut buf = vec![0f32; v * d + 32];
+    let aligned = aligned_offset(&buf);
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        for path in paths() {
+            let layer = f32_layer.clone().with_precision(precision).unwrap().with_bf16_path(path).unwrap();
+            let mut results = Vec::new();
+            for off in [aligned, aligned + 1] {
+                let gw = &mut buf[off..off + v * d];
+                gw.fill(f32::NAN);
+                let mut gb = vec![0f32; v];
+                let g = GradientsMut { hidden: None, weight: gw, bias: Some(&mut gb) };
+                cross_entropy_with_grad_into(&layer, hv, &targets, &opts, Upstream::Scalar(1.0), g).unwrap();
+                results.push(buf[off..off + v * d].iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            }
+            assert!(results[0] == results[1], "{precision:?} {path}: dW depends on its buffer's alignment");
+            assert!(results[0].iter().all(|&x| f32::from_bits(x).is_finite()), "{precision:?} {path}: dW not written");
+        }
+    }
+}
