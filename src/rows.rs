@@ -48,12 +48,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub const CHUNK: usize = 1 << 16;
 /// Below this many elements in all, work runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
-/// Outputs of at least this many bytes are written with non-temporal stores: they cannot
-/// stay in cache anyway, and streaming saves reading each output line before writing it.
-static STREAM_MIN_BYTES: AtomicUsize = AtomicUsize::new(64 << 20);
+/// The default of [`set_stream_min_bytes`]: 16 MiB. At 32 MiB outputs ([8, 1000003],
+/// [256, 32768], [64, 131072]) streaming made log-softmax 0.70–0.97 and softmax 0.74–1.0
+/// as long, at 16 MiB ([2048, 2048]) it was neutral (`BENCH_STREAM_MIN` in `bench_rows`,
+/// alternated).
+pub const DEFAULT_STREAM_MIN_BYTES: usize = 16 << 20;
 
-/// Sets the output size from which streaming stores are used (default 64 MiB). The
-/// results are the same either way; tests use this to cover both paths.
+/// Outputs of at least this many bytes are written with non-temporal stores: they are not
+/// re-read from the core's caches, and streaming saves reading each output line before
+/// writing it.
+static STREAM_MIN_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_STREAM_MIN_BYTES);
+
+/// Sets the output size from which streaming stores are used (default
+/// [`DEFAULT_STREAM_MIN_BYTES`]). The results are the same either way; tests use this to
+/// cover both paths.
 #[doc(hidden)]
 pub fn set_stream_min_bytes(bytes: usize) {
     STREAM_MIN_BYTES.store(bytes, Ordering::Relaxed);

@@ -424,7 +424,7 @@ fn streaming_stores_give_the_same_bits() {
         let run = |stream_min: usize| {
             softmax_layer::rows::set_stream_min_bytes(stream_min);
             let (p, lp, _) = all_three(&x, n, v, stride, &RowOptions::with_temperature(1.3));
-            softmax_layer::rows::set_stream_min_bytes(64 << 20);
+            softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
             (bits(&p), bits(&lp))
         };
         let streamed = run(0);
@@ -447,7 +447,7 @@ fn prefetching_the_next_row_gives_the_same_bits() {
             let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..RowOptions::with_temperature(0.8) };
             let (p, lp, lse) = all_three(&x, n, v, stride, &opts);
             softmax_layer::rows::set_prefetch_next_row(true);
-            softmax_layer::rows::set_stream_min_bytes(64 << 20);
+            softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
             (bits(&p), bits(&lp), bits(&lse))
         };
         for stream_min in [0, usize::MAX] {
@@ -496,7 +496,7 @@ fn a_pipelined_softmax_equals_one_row_at_a_time() {
                     let mut p = vec![f32::NAN; (n - 1) * stride + v];
                     let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
                     softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
-                    softmax_layer::rows::set_stream_min_bytes(64 << 20);
+                    softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
                     (0..n).flat_map(|i| bits(&p[i * stride..i * stride + v])).collect::<Vec<u32>>()
                 });
                 assert!(all == one_by_one, "{isa:?} [{n}, {v}] stride {stride}, streaming {}", stream_min == 0);
