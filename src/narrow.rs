@@ -42,56 +42,47 @@ pub(crate) fn applies(k: usize, d: usize) -> bool {
     (1..=MAX_CLASSES).contains(&k) && (1..=MAX_DIM).contains(&d)
 }
 
-/// Over the rows of `x` (`[n, d]`) with targets `y` (each in `[0, K)`, checked by the
-/// caller): returns `Σ_r (lse_r − z_{r, y_r})` and adds `scale · (P − Y)ᵀ · X` to `dw`
-/// (`[K, d]`) and `scale · Σ_r (P − Y)_r` to `db` (`[K]`), where `z = X · Wᵀ + b`,
-/// `P = softmax(z)` row by row and `Y` the one-hot targets. `w` is `[K, d]`.
+/// One call's inputs: rows `x` (`[n, d]`) with targets `y` (each in `[0, K)`), weights `w`
+/// (`[K, d]`) and bias `b` (`[K]`), and the factor `scale` of the gradients.
+#[derive(Clone, Copy)]
+pub(crate) struct Problem<'a> {
+    pub x: MatRef<'a>,
+    pub y: &'a [i64],
+    pub w: &'a [f32],
+    pub b: &'a [f32],
+    pub scale: f32,
+}
+
+/// Over the rows of `p.x`: returns `Σ_r (lse_r − z_{r, y_r})` and adds
+/// `scale · (P − Y)ᵀ · X` to `dw` (`[K, d]`) and `scale · Σ_r (P − Y)_r` to `db` (`[K]`),
+/// where `z = X · Wᵀ + b`, `P = softmax(z)` row by row and `Y` the one-hot targets.
 ///
 /// # Panics
-/// If the shapes disagree or `(K, d)` is outside [`applies`].
-pub(crate) fn loss_grad(
-    x: MatRef<'_>,
-    y: &[i64],
-    w: &[f32],
-    b: &[f32],
-    scale: f32,
-    dw: &mut [f32],
-    db: &mut [f32],
-) -> f64 {
-    loss_grad_isa(Kernels::best().isa(), x, y, w, b, scale, dw, db)
+/// If the shapes disagree, a target is out of range, or `(K, d)` is outside [`applies`].
+pub(crate) fn loss_grad(p: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+    loss_grad_isa(Kernels::best().isa(), p, dw, db)
 }
 
 /// [`loss_grad`] on a given instruction set (tests compare them); the best one available
 /// is used when `isa` is not.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn loss_grad_isa(
-    isa: Isa,
-    x: MatRef<'_>,
-    y: &[i64],
-    w: &[f32],
-    b: &[f32],
-    scale: f32,
-    dw: &mut [f32],
-    db: &mut [f32],
-) -> f64 {
-    let (n, d, k) = (x.rows(), x.cols(), b.len());
+pub(crate) fn loss_grad_isa(isa: Isa, p: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+    let (n, d, k) = (p.x.rows(), p.x.cols(), p.b.len());
     assert!(applies(k, d), "narrow: K = {k}, d = {d} outside the narrow path");
-    assert!(y.len() == n && w.len() == k * d && dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
-    assert!(y.iter().all(|&t| (0..k as i64).contains(&t)), "narrow: a target is out of range");
+    assert!(p.y.len() == n && p.w.len() == k * d && dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
+    assert!(p.y.iter().all(|&t| (0..k as i64).contains(&t)), "narrow: a target is out of range");
     let isa = if Kernels::for_isa(isa).is_some() { isa } else { Kernels::best().isa() };
-    let args = Args { x, y, w, b, scale };
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the instruction set is available (checked just above); shapes checked.
-        Isa::Avx512 => unsafe { avx512(&args, dw, db) },
+        Isa::Avx512 => unsafe { avx512(p, dw, db) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2(&args, dw, db) },
+        Isa::Avx2 => unsafe { avx2(p, dw, db) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Isa::Neon => unsafe { neon(&args, dw, db) },
+        Isa::Neon => unsafe { neon(p, dw, db) },
         // SAFETY: the one-lane code needs no instruction set; shapes checked.
-        _ => unsafe { body::<crate::kernels::scalar::F32x1, MR_NARROW>(&args, dw, db) },
+        _ => unsafe { body::<crate::kernels::scalar::F32x1, MR_NARROW>(p, dw, db) },
     }
 }
 
@@ -147,20 +138,11 @@ impl Prefetch {
     }
 }
 
-/// The inputs of one call, checked.
-struct Args<'a> {
-    x: MatRef<'a>,
-    y: &'a [i64],
-    w: &'a [f32],
-    b: &'a [f32],
-    scale: f32,
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 /// # Safety
 /// AVX-512F is available; `args` is checked (see [`loss_grad_isa`]).
-unsafe fn avx512(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+unsafe fn avx512(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::x86_64::F32x16, MR>(args, dw, db) }
 }
@@ -169,7 +151,7 @@ unsafe fn avx512(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
 /// AVX2 and FMA are available; `args` is checked (see [`loss_grad_isa`]).
-unsafe fn avx2(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+unsafe fn avx2(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::x86_64::F32x8, MR_NARROW>(args, dw, db) }
 }
@@ -178,7 +160,7 @@ unsafe fn avx2(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
 #[target_feature(enable = "neon")]
 /// # Safety
 /// NEON is available; `args` is checked (see [`loss_grad_isa`]).
-unsafe fn neon(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+unsafe fn neon(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::aarch64::F32x4, MR>(args, dw, db) }
 }
@@ -224,7 +206,7 @@ macro_rules! with_mr {
 /// The instruction set of `V` is available; `args` is checked (see [`loss_grad_isa`]),
 /// `dw` has `K · d` elements and `db` `K`.
 #[inline(always)]
-unsafe fn body<V: Vector, const PMAX: usize>(args: &Args<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     let (x, y, w, b, scale) = (args.x, args.y, args.w, args.b, args.scale);
     let (n, d, k) = (x.rows(), x.cols(), b.len());
     let (l, nr) = (V::LANES, 2 * V::LANES);
@@ -551,7 +533,8 @@ mod tests {
         let rel = 1e-6 * (4.0 + (d + n) as f64 / 16.0);
         for isa in Isa::available() {
             let (mut gw, mut gb) = (vec![0f32; k * d], vec![0f32; k]);
-            let l = loss_grad_isa(isa, xv, &y, &w, &b, scale, &mut gw, &mut gb);
+            let problem = Problem { x: xv, y: &y, w: &w, b: &b, scale };
+            let l = loss_grad_isa(isa, &problem, &mut gw, &mut gb);
             let what = format!("{isa:?} n={n} d={d} K={k} ldx={ldx}");
             assert!((l - loss).abs() <= rel * (n as f64 + loss.abs()), "{what}: loss {l} vs {loss}");
             for i in 0..k * d {
@@ -563,7 +546,7 @@ mod tests {
             }
             // The gradients are added to what the buffers hold.
             let (mut gw2, mut gb2) = (vec![0.5f32; k * d], vec![0.5f32; k]);
-            let l2 = loss_grad_isa(isa, xv, &y, &w, &b, scale, &mut gw2, &mut gb2);
+            let l2 = loss_grad_isa(isa, &problem, &mut gw2, &mut gb2);
             assert_eq!(l2, l, "{what}: the loss depends on the buffers");
             for (a, g) in gw2.iter().zip(&gw).chain(gb2.iter().zip(&gb)) {
                 assert!((a - 0.5 - g).abs() <= 1e-6, "{what}: not accumulated: {a} vs 0.5 + {g}");

@@ -425,7 +425,8 @@ pub fn loss_and_gradient_in(
         if narrow {
             gw.fill(0.0);
             gb.fill(0.0);
-            return Ok(crate::narrow::loss_grad(x, y, &model.weight, &model.bias, 1.0 / n as f32, gw, gb));
+            let problem = crate::narrow::Problem { x, y, w: &model.weight, b: &model.bias, scale: 1.0 / n as f32 };
+            return Ok(crate::narrow::loss_grad(&problem, gw, gb));
         }
         let g = GradientsMut { hidden: None, weight: gw, bias: Some(gb) };
         let out = loss::cross_entropy_with_grad_prechecked(&layer, x, y, &opts, up, g)?;
