@@ -46,6 +46,14 @@ pub trait Consumer: Sync {
     type State: Send;
     /// The state of `rows` before any class was seen.
     fn init(&self, rows: Range<usize>) -> Self::State;
+    /// The state of `rows` before the classes of a segment, when `left` is the state of the
+    /// same rows over every class to its left (the engine passes it when it has it; a
+    /// consumer may use it to skip work, never to change its result). Defaults to
+    /// [`Consumer::init`].
+    fn init_after(&self, rows: Range<usize>, left: &Self::State) -> Self::State {
+        let _ = left;
+        self.init(rows)
+    }
     /// Folds one tile, `rows.len() x cols.len()`, row-major, into the state.
     fn visit(&self, state: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>);
     /// Combines the states of the same rows over two adjacent class ranges, `left` first.
@@ -88,8 +96,11 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
     let segments = ranges(v, segment);
     // One segment of one row block, with the rows prepared by the caller (once per task)
     // and a tile buffer whose start is 64-byte aligned (whole cache lines for the kernels).
-    let work = |rows: &Range<usize>, seg: &Range<usize>, prepared: &mut S::Rows| -> C::State {
-        let mut state = consumer.init(rows.clone());
+    let work = |rows: &Range<usize>, seg: &Range<usize>, prepared: &mut S::Rows, left: Option<&C::State>| -> C::State {
+        let mut state = match left {
+            Some(l) => consumer.init_after(rows.clone(), l),
+            None => consumer.init(rows.clone()),
+        };
         let h = hidden.sub_rows(rows.clone());
         let len = rows.len() * tiling.col_tile.min(seg.len());
         let mut tile = AlignedF32::zeroed(len);
@@ -109,7 +120,15 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
             .into_par_iter()
             .map(|rows| {
                 let mut prepared = source.prepare_rows(hidden.sub_rows(rows.clone()));
-                let st = segments.iter().map(|seg| work(&rows, seg, &mut prepared)).reduce(|a, b| consumer.merge(a, b));
+                // Segments in order, each told what the ones to its left found.
+                let mut st: Option<C::State> = None;
+                for seg in &segments {
+                    let right = work(&rows, seg, &mut prepared, st.as_ref());
+                    st = Some(match st {
+                        Some(left) => consumer.merge(left, right),
+                        None => right,
+                    });
+                }
                 let st = st.unwrap_or_else(|| consumer.init(rows.clone()));
                 (rows, st)
             })
@@ -123,7 +142,7 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
         .par_iter()
         .map(|&(r, g)| {
             let rows = &row_blocks[r];
-            work(rows, &segments[g], &mut source.prepare_rows(hidden.sub_rows(rows.clone())))
+            work(rows, &segments[g], &mut source.prepare_rows(hidden.sub_rows(rows.clone())), None)
         })
         .collect();
     let mut out = Vec::with_capacity(row_blocks.len());

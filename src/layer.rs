@@ -971,6 +971,10 @@ struct Candidates {
     /// The k-th best logit after the last prune; anything at or below it cannot enter
     /// (ties lose to the lower class ids seen earlier).
     threshold: f32,
+    /// The threshold of the classes to the left of these (another list holds `k` values at
+    /// or above it, with lower class ids): nothing at or below it can enter either, even
+    /// before this list holds `k`.
+    floor: Option<f32>,
 }
 
 fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
@@ -979,7 +983,21 @@ fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 
 impl Candidates {
     fn new() -> Self {
-        Candidates { items: Vec::new(), threshold: f32::NEG_INFINITY }
+        Candidates { items: Vec::new(), threshold: f32::NEG_INFINITY, floor: None }
+    }
+    /// A list for the classes to the right of `left`'s, starting from its threshold.
+    fn after(left: &Candidates, k: usize) -> Self {
+        let floor = (left.items.len() >= k).then_some(left.threshold).or(left.floor);
+        Candidates { items: Vec::new(), threshold: f32::NEG_INFINITY, floor }
+    }
+    /// What a value must exceed to enter, once the list (or the floor) holds `k`; `None`
+    /// while anything enters.
+    fn bar(&self, k: usize) -> Option<f32> {
+        match (self.items.len() >= k, self.floor) {
+            (true, Some(f)) => Some(self.threshold.max(f)),
+            (true, None) => Some(self.threshold),
+            (false, f) => f,
+        }
     }
     fn prune(&mut self, k: usize) {
         if self.items.len() > k {
@@ -992,21 +1010,20 @@ impl Candidates {
     /// values that can still enter the top `k` are kept (strictly above the threshold:
     /// an equal logit seen later has a higher class id).
     fn offer(&mut self, row: &[f32], start: usize, row_max: f32, k: usize) {
-        if self.items.len() >= k && row_max <= self.threshold {
+        if self.bar(k).is_some_and(|bar| row_max <= bar) {
             return;
         }
         // Pieces of 16 values: most hold nothing above the threshold once it has risen.
         const PIECE: usize = 16;
         for (p, piece) in row.chunks(PIECE).enumerate() {
             let at = start + p * PIECE;
-            if self.items.len() >= k {
+            if let Some(thr) = self.bar(k) {
                 // Once `k` candidates are held: the lanes above the threshold as a bit mask
                 // (16 branch-free compares, which vectorize), then only those lanes. A value
                 // let in after a prune raised the threshold within the piece is pruned later.
                 // (Top-k, k = 10, n = 2048, d = 768, V = 50257: the scan and its count took
                 // 3.95% of a profile against 5.0% with a vectorized count and then 16 scalar
                 // looks per piece that passed it.)
-                let thr = self.threshold;
                 let above = |m: u32, (j, &z): (usize, &f32)| m | (u32::from(z > thr) << j);
                 let mut mask = match <&[f32; PIECE]>::try_from(piece) {
                     Ok(full) => full.iter().enumerate().fold(0, above),
@@ -1019,10 +1036,9 @@ impl Candidates {
                 }
                 continue;
             }
+            // Fewer than `k` held and no floor: everything enters (-inf included).
             for (j, &z) in piece.iter().enumerate() {
-                if z > self.threshold || self.items.len() < k {
-                    self.push(z, at + j, k);
-                }
+                self.push(z, at + j, k);
             }
         }
     }
@@ -1049,6 +1065,12 @@ impl Consumer for TopKConsumer {
     type State = Vec<(MaxSum, Candidates)>;
     fn init(&self, rows: Range<usize>) -> Self::State {
         vec![(MaxSum::EMPTY, Candidates::new()); rows.len()]
+    }
+    /// Starts each row's list from the threshold of the classes to its left, so that a
+    /// segment does not take its first candidates one by one again (the result is the same:
+    /// nothing at or below that threshold can be among the best `k`).
+    fn init_after(&self, _rows: Range<usize>, left: &Self::State) -> Self::State {
+        left.iter().map(|(_, c)| (MaxSum::EMPTY, Candidates::after(c, self.k))).collect()
     }
     fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
         for ((s, cand), row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {

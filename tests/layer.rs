@@ -172,6 +172,10 @@ fn top_k_matches_a_sort_of_the_logits_among_many_ties() {
         Tiling::default(),
         Tiling { row_block: 3, col_tile: 40, segment: 200 },
         Tiling { row_block: 8, col_tile: 17, segment: 1001 },
+        // Many blocks of rows, each walking many segments in order (each segment's list
+        // starts from the threshold of those to its left).
+        Tiling { row_block: 1, col_tile: 40, segment: 120 },
+        Tiling { row_block: 2, col_tile: 17, segment: 51 },
     ];
     for (weights, layout) in [(&w, WeightLayout::VocabMajor), (&wt, WeightLayout::HiddenMajor)] {
         for tiling in tilings {
