@@ -974,8 +974,11 @@ fn wolfe_search(
         if dg >= 0.0 {
             return zoom(f0, dg0, (t, p.0, dg), (t_prev, f_prev, dg_prev), dir, &mut eval, best);
         }
+        // Still descending steeply: expand, to where the slope would vanish if it kept
+        // rising as it did from the last point (secant), within 2x..8x.
+        let secant = if dg > dg_prev { t - dg * (t - t_prev) / (dg - dg_prev) } else { f64::INFINITY };
         (t_prev, f_prev, dg_prev) = (t, p.0, dg);
-        t *= 4.0; // a step that is still descending steeply: expand boldly
+        t = secant.clamp(2.0 * t, 8.0 * t);
     }
     Ok(best.map(|b| b.1))
 }
