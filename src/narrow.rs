@@ -17,7 +17,7 @@
 //!    vector loads of `X`'s row (features along the lanes) and one broadcast of `G` per
 //!    class.
 //!
-//! Memory: `O((K + d) · 2·LANES)` per call, plus `Wᵀ` packed once per call (`K · d`).
+//! Memory: `O((K + d) · 2·LANES)` per call, plus `Wᵀ` packed once per evaluation (`K · d`).
 //! The operation order is fixed by `K`, `d` and the instruction set, never by the
 //! threads; callers split rows into fixed chunks and add the chunks' gradients in order.
 
@@ -42,38 +42,71 @@ pub(crate) fn applies(k: usize, d: usize) -> bool {
     (1..=MAX_CLASSES).contains(&k) && (1..=MAX_DIM).contains(&d)
 }
 
-/// One call's inputs: rows `x` (`[n, d]`) with targets `y` (each in `[0, K)`), weights `w`
-/// (`[K, d]`) and bias `b` (`[K]`), and the factor `scale` of the gradients.
+/// `W` (`[K, d]`) as the logits' register panels read it, for one instruction set: the
+/// panel of classes `c0..c0 + mr` at offset `c0·d`, as `[d][mr]`. Made once per evaluation
+/// and shared by all its chunks of rows.
+#[derive(Debug)]
+pub(crate) struct PackedWeights {
+    wt: Vec<f32>,
+    panels: Vec<(usize, usize)>,
+    isa: Isa,
+    d: usize,
+}
+
+impl PackedWeights {
+    /// Packs `w` for `isa` (the best instruction set available when `isa` is not).
+    ///
+    /// # Panics
+    /// If `w` does not hold `k · d` values.
+    pub(crate) fn new(isa: Isa, w: &[f32], k: usize, d: usize) -> PackedWeights {
+        assert_eq!(w.len(), k * d, "narrow: W is not [K, d]");
+        let isa = if Kernels::for_isa(isa).is_some() { isa } else { Kernels::best().isa() };
+        let panels = panels(k, if matches!(isa, Isa::Avx512 | Isa::Neon) { MR } else { MR_NARROW });
+        let mut wt = vec![0f32; k * d];
+        for &(c0, mr) in &panels {
+            let dst = &mut wt[c0 * d..(c0 + mr) * d];
+            for j in 0..mr {
+                for (f, &v) in w[(c0 + j) * d..(c0 + j + 1) * d].iter().enumerate() {
+                    dst[f * mr + j] = v;
+                }
+            }
+        }
+        PackedWeights { wt, panels, isa, d }
+    }
+
+    /// Classes `K`.
+    fn classes(&self) -> usize {
+        self.panels.last().map_or(0, |&(c0, mr)| c0 + mr)
+    }
+}
+
+/// One call's inputs: rows `x` (`[n, d]`) with targets `y` (each in `[0, K)`), the packed
+/// weights `w` and bias `b` (`[K]`), and the factor `scale` of the gradients.
 #[derive(Clone, Copy)]
 pub(crate) struct Problem<'a> {
     pub x: MatRef<'a>,
     pub y: &'a [i64],
-    pub w: &'a [f32],
+    pub w: &'a PackedWeights,
     pub b: &'a [f32],
     pub scale: f32,
 }
 
-/// Over the rows of `p.x`: returns `Σ_r (lse_r − z_{r, y_r})` and adds
-/// `scale · (P − Y)ᵀ · X` to `dw` (`[K, d]`) and `scale · Σ_r (P − Y)_r` to `db` (`[K]`),
-/// where `z = X · Wᵀ + b`, `P = softmax(z)` row by row and `Y` the one-hot targets.
+/// Over the rows of `p.x`, on the instruction set `p.w` was packed for: returns
+/// `Σ_r (lse_r − z_{r, y_r})` and adds `scale · (P − Y)ᵀ · X` to `dw` (`[K, d]`) and
+/// `scale · Σ_r (P − Y)_r` to `db` (`[K]`), where `z = X · Wᵀ + b`, `P = softmax(z)` row by
+/// row and `Y` the one-hot targets.
 ///
 /// # Panics
 /// If the shapes disagree, a target is out of range, or `(K, d)` is outside [`applies`].
 pub(crate) fn loss_grad(p: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
-    loss_grad_isa(Kernels::best().isa(), p, dw, db)
-}
-
-/// [`loss_grad`] on a given instruction set (tests compare them); the best one available
-/// is used when `isa` is not.
-pub(crate) fn loss_grad_isa(isa: Isa, p: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     let (n, d, k) = (p.x.rows(), p.x.cols(), p.b.len());
     assert!(applies(k, d), "narrow: K = {k}, d = {d} outside the narrow path");
-    assert!(p.y.len() == n && p.w.len() == k * d && dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
+    assert!(p.w.classes() == k && p.w.d == d, "narrow: W is packed for another shape");
+    assert!(p.y.len() == n && dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
     assert!(p.y.iter().all(|&t| (0..k as i64).contains(&t)), "narrow: a target is out of range");
-    let isa = if Kernels::for_isa(isa).is_some() { isa } else { Kernels::best().isa() };
-    match isa {
+    match p.w.isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the instruction set is available (checked just above); shapes checked.
+        // SAFETY: the instruction set is available (checked when packing); shapes checked.
         Isa::Avx512 => unsafe { avx512(p, dw, db) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -141,7 +174,7 @@ impl Prefetch {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 /// # Safety
-/// AVX-512F is available; `args` is checked (see [`loss_grad_isa`]).
+/// AVX-512F is available; `args` is checked (see [`loss_grad`]).
 unsafe fn avx512(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::x86_64::F32x16, MR>(args, dw, db) }
@@ -150,7 +183,7 @@ unsafe fn avx512(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
-/// AVX2 and FMA are available; `args` is checked (see [`loss_grad_isa`]).
+/// AVX2 and FMA are available; `args` is checked (see [`loss_grad`]).
 unsafe fn avx2(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::x86_64::F32x8, MR_NARROW>(args, dw, db) }
@@ -159,7 +192,7 @@ unsafe fn avx2(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
 /// # Safety
-/// NEON is available; `args` is checked (see [`loss_grad_isa`]).
+/// NEON is available; `args` is checked (see [`loss_grad`]).
 unsafe fn neon(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { body::<crate::kernels::aarch64::F32x4, MR>(args, dw, db) }
@@ -203,24 +236,15 @@ macro_rules! with_mr {
 /// The whole computation for one instruction set, panels of at most `PMAX` classes.
 ///
 /// # Safety
-/// The instruction set of `V` is available; `args` is checked (see [`loss_grad_isa`]),
+/// The instruction set of `V` is available; `args` is checked (see [`loss_grad`]),
 /// `dw` has `K · d` elements and `db` `K`.
 #[inline(always)]
 unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
     let (x, y, w, b, scale) = (args.x, args.y, args.w, args.b, args.scale);
     let (n, d, k) = (x.rows(), x.cols(), b.len());
     let (l, nr) = (V::LANES, 2 * V::LANES);
-    let panels = panels(k, PMAX);
-    // Wᵀ per panel: the panel of classes c0..c0 + mr at offset c0·d, as [d][mr].
-    let mut wt = vec![0f32; k * d];
-    for &(c0, mr) in &panels {
-        let dst = &mut wt[c0 * d..(c0 + mr) * d];
-        for j in 0..mr {
-            for (f, &v) in w[(c0 + j) * d..(c0 + j + 1) * d].iter().enumerate() {
-                dst[f * mr + j] = v;
-            }
-        }
-    }
+    let (panels, wt) = (&w.panels, &w.wt);
+    debug_assert!(panels.iter().all(|&(_, mr)| mr <= PMAX));
     let mut xt = vec![0f32; d * nr];
     let mut z = vec![0f32; k * nr];
     // Per class, lane-wise partial sums of G for db.
@@ -303,7 +327,7 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
         // 4. dW, feature panel by feature panel, then class panel by class panel.
         for f0 in (0..d).step_by(nr) {
             let fw = nr.min(d - f0);
-            for &(c0, mr) in &panels {
+            for &(c0, mr) in panels {
                 // SAFETY: rows r0..r0 + rows of `x` (stride ldx) hold d values from f0 - fw
                 // of them are read; G's panel is mr·nr values from c0·nr; dW's rows c0.. c0 + mr
                 // hold d values each, fw of them from f0 are updated.
@@ -533,8 +557,9 @@ mod tests {
         let rel = 1e-6 * (4.0 + (d + n) as f64 / 16.0);
         for isa in Isa::available() {
             let (mut gw, mut gb) = (vec![0f32; k * d], vec![0f32; k]);
-            let problem = Problem { x: xv, y: &y, w: &w, b: &b, scale };
-            let l = loss_grad_isa(isa, &problem, &mut gw, &mut gb);
+            let packed = PackedWeights::new(isa, &w, k, d);
+            let problem = Problem { x: xv, y: &y, w: &packed, b: &b, scale };
+            let l = loss_grad(&problem, &mut gw, &mut gb);
             let what = format!("{isa:?} n={n} d={d} K={k} ldx={ldx}");
             assert!((l - loss).abs() <= rel * (n as f64 + loss.abs()), "{what}: loss {l} vs {loss}");
             for i in 0..k * d {
@@ -546,7 +571,7 @@ mod tests {
             }
             // The gradients are added to what the buffers hold.
             let (mut gw2, mut gb2) = (vec![0.5f32; k * d], vec![0.5f32; k]);
-            let l2 = loss_grad_isa(isa, &problem, &mut gw2, &mut gb2);
+            let l2 = loss_grad(&problem, &mut gw2, &mut gb2);
             assert_eq!(l2, l, "{what}: the loss depends on the buffers");
             for (a, g) in gw2.iter().zip(&gw).chain(gb2.iter().zip(&gb)) {
                 assert!((a - 0.5 - g).abs() <= 1e-6, "{what}: not accumulated: {a} vs 0.5 + {g}");

@@ -420,12 +420,14 @@ pub fn loss_and_gradient_in(
     let opts = CrossEntropyOptions { reduction: Reduction::None, ..Default::default() };
     let up = Upstream::Scalar(1.0 / n as f32);
     // Few classes in f32: the narrow path (rows along the vector lanes; see `narrow`).
-    let narrow = precision == Precision::F32 && crate::narrow::applies(k, d);
+    // Its weights are packed once here for all chunks of rows.
+    let narrow = (precision == Precision::F32 && crate::narrow::applies(k, d))
+        .then(|| crate::narrow::PackedWeights::new(crate::Kernels::best().isa(), &model.weight, k, d));
     let one = |x: MatRef<'_>, y: &[i64], gw: &mut [f32], gb: &mut [f32]| -> Result<f64> {
-        if narrow {
+        if let Some(w) = &narrow {
             gw.fill(0.0);
             gb.fill(0.0);
-            let problem = crate::narrow::Problem { x, y, w: &model.weight, b: &model.bias, scale: 1.0 / n as f32 };
+            let problem = crate::narrow::Problem { x, y, w, b: &model.bias, scale: 1.0 / n as f32 };
             return Ok(crate::narrow::loss_grad(&problem, gw, gb));
         }
         let g = GradientsMut { hidden: None, weight: gw, bias: Some(gb) };
