@@ -686,8 +686,15 @@ impl<T: Default> PerWorker<T> {
     }
 }
 
-/// Rows of the left operand per bf16 gradient product (a multiple of 32).
+/// Rows of the left operand per bf16 gradient product of `dW` (a multiple of 32).
 const GRAD_CHUNK: usize = 256;
+
+/// Bytes of packed `G` rows per bf16 product of `dH` (`bf16` at 2048 classes per segment:
+/// 320 rows, a whole block; `bf16x3`, two parts: 160). In chunks of 128 rows, as before,
+/// `W[seg]` was read three times per block of rows and that product took about 1.2× as
+/// long (six alternated pairs of `BENCH_PRECISION=bf16 bench_layer loss_grad 2048 768
+/// 50257 3`, timed by phase in a temporary build).
+const DH_PACKED_BYTES: usize = 1280 << 10;
 
 /// `H[R]` packed once per block of rows for the bf16 weight gradient: the right operand of
 /// `dW = Gᵀ·H` (`[V, d]` weights) or the left one of `dW = Hᵀ·G` (`[d, V]`).
@@ -809,12 +816,13 @@ unsafe fn bf16_grads(
             }
         }
     }
-    // dH part (m x d) = G (m x c, K = c) · W[cols], GRAD_CHUNK / 2 rows at a time (K is
-    // deep here) so that the packed rows stay in L2.
+    // dH part (m x d) = G (m x c, K = c) · W[cols], in chunks of as many rows as keep
+    // their packing in L2 (K is deep here): each pair of W[cols] blocks, read from beyond
+    // L2, then serves every row pair of the chunk.
     let Some(dh) = dh else { return };
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
-    let rows = GRAD_CHUNK / 2;
+    let rows = (DH_PACKED_BYTES / (2 * precision.parts() * c.max(1)) / 32 * 32).max(32);
     let ga = &mut scratch.packed;
     for i0 in (0..m).step_by(rows) {
         let mi = rows.min(m - i0);

@@ -440,7 +440,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 fn loss_gradients_use_the_forward_precision() {
     use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
     let mut rng = Lcg(31);
-    let (n, d, v) = (150, 80, 700); // 150 rows: the dH product runs in two chunks
+    let (n, d, v) = (150, 80, 700);
     let h = rng.vec(n * d, 1.0);
     let w = rng.vec(v * d, 0.3);
     let b = rng.vec(v, 0.1);
@@ -522,6 +522,33 @@ fn loss_gradients_over_several_blocks_of_rows() {
                 assert!(eh <= 2f64.powi(-7) && ew <= 2f64.powi(-7), "{layout:?} {precision} {path}: dH {eh}, dW {ew}");
             }
         }
+    }
+}
+
+/// A vocabulary wide enough for segments of 2048 classes: `dH`'s product then runs in
+/// chunks of rows (160 in bf16x3, whose packing holds two parts; 320 in bf16), so a block
+/// of 320 rows takes two chunks in bf16x3. Each chunk must write its own rows of `dH`.
+#[test]
+fn loss_hidden_gradient_over_chunks_of_rows() {
+    use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
+    let mut rng = Lcg(91);
+    let (n, d, v) = (330, 16, 50_000);
+    let round = |x: Vec<f32>| x.into_iter().map(|x| from_bf16(to_bf16(x))).collect::<Vec<f32>>();
+    let (h, w) = (round(rng.vec(n * d, 1.0)), round(rng.vec(v * d, 0.3)));
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions::default();
+    let f32_layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let (_, g32) = cross_entropy_with_grad(&f32_layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        let layer = f32_layer.clone().with_precision(precision).unwrap();
+        let (_, g) = cross_entropy_with_grad(&layer, hv, &targets, &opts, Upstream::Scalar(1.0)).unwrap();
+        // Row by row, so that a chunk of rows left unwritten (or written twice) shows.
+        for i in 0..n {
+            let e = max_rel(&g.hidden[i * d..(i + 1) * d], &g32.hidden[i * d..(i + 1) * d]);
+            assert!(e <= 2f64.powi(-7), "{precision}: dH row {i}: {e}");
+        }
+        assert!(max_rel(&g.weight, &g32.weight) <= 2f64.powi(-7), "{precision}: dW");
     }
 }
 
