@@ -91,6 +91,15 @@ pub(crate) struct Problem<'a> {
     pub scale: f32,
 }
 
+/// What a pass sums over its rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Sums {
+    /// `Σ_r (lse_r − z_{r, y_r})`.
+    pub loss: f64,
+    /// Rows whose target's logit is the largest (ties count for the target).
+    pub correct: usize,
+}
+
 /// Over the rows of `p.x`, on the instruction set `p.w` was packed for: returns
 /// `Σ_r (lse_r − z_{r, y_r})` and adds `scale · (P − Y)ᵀ · X` to `dw` (`[K, d]`) and
 /// `scale · Σ_r (P − Y)_r` to `db` (`[K]`), where `z = X · Wᵀ + b`, `P = softmax(z)` row by
@@ -99,23 +108,42 @@ pub(crate) struct Problem<'a> {
 /// # Panics
 /// If the shapes disagree, a target is out of range, or `(K, d)` is outside [`applies`].
 pub(crate) fn loss_grad(p: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+    let (k, d) = (p.b.len(), p.x.cols());
+    assert!(dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
+    run(p, Some((dw, db))).loss
+}
+
+/// The forward half of [`loss_grad`] (the logits and the row work, no gradient): the
+/// loss summed over the rows of `p.x`, and how many rows' targets have the largest logit
+/// (`p.scale` is not used). Each row's loss has the bits [`loss_grad`] gives it.
+///
+/// # Panics
+/// As [`loss_grad`].
+pub(crate) fn metrics(p: &Problem<'_>) -> Sums {
+    run(p, None)
+}
+
+/// `dW` and `db` to add the gradients to, or none for the forward half alone.
+type Grads<'a> = Option<(&'a mut [f32], &'a mut [f32])>;
+
+fn run(p: &Problem<'_>, grads: Grads<'_>) -> Sums {
     let (n, d, k) = (p.x.rows(), p.x.cols(), p.b.len());
     assert!(applies(k, d), "narrow: K = {k}, d = {d} outside the narrow path");
     assert!(p.w.classes() == k && p.w.d == d, "narrow: W is packed for another shape");
-    assert!(p.y.len() == n && dw.len() == k * d && db.len() == k, "narrow: shapes disagree");
+    assert!(p.y.len() == n, "narrow: shapes disagree");
     assert!(p.y.iter().all(|&t| (0..k as i64).contains(&t)), "narrow: a target is out of range");
     match p.w.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the instruction set is available (checked when packing); shapes checked.
-        Isa::Avx512 => unsafe { avx512(p, dw, db) },
+        Isa::Avx512 => unsafe { avx512(p, grads) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2(p, dw, db) },
+        Isa::Avx2 => unsafe { avx2(p, grads) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Isa::Neon => unsafe { neon(p, dw, db) },
+        Isa::Neon => unsafe { neon(p, grads) },
         // SAFETY: the one-lane code needs no instruction set; shapes checked.
-        _ => unsafe { body::<crate::kernels::scalar::F32x1, MR_NARROW>(p, dw, db) },
+        _ => unsafe { body::<crate::kernels::scalar::F32x1, MR_NARROW>(p, grads) },
     }
 }
 
@@ -174,28 +202,28 @@ impl Prefetch {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 /// # Safety
-/// AVX-512F is available; `args` is checked (see [`loss_grad`]).
-unsafe fn avx512(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+/// AVX-512F is available; `args` and `grads` are checked (see [`run`]).
+unsafe fn avx512(args: &Problem<'_>, grads: Grads<'_>) -> Sums {
     // SAFETY: forwarded from this function's contract.
-    unsafe { body::<crate::kernels::x86_64::F32x16, MR>(args, dw, db) }
+    unsafe { body::<crate::kernels::x86_64::F32x16, MR>(args, grads) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
-/// AVX2 and FMA are available; `args` is checked (see [`loss_grad`]).
-unsafe fn avx2(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+/// AVX2 and FMA are available; `args` and `grads` are checked (see [`run`]).
+unsafe fn avx2(args: &Problem<'_>, grads: Grads<'_>) -> Sums {
     // SAFETY: forwarded from this function's contract.
-    unsafe { body::<crate::kernels::x86_64::F32x8, MR_NARROW>(args, dw, db) }
+    unsafe { body::<crate::kernels::x86_64::F32x8, MR_NARROW>(args, grads) }
 }
 
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
 /// # Safety
-/// NEON is available; `args` is checked (see [`loss_grad`]).
-unsafe fn neon(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+/// NEON is available; `args` and `grads` are checked (see [`run`]).
+unsafe fn neon(args: &Problem<'_>, grads: Grads<'_>) -> Sums {
     // SAFETY: forwarded from this function's contract.
-    unsafe { body::<crate::kernels::aarch64::F32x4, MR>(args, dw, db) }
+    unsafe { body::<crate::kernels::aarch64::F32x4, MR>(args, grads) }
 }
 
 /// Splits `k` classes into the fewest panels of at most `mr`, of near-equal sizes:
@@ -236,10 +264,10 @@ macro_rules! with_mr {
 /// The whole computation for one instruction set, panels of at most `PMAX` classes.
 ///
 /// # Safety
-/// The instruction set of `V` is available; `args` is checked (see [`loss_grad`]),
-/// `dw` has `K · d` elements and `db` `K`.
+/// The instruction set of `V` is available; `args` is checked (see [`run`]), and `grads`,
+/// if given, holds `dW` (`K · d` elements) and `db` (`K`).
 #[inline(always)]
-unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32], db: &mut [f32]) -> f64 {
+unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, mut grads: Grads<'_>) -> Sums {
     let (x, y, w, b, scale) = (args.x, args.y, args.w, args.b, args.scale);
     let (n, d, k) = (x.rows(), x.cols(), b.len());
     let (l, nr) = (V::LANES, 2 * V::LANES);
@@ -251,7 +279,7 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
     let mut dbv = vec![0f32; k * l];
     let mut target = vec![0f32; nr];
     let (mut m_lanes, mut s_lanes) = (vec![0f32; nr], vec![0f32; nr]);
-    let mut loss = 0f64;
+    let mut sums = Sums::default();
     let ldx = x.row_stride();
     for r0 in (0..n).step_by(nr) {
         let rows = nr.min(n - r0);
@@ -283,7 +311,7 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
                 )
             };
         }
-        // 3. The row work, lane-wise: z becomes G.
+        // 3. The row work, lane-wise: z becomes G (with gradients).
         for r in 0..rows {
             target[r] = z[y[r0 + r] as usize * nr + r];
         }
@@ -304,6 +332,9 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
                 }
                 m.store(m_lanes.as_mut_ptr().add(h * l));
                 s.store(s_lanes.as_mut_ptr().add(h * l));
+                if grads.is_none() {
+                    continue;
+                }
                 let f = V::splat(scale).div(s);
                 for c in 0..k {
                     V::load(at(c)).mul(f).store(at(c));
@@ -311,7 +342,11 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
             }
         }
         for r in 0..rows {
-            loss += m_lanes[r] as f64 + (s_lanes[r] as f64).ln() - target[r] as f64;
+            sums.loss += m_lanes[r] as f64 + (s_lanes[r] as f64).ln() - target[r] as f64;
+            sums.correct += usize::from(target[r] >= m_lanes[r]);
+        }
+        let Some((dw, _)) = grads.as_mut() else { continue };
+        for r in 0..rows {
             z[y[r0 + r] as usize * nr + r] -= scale;
         }
         for c in 0..k {
@@ -350,11 +385,13 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, dw: &mut [f32],
             }
         }
     }
-    for (c, out) in db.iter_mut().enumerate() {
-        // SAFETY: one vector of dbv's class c.
-        *out += unsafe { V::load(dbv.as_ptr().add(c * l)).reduce_sum() };
+    if let Some((_, db)) = grads {
+        for (c, out) in db.iter_mut().enumerate() {
+            // SAFETY: one vector of dbv's class c.
+            *out += unsafe { V::load(dbv.as_ptr().add(c * l)).reduce_sum() };
+        }
     }
-    loss
+    sums
 }
 
 /// `z[j][r] = Σ_f xt[f][r] · wt[f][j] + b[j]` for `MR` classes `j` and `2·LANES` rows `r`
@@ -520,9 +557,11 @@ mod tests {
         w: &[f32],
         b: &[f32],
         scale: f32,
-    ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+    ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let k = b.len();
         let (mut loss, mut dw, mut db, mut abs) = (0f64, vec![0f64; k * d], vec![0f64; k], vec![0f64; k * d]);
+        // Per row: the target's logit minus the largest other one.
+        let mut margins = vec![0f64; n];
         for r in 0..n {
             let xr = &x[r * ldx..r * ldx + d];
             let z: Vec<f64> =
@@ -530,6 +569,8 @@ mod tests {
             let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
             loss += m + s.ln() - z[y[r] as usize];
+            let other = (0..k).filter(|&c| c as i64 != y[r]).map(|c| z[c]).fold(f64::NEG_INFINITY, f64::max);
+            margins[r] = z[y[r] as usize] - other;
             for c in 0..k {
                 let g = scale as f64 * ((z[c] - m).exp() / s - if c as i64 == y[r] { 1.0 } else { 0.0 });
                 db[c] += g;
@@ -539,7 +580,7 @@ mod tests {
                 }
             }
         }
-        (loss, dw, db, abs)
+        (loss, dw, db, abs, margins)
     }
 
     /// Runs every instruction set on one problem and checks each against float64.
@@ -551,7 +592,11 @@ mod tests {
         let y: Vec<i64> = (0..n).map(|_| (g.next() % k as u64) as i64).collect();
         let scale = 1.0 / n.max(1) as f32;
         let xv = MatRef::with_stride(&x, n, d, ldx).unwrap();
-        let (loss, dw, db, abs) = reference(&x, ldx, n, d, &y, &w, &b, scale);
+        let (loss, dw, db, abs, margins) = reference(&x, ldx, n, d, &y, &w, &b, scale);
+        // Rows whose target is the argmax beyond any doubt, and those that may be.
+        let tol = 1e-4;
+        let sure = margins.iter().filter(|&&m| m > tol).count();
+        let maybe = margins.iter().filter(|&&m| m >= -tol).count();
         // The logits are f32 dot products of d terms, and dW's entries sums of n: their
         // roundings (≈ 2^-24 each) dominate.
         let rel = 1e-6 * (4.0 + (d + n) as f64 / 16.0);
@@ -561,6 +606,14 @@ mod tests {
             let problem = Problem { x: xv, y: &y, w: &packed, b: &b, scale };
             let l = loss_grad(&problem, &mut gw, &mut gb);
             let what = format!("{isa:?} n={n} d={d} K={k} ldx={ldx}");
+            // The forward half: the same loss, bit for bit, and the rows it ranks first.
+            let sums = metrics(&problem);
+            assert_eq!(sums.loss.to_bits(), l.to_bits(), "{what}: metrics' loss {} vs {l}", sums.loss);
+            assert!(
+                (sure..=maybe).contains(&sums.correct),
+                "{what}: {} correct, not in {sure}..={maybe}",
+                sums.correct
+            );
             assert!((l - loss).abs() <= rel * (n as f64 + loss.abs()), "{what}: loss {l} vs {loss}");
             for i in 0..k * d {
                 let err = (gw[i] as f64 - dw[i]).abs();
@@ -602,6 +655,26 @@ mod tests {
         }
         check(300, 256, 100, 256, 7);
         check(65, 70, MAX_CLASSES, 70, 8);
+    }
+
+    #[test]
+    fn ties_count_for_the_target() {
+        // Classes 1 and 3 have the same weights and bias, far above the others', so their
+        // logits are equal and largest: targets 1 and 3 are both the argmax, 0 never.
+        let (n, d, k) = (40, 9, 5);
+        let mut g = Gen(5);
+        let x = g.vec(n * d, -1.0, 1.0);
+        let mut w = g.vec(k * d, -0.1, 0.1);
+        let row1 = w[d..2 * d].to_vec();
+        w[3 * d..4 * d].copy_from_slice(&row1);
+        let b = [0.0, 50.0, 0.0, 50.0, 0.0];
+        let y: Vec<i64> = (0..n as i64).map(|i| [1, 3, 0][i as usize % 3]).collect();
+        let want = y.iter().filter(|&&t| t != 0).count();
+        for isa in Isa::available() {
+            let packed = PackedWeights::new(isa, &w, k, d);
+            let problem = Problem { x: MatRef::new(&x, n, d).unwrap(), y: &y, w: &packed, b: &b, scale: 1.0 };
+            assert_eq!(metrics(&problem).correct, want, "{isa:?}");
+        }
     }
 
     #[test]

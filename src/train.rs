@@ -195,13 +195,38 @@ pub fn evaluate(model: &Model, data: Data<'_>) -> Result<Metrics> {
 }
 
 /// [`evaluate`] with the product in `precision`.
+///
+/// With few classes in `f32` (the narrow path of training's evaluations), this is the
+/// forward half of that path, over fixed chunks of rows summed in order; otherwise the
+/// layer's fused target statistics.
 pub fn evaluate_in(model: &Model, data: Data<'_>, precision: Precision) -> Result<Metrics> {
     check_dim(data.features, model.dim)?;
-    let stats = model.layer_in(precision)?.target_stats(data.features, data.labels, 0, &LayerOptions::default())?;
-    let n = stats.len().max(1) as f64;
-    let loss = -stats.iter().map(|s| s.log_prob as f64).sum::<f64>() / n;
-    let accuracy = stats.iter().filter(|s| s.rank == 1).count() as f64 / n;
-    Ok(Metrics { loss, accuracy, perplexity: loss.exp() })
+    // (Also checks the model: a non-finite weight is an error.)
+    let layer = model.layer_in(precision)?;
+    let (n, k, d) = (data.rows(), model.classes, model.dim);
+    let (loss_sum, correct) = if precision == Precision::F32 && crate::narrow::applies(k, d) {
+        if let Some(i) = data.labels.iter().position(|&y| y as u64 >= k as u64) {
+            return Err(Error::TargetOutOfRange { index: i, value: data.labels[i], vocab: k });
+        }
+        // Half the work of the general pass here: one product, lane-wise row work.
+        let w = crate::narrow::PackedWeights::new(crate::Kernels::best().isa(), &model.weight, k, d);
+        let parts: Vec<crate::narrow::Sums> = (0..n.div_ceil(CHUNK_ROWS))
+            .into_par_iter()
+            .map(|c| {
+                let r = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
+                let (x, y) = (data.features.sub_rows(r.clone()), &data.labels[r]);
+                crate::narrow::metrics(&crate::narrow::Problem { x, y, w: &w, b: &model.bias, scale: 1.0 })
+            })
+            .collect();
+        parts.iter().fold((0f64, 0usize), |(l, c), p| (l + p.loss, c + p.correct))
+    } else {
+        let stats = layer.target_stats(data.features, data.labels, 0, &LayerOptions::default())?;
+        let loss_sum = -stats.iter().map(|s| s.log_prob as f64).sum::<f64>();
+        (loss_sum, stats.iter().filter(|s| s.rank == 1).count())
+    };
+    let n = n.max(1) as f64;
+    let loss = loss_sum / n;
+    Ok(Metrics { loss, accuracy: correct as f64 / n, perplexity: loss.exp() })
 }
 
 /// The optimizer and its own settings.

@@ -148,6 +148,42 @@ fn gradient_matches_float64() {
     }
 }
 
+/// `evaluate` against float64, on both of its paths: few classes (the narrow path, over
+/// several chunks of rows and one) and more than it takes (the layer's target statistics).
+#[test]
+fn evaluate_matches_float64() {
+    let mut rng = Rng(17);
+    for (n, d, k) in [(5000usize, 7usize, 5usize), (37, 9, 4), (300, 6, 300)] {
+        let x = rng.vec(n * d, -2.0, 2.0);
+        let y: Vec<i64> = (0..n).map(|_| rng.below(k) as i64).collect();
+        let model = Model { weight: rng.vec(k * d, -1.0, 1.0), bias: rng.vec(k, -0.5, 0.5), classes: k, dim: d };
+        let m = evaluate(&model, Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap()).unwrap();
+        let (mut loss, mut sure, mut maybe) = (0f64, 0usize, 0usize);
+        for i in 0..n {
+            let z: Vec<f64> = (0..k)
+                .map(|c| {
+                    model.bias[c] as f64
+                        + (0..d).map(|j| model.weight[c * d + j] as f64 * x[i * d + j] as f64).sum::<f64>()
+                })
+                .collect();
+            let mx = z.iter().cloned().fold(f64::MIN, f64::max);
+            loss += mx + z.iter().map(|v| (v - mx).exp()).sum::<f64>().ln() - z[y[i] as usize];
+            // The target's margin over the best other class: beyond rounding either way?
+            let t = y[i] as usize;
+            let other = (0..k).filter(|&c| c != t).map(|c| z[c]).fold(f64::MIN, f64::max);
+            sure += usize::from(z[t] - other > 1e-4);
+            maybe += usize::from(z[t] - other >= -1e-4);
+        }
+        let what = format!("n={n} d={d} K={k}");
+        assert!((m.loss - loss / n as f64).abs() < 1e-6, "{what}: loss {} vs {}", m.loss, loss / n as f64);
+        let correct = (m.accuracy * n as f64).round() as usize;
+        assert!((sure..=maybe).contains(&correct), "{what}: {correct} rows right, not in {sure}..={maybe}");
+        // (Labels at random: about n/K rows right, so neither none nor all.)
+        assert!(sure > 0 && maybe < n, "{what}: a range that cannot tell ({sure}..={maybe})");
+        assert!((m.perplexity - m.loss.exp()).abs() < 1e-12);
+    }
+}
+
 fn blobs(n: usize, d: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut rng = Rng(seed);
     let centers = rng.vec(k * d, -2.0, 2.0);
