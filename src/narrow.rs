@@ -17,6 +17,9 @@
 //!    vector loads of `X`'s row (features along the lanes) and one broadcast of `G` per
 //!    class.
 //!
+//! [`metrics`] runs steps 1–3 alone (the loss and whether each row's target has the largest
+//! logit), for the training metrics.
+//!
 //! Memory: `O((K + d) · 2·LANES)` per call, plus `Wᵀ` packed once per evaluation (`K · d`).
 //! The operation order is fixed by `K`, `d` and the instruction set, never by the
 //! threads; callers split rows into fixed chunks and add the chunks' gradients in order.
