@@ -79,6 +79,34 @@
 //! # Ok::<(), softmax_layer::Error>(())
 //! ```
 //!
+//! ## A vocabulary split across workers
+//!
+//! Each worker holds a layer over its own rows of `W` (and of the bias), wherever they live,
+//! and the fused operations' results merge with `O(n)` numbers per worker: a row's
+//! logsumexp by log-add-exp, a log-probability by adding back its shard's logsumexp, top-k
+//! lists likewise (`tests/shards.rs` checks all three against the whole layer).
+//!
+//! ```
+//! use softmax_layer::{LayerOptions, MatRef, SoftmaxLayer, WeightLayout};
+//!
+//! let (v, d) = (4, 2);
+//! let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, -1.0, 0.5]; // [V, d]
+//! let h = [2.0f32, 1.0];
+//! let hv = MatRef::new(&h, 1, d)?;
+//! let opts = LayerOptions::default();
+//! // Two workers: classes 0..1 and 1..4.
+//! let lse_of = |rows: std::ops::Range<usize>| -> softmax_layer::Result<f64> {
+//!     let layer = SoftmaxLayer::new(&w[rows.start * d..rows.end * d], WeightLayout::VocabMajor, rows.len(), d, None::<&[f32]>)?;
+//!     let mut lse = [0f32];
+//!     layer.logsumexp(hv, &mut lse, &opts)?;
+//!     Ok(lse[0] as f64)
+//! };
+//! let (a, b) = (lse_of(0..1)?, lse_of(1..v)?);
+//! let merged = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
+//! assert!((merged - lse_of(0..v)?).abs() < 1e-6);
+//! # Ok::<(), softmax_layer::Error>(())
+//! ```
+//!
 //! ## Training a softmax classifier
 //!
 //! ```
