@@ -111,6 +111,16 @@ fn lbfgs_in_bf16_precisions_reaches_the_optimum_within_their_accuracy() {
     }
 }
 
+/// Row `i`'s logits `W·x_i + b` in float64 (`x` is `[n, d]`).
+fn logits_f64(model: &Model, x: &[f32], i: usize) -> Vec<f64> {
+    let d = model.dim;
+    (0..model.classes)
+        .map(|c| {
+            model.bias[c] as f64 + (0..d).map(|j| model.weight[c * d + j] as f64 * x[i * d + j] as f64).sum::<f64>()
+        })
+        .collect()
+}
+
 #[test]
 fn gradient_matches_float64() {
     let mut rng = Rng(3);
@@ -124,12 +134,7 @@ fn gradient_matches_float64() {
         let loss = loss_and_gradient(&model, data, &mut gw, &mut gb).unwrap();
         let (mut rw, mut rb, mut rl) = (vec![0f64; k * d], vec![0f64; k], 0f64);
         for i in 0..n {
-            let z: Vec<f64> = (0..k)
-                .map(|c| {
-                    model.bias[c] as f64
-                        + (0..d).map(|j| model.weight[c * d + j] as f64 * x[i * d + j] as f64).sum::<f64>()
-                })
-                .collect();
+            let z = logits_f64(&model, &x, i);
             let m = z.iter().cloned().fold(f64::MIN, f64::max);
             let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
             rl += m + s.ln() - z[y[i] as usize];
@@ -160,12 +165,7 @@ fn evaluate_matches_float64() {
         let m = evaluate(&model, Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap()).unwrap();
         let (mut loss, mut sure, mut maybe) = (0f64, 0usize, 0usize);
         for i in 0..n {
-            let z: Vec<f64> = (0..k)
-                .map(|c| {
-                    model.bias[c] as f64
-                        + (0..d).map(|j| model.weight[c * d + j] as f64 * x[i * d + j] as f64).sum::<f64>()
-                })
-                .collect();
+            let z = logits_f64(&model, &x, i);
             let mx = z.iter().cloned().fold(f64::MIN, f64::max);
             loss += mx + z.iter().map(|v| (v - mx).exp()).sum::<f64>().ln() - z[y[i] as usize];
             // The target's margin over the best other class: beyond rounding either way?
