@@ -235,19 +235,17 @@ impl PackedA {
 }
 
 /// Reusable packing buffer for `B`: one `KC×NR` micro-panel for VocabMajor (96 KiB for
-/// the AVX-512 12×32 kernel), four for HiddenMajor (384 KiB), plus a list of prefetch
-/// offsets (up to ~30 KiB). Grows on first use, never shrinks. One per thread.
+/// the AVX-512 12×32 kernel), four for HiddenMajor (384 KiB). Grows on first use, never
+/// shrinks. One per thread.
 #[derive(Default)]
 pub struct Scratch {
     buf: AlignedF32,
-    /// Prefetch offsets (see `Pf`), rebuilt for every micro-panel.
-    pf: Vec<usize>,
 }
 
 impl Scratch {
     /// Empty scratch (no allocation until first use).
     pub fn new() -> Self {
-        Scratch { buf: AlignedF32::default(), pf: Vec::new() }
+        Scratch { buf: AlignedF32::default() }
     }
 }
 
@@ -373,7 +371,7 @@ trait Kern {
     /// * `c` is valid for reads (if `add`) and writes of `NR` f32 at `c + i*ldc` for every
     ///   `i < MR` if `rows == MR`, else for every `i < rows` rounded up to the kernel's row
     ///   granularity (callers pass a `MAX_TILE` staging buffer with `ldc == NR` then).
-    /// * `pf` satisfies the contract of [`Pf`] (its addresses are only prefetched).
+    /// * `pf` is any [`Pf`] (its addresses are only prefetched, never dereferenced).
     unsafe fn kernel(rows: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool, pf: Pf);
 
     /// Packs `nr <= NR` rows × `kc` columns of VocabMajor `B` starting at `b` (row stride
@@ -450,11 +448,10 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
             } else {
                 None
             };
-            scratch.pf.clear();
-            if let Some((jn, pn, kn)) = next {
-                prefetch_lines(b, layout, ldb, jn, gw.min(n - jn), pn, kn, &mut scratch.pf);
-            }
-            let pf_total = scratch.pf.len();
+            let region = next.map_or(PfRegion::NONE, |(jn, pn, kn)| {
+                PfRegion::of(b.as_ptr(), layout, ldb, jn, gw.min(n - jn), pn, kn)
+            });
+            let pf_total = region.total();
             let calls = npan * mpanels;
             for q in 0..npan {
                 let jq = j0 + q * nr;
@@ -463,7 +460,7 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
                 for ip in 0..mpanels {
                     let call = q * mpanels + ip;
                     let (lo, hi) = (pf_total * call / calls, pf_total * (call + 1) / calls);
-                    let pf = Pf { base: b.as_ptr(), offs: scratch.pf[lo..hi].as_ptr(), n: hi - lo };
+                    let pf = Pf { region, first: lo, n: hi - lo };
                     let i0 = ip * mr;
                     let mrv = mr.min(m - i0);
                     let aoff = ip * mr * k + pc * mr;
@@ -474,8 +471,8 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
                         let cp = c[coff..(i0 + mr - 1) * ldc + jq + nr].as_mut_ptr();
                         // SAFETY: ISA available (see above); `ap` covers kc*MR packed floats;
                         // `bq` covers the kc*NR packed panel; `cp` covers MR rows of NR floats
-                        // at stride ldc (range checked by the slice above); `pf` offsets lie
-                        // inside `b` (built by `prefetch_lines` from in-bounds regions).
+                        // at stride ldc (range checked by the slice above); `pf`'s addresses
+                        // are only prefetched.
                         unsafe { K::kernel(mr, kc, ap, bq, cp, ldc, add, pf) };
                     } else {
                         let tp = tmp.as_mut_ptr().cast::<f32>();
@@ -503,48 +500,84 @@ fn drive<K: Kern>(args: Args<'_>, scratch: &mut Scratch) {
     }
 }
 
-/// Software-prefetch work handed to a micro-kernel: `n` element offsets (one per cache
-/// line of the next `B` micro-panel's source) relative to `base`, issued spread over the
-/// kernel's `k` loop so the next packing does not stall on memory latency (short
-/// strided streams defeat the hardware prefetchers).
-///
-/// Contract: `offs` is readable for `n` entries. The addresses `base + offs[i]` are only
-/// used for prefetch hints (never dereferenced) and lie inside the `B` slice.
+/// The source of the next `B` micro-panel's packing, as runs of consecutive elements: the
+/// cache lines a micro-kernel prefetches (to L2) spread over its `k` loop, so that the next
+/// packing does not stall on memory latency (short strided streams defeat the hardware
+/// prefetchers). Lines are numbered run by run, `lines` per run: the run's elements rounded
+/// out to whole lines, plus one line (a run that does not start on a line boundary reaches
+/// one line further), so a run's last number may name the line just past it. The addresses
+/// are only prefetched, never dereferenced.
 #[derive(Clone, Copy)]
-struct Pf {
+struct PfRegion {
     base: *const f32,
-    offs: *const usize,
-    n: usize,
+    /// Elements between the starts of consecutive runs.
+    stride: usize,
+    runs: usize,
+    lines: usize,
 }
 
-/// Appends to `out` one element offset per cache line of the source region of the `B`
-/// micro-panel `(j0.., pc..)` (`nr` columns of C, `kc` steps of k).
-#[allow(clippy::too_many_arguments)]
-fn prefetch_lines(
-    b: &[f32],
-    layout: BLayout,
-    ldb: usize,
-    j0: usize,
-    nr: usize,
-    pc: usize,
-    kc: usize,
-    out: &mut Vec<usize>,
-) {
-    let (off, runs, len) = match layout {
-        BLayout::VocabMajor => (j0 * ldb + pc, nr, kc),
-        BLayout::HiddenMajor => (pc * ldb + j0, kc, nr),
-    };
-    let addr0 = b.as_ptr() as usize;
-    for r in 0..runs {
-        let start = off + r * ldb;
-        // First element of each cache line touched by [start, start+len).
-        let mut e = start;
-        while e < start + len {
-            out.push(e);
-            let line_end = ((addr0 + 4 * e) | 63) + 1;
-            e += (line_end - (addr0 + 4 * e)).div_ceil(4);
+impl PfRegion {
+    const NONE: PfRegion = PfRegion { base: std::ptr::null(), stride: 0, runs: 0, lines: 0 };
+
+    /// The region of the micro-panel `(j0.., pc..)` (`nr` columns of C, `kc` steps of k) of
+    /// `B` at `b`.
+    fn of(b: *const f32, layout: BLayout, ldb: usize, j0: usize, nr: usize, pc: usize, kc: usize) -> PfRegion {
+        let (off, runs, len) = match layout {
+            BLayout::VocabMajor => (j0 * ldb + pc, nr, kc),
+            BLayout::HiddenMajor => (pc * ldb + j0, kc, nr),
+        };
+        PfRegion { base: b.wrapping_add(off), stride: ldb, runs, lines: len.div_ceil(16) + 1 }
+    }
+
+    /// Lines in the region.
+    fn total(&self) -> usize {
+        self.runs * self.lines
+    }
+
+    /// The line-aligned start of run `run`.
+    #[inline(always)]
+    fn run_start(&self, run: usize) -> *const f32 {
+        let start = self.base.wrapping_add(run * self.stride);
+        start.wrapping_sub((start as usize % 64) / 4)
+    }
+}
+
+/// Walks lines of a [`PfRegion`] in order without dividing per line (a division in the
+/// micro-kernel's loop made the compiler spill its broadcasts).
+#[derive(Clone, Copy)]
+struct PfCursor {
+    region: PfRegion,
+    run: usize,
+    line: usize,
+    at: *const f32,
+}
+
+impl PfCursor {
+    fn new(region: PfRegion, first: usize) -> PfCursor {
+        let run = first.checked_div(region.lines).unwrap_or(0);
+        let line = first.checked_rem(region.lines).unwrap_or(0);
+        PfCursor { region, run, line, at: region.run_start(run) }
+    }
+
+    /// Prefetches the current line (to L2) and moves to the next.
+    #[inline(always)]
+    fn next(&mut self) {
+        prefetch_l2(self.at.wrapping_add(16 * self.line));
+        self.line += 1;
+        if self.line == self.region.lines {
+            self.line = 0;
+            self.run += 1;
+            self.at = self.region.run_start(self.run);
         }
     }
+}
+
+/// Software-prefetch work handed to a micro-kernel: lines `[first, first + n)` of `region`.
+#[derive(Clone, Copy)]
+struct Pf {
+    region: PfRegion,
+    first: usize,
+    n: usize,
 }
 
 #[inline(always)]
@@ -670,7 +703,7 @@ unsafe fn pack_hidden_scalar<const NR: usize>(b: *const f32, ldb: usize, nr: usi
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Kern, Pf, pack_hidden_scalar, pack_vocab_scalar, prefetch_l2};
+    use super::{Kern, Pf, PfCursor, pack_hidden_scalar, pack_vocab_scalar};
     use std::arch::x86_64::*;
 
     /// AVX2+FMA kernel: `MR` rows × `NV` ymm (8 lanes) columns.
@@ -838,6 +871,7 @@ pub(crate) mod x86 {
         // Spread the prefetches evenly over the unrolled k iterations.
         let pf_per_iter = if pf.n == 0 { 0 } else { pf.n.div_ceil((kc / U).max(1)) };
         let mut pf_i = 0;
+        let mut cursor = PfCursor::new(pf.region, pf.first);
         assert!(R <= MR && R > 0, "tile_gemm: internal error: kernel rows R > MR"); // folded at compile time
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let (mut a, mut b) = (a, b);
@@ -865,10 +899,7 @@ pub(crate) mod x86 {
             }
             for _ in 0..pf_per_iter {
                 if pf_i < pf.n {
-                    // SAFETY: `pf_i < pf.n` entries of `pf.offs` are readable (Pf contract);
-                    // the address is only prefetched.
-                    let off = unsafe { *pf.offs.add(pf_i) };
-                    prefetch_l2(pf.base.wrapping_add(off));
+                    cursor.next();
                     pf_i += 1;
                 }
             }
@@ -900,9 +931,7 @@ pub(crate) mod x86 {
             left -= 1;
         }
         while pf_i < pf.n {
-            // SAFETY: as above.
-            let off = unsafe { *pf.offs.add(pf_i) };
-            prefetch_l2(pf.base.wrapping_add(off));
+            cursor.next();
             pf_i += 1;
         }
         for (i, row) in acc.iter().enumerate() {
