@@ -402,8 +402,9 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     };
 
     if let (true, Op::Softmax, Some(s)) = (big && n >= threads && v <= PIPELINE_MAX, op, src) {
-        // Groups of consecutive rows, each pipelined on one thread.
-        let group = n.div_ceil(threads * 4).clamp((PAR_MIN / v).max(1), 64);
+        // Groups of consecutive rows, each pipelined on one thread: at most 64 rows, unless
+        // that many short rows are fewer than a task's minimum of elements.
+        let group = n.div_ceil(threads * 4).min(64).max((PAR_MIN / v).max(1));
         out.data_mut().par_chunks_mut(stride * group).take(n.div_ceil(group)).enumerate().for_each_init(
             PipelineRows::default,
             |bufs, (g, rows)| {
