@@ -203,21 +203,16 @@ pub fn evaluate_in(model: &Model, data: Data<'_>, precision: Precision) -> Resul
     check_dim(data.features, model.dim)?;
     // (Also checks the model: a non-finite weight is an error.)
     let layer = model.layer_in(precision)?;
-    let (n, k, d) = (data.rows(), model.classes, model.dim);
-    let (loss_sum, correct) = if precision == Precision::F32 && crate::narrow::applies(k, d) {
+    let (n, k) = (data.rows(), model.classes);
+    let (loss_sum, correct) = if let Some(w) = narrow_weights(model, precision) {
         if let Some(i) = data.labels.iter().position(|&y| y as u64 >= k as u64) {
             return Err(Error::TargetOutOfRange { index: i, value: data.labels[i], vocab: k });
         }
         // Half the work of the general pass here: one product, lane-wise row work.
-        let w = crate::narrow::PackedWeights::new(crate::Kernels::best().isa(), &model.weight, k, d);
-        let parts: Vec<crate::narrow::Sums> = (0..n.div_ceil(CHUNK_ROWS))
-            .into_par_iter()
-            .map(|c| {
-                let r = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
-                let (x, y) = (data.features.sub_rows(r.clone()), &data.labels[r]);
-                crate::narrow::metrics(&crate::narrow::Problem { x, y, w: &w, b: &model.bias, scale: 1.0 })
-            })
-            .collect();
+        let parts = over_chunks(n, |r| {
+            let (x, y) = (data.features.sub_rows(r.clone()), &data.labels[r]);
+            crate::narrow::metrics(&crate::narrow::Problem { x, y, w: &w, b: &model.bias, scale: 1.0 })
+        });
         parts.iter().fold((0f64, 0usize), |(l, c), p| (l + p.loss, c + p.correct))
     } else {
         let stats = layer.target_stats(data.features, data.labels, 0, &LayerOptions::default())?;
@@ -401,6 +396,21 @@ const CHUNK_ROWS: usize = 2048;
 /// Largest `K·d` for which chunks keep their own gradient (4 MiB each).
 const CHUNKED_MAX_PARAMS: usize = 1 << 20;
 
+/// `f` over the fixed chunks of [`CHUNK_ROWS`] rows of `0..n`, in parallel; the results in
+/// chunk order, whatever the thread count.
+fn over_chunks<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> T + Sync + Send) -> Vec<T> {
+    (0..n.div_ceil(CHUNK_ROWS)).into_par_iter().map(|c| f(c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n))).collect()
+}
+
+/// `model`'s weights packed for the narrow path (rows along the vector lanes; see
+/// `narrow`) when it takes it: few classes, in `f32`. Packed once per call for all its
+/// chunks of rows.
+fn narrow_weights(model: &Model, precision: Precision) -> Option<crate::narrow::PackedWeights> {
+    let (k, d) = (model.classes, model.dim);
+    (precision == Precision::F32 && crate::narrow::applies(k, d))
+        .then(|| crate::narrow::PackedWeights::new(crate::Kernels::best().isa(), &model.weight, k, d))
+}
+
 /// The mean cross-entropy over `rows` of `data` (all rows when `None`) and its gradient
 /// with respect to `weight` and `bias`, overwriting `gw` and `gb`. The loss is summed in
 /// `f64`.
@@ -444,10 +454,7 @@ pub fn loss_and_gradient_in(
     let layer = model.layer_in(precision)?;
     let opts = CrossEntropyOptions { reduction: Reduction::None, ..Default::default() };
     let up = Upstream::Scalar(1.0 / n as f32);
-    // Few classes in f32: the narrow path (rows along the vector lanes; see `narrow`).
-    // Its weights are packed once here for all chunks of rows.
-    let narrow = (precision == Precision::F32 && crate::narrow::applies(k, d))
-        .then(|| crate::narrow::PackedWeights::new(crate::Kernels::best().isa(), &model.weight, k, d));
+    let narrow = narrow_weights(model, precision);
     let one = |x: MatRef<'_>, y: &[i64], gw: &mut [f32], gb: &mut [f32]| -> Result<f64> {
         if let Some(w) = &narrow {
             gw.fill(0.0);
@@ -462,15 +469,13 @@ pub fn loss_and_gradient_in(
     if k * d > CHUNKED_MAX_PARAMS || n <= CHUNK_ROWS {
         return Ok(one(features, labels, gw, gb)? / n as f64);
     }
-    let chunks: Vec<(f64, Vec<f32>, Vec<f32>)> = (0..n.div_ceil(CHUNK_ROWS))
-        .into_par_iter()
-        .map(|c| {
-            let r = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
-            let (mut w, mut b) = (vec![0f32; k * d], vec![0f32; k]);
-            let l = one(features.sub_rows(r.clone()), &labels[r], &mut w, &mut b)?;
-            Ok((l, w, b))
-        })
-        .collect::<Result<_>>()?;
+    let chunks = over_chunks(n, |r| {
+        let (mut w, mut b) = (vec![0f32; k * d], vec![0f32; k]);
+        let l = one(features.sub_rows(r.clone()), &labels[r], &mut w, &mut b)?;
+        Ok((l, w, b))
+    })
+    .into_iter()
+    .collect::<Result<Vec<(f64, Vec<f32>, Vec<f32>)>>>()?;
     let mut total = 0f64;
     gw.fill(0.0);
     gb.fill(0.0);
