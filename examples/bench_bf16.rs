@@ -18,6 +18,10 @@
 //! - `decode`: n=1, d=4096, V=128256 with bf16 weights kept as bf16 (target log-prob),
 //!   against a read of the same number of bytes.
 //! - `decode_paths`: the decode step on AMX against AVX512-BF16, alternated.
+//! - `dh_chunks`: the bf16 loss's `dH = G·W[seg]` product for one block of 320 rows over
+//!   four segments of 2048 classes (d = 768, two threads over the segments), in chunks of
+//!   128 rows against the chunks the loss takes (`loss::dh_chunk_rows`: 320 rows in bf16,
+//!   128 in bf16x3), alternated.
 //!
 //! `SOFTMAX_LAYER_BF16_PATH=amx|avx512bf16|portable` forces a path.
 #[path = "../benches/support/data.rs"]
@@ -256,6 +260,10 @@ fn main() {
         }
     }
 
+    if want.contains(&"dh_chunks") {
+        dh_chunks(reps, path);
+    }
+
     if on("loss") {
         // Fused cross-entropy forward + backward (dH, dW) in each precision.
         let h = data::fill(n * d, 1, -1.0, 1.0);
@@ -335,6 +343,42 @@ fn main() {
         println!(
             "{{\"what\": \"read_same_bytes\", \"bytes\": {bytes}, \"median_s\": {med_r:.6}, \"gb_per_s\": {gbs_r:.2}, \"decode_fraction_of_read\": {:.3}}}",
             med_r / med
+        );
+    }
+}
+
+/// See `dh_chunks` in the module docs. Each segment's `W[seg]` (3 MB in bf16) lies beyond
+/// L2, as in the loss; a chunk of `G`'s rows is packed, then multiplied into its rows of the
+/// segment's `dH` part.
+fn dh_chunks(reps: usize, path: BfPath) {
+    use rayon::prelude::*;
+    use softmax_layer::bf16::{Output, PackedRows, tile_product};
+    let (m, c, d, segs) = (320usize, 2048usize, 768usize, 25usize);
+    let g = data::fill(m * c, 5, -1e-3, 1e-3);
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        // W[seg] as the product's right operand: d units, K = c classes.
+        let w: Vec<PackedBf16Weights> = (0..segs)
+            .map(|s| {
+                let wt = data::fill(d * c, 10 + s as u64, -0.06, 0.06);
+                PackedBf16Weights::from_f32(&wt, WeightLayout::VocabMajor, d, c, precision).unwrap()
+            })
+            .collect();
+        let mut outs = vec![vec![0f32; m * d]; segs];
+        let mut run = |rows: usize| {
+            outs.par_iter_mut().zip(&w).for_each(|(out, w_seg)| {
+                for i0 in (0..m).step_by(rows) {
+                    let mi = rows.min(m - i0);
+                    let packed = PackedRows::pack(MatRef::new(&g[i0 * c..(i0 + mi) * c], mi, c).unwrap(), precision);
+                    tile_product(path, &packed, w_seg, 0..d, &mut out[i0 * d..(i0 + mi) * d], d, Output::Overwrite);
+                }
+            });
+        };
+        let chosen = softmax_layer::loss::dh_chunk_rows(c, precision);
+        let run = std::cell::RefCell::new(&mut run);
+        let (a, b) = timed_pair(reps, || (run.borrow_mut())(128), || (run.borrow_mut())(chosen));
+        println!(
+            "{{\"what\": \"dh_chunks\", \"precision\": \"{precision}\", \"rows_128_s\": {a:.6}, \"rows_{chosen}_s\": {b:.6}, \"ratio\": {:.3}}}",
+            b / a
         );
     }
 }

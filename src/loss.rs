@@ -689,12 +689,22 @@ impl<T: Default> PerWorker<T> {
 /// Rows of the left operand per bf16 gradient product of `dW` (a multiple of 32).
 const GRAD_CHUNK: usize = 256;
 
-/// Bytes of packed `G` rows per bf16 product of `dH` (`bf16` at 2048 classes per segment:
-/// 320 rows, a whole block; `bf16x3`, two parts: 160). In chunks of 128 rows, as before,
-/// `W[seg]` was read three times per block of rows and that product took about 1.2× as
-/// long (six alternated pairs of `BENCH_PRECISION=bf16 bench_layer loss_grad 2048 768
-/// 50257 3`, timed by phase in a temporary build).
-const DH_PACKED_BYTES: usize = 1280 << 10;
+/// The part of L2 that a bf16 product of `dH` may fill: a chunk of `G`'s rows, packed, and
+/// the pair of `W[seg]` blocks in use with the next one, prefetched.
+const DH_L2_BYTES: usize = 1536 << 10;
+
+/// Rows of `G` per bf16 product of `dH = G·W[seg]` over `c` classes: as many as keep their
+/// packing in L2 beside two pairs of `W[seg]` blocks (a multiple of 32, at least 32), so
+/// that each pair, read from beyond L2, serves every row pair of the chunk. At 2048
+/// classes: 320 rows in bf16 (a whole block), 128 in bf16x3 (two parts each side).
+/// `cargo run --release --example bench_bf16 -- 7 dh_chunks` times this product against
+/// chunks of 128 rows.
+#[doc(hidden)]
+pub fn dh_chunk_rows(c: usize, precision: Precision) -> usize {
+    let per_row = 2 * precision.parts() * c.max(1);
+    let w_pairs = 2 * (2 * 16 * per_row);
+    (DH_L2_BYTES.saturating_sub(w_pairs) / per_row / 32 * 32).max(32)
+}
 
 /// `H[R]` packed once per block of rows for the bf16 weight gradient: the right operand of
 /// `dW = Gᵀ·H` (`[V, d]` weights) or the left one of `dW = Hᵀ·G` (`[d, V]`).
@@ -816,13 +826,12 @@ unsafe fn bf16_grads(
             }
         }
     }
-    // dH part (m x d) = G (m x c, K = c) · W[cols], in chunks of as many rows as keep
-    // their packing in L2 (K is deep here): each pair of W[cols] blocks, read from beyond
-    // L2, then serves every row pair of the chunk.
+    // dH part (m x d) = G (m x c, K = c) · W[cols], in chunks of rows sized to L2 (K is
+    // deep here; see `dh_chunk_rows`).
     let Some(dh) = dh else { return };
     // SAFETY: the m × d part, this task's alone.
     let out = unsafe { std::slice::from_raw_parts_mut(dh, m * d) };
-    let rows = (DH_PACKED_BYTES / (2 * precision.parts() * c.max(1)) / 32 * 32).max(32);
+    let rows = dh_chunk_rows(c, precision);
     let ga = &mut scratch.packed;
     for i0 in (0..m).step_by(rows) {
         let mi = rows.min(m - i0);
