@@ -327,10 +327,14 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, mut grads: Grad
                 for c in 0..k {
                     m = m.max(V::load(at(c)));
                 }
+                // The terms are kept only when G is to be made of them.
+                let keep = grads.is_some();
                 let mut s = V::splat(0.0);
                 for c in 0..k {
                     let e = exp_nonpositive(V::load(at(c)).sub(m));
-                    e.store(at(c));
+                    if keep {
+                        e.store(at(c));
+                    }
                     s = s.add(e);
                 }
                 m.store(m_lanes.as_mut_ptr().add(h * l));
