@@ -35,6 +35,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::InvalidTemperature(t) if *t > 0.0 && t.is_finite() => write!(
+                f,
+                "temperature {t:e} is too small: 1/T overflows f32 (the least allowed is {:e})",
+                crate::rows::MIN_TEMPERATURE
+            ),
             Error::InvalidTemperature(t) => write!(f, "temperature must be finite and > 0, got {t}"),
             Error::NonFinite { tensor, row, col, value } => {
                 write!(f, "{tensor}[{row}, {col}] is {value}; only finite values are allowed")

@@ -353,10 +353,13 @@ impl<'a> SoftmaxLayer<'a> {
         };
         let states = self.run(hidden, &consumer);
         if what == Materialize::Logits {
-            return Ok(());
+            return match states.iter().filter_map(|(_, s)| s.1).min() {
+                Some(row) => Err(Error::LogitsOverflow { row }),
+                None => Ok(()),
+            };
         }
-        let stats: Vec<MaxSum> = states.into_iter().flat_map(|(_, s)| s).collect();
-        if let Some(row) = stats.iter().position(|s| !s.sum.is_finite()) {
+        let stats: Vec<MaxSum> = states.into_iter().flat_map(|(_, s)| s.0).collect();
+        if let Some(row) = stats.iter().position(MaxSum::overflowed) {
             return Err(Error::LogitsOverflow { row });
         }
         let k = self.kernels;
@@ -378,7 +381,7 @@ impl<'a> SoftmaxLayer<'a> {
         let mut i = 0;
         for (_, st) in self.run(hidden, &c) {
             for s in st {
-                if !s.sum.is_finite() {
+                if s.overflowed() {
                     return Err(Error::LogitsOverflow { row: i });
                 }
                 out[i] = s.logsumexp(opts.temperature) as f32;
@@ -406,7 +409,7 @@ impl<'a> SoftmaxLayer<'a> {
         let mut i = 0;
         for (_, (stats, z)) in self.run(hidden, &c) {
             for (s, z) in stats.into_iter().zip(z) {
-                if !s.sum.is_finite() {
+                if s.overflowed() {
                     return Err(Error::LogitsOverflow { row: i });
                 }
                 out[i] = ((z as f64 - s.max as f64) / t - s.sum.ln()) as f32;
@@ -422,7 +425,12 @@ impl<'a> SoftmaxLayer<'a> {
         check_len(out.len(), hidden.rows(), "argmax output")?;
         let mut i = 0;
         for (_, st) in self.run(hidden, &Argmax) {
-            for (_, j) in st {
+            for (z, j) in st {
+                // A row whose logits overflowed upwards (NaN or +inf), or all downwards
+                // (every one -inf), has no maximum to speak of.
+                if j == usize::MAX || !z.is_finite() {
+                    return Err(Error::LogitsOverflow { row: i });
+                }
                 out[i] = j;
                 i += 1;
             }
@@ -445,7 +453,7 @@ impl<'a> SoftmaxLayer<'a> {
         let mut i = 0;
         for (_, rows) in self.run(hidden, &c) {
             for (s, mut cand) in rows {
-                if !s.sum.is_finite() {
+                if s.overflowed() {
                     return Err(Error::LogitsOverflow { row: i });
                 }
                 cand.finish(k);
@@ -466,8 +474,9 @@ impl<'a> SoftmaxLayer<'a> {
 pub struct TargetStat {
     /// `log softmax(z / T)[target]`.
     pub log_prob: f32,
-    /// 1 + the number of classes whose logit is strictly greater than the target's: 1 for
-    /// the argmax, and ties count in the target's favour.
+    /// The target's place in the order of [`SoftmaxLayer::argmax`] and
+    /// [`SoftmaxLayer::top_k`] (larger logit first, ties to the lower id): 1 + the classes
+    /// whose logit is greater than the target's, or equal with a lower id. 1 for the argmax.
     pub rank: usize,
     /// The `top` most probable classes with their log-probabilities, descending, ties to
     /// the lower id (empty when `top` is 0).
@@ -553,11 +562,12 @@ impl SoftmaxLayer<'_> {
         let mut out = Vec::with_capacity(n);
         for (rows, states) in self.run(hidden, &c) {
             for (i, mut st) in rows.zip(states) {
-                if !st.stats.sum.is_finite() {
+                if st.stats.overflowed() {
                     return Err(Error::LogitsOverflow { row: i });
                 }
                 let y = targets[i] as u32;
-                let near_above = st.window.iter().filter(|&&(z, j)| j != y && z > st.zy).count();
+                // (Equal logits tie to the lower id, so those count as above too.)
+                let near_above = st.window.iter().filter(|&&(z, j)| z > st.zy || (z == st.zy && j < y)).count();
                 let ln_s = st.stats.sum.ln();
                 let lp = |z: f32| ((z as f64 - st.stats.max as f64) / t - ln_s) as f32;
                 let topv = if top > 0 {
@@ -869,9 +879,11 @@ struct WriteOut {
 }
 
 impl Consumer for WriteOut {
-    type State = Vec<MaxSum>;
+    /// Each row's statistics (when asked for), and the first row with a logit beyond the
+    /// `f32` range (logits alone: the statistics show it otherwise).
+    type State = (Vec<MaxSum>, Option<usize>);
     fn init(&self, rows: Range<usize>) -> Self::State {
-        vec![MaxSum::EMPTY; if self.stats { rows.len() } else { 0 }]
+        (vec![MaxSum::EMPTY; if self.stats { rows.len() } else { 0 }], None)
     }
     fn visit(&self, st: &mut Self::State, tile: &[f32], rows: Range<usize>, cols: Range<usize>) {
         for (i, row) in tile.chunks_exact(cols.len()).enumerate() {
@@ -882,13 +894,21 @@ impl Consumer for WriteOut {
                 std::ptr::copy_nonoverlapping(row.as_ptr(), dst, row.len());
             }
             if self.stats {
-                st[i] = st[i].merge(self.k.max_sum(row, None, self.t), self.t);
+                st.0[i] = st.0[i].merge(self.k.max_sum(row, None, self.t), self.t);
+            } else if st.1.is_none() && !all_finite(row) {
+                st.1 = Some(rows.start + i);
             }
         }
     }
     fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
-        a.into_iter().zip(b).map(|(x, y)| x.merge(y, self.t)).collect()
+        let stats = a.0.into_iter().zip(b.0).map(|(x, y)| x.merge(y, self.t)).collect();
+        (stats, a.1.into_iter().chain(b.1).min())
     }
+}
+
+/// Whether every value is finite (no early exit, so that it vectorizes).
+fn all_finite(x: &[f32]) -> bool {
+    x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 /// Each row's [`MaxSum`]: logsumexp.
@@ -956,10 +976,26 @@ impl Consumer for Argmax {
                     *s = (z, cols.start + j);
                 }
             }
+            // A logit overflowed upwards (or to NaN) poisons the row's maximum (NaN compares
+            // false above); one overflowed downwards, -inf, is below the maximum anyway.
+            if !row.iter().fold(true, |ok, &z| ok & (z < f32::INFINITY)) {
+                s.0 = f32::NAN;
+            }
         }
     }
     fn merge(&self, a: Self::State, b: Self::State) -> Self::State {
-        a.into_iter().zip(b).map(|(x, y)| if y.0 > x.0 || x.1 == usize::MAX { y } else { x }).collect()
+        a.into_iter()
+            .zip(b)
+            .map(|(x, y)| {
+                if x.0.is_nan() || y.0.is_nan() {
+                    (f32::NAN, x.1.min(y.1))
+                } else if y.0 > x.0 || x.1 == usize::MAX {
+                    y
+                } else {
+                    x
+                }
+            })
+            .collect()
     }
 }
 

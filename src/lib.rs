@@ -167,4 +167,7 @@ pub use error::{Error, Result};
 pub use kernels::{Isa, Kernels, MaxSum};
 pub use layer::{LayerOptions, SoftmaxLayer, TargetStat, TopK};
 pub use matrix::{MatMut, MatRef, WeightLayout};
-pub use rows::{RowOptions, check_temperature, log_softmax, log_softmax_inplace, logsumexp, softmax, softmax_inplace};
+pub use rows::{
+    MIN_TEMPERATURE, RowOptions, check_temperature, log_softmax, log_softmax_inplace, logsumexp, softmax,
+    softmax_inplace,
+};

@@ -522,7 +522,7 @@ fn run(
                 acc.zy += p[i].zy;
                 acc.wz += p[i].wz;
             }
-            if !acc.stats.sum.is_finite() {
+            if acc.stats.overflowed() || (y[i] != o.ignore_index && !acc.zy.is_finite()) {
                 return Err(Error::LogitsOverflow { row: r0 + i });
             }
             let l = acc.stats.logsumexp(s.t);

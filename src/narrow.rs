@@ -99,7 +99,8 @@ pub(crate) struct Problem<'a> {
 pub(crate) struct Sums {
     /// `Σ_r (lse_r − z_{r, y_r})`.
     pub loss: f64,
-    /// Rows whose target's logit is the largest (ties count for the target).
+    /// Rows whose target is the argmax, ties to the lower class id as in
+    /// [`crate::SoftmaxLayer::argmax`] ([`metrics`] only; [`loss_grad`] leaves it 0).
     pub correct: usize,
 }
 
@@ -350,7 +351,15 @@ unsafe fn body<V: Vector, const PMAX: usize>(args: &Problem<'_>, mut grads: Grad
         }
         for r in 0..rows {
             sums.loss += m_lanes[r] as f64 + (s_lanes[r] as f64).ln() - target[r] as f64;
-            sums.correct += usize::from(target[r] >= m_lanes[r]);
+        }
+        if grads.is_none() {
+            // (z still holds the logits.) A target with the largest logit is the argmax
+            // unless a lower class has the same logit.
+            for r in 0..rows {
+                let t = y[r0 + r] as usize;
+                let first = target[r] >= m_lanes[r] && (0..t).all(|c| z[c * nr + r] != target[r]);
+                sums.correct += usize::from(first);
+            }
         }
         let Some((dw, _)) = grads.as_mut() else { continue };
         for r in 0..rows {
@@ -665,9 +674,9 @@ mod tests {
     }
 
     #[test]
-    fn ties_count_for_the_target() {
+    fn ties_go_to_the_lower_class() {
         // Classes 1 and 3 have the same weights and bias, far above the others', so their
-        // logits are equal and largest: targets 1 and 3 are both the argmax, 0 never.
+        // logits are equal and largest: the argmax is 1 (the lower id), never 3 or 0.
         let (n, d, k) = (40, 9, 5);
         let mut g = Gen(5);
         let x = g.vec(n * d, -1.0, 1.0);
@@ -676,7 +685,8 @@ mod tests {
         w[3 * d..4 * d].copy_from_slice(&row1);
         let b = [0.0, 50.0, 0.0, 50.0, 0.0];
         let y: Vec<i64> = (0..n as i64).map(|i| [1, 3, 0][i as usize % 3]).collect();
-        let want = y.iter().filter(|&&t| t != 0).count();
+        let want = y.iter().filter(|&&t| t == 1).count();
+        assert!(want > 0 && want < n);
         for isa in Isa::available() {
             let packed = PackedWeights::new(isa, &w, k, d);
             let problem = Problem { x: MatRef::new(&x, n, d).unwrap(), y: &y, w: &packed, b: &b, scale: 1.0 };

@@ -71,7 +71,7 @@ pub struct TokenScore {
     pub position: usize,
     pub target: usize,
     pub logprob: f32,
-    /// 1 for the argmax; ties count in the target's favour.
+    /// 1 for the argmax; equal logits rank the lower id first, as `argmax` and `top_k` do.
     pub rank: usize,
     /// The `top_logprobs` most probable tokens (descending), plus the target when it is
     /// not among them.

@@ -183,7 +183,8 @@ impl<'a> Data<'a> {
 pub struct Metrics {
     /// Mean cross-entropy in nats (no penalty).
     pub loss: f64,
-    /// Fraction of rows whose label is the argmax (ties count for the label).
+    /// Fraction of rows whose label is the argmax (ties to the lower class id, as in
+    /// [`crate::SoftmaxLayer::argmax`]).
     pub accuracy: f64,
     /// `exp(loss)`.
     pub perplexity: f64,

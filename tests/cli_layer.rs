@@ -167,6 +167,24 @@ fn layer_bad_inputs_exit_2_naming_tensor_shape_and_value() {
     );
     // The dv layout checks the other dimension.
     fails(&["logits", "--hidden", &h, "--weight", &w, "--weight-layout", "dv", "-o", &out], &["[301, 24]", "[d, V]"]);
+    // Temperatures: logits take none; too small for 1/T quoted as typed (1e-46 is 0 in f32).
+    fails(
+        &["logits", "--hidden", &h, "--weight", &w, "--temperature", "0.5", "-o", &out],
+        &["does not apply to logits"],
+    );
+    for t in ["1e-39", "1e-46"] {
+        fails(
+            &["probs", "--hidden", &h, "--weight", &w, "--temperature", t, "-o", &out],
+            &[&format!("temperature {t} is too small"), "2.938737e-39"],
+        );
+    }
+    fails(&["probs", "--hidden", &h, "--weight", &w, "--temperature", "1e39", "-o", &out], &["beyond the f32 range"]);
+    // Finite inputs whose products overflow f32: logits and argmax say so, like the others.
+    write_npy_f32(Path::new(&p("hbig.npy")), &[2, 2], &[1.0, 1.0, 3e38, -3e38]).unwrap();
+    write_npy_f32(Path::new(&p("wbig.npy")), &[3, 2], &[1.0, 0.0, 0.0, 1.0, 2.0, -2.0]).unwrap();
+    for cmd in ["logits", "argmax", "probs", "logsumexp"] {
+        fails(&[cmd, "--hidden", &p("hbig.npy"), "--weight", &p("wbig.npy"), "-o", &out], &["row 1 overflow f32"]);
+    }
     assert!(!Path::new(&out).exists());
 }
 

@@ -257,6 +257,44 @@ fn bad_inputs_are_errors() {
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
 }
 
+/// Finite inputs whose logits overflow `f32`. Row 3's overflow upwards (+inf): every
+/// operation names it, none returns a silent result. Row 2's only downwards (its largest
+/// logit is finite, another -inf): `logits` cannot write it and says so; for the others -inf
+/// is the correctly rounded answer (probability 0), and argmax is unaffected.
+#[test]
+fn every_operation_reports_overflowing_logits() {
+    let w = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -2.0];
+    let h = [1.0f32, 1.0, 1.0, 1.0, 2.0, 3.0, 0.0, 0.0, 3e38, 0.0, 0.0, -3e38];
+    let (all, down) = (MatRef::new(&h, 4, 3).unwrap(), MatRef::new(&h[..9], 3, 3).unwrap());
+    let opts = LayerOptions::default();
+    for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+        let w = if layout == WeightLayout::VocabMajor { w.to_vec() } else { transpose(&w, 4, 3) };
+        let layer = SoftmaxLayer::new(&w[..], layout, 4, 3, None::<&[f32]>).unwrap();
+        let mut out = vec![0f32; 16];
+        let overflow = |r: Result<(), Error>, row: usize, what: &str| {
+            let err = r.expect_err(what);
+            assert!(matches!(err, Error::LogitsOverflow { row: r } if r == row), "{what}: {err}");
+        };
+        overflow(layer.logits(all, MatMut::new(&mut out, 4, 4).unwrap()), 2, "logits");
+        overflow(layer.logits(down, MatMut::new(&mut out[..12], 3, 4).unwrap()), 2, "logits");
+        overflow(layer.probs(all, MatMut::new(&mut out, 4, 4).unwrap(), &opts), 3, "probs");
+        overflow(layer.log_probs(all, MatMut::new(&mut out, 4, 4).unwrap(), &opts), 3, "log_probs");
+        overflow(layer.logsumexp(all, &mut [0.0; 4], &opts), 3, "logsumexp");
+        overflow(layer.target_log_probs(all, &[0, 1, 2, 0], &mut [0.0; 4], &opts), 3, "target_log_probs");
+        overflow(layer.argmax(all, &mut [0; 4]), 3, "argmax");
+        overflow(layer.top_k(all, 2, &opts).map(|_| ()), 3, "top_k");
+        overflow(layer.target_stats(all, &[0, 1, 2, 0], 1, &opts).map(|_| ()), 3, "target_stats");
+        // Downwards only: exact answers.
+        let mut idx = [0usize; 3];
+        layer.argmax(down, &mut idx).unwrap();
+        assert_eq!(idx, [0, 2, 2]);
+        layer.probs(down, MatMut::new(&mut out[..12], 3, 4).unwrap(), &opts).unwrap();
+        assert_eq!(&out[8..12], &[0.0, 0.0, 1.0, 0.0]);
+        layer.logits(MatRef::new(&h[..6], 2, 3).unwrap(), MatMut::new(&mut out[..8], 2, 4).unwrap()).unwrap();
+        assert_eq!(&out[..8], &[1.0, 1.0, 1.0, -2.0, 1.0, 2.0, 3.0, -6.0]);
+    }
+}
+
 #[test]
 fn target_stats_rank_and_top_agree_with_the_logits() {
     let mut rng = Rng(77);
@@ -274,8 +312,7 @@ fn target_stats_rank_and_top_agree_with_the_logits() {
                 let tk = (top > 0).then(|| layer.top_k(hv, top, &opts).unwrap());
                 for i in 0..n {
                     let row = &logits[i * v..(i + 1) * v];
-                    let zy = row[y[i] as usize];
-                    let rank = 1 + row.iter().filter(|&&z| z > zy).count();
+                    let rank = 1 + rank_ahead(row, y[i] as usize);
                     assert_eq!(stats[i].rank, rank, "row {i} {layout:?}");
                     let (lp, _) = reference(row, None, 0.9);
                     assert_log_close(stats[i].log_prob, lp[y[i] as usize], 2e-6, "target log-prob");
@@ -290,15 +327,21 @@ fn target_stats_rank_and_top_agree_with_the_logits() {
     }
 }
 
+/// How many classes come before class `y` in argmax order: larger logits, and equal ones
+/// with lower ids.
+fn rank_ahead(row: &[f32], y: usize) -> usize {
+    row.iter().enumerate().filter(|&(j, &z)| z > row[y] || (z == row[y] && j < y)).count()
+}
+
 #[test]
-fn target_stats_ties_count_in_the_targets_favour() {
-    // Classes 1, 3 and 4 share the largest logit.
+fn target_stats_ties_go_to_the_lower_id() {
+    // Classes 1, 3 and 4 share the largest logit: argmax order 1, 3, 4, 2, 0, 5.
     let w = [0.0f32, 2.0, 1.0, 2.0, 2.0, -1.0];
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 6, 1, None::<&[f32]>).unwrap();
     let h = [1.0f32, 1.0, 1.0, 1.0];
     let hv = MatRef::new(&h, 4, 1).unwrap();
     let st = layer.target_stats(hv, &[3, 4, 2, 5], 2, &LayerOptions::default()).unwrap();
-    assert_eq!(st.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![1, 1, 4, 6]);
+    assert_eq!(st.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![2, 3, 4, 6]);
     assert_eq!(st[0].top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
 }
 
@@ -330,8 +373,7 @@ fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
             let mut spread = 0usize;
             for i in 0..n {
                 let row = &logits[i * v..(i + 1) * v];
-                let zy = row[y[i] as usize];
-                let rank = 1 + row.iter().filter(|&&z| z > zy).count();
+                let rank = 1 + rank_ahead(row, y[i] as usize);
                 assert_eq!(stats[i].rank, rank, "row {i} {layout:?} {tiling:?}");
                 spread += (rank > 1 && rank < v) as usize;
             }

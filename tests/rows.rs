@@ -401,6 +401,30 @@ fn bad_temperature_and_shapes_are_errors() {
     assert!(MatRef::new(&x, 2, 2).is_err());
 }
 
+/// Temperatures down to the least with a finite reciprocal work (the limit of a sharpening
+/// softmax: the largest logit gets everything); below it, a clear error, never a panic.
+#[test]
+fn min_temperature_is_the_least_with_a_finite_reciprocal() {
+    let t = softmax_layer::MIN_TEMPERATURE;
+    let below = f32::from_bits(t.to_bits() - 1);
+    assert!((1.0 / t).is_finite() && (1.0 / below).is_infinite());
+    let x = [1.0f32, 3.0, 2.0, 3.0 - 2.4e-7, -5.0];
+    for bad in [below, 1e-40, f32::from_bits(1)] {
+        let err = logsumexp(MatRef::from_row(&x), &mut [0.0], &RowOptions::with_temperature(bad)).unwrap_err();
+        assert!(matches!(err, Error::InvalidTemperature(_)), "{bad:e}: {err}");
+        assert!(err.to_string().contains("too small"), "{err}");
+    }
+    for t in [t, 1e-38, 1e-30] {
+        let opts = RowOptions::with_temperature(t);
+        let p = softmax_vec(&x, &opts);
+        assert_eq!(p, vec![0.0, 1.0, 0.0, 0.0, 0.0], "T = {t:e}");
+        let mut lse = [0f32];
+        logsumexp(MatRef::from_row(&x), &mut lse, &opts).unwrap();
+        // logsumexp(x / T) = max / T + log(1 + Σ exp((x_j − max) / T)) = 3 / T in f32.
+        assert_eq!(lse[0], 3.0 / t, "T = {t:e}");
+    }
+}
+
 #[test]
 fn max_sum_merges_like_one_pass() {
     let k = Kernels::best();

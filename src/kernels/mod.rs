@@ -57,6 +57,12 @@ impl MaxSum {
         MaxSum { max: hi.max, sum }
     }
 
+    /// Whether the logits behind this state hold no distribution: a NaN or `+inf` among
+    /// them, or every one `-inf` (which finite inputs to a layer give only by overflowing).
+    pub fn overflowed(&self) -> bool {
+        !(self.sum.is_finite() && self.sum > 0.0)
+    }
+
     /// `ln Σ exp(z_i / T) = M / T + ln S`, in `f64`.
     pub fn logsumexp(&self, t: f32) -> f64 {
         self.max as f64 / t as f64 + self.sum.ln()

@@ -33,8 +33,8 @@ pub struct ModelArgs {
 pub struct LayerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Divide the logits by T (finite, > 0) before the softmax.
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    /// Divide the logits by T (finite, > 0) before the softmax (not for `logits`).
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::temperature_arg)]
     pub temperature: f32,
     /// Output file.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
@@ -184,6 +184,11 @@ fn named(e: Error, inp: &Inputs, targets: Option<&str>) -> Failure {
 
 pub fn run(op: LayerOp, a: &LayerArgs, targets: Option<&str>, k: Option<usize>) -> Result<(), Failure> {
     softmax_layer::check_temperature(a.temperature)?;
+    if op == LayerOp::Logits && a.temperature != 1.0 {
+        return Err(Failure(
+            "--temperature does not apply to logits (they are H·Wᵀ + b); probs and log-probs take it".into(),
+        ));
+    }
     let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let h = inp.hidden.to_f32()?;

@@ -129,7 +129,7 @@ struct LogsumexpArgs {
     #[arg(long, value_name = "M", conflicts_with = "hidden")]
     mask: Option<String>,
     /// Divide the logits by T (finite, > 0).
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::temperature_arg)]
     temperature: f32,
     /// Output .npy file (f32 [n]).
     #[arg(short = 'o', long = "output", value_name = "OUT")]
@@ -160,6 +160,26 @@ fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
         ),
         _ => Err(Failure("logsumexp needs --logits L, or --hidden H with --weight W".into())),
     }
+}
+
+/// `--temperature`: finite and > 0, with a reciprocal finite in `f32`; the error quotes the
+/// value as typed (`1e-46` is not "0", although it rounds to 0 in `f32`).
+pub fn temperature_arg(s: &str) -> Result<f32, String> {
+    let t: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(format!("the temperature must be finite and > 0, got {s}"));
+    }
+    let t32 = t as f32;
+    if t32.is_infinite() {
+        return Err(format!("the temperature {s} is beyond the f32 range (at most {:e})", f32::MAX));
+    }
+    softmax_layer::check_temperature(t32).map_err(|_| {
+        format!(
+            "the temperature {s} is too small: 1/T overflows f32 (the least allowed is {:e})",
+            softmax_layer::MIN_TEMPERATURE
+        )
+    })?;
+    Ok(t32)
 }
 
 /// A failure: the one line printed on stderr.
