@@ -474,6 +474,18 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
     if header.is_empty() || header.iter().all(|h| h.is_empty()) {
         return Err(fmt_err(path, "the CSV file has no header row"));
     }
+    for (j, h) in header.iter().enumerate() {
+        if let Some(first) = header[..j].iter().position(|g| g == h) {
+            return Err(fmt_err(
+                path,
+                format!(
+                    "the header names column '{h}' twice (columns {} and {}); names must be unique",
+                    first + 1,
+                    j + 1
+                ),
+            ));
+        }
+    }
     let label_idx = match label_column {
         None => None,
         Some(name) => Some(header.iter().position(|h| h == name).ok_or_else(|| {

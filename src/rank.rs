@@ -36,12 +36,13 @@ fn check_ranking(m: usize, ranking: &[usize]) -> Result<()> {
     if ranking.is_empty() {
         return Err(Error::InvalidArgument("the ranking is empty".into()));
     }
-    let mut seen = vec![false; m];
+    // (A set of the ranking's own items: work in proportion to k, not to m.)
+    let mut seen = std::collections::HashSet::with_capacity(ranking.len());
     for (i, &r) in ranking.iter().enumerate() {
         if r >= m {
             return Err(Error::InvalidArgument(format!("ranking[{i}] = {r} is not an item (there are {m} items)")));
         }
-        if std::mem::replace(&mut seen[r], true) {
+        if !seen.insert(r) {
             return Err(Error::InvalidArgument(format!("ranking[{i}] = {r} repeats an item ranked earlier")));
         }
     }
@@ -163,6 +164,12 @@ pub struct Fit {
     pub objective: f64,
 }
 
+fn not_identified(j: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "item {j} appears in no ranking, so its strength is not identified; add an L2 prior (--l2)"
+    ))
+}
+
 /// Fits Plackett–Luce log-strengths `θ` to observed rankings by minorize–maximize.
 ///
 /// Each ranking orders the items it lists, best first; items it does not list did not take
@@ -182,24 +189,38 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     if !(opts.l2.is_finite() && opts.l2 >= 0.0) {
         return Err(Error::InvalidArgument(format!("the L2 penalty must be finite and >= 0, got {}", opts.l2)));
     }
-    let m = rankings.iter().flatten().max().map_or(0, |&x| x + 1);
+    let alpha = opts.l2;
+    let largest = rankings.iter().flatten().max().copied().unwrap_or(0);
+    if alpha == 0.0 {
+        // Every item must appear: find the first that does not before allocating `m` of
+        // anything (a stray huge id would otherwise ask for memory in proportion).
+        let mut ids: Vec<usize> = rankings.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if let Some(j) = ids.iter().enumerate().find(|&(i, &id)| i != id).map(|(i, _)| i) {
+            return Err(not_identified(j));
+        }
+    }
+    let m = largest.checked_add(1).filter(|&m| m <= isize::MAX as usize / 64).ok_or_else(|| {
+        Error::InvalidArgument(format!("item id {largest} is too large: the items are 0..=largest id"))
+    })?;
+    let zeros = |what: &str| -> Result<Vec<f64>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(m).map_err(|_| {
+            Error::InvalidArgument(format!("cannot allocate the {what} of {m} items (the largest id + 1)"))
+        })?;
+        v.resize(m, 0.0);
+        Ok(v)
+    };
     for (i, r) in rankings.iter().enumerate() {
         check_ranking(m, r).map_err(|e| Error::InvalidArgument(format!("ranking {i}: {e}")))?;
     }
     // Wins per item (the last item of a ranking is not a choice).
-    let mut wins = vec![0f64; m];
-    let mut appears = vec![false; m];
+    let mut wins = zeros("win counts")?;
     for r in rankings {
-        r.iter().for_each(|&j| appears[j] = true);
         r[..r.len() - 1].iter().for_each(|&j| wins[j] += 1.0);
     }
-    let alpha = opts.l2;
     if alpha == 0.0 {
-        if let Some(j) = (0..m).find(|&j| !appears[j]) {
-            return Err(Error::InvalidArgument(format!(
-                "item {j} appears in no ranking, so its strength is not identified; add an L2 prior (--l2)"
-            )));
-        }
         if let Some(j) = (0..m).find(|&j| wins[j] == 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "item {j} is never ranked above another item, so maximum likelihood does not exist; add an L2 prior (--l2)"
@@ -218,8 +239,8 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
         }
         ll - 0.5 * alpha * theta.iter().map(|t| t * t).sum::<f64>()
     };
-    let mut theta = vec![0f64; m];
-    let mut s = vec![0f64; m];
+    let mut theta = zeros("strengths")?;
+    let mut s = zeros("sums")?;
     for it in 1..=opts.max_iterations {
         s.iter_mut().for_each(|x| *x = 0.0);
         for r in rankings {

@@ -83,12 +83,24 @@ impl Model {
 
     /// Writes `weight [K, d]` and `bias [K]` to a `.safetensors` file, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        io::write_safetensors(
+        self.save_with_metadata(path, None)
+    }
+
+    /// [`Model::save`] with a string map in the file's `__metadata__` (for example the names
+    /// of the features, which the command line's `predict` matches CSV columns by);
+    /// [`io::read_safetensors_metadata`] reads it back.
+    pub fn save_with_metadata(
+        &self,
+        path: &Path,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<()> {
+        io::write_safetensors_with_metadata(
             path,
             &[
                 ("weight", vec![self.classes, self.dim], OutTensor::F32(&self.weight)),
                 ("bias", vec![self.classes], OutTensor::F32(&self.bias)),
             ],
+            metadata,
         )
     }
 
@@ -581,8 +593,22 @@ pub fn train_with_heldout(
     run_training(data, held, cfg, classes, data.rows() + heldout.rows(), on_event)
 }
 
+/// The most classes the labels may imply on their own (2^24, the longest rows the layer is
+/// built for): a larger label is far more likely a mistake than a class, and would allocate
+/// `K · d` weights and their optimizer state; [`TrainConfig::classes`] allows more.
+pub const MAX_IMPLIED_CLASSES: usize = 1 << 24;
+
 /// `cfg.classes`, checked against every label, or the largest label + 1.
 fn classes_of(cfg: &TrainConfig, sets: &[Data<'_>]) -> Result<usize> {
+    let d = sets.first().map_or(0, |s| s.features.cols());
+    let k = classes_checked(cfg, sets)?;
+    if k.checked_mul(d + 1).is_none_or(|p| p > isize::MAX as usize / 16) {
+        return Err(Error::InvalidArgument(format!("{k} classes of {d} features are too many parameters to hold")));
+    }
+    Ok(k)
+}
+
+fn classes_checked(cfg: &TrainConfig, sets: &[Data<'_>]) -> Result<usize> {
     match cfg.classes {
         Some(k) => {
             for set in sets {
@@ -595,7 +621,19 @@ fn classes_of(cfg: &TrainConfig, sets: &[Data<'_>]) -> Result<usize> {
             }
             Ok(k)
         }
-        None => Ok(sets.iter().map(Data::implied_classes).max().unwrap_or(0)),
+        None => {
+            for set in sets {
+                if let Some(i) = set.labels.iter().position(|&y| y as u64 >= MAX_IMPLIED_CLASSES as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "labels[{i}] = {} would make {} classes (more than {MAX_IMPLIED_CLASSES}); set the number \
+                         of classes (--classes) if that is intended",
+                        set.labels[i],
+                        set.labels[i] as u64 + 1
+                    )));
+                }
+            }
+            Ok(sets.iter().map(Data::implied_classes).max().unwrap_or(0))
+        }
     }
 }
 

@@ -33,6 +33,12 @@ fn rank_prob_writes_the_log_probability() {
         &["rank-prob", "--scores", &p("s.npy"), "--ranking", &p("neg.npy"), "-o", &p("o2.json")],
         &["ranking[0] = -1"],
     );
+    // A bad score is named in its own file, by its 1-D index.
+    write_npy_f32(Path::new(&p("snan.npy")), &[3], &[0.0, f32::NAN, 2.0]).unwrap();
+    fails(
+        &["rank-prob", "--scores", &p("snan.npy"), "--ranking", &p("r.npy"), "-o", &p("o2.json")],
+        &["snan.npy: scores[1] is NaN"],
+    );
 }
 
 #[test]
@@ -63,6 +69,16 @@ fn fit_pl_fits_and_reports_bad_files() {
     fails(&["fit-pl", "--rankings", &p("disc.txt"), "-o", &p("t2.npy")], &["never ranked above", "--l2"]);
     let (code, err) = run(&["fit-pl", "--rankings", &p("disc.txt"), "--l2", "0.1", "-o", &p("t3.npy")]);
     assert_eq!(code, 0, "{err}");
+    // A stray huge id: a missing item is found without allocating for every id up to it,
+    // and under a prior (which allows unseen items) memory for 1e11 items is refused.
+    std::fs::write(p("huge.txt"), "0 99999999999\n1 0\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("huge.txt"), "-o", &p("t2.npy")], &["item 2 appears in no ranking"]);
+    fails(&["fit-pl", "--rankings", &p("huge.txt"), "--l2", "1", "-o", &p("t2.npy")], &["100000000000 items"]);
+    std::fs::write(p("max.txt"), "0 18446744073709551615\n").unwrap();
+    fails(
+        &["fit-pl", "--rankings", &p("max.txt"), "--l2", "1", "-o", &p("t2.npy")],
+        &["18446744073709551615 is too large"],
+    );
     assert!(!Path::new(&p("t2.npy")).exists());
 }
 

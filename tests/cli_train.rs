@@ -2,7 +2,7 @@
 //! run killed with SIGKILL that resumes to the same bits.
 
 mod common;
-use common::{Rng, bin, fails, ok};
+use common::{Rng, bin, fails, ok, strs};
 use softmax_layer::io::{read_npy, read_safetensors, write_npy_f32, write_npy_i64};
 use std::fmt::Write;
 use std::path::Path;
@@ -91,6 +91,52 @@ fn train_and_predict_from_csv_and_tensors() {
     assert!(line.contains("\"heldout\": {\"loss\"") && line.contains("\"steps\": 75"), "{line}");
 }
 
+/// A model trained on CSV columns keeps their names, and `predict` matches a CSV's columns
+/// by name: reordered, the same probabilities; a missing or unknown column, an error.
+#[test]
+fn predict_matches_csv_columns_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    write_csv(Path::new(&p("d.csv")), 60);
+    ok(&["train", "--data", &p("d.csv"), "--label-column", "label", "-o", &p("m.safetensors")]);
+    let meta = softmax_layer::io::read_safetensors_metadata(Path::new(&p("m.safetensors"))).unwrap();
+    assert_eq!(meta.get("feature_names").map(String::as_str), Some("a,b,c"));
+    // The same rows with the columns in another order (and the label first).
+    let text = std::fs::read_to_string(p("d.csv")).unwrap();
+    let mut moved = String::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        writeln!(moved, "{},{},{},{}", f[1], f[3], f[0], f[2]).unwrap();
+    }
+    std::fs::write(p("moved.csv"), moved).unwrap();
+    let predict = |csv: &str, out: &str| {
+        ok(&["predict", "--model", &p("m.safetensors"), "--data", &p(csv), "--label-column", "label", "-o", &p(out)]);
+        read_npy(Path::new(&p(out))).unwrap().to_f32().unwrap().into_owned()
+    };
+    let (a, b) = (predict("d.csv", "a.npy"), predict("moved.csv", "b.npy"));
+    assert_eq!(a, b);
+    std::fs::write(p("renamed.csv"), text.replacen("a,label,b,c", "a,label,b,z", 1)).unwrap();
+    fails(
+        &[
+            "predict",
+            "--model",
+            &p("m.safetensors"),
+            "--data",
+            &p("renamed.csv"),
+            "--label-column",
+            "label",
+            "-o",
+            &p("c.npy"),
+        ],
+        &["renamed.csv", "no column 'c'", "m.safetensors"],
+    );
+    fails(
+        &["predict", "--model", &p("m.safetensors"), "--data", &p("d.csv"), "-o", &p("c.npy")],
+        &["d.csv", "column 'label' is not a feature"],
+    );
+    assert!(!Path::new(&p("c.npy")).exists());
+}
+
 #[test]
 fn bad_training_input_exits_2_with_one_line() {
     let d = tempfile::tempdir().unwrap();
@@ -145,6 +191,29 @@ fn bad_training_input_exits_2_with_one_line() {
         &["train", "--features", &p("x.npy"), "--labels", &p("y4.npy"), "-o", &p("no/such/dir/m.safetensors")],
         &["no/such/dir", "does not exist"],
     );
+    // Outputs checked before training: the plot's folder, the plot or the model over an
+    // input or each other, a checkpoint "folder" that is a file.
+    let (x, y4) = (p("x.npy"), p("y4.npy"));
+    let with = |extra: &[&str]| -> Vec<String> {
+        ["train", "--features", &x, "--labels", &y4].iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    fails(&strs(&with(&["-o", &o, "--plot", &p("nodir/p.svg")])), &["nodir", "does not exist"]);
+    fails(&strs(&with(&["-o", &o, "--plot", &o])), &["--plot", "the model's own path"]);
+    fails(&strs(&with(&["-o", &p("x.npy")])), &["would overwrite the input", "x.npy"]);
+    fails(&strs(&with(&["-o", &o, "--checkpoint", &p("d.csv")])), &["--checkpoint", "not a folder"]);
+    // Options of the other input form, and a label that would make 1e11 classes.
+    fails(&strs(&with(&["--label-column", "label", "-o", &o])), &["--label-column goes with --data"]);
+    fails(
+        &["train", "--data", &p("d.csv"), "--label-column", "label", "--labels", &p("y4.npy"), "-o", &o],
+        &["--labels goes with --features"],
+    );
+    write_npy_i64(Path::new(&p("yhuge.npy")), &[4], &[0, 99_999_999_999, 1, 0]).unwrap();
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("yhuge.npy"), "-o", &o],
+        &["labels[1] = 99999999999", "--classes"],
+    );
+    std::fs::write(p("twice.csv"), "a,b,a,label\n1,2,3,0\n").unwrap();
+    fails(&["train", "--data", &p("twice.csv"), "--label-column", "label", "-o", &o], &["twice.csv", "'a' twice"]);
     assert!(!Path::new(&o).exists(), "nothing written on failure");
 }
 

@@ -4,9 +4,9 @@ use crate::Failure;
 use crate::layer::parse_precision;
 use crate::plot::{Series, svg};
 use indicatif::{ProgressBar, ProgressStyle};
-use softmax_layer::MatRef;
 use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
 use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
+use softmax_layer::{Error, MatRef};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -122,6 +122,62 @@ struct Loaded {
     n: usize,
     d: usize,
     y: Option<Vec<i64>>,
+    /// The feature columns' names (from a CSV header).
+    names: Option<Vec<String>>,
+}
+
+/// The model file's metadata key for the names of the features it was trained on, written
+/// as one CSV record.
+const FEATURE_NAMES: &str = "feature_names";
+
+fn names_to_record(names: &[String]) -> Result<String, Failure> {
+    let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    w.write_record(names).map_err(|e| Failure(format!("feature names: {e}")))?;
+    let bytes = w.into_inner().map_err(|e| Failure(format!("feature names: {e}")))?;
+    Ok(String::from_utf8_lossy(&bytes).trim_end_matches('\n').to_string())
+}
+
+fn record_to_names(text: &str) -> Option<Vec<String>> {
+    let mut r = csv::ReaderBuilder::new().has_headers(false).from_reader(text.as_bytes());
+    r.records().next()?.ok().map(|rec| rec.iter().map(str::to_string).collect())
+}
+
+/// The CSV's feature columns reordered to the model's, matched by name: every column the
+/// model was trained on must be there, and no other (besides the label column).
+fn match_columns(data: &mut Loaded, want: &[String], source: &Path, model: &Path) -> Result<(), Failure> {
+    let have = data.names.as_deref().unwrap_or_default();
+    let perm: Vec<usize> = want
+        .iter()
+        .map(|name| {
+            have.iter().position(|h| h == name).ok_or_else(|| {
+                Failure(format!(
+                    "{}: no column '{name}', which the model {} was trained on (it has: {})",
+                    source.display(),
+                    model.display(),
+                    have.join(", ")
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(extra) = have.iter().find(|h| !want.contains(h)) {
+        return Err(Failure(format!(
+            "{}: column '{extra}' is not a feature of the model {} (its features: {}); name it --label-column or drop it",
+            source.display(),
+            model.display(),
+            want.join(", ")
+        )));
+    }
+    if perm.iter().enumerate().all(|(i, &j)| i == j) {
+        return Ok(());
+    }
+    let x = data.x.as_slice();
+    let mut out = Vec::with_capacity(data.n * want.len());
+    for row in x.chunks_exact(data.d.max(1)).take(data.n) {
+        out.extend(perm.iter().map(|&j| row[j]));
+    }
+    data.x = Features::Owned(out);
+    data.d = want.len();
+    Ok(())
 }
 
 fn load_tensor(spec: &str) -> Result<Tensor, Failure> {
@@ -145,15 +201,25 @@ impl Features {
 
 fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Loaded, Failure> {
     if let Some(path) = &a.data {
+        if labels.is_some() {
+            return Err(Failure(
+                "--labels goes with --features; with --data the labels are --label-column NAME".into(),
+            ));
+        }
         if need_labels && a.label_column.is_none() {
             return Err(Failure("--data needs --label-column NAME to train".into()));
         }
-        let CsvTable { features, rows, cols, labels, .. } = read_csv(path, a.label_column.as_deref())?;
-        return Ok(Loaded { x: Features::Owned(features), n: rows, d: cols, y: labels });
+        let CsvTable { features, rows, cols, labels, feature_names } = read_csv(path, a.label_column.as_deref())?;
+        return Ok(Loaded { x: Features::Owned(features), n: rows, d: cols, y: labels, names: Some(feature_names) });
     }
     let Some(fx) = &a.features else {
         return Err(Failure("give the data: --data FILE.csv or --features X".into()));
     };
+    if a.label_column.is_some() {
+        return Err(Failure(
+            "--label-column goes with --data FILE.csv; with --features the labels are --labels Y".into(),
+        ));
+    }
     let t = load_tensor(fx)?;
     let (n, d) = match t.shape[..] {
         [n, d] => (n, d),
@@ -194,7 +260,7 @@ fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Lo
             Some(y)
         }
     };
-    Ok(Loaded { x, n, d, y })
+    Ok(Loaded { x, n, d, y, names: None })
 }
 
 /// Progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -318,6 +384,10 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     };
     let precision = parse_precision(&a.precision)?;
     let data = load_data(&a.data, a.labels.as_deref(), true)?;
+    let metadata = match &data.names {
+        Some(names) => Some([(FEATURE_NAMES.to_string(), names_to_record(names)?)].into()),
+        None => None,
+    };
     let labels = data.y.as_deref().expect("labels are required");
     let x = MatRef::new(data.x.as_slice(), data.n, data.d)?;
     let lr = a.lr.unwrap_or(if a.optimizer == "sgd" { 0.1 } else { 0.01 });
@@ -347,17 +417,37 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     let source =
         a.data.data.as_ref().map_or_else(|| a.data.features.clone().unwrap_or_default(), |p| p.display().to_string());
     let data = Data::new(x, labels).map_err(|e| Failure(format!("{source}: {e}")))?;
-    // Fail before training, not after, when the model cannot be written where asked.
-    let dir = a.output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Failure(format!("{}: the folder {} does not exist", a.output.display(), dir.display())));
+    // Fail before training, not after, when the model or the plot cannot be written where
+    // asked, or would overwrite an input or each other.
+    let plot = a.plot.clone().unwrap_or_else(|| with_suffix(&a.output, ".loss.svg"));
+    let inputs: Vec<PathBuf> = [a.data.data.clone(), a.data.features.clone().map(|f| spec_file(&f))]
+        .into_iter()
+        .chain([a.labels.clone().map(|f| spec_file(&f))])
+        .flatten()
+        .collect();
+    for (path, what) in [(&a.output, "the model (-o)"), (&plot, "the plot (--plot)")] {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(Failure(format!("{}: the folder {} does not exist", path.display(), dir.display())));
+        }
+        if let Some(input) = inputs.iter().find(|i| same_file(i, path)) {
+            return Err(Failure(format!("{what} would overwrite the input {}", input.display())));
+        }
+    }
+    if same_file(&a.output, &plot) {
+        return Err(Failure(format!("--plot {} is the model's own path (-o)", plot.display())));
+    }
+    if let Some(dir) = &a.checkpoint
+        && dir.exists()
+        && !dir.is_dir()
+    {
+        return Err(Failure(format!("--checkpoint {}: exists and is not a folder", dir.display())));
     }
     let out = train(data, &cfg, |e| progress.event(e));
     progress.finish();
     let out = out?;
     let secs = started.elapsed().as_secs_f64();
-    out.model.save(&a.output)?;
-    let plot = a.plot.clone().unwrap_or_else(|| with_suffix(&a.output, ".loss.svg"));
+    out.model.save_with_metadata(&a.output, metadata)?;
     write_atomic(&plot, plot_history(&out, &format!("softmax-layer train ({})", a.optimizer), &[]).as_bytes())?;
     let held = out.heldout.map_or("null".to_string(), |m| {
         format!("{{\"loss\": {}, \"accuracy\": {}, \"perplexity\": {}}}", m.loss, m.accuracy, m.perplexity)
@@ -388,6 +478,23 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The file of a tensor argument (`FILE.npy` or `FILE.safetensors:NAME`).
+fn spec_file(spec: &str) -> PathBuf {
+    match spec.rsplit_once(':') {
+        Some((file, _)) if file.ends_with(".safetensors") => PathBuf::from(file),
+        _ => PathBuf::from(spec),
+    }
+}
+
+/// Whether two paths name the same file (by their absolute forms, or by the file itself
+/// when both exist: links and `..` included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    }
+}
+
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     p.with_file_name(format!("{stem}{suffix}"))
@@ -396,7 +503,13 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
     let precision = parse_precision(&a.precision)?;
     let model = Model::load(&a.model)?;
-    let data = load_data(&a.data, None, false)?;
+    let mut data = load_data(&a.data, None, false)?;
+    // A model trained on CSV columns reads a CSV's columns by name, in any order.
+    let trained_on =
+        softmax_layer::io::read_safetensors_metadata(&a.model)?.get(FEATURE_NAMES).and_then(|r| record_to_names(r));
+    if let (Some(want), Some(path)) = (trained_on, &a.data.data) {
+        match_columns(&mut data, &want, path, &a.model)?;
+    }
     if data.d != model.dim {
         return Err(Failure(format!(
             "the data has {} feature columns, but the model {} expects d = {}",
@@ -405,7 +518,21 @@ pub fn run_predict(a: &PredictArgs) -> Result<(), Failure> {
             model.dim
         )));
     }
-    let probs = model.predict_proba_in(MatRef::new(data.x.as_slice(), data.n, data.d)?, precision)?;
+    let features = a.data.features.clone().unwrap_or_default();
+    let probs = model.predict_proba_in(MatRef::new(data.x.as_slice(), data.n, data.d)?, precision).map_err(|e| {
+        // Name the file that holds the bad value, and the tensor as this command calls it.
+        match e {
+            Error::NonFinite { tensor, row, col, value } => {
+                let (file, name) = if tensor == "hidden" {
+                    (features.clone(), "features".to_string())
+                } else {
+                    (a.model.display().to_string(), tensor)
+                };
+                Failure(format!("{file}: {name}[{row}, {col}] is {value}; only finite values are allowed"))
+            }
+            e => Failure(e.to_string()),
+        }
+    })?;
     write_npy_f32(&a.output, &[data.n, model.classes], &probs)?;
     Ok(())
 }
