@@ -220,12 +220,12 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     for r in rankings {
         r[..r.len() - 1].iter().for_each(|&j| wins[j] += 1.0);
     }
-    if alpha == 0.0 {
-        if let Some(j) = (0..m).find(|&j| wins[j] == 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "item {j} is never ranked above another item, so maximum likelihood does not exist; add an L2 prior (--l2)"
-            )));
-        }
+    if alpha == 0.0
+        && let Some(j) = (0..m).find(|&j| wins[j] == 0.0)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "item {j} is never ranked above another item, so maximum likelihood does not exist; add an L2 prior (--l2)"
+        )));
     }
     let objective = |theta: &[f64]| -> f64 {
         let mut ll = 0.0;
