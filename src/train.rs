@@ -379,10 +379,16 @@ pub enum Event<'a> {
         epoch: usize,
         best_epoch: usize,
     },
-    /// L-BFGS met its tolerance (or its `f32` floor).
+    /// L-BFGS stopped: it met its tolerance (or the target objective), or no step along its
+    /// direction lowers the objective measurably any more (`tolerance_met` then tells
+    /// whether the gradient is small anyway: near the `f32` evaluations' floor it is; on a
+    /// badly scaled problem it need not be).
     Converged {
         iterations: usize,
         max_gradient: f64,
+        /// Whether the largest gradient entry is within the tolerance, or the target
+        /// objective was reached.
+        tolerance_met: bool,
         /// Evaluations of the loss and its gradient by this call of [`train`] (the line
         /// searches' and, unless resumed, the starting point's): L-BFGS's cost.
         evaluations: usize,
@@ -709,14 +715,17 @@ fn run_training(
             let Optimizer::Lbfgs { history, tolerance } = cfg.optimizer else { unreachable!() };
             let (converged, evals) = lbfgs_iteration(lb, history, tolerance, objective)?;
             evaluations += evals;
-            let converged = converged || cfg.target_objective.is_some_and(|t| lb.f <= t);
+            let reached = cfg.target_objective.is_some_and(|t| lb.f <= t);
+            let converged = converged || reached;
             st.model = model_from_flat(&lb.x, classes, d);
             st.step += 1;
             st.step_objectives.push(lb.f);
             on_event(Event::Step { step: st.step, epoch, objective: lb.f, lr: 0.0 });
             if converged {
                 lb.done = true;
-                on_event(Event::Converged { iterations: st.step, max_gradient: max_abs(&lb.g), evaluations });
+                let max_gradient = max_abs(&lb.g);
+                let tolerance_met = reached || max_gradient <= tolerance;
+                on_event(Event::Converged { iterations: st.step, max_gradient, tolerance_met, evaluations });
             }
             lb.f
         } else {

@@ -48,6 +48,29 @@ fn objective_f64(x: &[f32], y: &[i64], d: usize, w: &[f64], b: &[f64], lam: f64)
     total / n as f64 + 0.5 * lam * w.iter().map(|v| v * v).sum::<f64>()
 }
 
+/// With an absurd penalty no step along L-BFGS's first direction lowers the objective
+/// measurably in f64 (the weights' curvature is 1e30, the bias's about 1): it stops, and
+/// says the tolerance is not met rather than claiming convergence.
+#[test]
+fn lbfgs_says_when_it_stops_without_meeting_its_tolerance() {
+    let mut rng = Rng(3);
+    let (n, d) = (40, 3);
+    let x = rng.vec(n * d, -1.0, 1.0);
+    let y: Vec<i64> = (0..n).map(|i| [0, 0, 1, 2][i % 4]).collect();
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let mut stop = None;
+    let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), l2: 1e30, ..Default::default() };
+    train(data, &cfg, |e| {
+        if let Event::Converged { tolerance_met, max_gradient, .. } = e {
+            stop = Some((tolerance_met, max_gradient));
+        }
+    })
+    .unwrap();
+    let (met, g) = stop.expect("L-BFGS stops");
+    // The bias gradient at b = 0 is the class frequencies' gap to uniform: 1/2 − 1/3.
+    assert!(!met && g > 0.1, "tolerance met: {met}, largest gradient entry {g}");
+}
+
 #[test]
 fn lbfgs_reaches_the_scikit_learn_optimum_on_digits() {
     let dg = digits();
@@ -59,7 +82,8 @@ fn lbfgs_reaches_the_scikit_learn_optimum_on_digits() {
     let cfg = TrainConfig { optimizer: Optimizer::lbfgs(), l2: lam as f32, ..Default::default() };
     let mut converged = None;
     let out = train(data, &cfg, |e| {
-        if let Event::Converged { iterations, evaluations, .. } = e {
+        if let Event::Converged { iterations, evaluations, tolerance_met, .. } = e {
+            assert!(tolerance_met);
             converged = Some((iterations, evaluations));
         }
     })

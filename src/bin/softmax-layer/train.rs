@@ -341,9 +341,14 @@ impl Progress {
             Event::EarlyStop { epoch, best_epoch } => {
                 self.say(format!("early stop at epoch {epoch}: the held-out loss was best at epoch {best_epoch}"))
             }
-            Event::Converged { iterations, max_gradient, evaluations } => self.say(format!(
+            Event::Converged { iterations, max_gradient, tolerance_met: true, evaluations } => self.say(format!(
                 "converged after {iterations} iterations, {evaluations} evaluations of the loss and gradient \
                  (largest gradient entry {max_gradient:.2e})"
+            )),
+            Event::Converged { iterations, max_gradient, tolerance_met: false, evaluations } => self.say(format!(
+                "stopped after {iterations} iterations, {evaluations} evaluations, NOT converged: no step along \
+                 the search direction lowers the objective measurably, yet the largest gradient entry is \
+                 {max_gradient:.2e} (above --tol); the problem may be badly scaled (a very large --l2?)"
             )),
         }
     }
