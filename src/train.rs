@@ -643,6 +643,9 @@ fn classes_checked(cfg: &TrainConfig, sets: &[Data<'_>]) -> Result<usize> {
     }
 }
 
+/// Epochs of a mini-batch optimizer when [`TrainConfig::epochs`] is `None`.
+const DEFAULT_EPOCHS: usize = 10;
+
 /// The training loop proper, over checked training rows and an optional held-out set.
 fn run_training(
     train_data: Data<'_>,
@@ -657,7 +660,7 @@ fn run_training(
     let n_held = held.map_or(0, |h| h.rows());
     let is_lbfgs = matches!(cfg.optimizer, Optimizer::Lbfgs { .. });
     let steps_per_epoch = if is_lbfgs { 1 } else { n.div_ceil(cfg.batch_size) };
-    let epochs = cfg.epochs.unwrap_or(if is_lbfgs { 10_000 } else { 10 });
+    let epochs = cfg.epochs.unwrap_or(if is_lbfgs { 10_000 } else { DEFAULT_EPOCHS });
     let total_steps = epochs * steps_per_epoch;
 
     let fingerprint = fingerprint(cfg, n_all, d, classes);
@@ -668,6 +671,13 @@ fn run_training(
     let mut st = match cfg.checkpoint.as_ref().filter(|c| c.resume).and_then(|c| latest_checkpoint(&c.dir)) {
         Some(path) => {
             let st = load_checkpoint(&path, &fingerprint, cfg.optimizer, classes, d)?;
+            if st.epoch > epochs {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the checkpoint is at epoch {}, past the {epochs} epochs asked for",
+                    path.display(),
+                    st.epoch
+                )));
+            }
             on_event(Event::Resumed { path: &path, epoch: st.epoch });
             st
         }
@@ -1137,6 +1147,11 @@ fn fingerprint(cfg: &TrainConfig, n: usize, d: usize, classes: usize) -> String 
         // (Absent for f32, so that checkpoints written before the setting existed resume.)
         Precision::F32 => String::new(),
         p => format!(" precision={p}"),
+    } + &match cfg.optimizer {
+        // The learning-rate schedule spans all epochs: another count is another run.
+        // (L-BFGS's epochs only cap its iterations: a resumed run may ask for more.)
+        Optimizer::Lbfgs { .. } => String::new(),
+        _ => format!(" epochs={}", cfg.epochs.unwrap_or(DEFAULT_EPOCHS)),
     }
 }
 

@@ -356,6 +356,20 @@ fn resuming_a_killed_run_gives_the_same_bits() {
         let other = TrainConfig { precision: softmax_layer::bf16::Precision::Bf16, ..ck.clone() };
         let err = train(data, &other, |_| {}).unwrap_err().to_string();
         assert!(err.contains("different run"), "{err}");
+        // Fewer epochs than the checkpoint has done: refused. More: a mini-batch
+        // optimizer's schedule spans all epochs, so that is another run; L-BFGS's epochs only
+        // cap its iterations, so it goes on.
+        let fewer = TrainConfig { epochs: Some(2), ..ck.clone() };
+        let err = train(data, &fewer, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("different run") || err.contains("past the 2 epochs"), "{opt:?}: {err}");
+        let more = TrainConfig { epochs: Some(8), ..ck.clone() };
+        let resumed = train(data, &more, |_| {});
+        if matches!(opt, Optimizer::Lbfgs { .. }) {
+            assert!(resumed.unwrap().history.len() >= 6);
+        } else {
+            let err = resumed.unwrap_err().to_string();
+            assert!(err.contains("different run") && err.contains("epochs=6"), "{opt:?}: {err}");
+        }
     }
 }
 
