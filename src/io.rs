@@ -598,13 +598,32 @@ fn safetensors_lookup(storage: Storage, path: &Path, name: &str) -> Result<std::
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,
-/// then renamed over `path`.
+/// then renamed over `path`. A new file gets the usual mode (`0666` less the umask); a
+/// replaced one keeps its own.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new().prefix(".softmax-layer-").tempfile_in(dir).map_err(|e| io_err(path, e))?;
+    if !dir.is_dir() {
+        let what = format!("the folder {} does not exist", dir.display());
+        return Err(io_err(path, std::io::Error::new(std::io::ErrorKind::NotFound, what)));
+    }
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".softmax-layer-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    // (The temporary file's own name stays out of the message: only `path` is the user's.)
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| {
+        let bare = e.raw_os_error().map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error);
+        io_err(path, bare)
+    })?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        tmp.as_file().set_permissions(meta.permissions()).map_err(|e| io_err(path, e))?;
+    }
     tmp.write_all(bytes).map_err(|e| io_err(path, e))?;
     tmp.as_file().sync_all().map_err(|e| io_err(path, e))?;
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;

@@ -102,3 +102,28 @@ fn an_optional_tensor_is_none_only_when_absent() {
     std::fs::write(&q, b"not a tensor file at all").unwrap();
     assert!(softmax_layer::io::read_safetensors_optional(&q, "bias").is_err());
 }
+
+/// Outputs: a missing folder is named (not the temporary file's name); a new file gets the
+/// usual mode (0666 less the umask), a replaced one keeps its own.
+#[test]
+fn written_files_have_the_usual_mode_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nodir").join("o.npy");
+    let err = write_npy_f32(&missing, &[1], &[1.0]).unwrap_err().to_string();
+    assert!(err.contains("the folder") && err.contains("nodir") && !err.contains(".softmax-layer-"), "{err}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join("o.npy");
+        write_npy_f32(&p, &[1], &[1.0]).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        // The reference: a file created the plain way, which gets 0666 less the umask.
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let want = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "mode {mode:o}, a plain file's {want:o}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_npy_f32(&p, &[1], &[2.0]).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+    }
+}
