@@ -529,13 +529,23 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
                 }
                 labels.as_mut().expect("label column").push(value as i64);
             } else {
-                features.push(value as f32);
+                let v = value as f32;
+                if v.is_infinite() {
+                    return Err(fmt_err(
+                        path,
+                        format!("line {line}, column '{}': '{f}' is beyond the f32 range (±3.4e38)", header[j]),
+                    ));
+                }
+                features.push(v);
             }
         }
         rows += 1;
     }
     if rows == 0 {
         return Err(fmt_err(path, "the CSV file has a header but no data rows"));
+    }
+    if cols == 0 {
+        return Err(fmt_err(path, "the CSV file has no feature columns, only the label column"));
     }
     Ok(CsvTable { features, rows, cols, feature_names, labels })
 }

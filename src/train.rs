@@ -751,7 +751,19 @@ fn run_training(
                 }
                 // Rows of already checked data.
                 let batch_data = Data { features: MatRef::new(&batch_x, batch.len(), d)?, labels: &batch_y };
-                let loss = loss_and_gradient_in(&st.model, batch_data, cfg.precision, &mut gw, &mut gb)?;
+                let loss = loss_and_gradient_in(&st.model, batch_data, cfg.precision, &mut gw, &mut gb).map_err(
+                    |e| match e {
+                        // Inputs were checked: a non-finite weight now is the optimizer's doing.
+                        Error::NonFinite { tensor, .. } if tensor == "weight" || tensor == "bias" => {
+                            Error::InvalidArgument(format!(
+                                "training diverged at step {}: the model's {tensor} is no longer finite; \
+                                 lower the learning rate (or the weight decay)",
+                                st.step + 1
+                            ))
+                        }
+                        e => e,
+                    },
+                )?;
                 let objective = loss + penalty(&st.model.weight, cfg.l2);
                 let lr = lr_at(cfg, st.step, total_steps);
                 minibatch_step(&mut st, cfg, &mut gw, &mut gb, lr);
@@ -820,11 +832,11 @@ fn check_config(cfg: &TrainConfig, n: usize, classes: usize, has_heldout: bool) 
     if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
         return bad(format!("learning rate must be finite and > 0, got {}", cfg.lr));
     }
-    if !(0.0..1.0).contains(&cfg.warmup) || !(0.0..=1.0).contains(&cfg.min_lr_ratio) {
-        return bad(format!(
-            "warmup must be in [0, 1) and min_lr_ratio in [0, 1], got {} and {}",
-            cfg.warmup, cfg.min_lr_ratio
-        ));
+    if !(0.0..1.0).contains(&cfg.warmup) {
+        return bad(format!("warmup must be a fraction of the steps in [0, 1), got {}", cfg.warmup));
+    }
+    if !(0.0..=1.0).contains(&cfg.min_lr_ratio) {
+        return bad(format!("min_lr_ratio must be in [0, 1], got {}", cfg.min_lr_ratio));
     }
     if !(cfg.l2.is_finite() && cfg.l2 >= 0.0) {
         return bad(format!("l2 must be finite and >= 0, got {}", cfg.l2));
@@ -855,8 +867,9 @@ fn check_config(cfg: &TrainConfig, n: usize, classes: usize, has_heldout: bool) 
                 "AdamW needs betas in [0, 1), eps > 0, weight_decay >= 0; got {beta1}, {beta2}, {eps}, {weight_decay}"
             ))
         }
-        Optimizer::Lbfgs { history, tolerance } if history == 0 || tolerance.is_nan() || tolerance <= 0.0 => {
-            bad(format!("L-BFGS needs history >= 1 and tolerance > 0, got {history} and {tolerance}"))
+        Optimizer::Lbfgs { history: 0, .. } => bad("L-BFGS needs a history of at least 1 pair".into()),
+        Optimizer::Lbfgs { tolerance, .. } if !(tolerance > 0.0) => {
+            bad(format!("the L-BFGS tolerance must be > 0, got {tolerance}"))
         }
         _ => Ok(()),
     }

@@ -212,6 +212,25 @@ fn bad_training_input_exits_2_with_one_line() {
         &["train", "--features", &p("x.npy"), "--labels", &p("yhuge.npy"), "-o", &o],
         &["labels[1] = 99999999999", "--classes"],
     );
+    std::fs::write(p("lonly.csv"), "label\n0\n1\n").unwrap();
+    fails(
+        &["train", "--data", &p("lonly.csv"), "--label-column", "label", "-o", &o],
+        &["lonly.csv", "no feature columns"],
+    );
+    std::fs::write(p("big.csv"), "a,label\n1,0\n1e39,1\n").unwrap();
+    fails(
+        &["train", "--data", &p("big.csv"), "--label-column", "label", "-o", &o],
+        &["big.csv", "line 3, column 'a'", "'1e39' is beyond the f32 range"],
+    );
+    write_npy_f32(Path::new(&p("xr.npy")), &[4, 2], &[1.0, 2.0, -3.0, 4.0, 5.0, -6.0, 7.0, 8.0]).unwrap();
+    fails(
+        &["train", "--features", &p("xr.npy"), "--labels", &p("y4.npy"), "--optimizer", "adamw"]
+            .into_iter()
+            .chain(["--weight-decay", "1e30", "-o", &o])
+            .collect::<Vec<_>>(),
+        &["diverged", "learning rate"],
+    );
+    fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
     std::fs::write(p("twice.csv"), "a,b,a,label\n1,2,3,0\n").unwrap();
     fails(&["train", "--data", &p("twice.csv"), "--label-column", "label", "-o", &o], &["twice.csv", "'a' twice"]);
     assert!(!Path::new(&o).exists(), "nothing written on failure");
