@@ -868,7 +868,7 @@ fn check_config(cfg: &TrainConfig, n: usize, classes: usize, has_heldout: bool) 
             ))
         }
         Optimizer::Lbfgs { history: 0, .. } => bad("L-BFGS needs a history of at least 1 pair".into()),
-        Optimizer::Lbfgs { tolerance, .. } if !(tolerance > 0.0) => {
+        Optimizer::Lbfgs { tolerance, .. } if tolerance.is_nan() || tolerance <= 0.0 => {
             bad(format!("the L-BFGS tolerance must be > 0, got {tolerance}"))
         }
         _ => Ok(()),
