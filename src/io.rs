@@ -223,10 +223,21 @@ impl Tensor {
         let sz = self.dtype.size();
         let mut out: Vec<f32> = Vec::with_capacity(self.numel());
         let be = self.big_endian;
-        for c in raw.chunks_exact(sz) {
+        for (i, c) in raw.chunks_exact(sz).enumerate() {
             let v = match self.dtype {
                 DType::F32 => f32::from_bits(word32(c, be)),
-                DType::F64 => f64::from_bits(word64(c, be)) as f32,
+                DType::F64 => {
+                    let x = f64::from_bits(word64(c, be));
+                    let v = x as f32;
+                    if x.is_finite() && v.is_infinite() {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: {} is {x:e}, beyond the f32 range (±3.4e38) these values are computed in",
+                            self.source,
+                            self.storage_index(i)
+                        )));
+                    }
+                    v
+                }
                 DType::F16 => f16::from_bits(word16(c, be)).to_f32(),
                 DType::BF16 => bf16::from_bits(word16(c, be)).to_f32(),
                 DType::I32 | DType::I64 => unreachable!(),
@@ -266,6 +277,20 @@ impl Tensor {
     }
 
     /// Reorders Fortran-ordered elements into C order.
+    /// The index of the `i`-th stored element, as `[i0, i1, …]`.
+    fn storage_index(&self, mut i: usize) -> String {
+        let mut idx = vec![0usize; self.shape.len()];
+        // The last axis varies fastest in C order, the first in Fortran order.
+        let axes: Vec<usize> =
+            if self.fortran { (0..self.shape.len()).collect() } else { (0..self.shape.len()).rev().collect() };
+        for k in axes {
+            let s = self.shape[k].max(1);
+            idx[k] = i % s;
+            i /= s;
+        }
+        format!("[{}]", idx.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
+    }
+
     fn c_order<T: Copy>(&self, v: Vec<T>) -> Vec<T> {
         if !self.fortran || self.shape.len() < 2 {
             return v;

@@ -226,8 +226,11 @@ fn sample_with(
         match stage {
             Stage::Temperature if cfg.temperature == 0.0 => greedy = true,
             Stage::Temperature => {
-                let t = cfg.temperature;
-                z.iter_mut().for_each(|x| *x /= t);
+                // Shifted by the largest kept logit first (the later stages see only the
+                // distribution and the order, which the shift keeps), so that a tiny T
+                // cannot overflow z / T: the largest becomes 0, the others -(gap / T).
+                let (t, m) = (cfg.temperature, kept_max(z, kept));
+                z.iter_mut().for_each(|x| *x = (*x - m) / t);
                 p_fresh = false;
             }
             Stage::TopK => {

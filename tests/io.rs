@@ -127,3 +127,32 @@ fn written_files_have_the_usual_mode_and_clear_errors() {
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
     }
 }
+
+/// `f64` inputs are computed in `f32`: a finite value beyond its range is an error naming
+/// the element (C or Fortran order alike), not a silent infinity.
+#[test]
+fn f64_values_beyond_f32_are_named() {
+    let npy = |fortran: bool, data: &[f64]| -> Vec<u8> {
+        let order = if fortran { "True" } else { "False" };
+        let mut h = format!("{{'descr': '<f8', 'fortran_order': {order}, 'shape': (2, 3), }}");
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        data.iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+        b
+    };
+    let c = [1.0, 2.0, 3.0, 4.0, 5.0, 1e300];
+    let err = npy_from_bytes(npy(false, &c), Path::new("c.npy")).unwrap().to_f32().unwrap_err().to_string();
+    assert!(err.contains("c.npy: [1, 2] is 1e300, beyond the f32 range"), "{err}");
+    // The same matrix stored column by column.
+    let f = [1.0, 4.0, 2.0, 5.0, 3.0, 1e300];
+    let err = npy_from_bytes(npy(true, &f), Path::new("f.npy")).unwrap().to_f32().unwrap_err().to_string();
+    assert!(err.contains("f.npy: [1, 2] is 1e300"), "{err}");
+    // In range (rounded to f32): fine.
+    let ok = npy_from_bytes(npy(false, &[1.0, 2.0, 3.0, 4.0, 5.0, 3e38]), Path::new("ok.npy")).unwrap();
+    assert_eq!(ok.to_f32().unwrap()[5], 3e38f32);
+}

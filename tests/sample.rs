@@ -47,6 +47,13 @@ fn temperature_zero_is_greedy_with_ties_to_the_lowest_id() {
         let d = sample_row(&z, &[], &SamplerConfig { temperature: 1e-3, seed, ..Default::default() }, 1).unwrap();
         assert_eq!(d[0].token, 1);
     }
+    // Temperatures so small that z / T would overflow f32 (even 1/T for the last): still
+    // the argmax, with all the mass.
+    let z = [10.0f32, 300.0, 0.5, 299.9, -2.0];
+    for t in [1e-30f32, 1e-38, 1e-40, f32::from_bits(1)] {
+        let d = sample_row(&z, &[], &SamplerConfig { temperature: t, ..Default::default() }, 3).unwrap();
+        assert!(d.iter().all(|d| d.token == 1 && d.logprob == 0.0), "T = {t:e}: {d:?}");
+    }
 }
 
 #[test]
