@@ -172,6 +172,8 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     // A mask of the wrong shape.
     write_npy_f32(&d.join("mask4.npy"), &[4], &[0.0; 4]).unwrap();
     fails(&["softmax", "--logits", &good, "--mask", &p(d, "mask4.npy"), "-o", &out], &["mask4.npy", "does not fit"]);
+    // The layer's options have no meaning for given logits.
+    fails(&["logsumexp", "--logits", &good, "--precision", "bf16", "-o", &out], &["--logits", "--precision"]);
     // Bad temperatures.
     for t in ["0", "-1", "inf", "NaN"] {
         fails(&["softmax", "--logits", &good, "--temperature", t, "-o", &out], &["temperature must be finite and > 0"]);

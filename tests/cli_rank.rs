@@ -133,6 +133,10 @@ fn score_command_writes_one_json_line_per_sequence() {
     );
     write_npy_i64(Path::new(&p("ybad.npy")), &[4], &[0, 1, 7, 1]).unwrap();
     fails(&strs(&score("ybad.npy", &[], "x.jsonl")), &["ybad.npy", "targets[2] = 7 is out of range [0, 3)"]);
+    // A mask is 0/1; alternatives are at most V.
+    write_npy_i64(Path::new(&p("m2.npy")), &[4], &[1, 2, 0, 1]).unwrap();
+    fails(&strs(&score("y.npy", &["--mask", &p("m2.npy")], "x.jsonl")), &["m2.npy", "mask[1] = 2 is not 0 or 1"]);
+    fails(&strs(&score("y.npy", &["--top-logprobs", "4"], "x.jsonl")), &["--top-logprobs 4", "V = 3"]);
     assert!(!Path::new(&p("x.jsonl")).exists());
 }
 

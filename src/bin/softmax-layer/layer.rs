@@ -384,7 +384,8 @@ fn counts(spec: &str, what: &str) -> Result<Vec<usize>, Failure> {
 }
 
 fn json_num(x: f64) -> String {
-    if x.is_finite() { format!("{x}") } else { "null".into() }
+    // (`+ 0.0` turns -0 into 0: a sum of no log-probabilities prints as 0, not -0.)
+    if x.is_finite() { format!("{}", x + 0.0) } else { "null".into() }
 }
 
 pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
@@ -393,11 +394,22 @@ pub fn score(a: &ScoreArgs) -> Result<(), Failure> {
     let (n, d) = (inp.n, inp.d);
     let (y, y_source) = load_targets(&a.targets, &inp, false)?;
     let lengths = a.lengths.as_deref().map(|s| counts(s, "lengths")).transpose()?;
-    let mask = a
-        .mask
-        .as_deref()
-        .map(|s| counts(s, "mask").map(|m| m.into_iter().map(|x| x != 0).collect::<Vec<bool>>()))
-        .transpose()?;
+    let mask = match a.mask.as_deref() {
+        Some(s) => {
+            let m = counts(s, "mask")?;
+            if let Some(i) = m.iter().position(|&x| x > 1) {
+                return Err(Failure(format!("{s}: mask[{i}] = {} is not 0 or 1", m[i])));
+            }
+            Some(m.into_iter().map(|x| x == 1).collect::<Vec<bool>>())
+        }
+        None => None,
+    };
+    if a.top_logprobs > inp.v {
+        return Err(Failure(format!(
+            "--top-logprobs {} is more than the V = {} classes of weight {}",
+            a.top_logprobs, inp.v, inp.weight.source
+        )));
+    }
     let bytes = a.bytes.as_deref().map(|s| counts(s, "bytes")).transpose()?;
     let chars = a.chars.as_deref().map(|s| counts(s, "chars")).transpose()?;
     let h = inp.hidden.to_f32()?;

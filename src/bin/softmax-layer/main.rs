@@ -120,10 +120,10 @@ struct LogsumexpArgs {
     #[arg(long, value_name = "B", requires = "hidden")]
     bias: Option<String>,
     /// `vd` or `dv` (with --hidden).
-    #[arg(long, value_name = "vd|dv", default_value = "vd")]
+    #[arg(long, value_name = "vd|dv", default_value = "vd", conflicts_with = "logits")]
     weight_layout: String,
     /// Product precision (with --hidden): f32, bf16 or bf16x3.
-    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
+    #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32", conflicts_with = "logits")]
     precision: String,
     /// Additive mask (with --logits).
     #[arg(long, value_name = "M", conflicts_with = "hidden")]
