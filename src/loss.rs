@@ -14,7 +14,9 @@
 //! `None` returns `loss_i + zl_i` per row (0 for ignored rows).
 //!
 //! **Difference from PyTorch:** when every row is ignored, `Mean` gives a loss of 0 and
-//! zero gradients; PyTorch gives NaN.
+//! zero gradients; PyTorch gives NaN. Likewise when the class weights of the kept rows'
+//! targets sum to 0: the cross-entropy part is then 0 with no gradient (PyTorch: NaN), and
+//! a z-loss, whose mean is over the kept rows, remains with its gradient.
 //!
 //! # The gradients
 //!
@@ -547,8 +549,11 @@ fn run(
                 if y[i] == o.ignore_index {
                     return None;
                 }
-                let (c, cz) = (up[r0 + i] as f64 / s.denom, up[r0 + i] as f64 / s.denom_z);
-                if s.denom == 0.0 {
+                // A zero denominator (under mean: no weight on any kept row's target) drops
+                // that part of the loss, and so of the gradient; the z-loss keeps its own.
+                let part = |den: f64| if den == 0.0 { 0.0 } else { up[r0 + i] as f64 / den };
+                let (c, cz) = (part(s.denom), part(s.denom_z));
+                if c == 0.0 && cz * s.z_loss == 0.0 {
                     return None;
                 }
                 let wy = s.weights.map_or(1.0, |w| w[y[i] as usize] as f64);

@@ -135,21 +135,39 @@ fn gradients_match_finite_differences() {
     let (h, w, b, mut y) = small_layer(&mut rng, n, d, v);
     y[3] = -100;
     let cw: Vec<f32> = (0..v).map(|j| 0.5 + j as f32 / 9.0).collect();
-    let opts = CrossEntropyOptions {
-        label_smoothing: 0.1,
-        class_weights: Some(&cw),
-        z_loss: 0.05,
-        softcap: Some(3.0),
-        temperature: 0.9,
-        ..Default::default()
-    };
+    // Class weights that sum to 0 over the targets: the cross-entropy part is 0 under mean
+    // (not NaN), and the z-loss alone remains, with its gradient.
+    let zero = vec![0f32; v];
+    for cw in [&cw, &zero] {
+        let opts = CrossEntropyOptions {
+            label_smoothing: 0.1,
+            class_weights: Some(cw),
+            z_loss: 0.05,
+            softcap: Some(3.0),
+            temperature: 0.9,
+            ..Default::default()
+        };
+        check_finite_differences(&h, &w, &b, &y, (n, d, v), &opts);
+    }
+}
+
+fn check_finite_differences(
+    h: &[f32],
+    w: &[f32],
+    b: &[f32],
+    y: &[i64],
+    (n, d, v): (usize, usize, usize),
+    opts: &CrossEntropyOptions,
+) {
+    let (h, w, b) = (h.to_vec(), w.to_vec(), b.to_vec());
     let loss = |h: &[f32], w: &[f32], b: &[f32]| {
         let layer = SoftmaxLayer::new(w, WeightLayout::VocabMajor, v, d, Some(b)).unwrap();
-        cross_entropy(&layer, MatRef::new(h, n, d).unwrap(), &y, &opts).unwrap().loss[0] as f64
+        cross_entropy(&layer, MatRef::new(h, n, d).unwrap(), y, opts).unwrap().loss[0] as f64
     };
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
     let (_, g) =
-        cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &opts, Upstream::Scalar(1.0)).unwrap();
+        cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), y, opts, Upstream::Scalar(1.0)).unwrap();
+    assert!(g.hidden.iter().any(|&x| x != 0.0), "a gradient to check");
     let step = 1e-2f32;
     let fd = |f: &dyn Fn(f32) -> f64| (f(step) - f(-step)) / (2.0 * step as f64);
     for i in 0..h.len() {
