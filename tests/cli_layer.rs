@@ -262,6 +262,18 @@ fn precision_flag_runs_bf16_and_bf16x3_and_keeps_bf16_weights_as_bf16() {
     use softmax_layer::bf16::{from_bf16, to_bf16};
     let dir = tempfile::tempdir().unwrap();
     let o = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // A mistyped forced path is an error, not silently the default; `portable` runs anywhere.
+    for (value, code) in [("amxx", 2), ("portable", 0)] {
+        let out = common::bin()
+            .env("SOFTMAX_LAYER_BF16_PATH", value)
+            .args(["argmax", "--hidden", &fx("hidden"), "--weight", &fx("weight"), "--precision", "bf16"])
+            .args(["-o", &o("path.npy")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{value}: {err}");
+        assert!(code == 0 || err.contains("'amxx'"), "{err}");
+    }
     let w = load(&fx("weight"));
     let wf = w.to_f32().unwrap();
     // The same weight stored as bf16, and as f32 holding the bf16-rounded values.

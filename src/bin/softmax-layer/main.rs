@@ -228,6 +228,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The library ignores an unknown or unavailable forced bf16 path; here that is a typo to
+    // report, not a setting to drop silently.
+    if let Ok(v) = std::env::var(softmax_layer::bf16::PATH_ENV) {
+        let msg = match softmax_layer::bf16::BfPath::parse(&v) {
+            None => Some(format!("must be amx, avx512bf16 or portable, got '{v}'")),
+            Some(p) => p.check().err().map(|e| e.to_string()),
+        };
+        if let Some(msg) = msg {
+            eprintln!("softmax-layer: error: {}: {msg}", softmax_layer::bf16::PATH_ENV);
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Softmax(a) => rows::run(rows::Op::Softmax, &a),
         Command::LogSoftmax(a) => rows::run(rows::Op::LogSoftmax, &a),
