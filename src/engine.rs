@@ -71,6 +71,19 @@ pub struct Tiling {
     pub segment: usize,
 }
 
+impl Tiling {
+    /// The same tiling made usable: at least one row per block and one class per tile, and
+    /// a segment that is a whole number of tiles (rounded up, saturating). The engine and
+    /// [`crate::SoftmaxLayer::with_tiling`] apply it, so any values are safe.
+    pub fn normalized(self) -> Tiling {
+        let col_tile = self.col_tile.max(1);
+        let tiles = self.segment.max(col_tile).div_ceil(col_tile);
+        let segment = tiles.saturating_mul(col_tile);
+        let segment = if segment % col_tile == 0 { segment } else { segment - segment % col_tile };
+        Tiling { row_block: self.row_block.max(1), col_tile, segment }
+    }
+}
+
 impl Default for Tiling {
     fn default() -> Self {
         Tiling { row_block: 256, col_tile: 512, segment: 8192 }
@@ -78,7 +91,8 @@ impl Default for Tiling {
 }
 
 fn ranges(len: usize, step: usize) -> Vec<Range<usize>> {
-    (0..len).step_by(step.max(1)).map(|s| s..(s + step).min(len)).collect()
+    let step = step.max(1);
+    (0..len).step_by(step).map(|s| s..s.saturating_add(step).min(len)).collect()
 }
 
 /// Runs `consumer` over all of `hidden · Wᵀ + b` and returns one state per block of rows,
@@ -91,7 +105,8 @@ pub fn run<S: LogitSource + ?Sized, C: Consumer>(
 ) -> Vec<(Range<usize>, C::State)> {
     let (n, v) = (hidden.rows(), source.vocab());
     assert_eq!(hidden.cols(), source.hidden_dim(), "engine: hidden size mismatch");
-    let segment = tiling.segment.max(tiling.col_tile).div_ceil(tiling.col_tile) * tiling.col_tile;
+    let tiling = tiling.normalized();
+    let segment = tiling.segment;
     let row_blocks = ranges(n, tiling.row_block);
     let segments = ranges(v, segment);
     // One segment of one row block, with the rows prepared by the caller (once per task)

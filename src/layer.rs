@@ -263,9 +263,10 @@ impl<'a> SoftmaxLayer<'a> {
         self.bias.as_deref()
     }
     /// Overrides the engine's tiling (for tuning; results depend on it only through the
-    /// summation order of the dot products).
+    /// summation order of the dot products). Zeros and a segment that is not a whole number
+    /// of tiles are made usable ([`Tiling::normalized`]).
     pub fn with_tiling(mut self, tiling: Tiling) -> Self {
-        self.tiling = tiling;
+        self.tiling = tiling.normalized();
         self.grad_packed = Arc::default();
         self
     }

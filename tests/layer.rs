@@ -3,6 +3,7 @@
 mod common;
 use common::{Rng, assert_log_close, assert_prob_close, reference, transpose};
 use softmax_layer::engine::Tiling;
+use softmax_layer::loss::{CrossEntropyOptions, cross_entropy};
 use softmax_layer::{Error, LayerOptions, MatMut, MatRef, SoftmaxLayer, WeightLayout};
 
 struct Case {
@@ -380,5 +381,42 @@ fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
             // The case is a real test: most targets are neither first nor last.
             assert!(spread > n / 2, "{spread} of {n} rows have a rank strictly inside");
         }
+    }
+}
+
+/// Any tiling is usable: zeros, a segment that is not a whole number of tiles, and huge
+/// values give the default tiling's results (up to the dot products' summation order),
+/// for the forward operations and the loss.
+#[test]
+fn degenerate_tilings_are_made_usable() {
+    let mut rng = Rng(404);
+    let (n, d, v) = (37usize, 12usize, 300usize);
+    let (h, w, b) = (rng.vec(n * d, -1.0, 1.0), rng.vec(v * d, -0.5, 0.5), rng.vec(v, -0.5, 0.5));
+    let y: Vec<i64> = (0..n).map(|i| (i * 31 % v) as i64).collect();
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let base = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let opts = LayerOptions::default();
+    let mut want = vec![0f32; n];
+    base.logsumexp(hv, &mut want, &opts).unwrap();
+    let want_top = base.top_k(hv, 3, &opts).unwrap();
+    let want_loss = cross_entropy(&base, hv, &y, &CrossEntropyOptions::default()).unwrap().loss[0];
+    for t in [
+        Tiling { row_block: 0, col_tile: 0, segment: 0 },
+        Tiling { row_block: 1, col_tile: 1, segment: 1 },
+        Tiling { row_block: 5, col_tile: 7, segment: 10 },
+        Tiling { row_block: usize::MAX, col_tile: usize::MAX, segment: usize::MAX },
+        Tiling { row_block: 3, col_tile: 64, segment: usize::MAX },
+    ] {
+        let layer = base.clone().with_tiling(t);
+        let u = layer.tiling();
+        assert!(u.row_block >= 1 && u.col_tile >= 1 && u.segment % u.col_tile == 0, "{t:?} -> {u:?}");
+        let mut got = vec![f32::NAN; n];
+        layer.logsumexp(hv, &mut got, &opts).unwrap();
+        for (g, e) in got.iter().zip(&want) {
+            assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "{t:?}: {g} vs {e}");
+        }
+        assert_eq!(layer.top_k(hv, 3, &opts).unwrap().indices, want_top.indices, "{t:?}");
+        let loss = cross_entropy(&layer, hv, &y, &CrossEntropyOptions::default()).unwrap().loss[0];
+        assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{t:?}: loss {loss} vs {want_loss}");
     }
 }
