@@ -37,7 +37,7 @@ impl fmt::Display for Error {
         match self {
             Error::InvalidTemperature(t) if *t > 0.0 && t.is_finite() => write!(
                 f,
-                "temperature {t:e} is too small: 1/T overflows f32 (the least allowed is {:e})",
+                "temperature {t:e} is too small: 2/T overflows f32 (the least allowed is {:e})",
                 crate::rows::MIN_TEMPERATURE
             ),
             Error::InvalidTemperature(t) => write!(f, "temperature must be finite and > 0, got {t}"),

@@ -684,16 +684,24 @@ fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// That `shape` holds exactly `len` elements (its product checked, not wrapped).
+fn check_npy_shape(path: &Path, shape: &[usize], len: usize) -> Result<()> {
+    if shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) != Some(len) {
+        return Err(Error::Shape(format!("{}: shape {shape:?} does not hold the {len} values given", path.display())));
+    }
+    Ok(())
+}
+
 /// Writes an `f32` `.npy` file atomically.
 pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    assert_eq!(shape.iter().product::<usize>(), data.len(), "write_npy_f32: shape and data disagree");
+    check_npy_shape(path, shape, data.len())?;
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_atomic(path, &npy_bytes("<f4", shape, &bytes))
 }
 
 /// Writes an `i64` `.npy` file atomically.
 pub fn write_npy_i64(path: &Path, shape: &[usize], data: &[i64]) -> Result<()> {
-    assert_eq!(shape.iter().product::<usize>(), data.len(), "write_npy_i64: shape and data disagree");
+    check_npy_shape(path, shape, data.len())?;
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_atomic(path, &npy_bytes("<i8", shape, &bytes))
 }
@@ -719,6 +727,12 @@ pub fn write_safetensors_with_metadata(
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
     use safetensors::tensor::TensorView;
+    for (i, (name, _, _)) in tensors.iter().enumerate() {
+        if *name == "__metadata__" || tensors[..i].iter().any(|(n, _, _)| n == name) {
+            let why = if *name == "__metadata__" { "is reserved for the header's metadata" } else { "appears twice" };
+            return Err(fmt_err(path, format!("tensor name '{name}' {why}")));
+        }
+    }
     let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, shape, t)| match t {

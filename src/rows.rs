@@ -116,15 +116,16 @@ impl<'a> RowOptions<'a> {
     }
 }
 
-/// Checks that a temperature is finite and `> 0`, and that `1 / T` is finite too (`T` at
-/// least [`MIN_TEMPERATURE`], about 2.9e-39: the kernels multiply by `1 / T`).
+/// Checks that a temperature is finite and `> 0`, and that `2 / T` is finite too (`T` at
+/// least [`MIN_TEMPERATURE`], about 5.9e-39: the kernels multiply by `1 / T`, and
+/// log-softmax by `2 / T`).
 pub fn check_temperature(t: f32) -> Result<()> {
-    if t.is_finite() && t > 0.0 && (1.0 / t).is_finite() { Ok(()) } else { Err(Error::InvalidTemperature(t)) }
+    if t.is_finite() && t > 0.0 && (2.0 / t).is_finite() { Ok(()) } else { Err(Error::InvalidTemperature(t)) }
 }
 
-/// The smallest temperature accepted: the least `f32` whose reciprocal is finite (a
-/// subnormal; the test `min_temperature_is_the_least_with_a_finite_reciprocal` checks it).
-pub const MIN_TEMPERATURE: f32 = 2.938_737e-39;
+/// The smallest temperature accepted: the least `f32` whose double reciprocal `2 / T` is
+/// finite (a subnormal; the test `min_temperature_is_the_least_accepted` checks it).
+pub const MIN_TEMPERATURE: f32 = 5.877_473e-39;
 
 /// The resolved form of [`RowOptions`] for an `[n, V]` input.
 struct Plan<'a> {

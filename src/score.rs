@@ -104,6 +104,8 @@ pub fn score_sequences(
 ) -> Result<Vec<SequenceScore>> {
     let n = hidden.rows();
     let v = layer.vocab();
+    // The width and the temperature up front, even when nothing turns out to be scored.
+    layer.check_shape(hidden, opts.temperature)?;
     if targets.len() != n {
         return Err(Error::Shape(format!("targets have length {}, expected n = {n}", targets.len())));
     }
@@ -112,7 +114,8 @@ pub fn score_sequences(
     }
     let whole = [n];
     let lengths = opts.lengths.unwrap_or(&whole);
-    let total: usize = lengths.iter().sum();
+    // (Checked: lengths that wrap around to n would pass a plain sum.)
+    let total = lengths.iter().try_fold(0usize, |s, &l| s.checked_add(l)).unwrap_or(usize::MAX);
     if total != n {
         return Err(Error::Shape(format!("lengths sum to {total}, but hidden has n = {n} rows")));
     }

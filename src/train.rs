@@ -75,9 +75,19 @@ impl Model {
     /// [`Model::predict_proba`] with the product in `precision`.
     pub fn predict_proba_in(&self, features: MatRef<'_>, precision: Precision) -> Result<Vec<f32>> {
         check_dim(features, self.dim)?;
-        let mut out = vec![0f32; features.rows() * self.classes];
+        // The model first (its shapes and values), then the output.
+        let layer = self.layer_in(precision)?;
+        let len = features
+            .rows()
+            .checked_mul(self.classes)
+            .ok_or_else(|| Error::Shape(format!("the output [{}, {}] is too large", features.rows(), self.classes)))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(len).map_err(|_| {
+            Error::InvalidArgument(format!("cannot allocate the output [{}, {}]", features.rows(), self.classes))
+        })?;
+        out.resize(len, 0f32);
         let view = crate::MatMut::new(&mut out, features.rows(), self.classes)?;
-        self.layer_in(precision)?.probs(features, view, &LayerOptions::default())?;
+        layer.probs(features, view, &LayerOptions::default())?;
         Ok(out)
     }
 

@@ -401,13 +401,14 @@ fn bad_temperature_and_shapes_are_errors() {
     assert!(MatRef::new(&x, 2, 2).is_err());
 }
 
-/// Temperatures down to the least with a finite reciprocal work (the limit of a sharpening
-/// softmax: the largest logit gets everything); below it, a clear error, never a panic.
+/// Temperatures down to the least accepted work (the limit of a sharpening softmax: the
+/// largest logit gets everything, and log-softmax gives it 0, the others -gap/T or -inf);
+/// below it, a clear error, never a panic or a NaN.
 #[test]
-fn min_temperature_is_the_least_with_a_finite_reciprocal() {
+fn min_temperature_is_the_least_accepted() {
     let t = softmax_layer::MIN_TEMPERATURE;
     let below = f32::from_bits(t.to_bits() - 1);
-    assert!((1.0 / t).is_finite() && (1.0 / below).is_infinite());
+    assert!((2.0 / t).is_finite() && (2.0 / below).is_infinite());
     let x = [1.0f32, 3.0, 2.0, 3.0 - 2.4e-7, -5.0];
     for bad in [below, 1e-40, f32::from_bits(1)] {
         let err = logsumexp(MatRef::from_row(&x), &mut [0.0], &RowOptions::with_temperature(bad)).unwrap_err();
@@ -418,6 +419,18 @@ fn min_temperature_is_the_least_with_a_finite_reciprocal() {
         let opts = RowOptions::with_temperature(t);
         let p = softmax_vec(&x, &opts);
         assert_eq!(p, vec![0.0, 1.0, 0.0, 0.0, 0.0], "T = {t:e}");
+        let mut lp = vec![0f32; x.len()];
+        log_softmax(MatRef::from_row(&x), MatMut::from_row(&mut lp), &opts).unwrap();
+        assert_eq!(lp[1], 0.0, "T = {t:e}: {lp:?}");
+        for j in [0, 2, 3, 4] {
+            // (x_j − 3) / T in f64, rounded to f32 (-inf where it overflows).
+            let want = ((x[j] as f64 - 3.0) / t as f64) as f32;
+            assert!(
+                lp[j] == want || (lp[j] - want).abs() <= 1e-6 * want.abs(),
+                "T = {t:e}, [{j}]: {} vs {want}",
+                lp[j]
+            );
+        }
         let mut lse = [0f32];
         logsumexp(MatRef::from_row(&x), &mut lse, &opts).unwrap();
         // logsumexp(x / T) = max / T + log(1 + Σ exp((x_j − max) / T)) = 3 / T in f32.

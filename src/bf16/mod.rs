@@ -315,8 +315,8 @@ impl PackedBf16Weights {
         hidden: usize,
         precision: Precision,
     ) -> Result<Self> {
-        let mut p = Self::alloc(vocab, hidden, precision)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
+        let mut p = Self::alloc(vocab, hidden, precision)?;
         let (lo_offset, parts) = (p.d_pad * 16, precision.parts());
         p.pack_weight(weight, layout, |blk, at, src| store_chunk(blk, at, lo_offset, parts, src));
         Ok(p)
@@ -325,8 +325,8 @@ impl PackedBf16Weights {
     /// Packs a weight that is already bf16 (bits, `[V, d]` or `[d, V]` by `layout`) for
     /// [`Precision::Bf16`], unchanged.
     pub fn from_bf16_bits(weight: &[u16], layout: WeightLayout, vocab: usize, hidden: usize) -> Result<Self> {
-        let mut p = Self::alloc(vocab, hidden, Precision::Bf16)?;
         check_weight_len(weight.len(), layout, vocab, hidden)?;
+        let mut p = Self::alloc(vocab, hidden, Precision::Bf16)?;
         p.pack_weight(weight, layout, |blk, at, src| blk[at..at + src.len()].copy_from_slice(src));
         Ok(p)
     }

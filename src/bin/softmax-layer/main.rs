@@ -162,7 +162,7 @@ fn logsumexp(a: LogsumexpArgs) -> Result<(), Failure> {
     }
 }
 
-/// `--temperature`: finite and > 0, with a reciprocal finite in `f32`; the error quotes the
+/// `--temperature`: finite and > 0, with `2 / T` finite in `f32`; the error quotes the
 /// value as typed (`1e-46` is not "0", although it rounds to 0 in `f32`).
 pub fn temperature_arg(s: &str) -> Result<f32, String> {
     let t: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
@@ -175,7 +175,7 @@ pub fn temperature_arg(s: &str) -> Result<f32, String> {
     }
     softmax_layer::check_temperature(t32).map_err(|_| {
         format!(
-            "the temperature {s} is too small: 1/T overflows f32 (the least allowed is {:e})",
+            "the temperature {s} is too small: 2/T overflows f32 (the least allowed is {:e})",
             softmax_layer::MIN_TEMPERATURE
         )
     })?;
