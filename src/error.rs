@@ -49,7 +49,11 @@ impl fmt::Display for Error {
                 write!(f, "targets[{index}] = {value} is out of range [0, {vocab})")
             }
             Error::LogitsOverflow { row } => {
-                write!(f, "the logits of row {row} overflow f32 (|H·W + b| > 3.4e38); rescale the inputs")
+                write!(
+                    f,
+                    "the logits of row {row} overflow f32 (|H·W + b| / T, or their logsumexp, beyond 3.4e38); \
+                     rescale the inputs or raise the temperature"
+                )
             }
             Error::Shape(what) => write!(f, "shape mismatch: {what}"),
             Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),

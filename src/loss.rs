@@ -261,9 +261,11 @@ fn check(
         return Err(Error::InvalidArgument(format!("z_loss must be finite and >= 0, got {}", o.z_loss)));
     }
     if let Some(s) = o.softcap
-        && !(s.is_finite() && s > 0.0)
+        && !(s.is_finite() && s > 0.0 && (1.0 / s).is_finite())
     {
-        return Err(Error::InvalidArgument(format!("softcap must be finite and > 0, got {s}")));
+        return Err(Error::InvalidArgument(format!(
+            "softcap must be finite and > 0 (and at least 2.9e-39, so that 1/softcap is finite), got {s}"
+        )));
     }
     Ok(())
 }
@@ -528,6 +530,11 @@ fn run(
                 return Err(Error::LogitsOverflow { row: r0 + i });
             }
             let l = acc.stats.logsumexp(s.t);
+            // An lse beyond f32 (finite logits divided by a small T) would make the loss and
+            // the gradients inf and NaN.
+            if !(l as f32).is_finite() {
+                return Err(Error::LogitsOverflow { row: r0 + i });
+            }
             lse[r0 + i] = l as f32;
             if y[i] != o.ignore_index {
                 let t = s.t as f64;

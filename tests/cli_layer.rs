@@ -242,7 +242,7 @@ fn loss_bad_inputs_exit_2() {
     };
     with(&["--label-smoothing", "1.5"], &["label_smoothing must be in [0, 1], got 1.5"]);
     with(&["--reduction", "avg"], &["--reduction", "'avg'"]);
-    with(&["--softcap", "-2"], &["softcap must be finite and > 0, got -2"]);
+    with(&["--softcap", "-2"], &["softcap must be finite and > 0", "got -2"]);
     let cw = dir.path().join("cw.npy");
     let mut w = vec![1.0f32; 37];
     w[3] = -1.0;

@@ -288,6 +288,16 @@ fn bad_options_are_errors() {
             .contains("length 4, expected V = 5")
     );
     assert!(e(CrossEntropyOptions { softcap: Some(0.0), ..Default::default() }, &y).contains("softcap"));
+    // A softcap whose reciprocal overflows, and finite logits whose lse overflows at T = 0.9:
+    // errors, not an inf loss with NaN gradients.
+    assert!(e(CrossEntropyOptions { softcap: Some(1e-45), ..Default::default() }, &y).contains("1/softcap"));
+    let eye = [1.0f32, 0.0, 0.0, 1.0];
+    let id = SoftmaxLayer::new(&eye[..], WeightLayout::VocabMajor, 2, 2, None::<&[f32]>).unwrap();
+    let big = [3.3e38f32, 0.0];
+    let hot = CrossEntropyOptions { temperature: 0.9, ..Default::default() };
+    let err =
+        cross_entropy_with_grad(&id, MatRef::new(&big, 1, 2).unwrap(), &[0], &hot, Upstream::Scalar(1.0)).unwrap_err();
+    assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
     assert!(e(CrossEntropyOptions { temperature: -1.0, ..Default::default() }, &y).contains("temperature"));
     let mut bad = h.clone();
     bad[3] = f32::INFINITY;
