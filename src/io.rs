@@ -251,9 +251,10 @@ impl Tensor {
     pub fn to_f64(&self) -> Result<Vec<f64>> {
         let be = self.big_endian;
         let raw = self.raw();
+        // (The integer and narrower float conversions return C order already.)
         let v: Vec<f64> = match self.dtype {
             DType::F64 => raw.chunks_exact(8).map(|c| f64::from_bits(word64(c, be))).collect(),
-            DType::I32 | DType::I64 => self.to_i64()?.into_iter().map(|x| x as f64).collect(),
+            DType::I32 | DType::I64 => return Ok(self.to_i64()?.into_iter().map(|x| x as f64).collect()),
             _ => return Ok(self.to_f32()?.iter().map(|&x| x as f64).collect()),
         };
         Ok(self.c_order(v))
@@ -543,6 +544,13 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
                 fmt_err(path, format!("line {line}, column '{}': '{f}' is not a finite number", header[j]))
             })?;
             if Some(j) == label_idx {
+                // Whole numbers exactly as written (an f64 would round those above 2^53).
+                if let Ok(id) = f.parse::<i64>()
+                    && id >= 0
+                {
+                    labels.as_mut().expect("label column").push(id);
+                    continue;
+                }
                 if value < 0.0 || value.fract() != 0.0 || value > i64::MAX as f64 {
                     return Err(fmt_err(
                         path,

@@ -164,6 +164,37 @@ pub struct Fit {
     pub objective: f64,
 }
 
+/// Hunter's (2004) condition for the maximum-likelihood fit to exist: the graph with an edge
+/// `i → j` whenever a ranking puts `i` above `j` is strongly connected (consecutive items
+/// suffice: the rest follow by transitivity). Returns the first item that item 0 cannot
+/// reach (`true`: 0 is never above it by any chain) or that cannot reach 0 (`false`).
+fn disconnected(rankings: &[Vec<usize>], m: usize) -> Option<(usize, bool)> {
+    let (mut down, mut up) = (vec![Vec::new(); m], vec![Vec::new(); m]);
+    for r in rankings {
+        for w in r.windows(2) {
+            down[w[0]].push(w[1]);
+            up[w[1]].push(w[0]);
+        }
+    }
+    let reach = |adj: &[Vec<usize>]| {
+        let mut seen = vec![false; m];
+        let mut stack = vec![0];
+        seen[0] = true;
+        while let Some(i) = stack.pop() {
+            for &j in &adj[i] {
+                if !std::mem::replace(&mut seen[j], true) {
+                    stack.push(j);
+                }
+            }
+        }
+        seen
+    };
+    if let Some(j) = reach(&down).iter().position(|&s| !s) {
+        return Some((j, false));
+    }
+    reach(&up).iter().position(|&s| !s).map(|j| (j, true))
+}
+
 fn not_identified(j: usize) -> Error {
     Error::InvalidArgument(format!(
         "item {j} appears in no ranking, so its strength is not identified; add an L2 prior (--l2)"
@@ -225,6 +256,16 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     {
         return Err(Error::InvalidArgument(format!(
             "item {j} is never ranked above another item, so maximum likelihood does not exist; add an L2 prior (--l2)"
+        )));
+    }
+    if alpha == 0.0
+        && let Some((j, above)) = disconnected(rankings, m)
+    {
+        let a = if above { "above" } else { "below" };
+        return Err(Error::InvalidArgument(format!(
+            "the comparisons are not connected: no chain of rankings puts item {j} {a} item 0 (Hunter's \
+             condition), so the strengths are not identified and maximum likelihood does not exist; add \
+             an L2 prior (--l2)"
         )));
     }
     let objective = |theta: &[f64]| -> f64 {

@@ -673,6 +673,21 @@ fn run_training(
     let epochs = cfg.epochs.unwrap_or(if is_lbfgs { 10_000 } else { DEFAULT_EPOCHS });
     let total_steps = epochs * steps_per_epoch;
 
+    // The model, its gradient and the optimizer's state, sized before any is allocated: an
+    // absurd class count is an error here, not an abort (the probe is never touched, so a
+    // feasible size costs nothing).
+    let per_param = match cfg.optimizer {
+        Optimizer::Lbfgs { history, .. } => 8 + 8 * (3 + 2 * history),
+        _ => 16,
+    };
+    let bytes = (classes * d + classes).checked_mul(per_param).unwrap_or(usize::MAX);
+    if Vec::<u8>::new().try_reserve_exact(bytes).is_err() {
+        return Err(Error::InvalidArgument(format!(
+            "{classes} classes of {d} features need about {:.3e} bytes for the model and the optimizer's state, \
+             more than can be allocated",
+            bytes as f64
+        )));
+    }
     let fingerprint = fingerprint(cfg, n_all, d, classes);
     // L-BFGS's objective J and its gradient at a flat point.
     let objective = |x: &[f64]| objective_f64(x, classes, d, train_data, cfg.l2, cfg.precision);
@@ -858,6 +873,9 @@ fn check_config(cfg: &TrainConfig, n: usize, classes: usize, has_heldout: bool) 
         || (cfg.holdout > 0.0 && ((n as f64) * cfg.holdout as f64).round() as usize >= n)
     {
         return bad(format!("holdout must be in [0, 1) and leave training rows, got {}", cfg.holdout));
+    }
+    if cfg.holdout > 0.0 && ((n as f64) * cfg.holdout as f64).round() as usize == 0 {
+        return bad(format!("holdout {} of {n} rows holds out no row; raise it or leave it at 0", cfg.holdout));
     }
     if cfg.patience.is_some() && !has_heldout {
         return bad("early stopping (patience) needs a held-out split".into());

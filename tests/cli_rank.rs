@@ -65,6 +65,9 @@ fn fit_pl_fits_and_reports_bad_files() {
     fails(&["fit-pl", "--rankings", &p("dup.txt"), "-o", &p("t2.npy")], &["dup.txt:2", "item 2 appears twice"]);
     std::fs::write(p("empty.txt"), "\n\n").unwrap();
     fails(&["fit-pl", "--rankings", &p("empty.txt"), "-o", &p("t2.npy")], &["empty.txt", "no rankings"]);
+    // Every item wins once, but {0, 1} and {2, 3} are never compared: no maximum likelihood.
+    std::fs::write(p("groups.txt"), "0 1\n1 0\n0 1\n2 3\n3 2\n").unwrap();
+    fails(&["fit-pl", "--rankings", &p("groups.txt"), "-o", &p("t2.npy")], &["not connected", "item 2", "--l2"]);
     std::fs::write(p("disc.txt"), "0 1\n2 3\n").unwrap();
     fails(&["fit-pl", "--rankings", &p("disc.txt"), "-o", &p("t2.npy")], &["never ranked above", "--l2"]);
     let (code, err) = run(&["fit-pl", "--rankings", &p("disc.txt"), "--l2", "0.1", "-o", &p("t3.npy")]);

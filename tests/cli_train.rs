@@ -233,6 +233,10 @@ fn bad_training_input_exits_2_with_one_line() {
     let last = err.trim_end().lines().last().unwrap_or_default();
     assert!(code == 2 && last.contains("diverged") && last.contains("learning rate"), "{code}: {err}");
     fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
+    fails(
+        &strs(&with(&["--classes", "9007199254740994", "-o", &o])),
+        &["9007199254740994 classes", "more than can be allocated"],
+    );
     std::fs::write(p("twice.csv"), "a,b,a,label\n1,2,3,0\n").unwrap();
     fails(&["train", "--data", &p("twice.csv"), "--label-column", "label", "-o", &o], &["twice.csv", "'a' twice"]);
     assert!(!Path::new(&o).exists(), "nothing written on failure");

@@ -156,3 +156,31 @@ fn f64_values_beyond_f32_are_named() {
     let ok = npy_from_bytes(npy(false, &[1.0, 2.0, 3.0, 4.0, 5.0, 3e38]), Path::new("ok.npy")).unwrap();
     assert_eq!(ok.to_f32().unwrap()[5], 3e38f32);
 }
+
+/// A Fortran-ordered integer `.npy` reads back in C order through every conversion.
+#[test]
+fn fortran_order_integers_convert_once() {
+    let mut h = "{'descr': '<i8', 'fortran_order': True, 'shape': (2, 3), }".to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    b.extend_from_slice(h.as_bytes());
+    // [[1, 2, 3], [4, 5, 6]] stored column by column.
+    [1i64, 4, 2, 5, 3, 6].iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+    let t = npy_from_bytes(b, Path::new("i.npy")).unwrap();
+    assert_eq!(t.to_i64().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(t.to_f64().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+}
+
+/// CSV labels are read as written: whole numbers above 2^53 are not rounded through f64.
+#[test]
+fn csv_labels_are_exact_integers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.csv");
+    std::fs::write(&p, "a,label\n1,9007199254740993\n2,3.0\n").unwrap();
+    let t = softmax_layer::io::read_csv(&p, Some("label")).unwrap();
+    assert_eq!(t.labels, Some(vec![9_007_199_254_740_993, 3]));
+}

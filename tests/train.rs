@@ -388,6 +388,10 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("learning rate"), "{e}");
     let e = train(data, &TrainConfig { patience: Some(3), ..Default::default() }, |_| {}).unwrap_err().to_string();
     assert!(e.contains("held-out"), "{e}");
+    // A held-out fraction that rounds to no row (0.1 of 3) is not a held-out split.
+    let cfg = TrainConfig { holdout: 0.1, patience: Some(1), ..Default::default() };
+    let e = train(data, &cfg, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("holds out no row"), "{e}");
     let mut bad = x.clone();
     bad[3] = f32::NAN;
     let e = Data::new(MatRef::new(&bad, 3, 2).unwrap(), &[0, 1, 1]).unwrap_err().to_string();
