@@ -79,7 +79,7 @@ impl Tiling {
         let col_tile = self.col_tile.max(1);
         let tiles = self.segment.max(col_tile).div_ceil(col_tile);
         let segment = tiles.saturating_mul(col_tile);
-        let segment = if segment % col_tile == 0 { segment } else { segment - segment % col_tile };
+        let segment = segment - segment % col_tile;
         Tiling { row_block: self.row_block.max(1), col_tile, segment }
     }
 }

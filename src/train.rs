@@ -680,7 +680,7 @@ fn run_training(
         Optimizer::Lbfgs { history, .. } => 8 + 8 * (3 + 2 * history),
         _ => 16,
     };
-    let bytes = (classes * d + classes).checked_mul(per_param).unwrap_or(usize::MAX);
+    let bytes = (classes * d + classes).saturating_mul(per_param);
     if Vec::<u8>::new().try_reserve_exact(bytes).is_err() {
         return Err(Error::InvalidArgument(format!(
             "{classes} classes of {d} features need about {:.3e} bytes for the model and the optimizer's state, \
