@@ -135,7 +135,7 @@ fn f64_values_beyond_f32_are_named() {
     let npy = |fortran: bool, data: &[f64]| -> Vec<u8> {
         let order = if fortran { "True" } else { "False" };
         let mut h = format!("{{'descr': '<f8', 'fortran_order': {order}, 'shape': (2, 3), }}");
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
@@ -161,7 +161,7 @@ fn f64_values_beyond_f32_are_named() {
 #[test]
 fn fortran_order_integers_convert_once() {
     let mut h = "{'descr': '<i8', 'fortran_order': True, 'shape': (2, 3), }".to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
