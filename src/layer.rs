@@ -201,7 +201,18 @@ impl<'a> SoftmaxLayer<'a> {
         self.grad_packed = Arc::default();
         self.packed = match precision {
             Precision::F32 => None,
-            p => Some(Arc::new(PackedBf16Weights::from_f32(&self.weight, self.layout, self.vocab, self.hidden, p)?)),
+            p => {
+                let packed = PackedBf16Weights::from_f32(&self.weight, self.layout, self.vocab, self.hidden, p)?;
+                // A finite f32 weight beyond bf16's range rounds to infinity.
+                if let Some((class, k, value)) = packed.find_non_finite() {
+                    let [r, c] = if self.layout == WeightLayout::VocabMajor { [class, k] } else { [k, class] };
+                    let x = self.weight[r * self.layout.shape(self.vocab, self.hidden)[1] + c];
+                    return Err(Error::InvalidArgument(format!(
+                        "weight[{r}, {c}] = {x:e} rounds to {value} in {p}: beyond the bf16 range (about ±3.39e38)"
+                    )));
+                }
+                Some(Arc::new(packed))
+            }
         };
         self.precision = precision;
         Ok(self)

@@ -220,6 +220,9 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     if !(opts.l2.is_finite() && opts.l2 >= 0.0) {
         return Err(Error::InvalidArgument(format!("the L2 penalty must be finite and >= 0, got {}", opts.l2)));
     }
+    if !(opts.tolerance.is_finite() && opts.tolerance >= 0.0) {
+        return Err(Error::InvalidArgument(format!("the tolerance must be finite and >= 0, got {}", opts.tolerance)));
+    }
     let alpha = opts.l2;
     let largest = rankings.iter().flatten().max().copied().unwrap_or(0);
     if alpha == 0.0 {

@@ -111,6 +111,9 @@ fn check(cfg: &SamplerConfig, v: usize) -> Result<()> {
     if !cfg.frequency_penalty.is_finite() || !cfg.presence_penalty.is_finite() {
         return bad("frequency and presence penalties must be finite".into());
     }
+    if let Some(&(id, b)) = cfg.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+        return bad(format!("the logit bias of token {id} must be finite, got {b}"));
+    }
     let ids = cfg
         .logit_bias
         .iter()

@@ -324,6 +324,15 @@ fn a_layer_from_bf16_weights_equals_the_rounded_f32_layer() {
     assert_eq!(a, b);
     // No f32 weights: other precisions and the gradients are errors, not panics.
     assert!(only_bf16.clone().with_precision(Precision::F32).is_err());
+    // A finite f32 weight beyond bf16's range (f32::MAX rounds to bf16 infinity): an error
+    // naming it, in both precisions.
+    let mut huge = vec![0.5f32; 3 * 4];
+    huge[7] = f32::MAX;
+    let l = SoftmaxLayer::new(&huge[..], WeightLayout::VocabMajor, 3, 4, None::<&[f32]>).unwrap();
+    for p in [Precision::Bf16, Precision::Bf16x3] {
+        let e = l.clone().with_precision(p).unwrap_err().to_string();
+        assert!(e.contains("weight[1, 3]") && e.contains("bf16 range"), "{p}: {e}");
+    }
     let targets = vec![0i64; n];
     let r = softmax_layer::loss::cross_entropy_with_grad(
         &only_bf16,

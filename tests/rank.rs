@@ -189,6 +189,15 @@ fn fit_errors() {
             .contains("item 1 appears in no ranking")
     );
     assert!(fit(&[vec![0, 1]], &FitOptions { l2: -1.0, ..Default::default() }).is_err());
+    let nan = FitOptions { l2: 0.1, tolerance: f64::NAN, ..Default::default() };
+    assert!(fit(&[vec![0, 1]], &nan).unwrap_err().to_string().contains("tolerance"));
+    // Every item wins once, but {0, 1} and {2, 3} are never compared (Hunter's condition).
+    let groups = [vec![0, 1], vec![1, 0], vec![0, 1], vec![2, 3], vec![3, 2]];
+    let e = fit(&groups, &FitOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not connected") && e.contains("item 2"), "{e}");
+    // Connected through one more comparison: a fit.
+    let linked = [vec![0, 1], vec![1, 0], vec![0, 1], vec![2, 3], vec![3, 2], vec![1, 2], vec![3, 0]];
+    assert!(fit(&linked, &FitOptions::default()).is_ok());
 }
 
 #[test]

@@ -136,6 +136,10 @@ fn bad_settings_are_errors() {
     assert!(e(SamplerConfig { temperature: -1.0, ..Default::default() }).contains("temperature"));
     assert!(e(SamplerConfig { banned: vec![0, 1], ..Default::default() }).contains("every token"));
     assert!(e(SamplerConfig { banned: vec![5], ..Default::default() }).contains("token id 5 is out of range"));
+    assert!(
+        e(SamplerConfig { logit_bias: vec![(1, f32::NAN)], ..Default::default() })
+            .contains("logit bias of token 1 must be finite")
+    );
     assert!(sample_row(&z, &[7], &SamplerConfig::default(), 1).unwrap_err().to_string().contains("history token 7"));
 }
 

@@ -373,7 +373,16 @@ impl PackedBf16Weights {
     }
 
     /// The packed parts of `W[class, k]`: `(hi, lo)` as `f32` (`lo` is 0 in bf16 mode).
+    ///
+    /// # Panics
+    /// If `class ≥ V` or `k ≥ d`.
     pub fn parts_at(&self, class: usize, k: usize) -> (f32, f32) {
+        assert!(
+            class < self.vocab && k < self.hidden,
+            "parts_at: W[{class}, {k}] is outside [{}, {}]",
+            self.vocab,
+            self.hidden
+        );
         let at = (class / 16) * self.block_len() + (k / 2) * 32 + (class % 16) * 2 + (k % 2);
         let hi = from_bf16(self.data[at]);
         let lo = if self.precision.parts() == 2 { from_bf16(self.data[at + self.d_pad * 16]) } else { 0.0 };
