@@ -326,7 +326,7 @@ fn a_layer_from_bf16_weights_equals_the_rounded_f32_layer() {
     assert!(only_bf16.clone().with_precision(Precision::F32).is_err());
     // A finite f32 weight beyond bf16's range (f32::MAX rounds to bf16 infinity): an error
     // naming it, in both precisions.
-    let mut huge = vec![0.5f32; 3 * 4];
+    let mut huge = [0.5f32; 3 * 4];
     huge[7] = f32::MAX;
     let l = SoftmaxLayer::new(&huge[..], WeightLayout::VocabMajor, 3, 4, None::<&[f32]>).unwrap();
     for p in [Precision::Bf16, Precision::Bf16x3] {
