@@ -642,8 +642,28 @@ fn safetensors_lookup(storage: Storage, path: &Path, name: &str) -> Result<std::
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over `path`. A new file gets the usual mode (`0666` less the umask); a
-/// replaced one keeps its own.
+/// replaced one keeps its own. A symbolic link is written through (its target is replaced
+/// the same way), and what is not a regular file (a pipe, a device such as `/dev/stdout`)
+/// is written to directly, never renamed over.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let resolved = match std::fs::metadata(path) {
+        // A pipe, a socket or a device (through links too, /proc's included): write into it.
+        Ok(m) if !m.is_file() && !m.is_dir() => {
+            let mut f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io_err(path, e))?;
+            f.write_all(bytes).map_err(|e| io_err(path, e))?;
+            return Ok(());
+        }
+        // A link to a regular file: replace the file it names, not the link.
+        Ok(_) if link => std::fs::canonicalize(path).map_err(|e| io_err(path, e))?,
+        // A dangling link: create what it names.
+        Err(_) if link => {
+            let target = std::fs::read_link(path).map_err(|e| io_err(path, e))?;
+            path.parent().unwrap_or(Path::new(".")).join(target)
+        }
+        _ => path.to_path_buf(),
+    };
+    let path: &Path = &resolved;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

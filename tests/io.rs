@@ -184,3 +184,35 @@ fn csv_labels_are_exact_integers() {
     let t = softmax_layer::io::read_csv(&p, Some("label")).unwrap();
     assert_eq!(t.labels, Some(vec![9_007_199_254_740_993, 3]));
 }
+
+/// An output that is a link is written through (the link stays a link); a pipe is written
+/// into, never renamed over.
+#[cfg(unix)]
+#[test]
+fn outputs_write_through_links_and_pipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("real")).unwrap();
+    for (link, target) in [("link.npy", "real/a.npy"), ("dangling.npy", "real/b.npy")] {
+        if link == "link.npy" {
+            write_npy_f32(&d.join(target), &[1], &[0.0]).unwrap();
+        }
+        std::os::unix::fs::symlink(target, d.join(link)).unwrap();
+        write_npy_f32(&d.join(link), &[2], &[1.0, 2.0]).unwrap();
+        assert!(std::fs::symlink_metadata(d.join(link)).unwrap().file_type().is_symlink(), "{link}");
+        let t = softmax_layer::io::read_npy(&d.join(target)).unwrap();
+        assert_eq!(&t.to_f32().unwrap()[..], &[1.0, 2.0], "{link}");
+    }
+    let fifo = d.join("fifo");
+    if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_npy_f32(&fifo, &[2], &[3.0, 4.0]).unwrap();
+        let bytes = reader.join().unwrap();
+        let t = npy_from_bytes(bytes, Path::new("fifo")).unwrap();
+        assert_eq!(&t.to_f32().unwrap()[..], &[3.0, 4.0]);
+        assert!(!std::fs::metadata(&fifo).unwrap().is_file(), "the pipe is still a pipe");
+    }
+}
