@@ -172,6 +172,11 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     // A mask of the wrong shape.
     write_npy_f32(&d.join("mask4.npy"), &[4], &[0.0; 4]).unwrap();
     fails(&["softmax", "--logits", &good, "--mask", &p(d, "mask4.npy"), "-o", &out], &["mask4.npy", "does not fit"]);
+    // An output over one of the inputs is refused before any work; the input is intact.
+    let before = std::fs::read(&good).unwrap();
+    fails(&["softmax", "--logits", &good, "-o", &good], &["-o", "would overwrite the input", "good.npy"]);
+    fails(&["log-softmax", "--logits", &good, &format!("--output={good}")], &["would overwrite the input"]);
+    assert_eq!(std::fs::read(&good).unwrap(), before);
     // The layer's options have no meaning for given logits.
     fails(&["logsumexp", "--logits", &good, "--precision", "bf16", "-o", &out], &["--logits", "--precision"]);
     // Bad temperatures.

@@ -182,6 +182,61 @@ pub fn temperature_arg(s: &str) -> Result<f32, String> {
     Ok(t32)
 }
 
+/// The file of a tensor argument (`FILE.npy` or `FILE.safetensors:NAME`).
+pub fn spec_file(spec: &str) -> std::path::PathBuf {
+    match spec.rsplit_once(':') {
+        Some((file, _)) if file.ends_with(".safetensors") => file.into(),
+        _ => spec.into(),
+    }
+}
+
+/// Whether two paths name the same file (by their absolute forms, or by the file itself
+/// when both exist: links and `..` included).
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    }
+}
+
+/// An output (`-o`, `--output`, `--plot`) that names an existing file given as an input of
+/// the same command (`--text F --plot F`, `--model M -o M`, …): the line to report, before
+/// any work, instead of replacing the input.
+fn output_over_input(args: &[String]) -> Option<String> {
+    let (mut outs, mut vals) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if matches!(a, "-o" | "--output" | "--plot") {
+            if let Some(v) = args.get(i + 1) {
+                outs.push((a, v.as_str()));
+            }
+            i += 2;
+            continue;
+        }
+        match a.split_once('=') {
+            Some((flag @ ("--output" | "--plot"), v)) => outs.push((flag, v)),
+            Some((flag, v)) if flag.starts_with("--") => vals.push(v),
+            _ if !a.starts_with('-') => vals.push(a),
+            _ => {}
+        }
+        i += 1;
+    }
+    for (flag, out) in outs {
+        let out_path = std::path::Path::new(out);
+        if !out_path.exists() {
+            continue;
+        }
+        for v in &vals {
+            let f = spec_file(v);
+            if f.is_file() && same_file(out_path, &f) {
+                return Some(format!("{flag} {out} would overwrite the input {v}"));
+            }
+        }
+    }
+    None
+}
+
 /// A failure: the one line printed on stderr.
 pub struct Failure(pub String);
 
@@ -239,6 +294,11 @@ fn main() -> ExitCode {
             eprintln!("softmax-layer: error: {}: {msg}", softmax_layer::bf16::PATH_ENV);
             return ExitCode::from(2);
         }
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(msg) = output_over_input(&args) {
+        eprintln!("softmax-layer: error: {msg}");
+        return ExitCode::from(2);
     }
     let result = match cli.command {
         Command::Softmax(a) => rows::run(rows::Op::Softmax, &a),

@@ -1,8 +1,8 @@
 //! `train` and `predict`: fitting a softmax layer on features and labels, and using it.
 
-use crate::Failure;
 use crate::layer::parse_precision;
 use crate::plot::{Series, svg};
+use crate::{Failure, same_file, spec_file};
 use indicatif::{ProgressBar, ProgressStyle};
 use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
 use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
@@ -481,23 +481,6 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         println!("model: {}\nloss curve: {}", a.output.display(), plot.display());
     }
     Ok(())
-}
-
-/// The file of a tensor argument (`FILE.npy` or `FILE.safetensors:NAME`).
-fn spec_file(spec: &str) -> PathBuf {
-    match spec.rsplit_once(':') {
-        Some((file, _)) if file.ends_with(".safetensors") => PathBuf::from(file),
-        _ => PathBuf::from(spec),
-    }
-}
-
-/// Whether two paths name the same file (by their absolute forms, or by the file itself
-/// when both exist: links and `..` included).
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
-    }
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
