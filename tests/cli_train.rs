@@ -333,4 +333,9 @@ fn demo_trains_on_a_users_text_file() {
     std::fs::write(p("short.txt"), "too short").unwrap();
     fails(&["demo", "--text", &p("short.txt")], &["short.txt", "at least 1000 characters"]);
     fails(&["demo", "--text", &p("missing.txt")], &["missing.txt"]);
+    // Options checked before any work: no panic on a zero or huge bucket count.
+    fails(&["demo", "--buckets", "0"], &["--buckets must be in [1, 1048576], got 0"]);
+    fails(&["demo", "--buckets", "18446744073709551615"], &["--buckets"]);
+    fails(&["demo", "--train-chars", "18446744073709551615"], &["--train-chars"]);
+    fails(&["demo", "--plot", &p("nodir/d.svg")], &["nodir", "does not exist"]);
 }

@@ -232,6 +232,16 @@ fn corpus(a: &DemoArgs) -> Result<Corpus, Failure> {
             }
             let mut symbols: Vec<(char, usize)> = counts.into_iter().collect();
             symbols.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+            if symbols.len() > 95 {
+                let merged: usize = symbols[94..].iter().map(|s| s.1).sum();
+                eprintln!(
+                    "note: {} has {} distinct characters; the demo keeps the 94 most frequent and merges \
+                     the other {} ({merged} occurrences) into one symbol, so its figures describe that coarser text",
+                    path.display(),
+                    symbols.len(),
+                    symbols.len() - 94
+                );
+            }
             symbols.truncate(95);
             let symbols: Vec<char> = symbols.into_iter().map(|s| s.0).collect();
             if raw.chars().count() < 1000 || symbols.len() < 2 {
@@ -254,11 +264,34 @@ fn show(symbols: &[char], ids: &[usize]) -> String {
 pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let precision = crate::layer::parse_precision(&a.precision)?;
+    // Options checked before any work.
+    if !(1..=1 << 20).contains(&a.buckets) {
+        return Err(Failure(format!("--buckets must be in [1, {}], got {}", 1 << 20, a.buckets)));
+    }
+    if a.epochs == 0 {
+        return Err(Failure("--epochs must be at least 1".into()));
+    }
+    if a.text.is_none() && !(1000..=100_000_000).contains(&a.train_chars) {
+        return Err(Failure(format!("--train-chars must be in [1000, 100000000], got {}", a.train_chars)));
+    }
+    let plot_dir = a.plot.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !plot_dir.is_dir() {
+        return Err(Failure(format!("{}: the folder {} does not exist", a.plot.display(), plot_dir.display())));
+    }
     let c = corpus(a)?;
     let v = c.symbols.len();
     let feats = Features { vocab: v, buckets: a.buckets, hashes: 2 };
     let d = feats.dim();
     let n_all = c.text.len();
+    // The demo holds its features densely: say so rather than exhaust the memory.
+    let bytes = (n_all as f64) * (d as f64) * 4.0;
+    if bytes > 8e9 {
+        return Err(Failure(format!(
+            "{n_all} characters with d = {d} features would need {:.1} GB of dense features (at most 8); \
+             use fewer characters or --buckets",
+            bytes / 1e9
+        )));
+    }
     let n_train = n_all - n_all / 11;
     println!("softmax-layer demo: a next-character model on {}", c.name);
     println!(
