@@ -234,3 +234,21 @@ fn selfcheck_runs_and_checks_against_float64() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("accuracy vs float64") && text.contains("softmax"), "{text}");
 }
+
+/// Output into a closed pipe (`… | head -0`) ends the run quietly, never with a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = common::bin()
+        .args(["selfcheck", "--rows", "8", "--cols", "16", "--repeats", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success() || out.status.signal() == Some(13), "{:?}: {err}", out.status);
+}

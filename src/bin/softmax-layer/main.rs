@@ -258,7 +258,26 @@ impl From<softmax_layer::Error> for Failure {
     }
 }
 
+/// Restores the default action of SIGPIPE (Rust ignores it), so that output into a closed
+/// pipe (`… | head -1`) ends the process quietly, as it does any Unix tool, instead of making
+/// `println!` panic.
+#[cfg(unix)]
+fn default_sigpipe() {
+    unsafe extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: `signal` is the C library's, called once at start-up before any thread exists,
+    // with a valid signal number (13 is SIGPIPE on Linux and the BSDs) and SIG_DFL.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
