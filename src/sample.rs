@@ -174,7 +174,9 @@ fn sample_with(
         return Err(Error::InvalidArgument(format!("history token {h} is out of range [0, {v})")));
     }
     let k = crate::Kernels::best();
-    let raw_lse = k.max_sum(logits, None, 1.0).logsumexp(1.0);
+    // The raw distribution's (max, ln sum): a log-probability is (z − max) − ln sum, the
+    // difference taken first (z − lse loses everything when |z| ≫ 1: 1e20 + ln 2 is 1e20).
+    let raw_stats = k.max_sum(logits, None, 1.0);
     let z = &mut buf.z;
     z.clear();
     z.extend_from_slice(logits);
@@ -327,7 +329,7 @@ fn sample_with(
         }
     }
     let mut rng = crate::rng::SplitMix64::new(cfg.seed);
-    let raw = |j: usize| (logits[j] as f64 - raw_lse) as f32;
+    let raw = |j: usize| ((logits[j] as f64 - raw_stats.max as f64) - raw_stats.sum.ln()) as f32;
     if greedy {
         let best = kept.iter().copied().reduce(|a, b| if better(z, b, a) { b } else { a }).expect("non-empty") as usize;
         // The processed distribution is a point mass.

@@ -34,6 +34,15 @@ fn top_p_and_min_p_boundaries_are_exact() {
     let want = if d.token == 0 { (0.5f64 / 0.8).ln() } else { (0.3f64 / 0.8).ln() };
     assert!((d.logprob as f64 - want).abs() < 1e-6);
     assert!((d.logprob_raw as f64 - [0.5f64, 0.3][d.token].ln()).abs() < 1e-6);
+    // Shift-invariant: two equal logits far from 0 (1e20, 1e9) and a third far below them
+    // give the raw log-probabilities of [1/2, 1/2, ~0], not 0 (z − lse rounded to z's ulp).
+    for (shift, gap) in [(1e20f32, 1e15f32), (1e9, 128.0)] {
+        let far = [shift, shift, shift - gap];
+        for d in sample_row(&far, &[], &SamplerConfig::default(), 20).unwrap() {
+            let want = [0.5f64.ln(), 0.5f64.ln(), -(gap as f64) - 2f64.ln()][d.token];
+            assert!((d.logprob_raw as f64 - want).abs() < 1e-6, "shift {shift:e}: {} vs {want}", d.logprob_raw);
+        }
+    }
 }
 
 #[test]
