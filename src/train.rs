@@ -688,7 +688,16 @@ fn run_training(
             bytes as f64
         )));
     }
-    let fingerprint = fingerprint(cfg, n_all, d, classes);
+    // (With checkpoints only: a digest of the rows and labels, so that a checkpoint of other
+    // data of the same shape is refused too.)
+    let fingerprint = fingerprint(cfg, n_all, d, classes)
+        + &match &cfg.checkpoint {
+            Some(_) => format!(
+                " data={:016x}",
+                data_digest(&[Some(train_data), held].into_iter().flatten().collect::<Vec<_>>())
+            ),
+            None => String::new(),
+        };
     // L-BFGS's objective J and its gradient at a flat point.
     let objective = |x: &[f64]| objective_f64(x, classes, d, train_data, cfg.l2, cfg.precision);
     // Loss-and-gradient evaluations by L-BFGS in this call.
@@ -1170,6 +1179,24 @@ fn zoom(
 
 const CKPT_PREFIX: &str = "checkpoint-";
 const CKPT_SUFFIX: &str = ".safetensors";
+
+/// A 64-bit digest of the features' bits and the labels, in row order (not cryptographic:
+/// it tells a run's own data from other data, in parallel over fixed chunks of rows).
+fn data_digest(sets: &[Data<'_>]) -> u64 {
+    let mix = |h: u64, w: u64| {
+        let h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
+    };
+    sets.iter().fold(0x5EED_u64, |acc, set| {
+        let parts = over_chunks(set.rows(), |r| {
+            r.fold(0u64, |h, i| {
+                let row = set.features.row(i).iter().fold(h, |h, v| mix(h, v.to_bits() as u64));
+                mix(row, set.labels[i] as u64)
+            })
+        });
+        parts.into_iter().fold(acc, mix)
+    })
+}
 
 fn fingerprint(cfg: &TrainConfig, n: usize, d: usize, classes: usize) -> String {
     format!(

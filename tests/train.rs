@@ -352,6 +352,11 @@ fn resuming_a_killed_run_gives_the_same_bits() {
         let other = TrainConfig { seed: 2, ..ck.clone() };
         let err = train(data, &other, |_| {}).unwrap_err().to_string();
         assert!(err.contains("different run"), "{err}");
+        // So is one for other data of the same shape.
+        let (x2, y2) = blobs(n, d, k, 9);
+        let other_data = Data::new(MatRef::new(&x2, n, d).unwrap(), &y2).unwrap();
+        let err = train(other_data, &ck, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("different run"), "{err}");
         // So is one in another precision.
         let other = TrainConfig { precision: softmax_layer::bf16::Precision::Bf16, ..ck.clone() };
         let err = train(data, &other, |_| {}).unwrap_err().to_string();
