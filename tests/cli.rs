@@ -177,6 +177,8 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     fails(&["softmax", "--logits", &good, "-o", &good], &["-o", "would overwrite the input", "good.npy"]);
     fails(&["log-softmax", "--logits", &good, &format!("--output={good}")], &["would overwrite the input"]);
     assert_eq!(std::fs::read(&good).unwrap(), before);
+    // An output whose name says the other format.
+    fails(&["softmax", "--logits", &good, "-o", &p(d, "o.safetensors")], &["writes a .npy file", "o.safetensors"]);
     // The layer's options have no meaning for given logits.
     fails(&["logsumexp", "--logits", &good, "--precision", "bf16", "-o", &out], &["--logits", "--precision"]);
     // Bad temperatures.

@@ -237,6 +237,25 @@ fn output_over_input(args: &[String]) -> Option<String> {
     None
 }
 
+/// An output named `.npy` for a command that writes `.safetensors`, or the other way round:
+/// the file would not read back as its name says.
+fn output_kind_mismatch(args: &[String]) -> Option<String> {
+    let cmd = args.first()?.as_str();
+    let writes = match cmd {
+        "softmax" | "log-softmax" | "logsumexp" | "logits" | "probs" | "log-probs" | "argmax" | "fit-pl"
+        | "predict" => "npy",
+        "loss" | "top-k" | "train" => "safetensors",
+        _ => return None,
+    };
+    let out = args.iter().enumerate().find_map(|(i, a)| match a.as_str() {
+        "-o" | "--output" => args.get(i + 1).map(String::as_str),
+        _ => a.strip_prefix("--output="),
+    })?;
+    let ext = std::path::Path::new(out).extension()?.to_str()?.to_ascii_lowercase();
+    let other = if writes == "npy" { "safetensors" } else { "npy" };
+    (ext == other).then(|| format!("{cmd} writes a .{writes} file, but the output {out} is named .{other}"))
+}
+
 /// A failure: the one line printed on stderr.
 pub struct Failure(pub String);
 
@@ -315,7 +334,7 @@ fn main() -> ExitCode {
         }
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(msg) = output_over_input(&args) {
+    if let Some(msg) = output_over_input(&args).or_else(|| output_kind_mismatch(&args)) {
         eprintln!("softmax-layer: error: {msg}");
         return ExitCode::from(2);
     }
