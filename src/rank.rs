@@ -324,10 +324,14 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
             return Ok(Fit { log_strengths: theta, iterations: it, objective });
         }
     }
-    Err(Error::InvalidArgument(format!(
-        "the fit did not converge in {} iterations; the comparisons may be disconnected: add an L2 prior (--l2)",
-        opts.max_iterations
-    )))
+    // (Without a prior the data passed Hunter's condition above, so the optimum exists; with
+    // one it always does, and a small prior only makes the minorize-maximize steps short.)
+    let hint = if alpha == 0.0 {
+        "the optimum exists but is approached slowly; allow more iterations or add an L2 prior (--l2)"
+    } else {
+        "a small L2 prior makes minorize-maximize steps short; allow more iterations or raise --l2"
+    };
+    Err(Error::InvalidArgument(format!("the fit did not converge in {} iterations: {hint}", opts.max_iterations)))
 }
 
 /// Solves `w − S·e^θ − α·θ = 0` for θ (the MM step of one item), by safeguarded Newton.
