@@ -666,6 +666,15 @@ fn run(
             vec![(part(num, dn) + part(num_z, dz)) as f32]
         }
     };
+    // Finite inputs and options can still make the loss overflow f32 (class weights or a
+    // z-loss near 3e38): an error, as a NaN or an infinity in the inputs is.
+    if let Some(i) = loss.iter().position(|l| !l.is_finite()) {
+        let at = if loss.len() > 1 { format!(" of row {i}") } else { String::new() };
+        return Err(Error::InvalidArgument(format!(
+            "the loss{at} overflows f32 ({}); lower the class weights or the z-loss",
+            loss[i]
+        )));
+    }
     Ok(CrossEntropyOutput { loss, lse })
 }
 

@@ -298,6 +298,16 @@ fn bad_options_are_errors() {
     let err =
         cross_entropy_with_grad(&id, MatRef::new(&big, 1, 2).unwrap(), &[0], &hot, Upstream::Scalar(1.0)).unwrap_err();
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
+    // Class weights or a z-loss so large that the loss itself overflows f32.
+    let huge = [f32::MAX; 5];
+    let none = CrossEntropyOptions {
+        class_weights: Some(&huge),
+        reduction: Reduction::None,
+        z_loss: 1.0,
+        ..Default::default()
+    };
+    assert!(e(none, &y).contains("the loss of row"));
+    assert!(e(CrossEntropyOptions { z_loss: f32::MAX, ..Default::default() }, &y).contains("overflows f32"));
     assert!(e(CrossEntropyOptions { temperature: -1.0, ..Default::default() }, &y).contains("temperature"));
     let mut bad = h.clone();
     bad[3] = f32::INFINITY;
