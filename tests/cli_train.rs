@@ -233,6 +233,9 @@ fn bad_training_input_exits_2_with_one_line() {
     let last = err.trim_end().lines().last().unwrap_or_default();
     assert!(code == 2 && last.contains("diverged") && last.contains("learning rate"), "{code}: {err}");
     fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
+    fails(&strs(&with(&["--lr", "0.1", "-o", &o])), &["--lr applies to adamw and sgd"]);
+    fails(&strs(&with(&["--optimizer", "sgd", "--lr", "-1", "-o", &o])), &["learning rate", "got -1"]);
+    fails(&strs(&with(&["--checkpoint", &p("ck"), "--checkpoint-every", "0", "-o", &o])), &["--checkpoint-every"]);
     fails(
         &strs(&with(&["--classes", "9007199254740994", "-o", &o])),
         &["9007199254740994 classes", "more than can be allocated"],

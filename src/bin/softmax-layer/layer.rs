@@ -505,6 +505,9 @@ pub struct SampleArgs {
 
 pub fn sample(a: &SampleArgs) -> Result<(), Failure> {
     use softmax_layer::sample::{Sampler, SamplerConfig};
+    if !(1..=1_000_000).contains(&a.num_samples) {
+        return Err(Failure(format!("--num-samples must be in [1, 1000000], got {}", a.num_samples)));
+    }
     let inp = inputs(&a.model)?;
     let (n, d, v) = (inp.n, inp.d, inp.v);
     let history = a.history.as_deref().map(|s| counts(s, "history")).transpose()?.unwrap_or_default();

@@ -45,6 +45,14 @@ pub fn run(a: &SelfcheckArgs) -> Result<(), Failure> {
     if n == 0 || v == 0 {
         return Err(Failure(format!("--rows and --cols must be > 0, got {n} and {v}")));
     }
+    if !(1..=10_000).contains(&a.repeats) {
+        return Err(Failure(format!("--repeats must be in [1, 10000], got {}", a.repeats)));
+    }
+    // Two [n, V] f32 buffers (the logits and the output).
+    let bytes = (n as f64) * (v as f64) * 8.0;
+    if bytes > 8e9 {
+        return Err(Failure(format!("--rows {n} --cols {v} would need {:.1} GB (at most 8)", bytes / 1e9)));
+    }
     let gb = (n * v * 4) as f64 / 1e9;
     println!(
         "softmax-layer selfcheck: logits [{n}, {v}] f32 ({gb:.2} GB), {} threads, kernels: {}",

@@ -45,7 +45,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "B", default_value_t = 256)]
     pub batch: usize,
     /// Peak learning rate (adamw, sgd). Default 0.01 for adamw, 0.1 for sgd.
-    #[arg(long, value_name = "LR")]
+    #[arg(long, value_name = "LR", allow_negative_numbers = true)]
     pub lr: Option<f32>,
     /// Momentum (sgd).
     #[arg(long, value_name = "μ", default_value_t = 0.9)]
@@ -387,6 +387,12 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         "sgd" => Optimizer::Sgd { momentum: a.momentum },
         o => return Err(Failure(format!("--optimizer must be lbfgs, adamw or sgd, got '{o}'"))),
     };
+    if a.optimizer == "lbfgs" && a.lr.is_some() {
+        return Err(Failure("--lr applies to adamw and sgd; L-BFGS chooses its own steps".into()));
+    }
+    if a.checkpoint_every == 0 {
+        return Err(Failure("--checkpoint-every must be at least 1 (epochs)".into()));
+    }
     let precision = parse_precision(&a.precision)?;
     let data = load_data(&a.data, a.labels.as_deref(), true)?;
     let metadata = match &data.names {
@@ -452,6 +458,16 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     progress.finish();
     let out = out?;
     let secs = started.elapsed().as_secs_f64();
+    // A mini-batch run whose objective grew far beyond where it started has not fit anything
+    // (while staying finite it is not caught as diverged): say so.
+    if let (Some(first), Some(last)) = (out.step_objectives.first(), out.step_objectives.last())
+        && a.optimizer != "lbfgs"
+        && *last > 10.0 * first.max(1e-3)
+    {
+        eprintln!(
+            "warning: the objective grew from {first:.4} to {last:.4e}: the run diverged; lower --lr (or --weight-decay)"
+        );
+    }
     out.model.save_with_metadata(&a.output, metadata)?;
     write_atomic(&plot, plot_history(&out, &format!("softmax-layer train ({})", a.optimizer), &[]).as_bytes())?;
     let held = out.heldout.map_or("null".to_string(), |m| {
