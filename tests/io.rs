@@ -128,23 +128,27 @@ fn written_files_have_the_usual_mode_and_clear_errors() {
     }
 }
 
+/// The bytes of a `[2, 3]` `.npy` of 8-byte elements (`descr` `<f8` or `<i8`), stored in
+/// C or Fortran order as given: written here, independently of the library's writer.
+fn npy_2x3(descr: &str, fortran: bool, data: [[u8; 8]; 6]) -> Vec<u8> {
+    let order = if fortran { "True" } else { "False" };
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': (2, 3), }}");
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    b.extend_from_slice(h.as_bytes());
+    data.iter().for_each(|v| b.extend_from_slice(v));
+    b
+}
+
 /// `f64` inputs are computed in `f32`: a finite value beyond its range is an error naming
 /// the element (C or Fortran order alike), not a silent infinity.
 #[test]
 fn f64_values_beyond_f32_are_named() {
-    let npy = |fortran: bool, data: &[f64]| -> Vec<u8> {
-        let order = if fortran { "True" } else { "False" };
-        let mut h = format!("{{'descr': '<f8', 'fortran_order': {order}, 'shape': (2, 3), }}");
-        while !(10 + h.len() + 1).is_multiple_of(64) {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
-        b.extend_from_slice(h.as_bytes());
-        data.iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
-        b
-    };
+    let npy = |fortran: bool, data: &[f64; 6]| npy_2x3("<f8", fortran, data.map(f64::to_le_bytes));
     let c = [1.0, 2.0, 3.0, 4.0, 5.0, 1e300];
     let err = npy_from_bytes(npy(false, &c), Path::new("c.npy")).unwrap().to_f32().unwrap_err().to_string();
     assert!(err.contains("c.npy: [1, 2] is 1e300, beyond the f32 range"), "{err}");
@@ -160,16 +164,8 @@ fn f64_values_beyond_f32_are_named() {
 /// A Fortran-ordered integer `.npy` reads back in C order through every conversion.
 #[test]
 fn fortran_order_integers_convert_once() {
-    let mut h = "{'descr': '<i8', 'fortran_order': True, 'shape': (2, 3), }".to_string();
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    b.extend_from_slice(h.as_bytes());
     // [[1, 2, 3], [4, 5, 6]] stored column by column.
-    [1i64, 4, 2, 5, 3, 6].iter().for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+    let b = npy_2x3("<i8", true, [1i64, 4, 2, 5, 3, 6].map(i64::to_le_bytes));
     let t = npy_from_bytes(b, Path::new("i.npy")).unwrap();
     assert_eq!(t.to_i64().unwrap(), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(t.to_f64().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
