@@ -677,7 +677,7 @@ fn run_training(
     // absurd class count is an error here, not an abort (the probe is never touched, so a
     // feasible size costs nothing).
     let per_param = match cfg.optimizer {
-        Optimizer::Lbfgs { history, .. } => 8 + 8 * (3 + 2 * history),
+        Optimizer::Lbfgs { history, .. } => history.saturating_mul(16).saturating_add(32),
         _ => 16,
     };
     let bytes = (classes * d + classes).saturating_mul(per_param);
