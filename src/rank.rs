@@ -201,14 +201,16 @@ fn not_identified(j: usize) -> Error {
     ))
 }
 
-/// Fits Plackett–Luce log-strengths `θ` to observed rankings by minorize–maximize.
+/// Fits Plackett–Luce log-strengths `θ` to observed rankings: the maximum of the
+/// log-likelihood less `(α/2)·‖θ‖²`.
 ///
 /// Each ranking orders the items it lists, best first; items it does not list did not take
-/// part. (Item ids are `0..m`, with `m` the largest id + 1.) Each iteration bounds
-/// `−log Σ_{l∈R} e^{θ_l}` below by its tangent, which splits the objective into one concave
-/// problem per item: `w_j − S_j·e^{θ_j} − α·θ_j = 0`, where `w_j` counts the times item `j`
-/// is chosen and `S_j = Σ_{sets R ∋ j} 1 / Σ_{l∈R} e^{θ_l}`. With `α = 0` this is Hunter's
-/// (2004) MM update `e^{θ_j} = w_j / S_j`. Every step increases the objective.
+/// part. (Item ids are `0..m`, with `m` the largest id + 1.) The gradient is
+/// `w_j − S_j·e^{θ_j} − α·θ_j`, where `w_j` counts the times item `j` is chosen and
+/// `S_j = Σ_{sets R ∋ j} 1 / Σ_{l∈R} e^{θ_l}`. With `α = 0`, Hunter's (2004)
+/// minorize–maximize update `e^{θ_j} = w_j / S_j`, every step of which increases the
+/// likelihood. With `α > 0`, where MM crawls when the prior is small (an item that always
+/// wins sits near `log(w/α)`), L-BFGS on the same gradient.
 ///
 /// Pure maximum likelihood needs every item to win at least once and the comparisons to be
 /// connected; otherwise this is an error suggesting an L2 prior (`α > 0`), under which the
@@ -285,28 +287,18 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     };
     let mut theta = zeros("strengths")?;
     let mut s = zeros("sums")?;
+    if alpha > 0.0 {
+        // With a prior the objective is strictly concave and its optimum unique, but a small
+        // prior makes minorize-maximize crawl (an item that always wins sits near
+        // log(wins/α)): quasi-Newton steps on the same gradient instead.
+        return fit_quasi_newton(rankings, &wins, theta, alpha, opts, objective);
+    }
     for it in 1..=opts.max_iterations {
-        s.iter_mut().for_each(|x| *x = 0.0);
-        for r in rankings {
-            // 1 / Σ_{l∈R_i} e^{θ_l} for the choice sets R_i (suffixes), each added to its members.
-            let mut acc = f64::NEG_INFINITY;
-            let mut inv = Vec::with_capacity(r.len());
-            for &j in r.iter().rev() {
-                acc = logaddexp(acc, theta[j]);
-                inv.push((-acc).exp());
-            }
-            inv.reverse(); // inv[i] for suffix R_i
-            let mut cum = 0.0;
-            for (i, &j) in r.iter().enumerate() {
-                if i + 1 < r.len() {
-                    cum += inv[i];
-                }
-                s[j] += cum;
-            }
-        }
+        choice_sums(rankings, &theta, &mut s);
         let mut moved = 0f64;
         for j in 0..m {
-            let new = solve_item(wins[j], s[j], alpha, theta[j]);
+            // Hunter's MM step: the maximum of the minorizer, item by item.
+            let new = (wins[j] / s[j]).ln();
             moved = moved.max((new - theta[j]).abs());
             theta[j] = new;
         }
@@ -324,48 +316,66 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
             return Ok(Fit { log_strengths: theta, iterations: it, objective });
         }
     }
-    // (Without a prior the data passed Hunter's condition above, so the optimum exists; with
-    // one it always does, and a small prior only makes the minorize-maximize steps short.)
-    let hint = if alpha == 0.0 {
-        "the optimum exists but is approached slowly; allow more iterations or add an L2 prior (--l2)"
-    } else {
-        "a small L2 prior makes minorize-maximize steps short; allow more iterations or raise --l2"
-    };
-    Err(Error::InvalidArgument(format!("the fit did not converge in {} iterations: {hint}", opts.max_iterations)))
+    // (The data passed Hunter's condition above, so the optimum exists.)
+    Err(Error::InvalidArgument(format!(
+        "the fit did not converge in {} iterations: the optimum exists but is approached slowly; allow more \
+         iterations or add an L2 prior (--l2)",
+        opts.max_iterations
+    )))
 }
 
-/// Solves `w − S·e^θ − α·θ = 0` for θ (the MM step of one item), by safeguarded Newton.
-fn solve_item(w: f64, s: f64, alpha: f64, start: f64) -> f64 {
-    if alpha == 0.0 {
-        return (w / s).ln();
-    }
-    if s == 0.0 {
-        return w / alpha;
-    }
-    // f is strictly decreasing; bracket the root, then Newton with bisection fallback.
-    let f = |t: f64| w - s * t.exp() - alpha * t;
-    let (mut lo, mut hi) = (start.min(-1.0), start.max(1.0));
-    while f(lo) < 0.0 {
-        lo = 2.0 * lo - 1.0;
-    }
-    while f(hi) > 0.0 {
-        hi = 2.0 * hi + 1.0;
-    }
-    let mut t = start.clamp(lo, hi);
-    for _ in 0..100 {
-        let ft = f(t);
-        if ft > 0.0 {
-            lo = t;
-        } else {
-            hi = t;
+/// `S_j = Σ 1 / Σ_{l∈R} e^{θ_l}` over the choice sets `R` (a ranking's suffixes but its last
+/// item alone) that hold item `j`, written into `s`. The log-likelihood's gradient is then
+/// `w_j − S_j·e^{θ_j}`.
+fn choice_sums(rankings: &[Vec<usize>], theta: &[f64], s: &mut [f64]) {
+    s.iter_mut().for_each(|x| *x = 0.0);
+    let mut inv = Vec::new();
+    for r in rankings {
+        // 1 / Σ_{l∈R_i} e^{θ_l} for the suffixes R_i, each added to its members.
+        let mut acc = f64::NEG_INFINITY;
+        inv.clear();
+        for &j in r.iter().rev() {
+            acc = logaddexp(acc, theta[j]);
+            inv.push((-acc).exp());
         }
-        let next = t + ft / (s * t.exp() + alpha);
-        t = if next > lo && next < hi { next } else { 0.5 * (lo + hi) };
-        if (hi - lo).abs() < 1e-15 * (1.0 + t.abs()) || ft == 0.0 {
-            break;
+        inv.reverse(); // inv[i] for suffix R_i
+        let mut cum = 0.0;
+        for (i, &j) in r.iter().enumerate() {
+            if i + 1 < r.len() {
+                cum += inv[i];
+            }
+            s[j] += cum;
         }
     }
-    t
+}
+
+/// The penalized fit (`α > 0`) by L-BFGS (the training module's, in `f64`) on the negated
+/// objective, from `theta`; converged when the largest gradient entry is at most
+/// `opts.tolerance`, or when `f64` can no longer measure a decrease.
+fn fit_quasi_newton(
+    rankings: &[Vec<usize>],
+    wins: &[f64],
+    theta: Vec<f64>,
+    alpha: f64,
+    opts: &FitOptions,
+    objective: impl Fn(&[f64]) -> f64,
+) -> Result<Fit> {
+    let m = theta.len();
+    let eval = |t: &[f64]| -> crate::Result<(f64, Vec<f64>)> {
+        let mut s = vec![0f64; m];
+        choice_sums(rankings, t, &mut s);
+        let g = (0..m).map(|j| -(wins[j] - s[j] * t[j].exp() - alpha * t[j])).collect();
+        Ok((-objective(t), g))
+    };
+    let (f, g) = eval(&theta)?;
+    let mut lb = crate::train::Lbfgs::new(theta, f, g);
+    for it in 1..=opts.max_iterations {
+        let (done, _) = crate::train::lbfgs_iteration(&mut lb, 10, opts.tolerance.max(f64::MIN_POSITIVE), eval)?;
+        if done {
+            return Ok(Fit { objective: -lb.f, log_strengths: lb.x, iterations: it });
+        }
+    }
+    Err(Error::InvalidArgument(format!("the fit did not converge in {} iterations", opts.max_iterations)))
 }
 
 /// ListMLE through the layer: scores `s_i = W·h_i + b` for each query row `i` of `hidden`,

@@ -526,14 +526,21 @@ enum OptState {
 
 /// L-BFGS in `f64` over the flat parameters `[weight, bias]`.
 #[derive(Clone, Debug, PartialEq)]
-struct Lbfgs {
-    x: Vec<f64>,
-    f: f64,
-    g: Vec<f64>,
+pub(crate) struct Lbfgs {
+    pub(crate) x: Vec<f64>,
+    pub(crate) f: f64,
+    pub(crate) g: Vec<f64>,
     /// Correction pairs, oldest first.
     s: Vec<Vec<f64>>,
     y: Vec<Vec<f64>>,
     done: bool,
+}
+
+impl Lbfgs {
+    /// A fresh state at `x`, where the objective is `f` with gradient `g`.
+    pub(crate) fn new(x: Vec<f64>, f: f64, g: Vec<f64>) -> Lbfgs {
+        Lbfgs { x, f, g, s: vec![], y: vec![], done: false }
+    }
 }
 
 /// Everything a run carries from one epoch to the next.
@@ -1016,7 +1023,7 @@ fn dotf(a: &[f64], b: &[f64]) -> f64 {
 /// One L-BFGS iteration on `objective` (`J` and `∇J` at a point): direction by the two-loop
 /// recursion, step by a strong-Wolfe line search. Returns whether it has converged, and how
 /// many evaluations the line search made.
-fn lbfgs_iteration(
+pub(crate) fn lbfgs_iteration(
     lb: &mut Lbfgs,
     history: usize,
     tolerance: f64,

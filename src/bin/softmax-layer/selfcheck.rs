@@ -51,7 +51,10 @@ pub fn run(a: &SelfcheckArgs) -> Result<(), Failure> {
     // Two [n, V] f32 buffers (the logits and the output).
     let bytes = (n as f64) * (v as f64) * 8.0;
     if bytes > 8e9 {
-        return Err(Failure(format!("--rows {n} --cols {v} would need {:.1} GB (at most 8)", bytes / 1e9)));
+        return Err(Failure(format!(
+            "cannot allocate {:.1} GB for --rows {n} --cols {v} (two [n, V] f32 buffers; at most 8 GB)",
+            bytes / 1e9
+        )));
     }
     let gb = (n * v * 4) as f64 / 1e9;
     println!(
