@@ -541,7 +541,9 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
         for (j, field) in record.iter().enumerate() {
             let f = field.trim();
             let value: f64 = f.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
-                fmt_err(path, format!("line {line}, column '{}': '{f}' is not a finite number", header[j]))
+                let what = if Some(j) == label_idx { "a non-negative integer class id" } else { "a finite number" };
+                let kind = if Some(j) == label_idx { "label column" } else { "column" };
+                fmt_err(path, format!("line {line}, {kind} '{}': '{f}' is not {what}", header[j]))
             })?;
             if Some(j) == label_idx {
                 // Whole numbers exactly as written (an f64 would round those above 2^53).

@@ -159,6 +159,11 @@ fn bad_training_input_exits_2_with_one_line() {
     );
     std::fs::write(p("neg.csv"), "a,label\n1,0\n2,-1\n").unwrap();
     fails(&["train", "--data", &p("neg.csv"), "--label-column", "label", "-o", &o], &["neg.csv", "line 3", "'-1'"]);
+    std::fs::write(p("cat.csv"), "a,label\n1,0\n2,cat\n").unwrap();
+    fails(
+        &["train", "--data", &p("cat.csv"), "--label-column", "label", "-o", &o],
+        &["line 3, label column 'label'", "'cat' is not a non-negative integer class id"],
+    );
     std::fs::write(p("frac.csv"), "a,label\n1,0\n2,1.5\n").unwrap();
     fails(&["train", "--data", &p("frac.csv"), "--label-column", "label", "-o", &o], &["line 3", "'1.5'", "integer"]);
     write_npy_f32(Path::new(&p("x.npy")), &[4, 2], &[0.0; 8]).unwrap();
