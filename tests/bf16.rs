@@ -666,3 +666,14 @@ fn loss_weight_gradient_does_not_depend_on_where_it_lies() {
         }
     }
 }
+
+/// A packing whose weight is too short for its shape is refused before anything is
+/// allocated for the shape (a [2^30, 2^12] claim aborted on an 8 TB allocation).
+#[test]
+fn packing_checks_the_length_before_allocating() {
+    use softmax_layer::PackedBf16Weights;
+    let e = PackedBf16Weights::from_f32(&[1.0], WeightLayout::VocabMajor, 1 << 30, 1 << 12, Precision::Bf16);
+    assert!(e.unwrap_err().to_string().contains("weight has 1 elements"));
+    let e = PackedBf16Weights::from_bf16_bits(&[1], WeightLayout::VocabMajor, 1 << 30, 1 << 12);
+    assert!(e.unwrap_err().to_string().contains("weight has 1 elements"));
+}

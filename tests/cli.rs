@@ -227,6 +227,10 @@ fn an_impossible_allocation_is_an_error_not_an_abort() {
     let (code, stderr) = run(&["selfcheck", "--rows", "2000000000", "--cols", "2000000000"]);
     assert_eq!(code, 2, "{}", stderr);
     assert!(stderr.contains("cannot allocate"), "{}", stderr);
+    // A repeat count of 0 (timings of nothing) or one too large to hold the samples.
+    for r in ["0", "18446744073709551615"] {
+        fails(&["selfcheck", "--rows", "8", "--cols", "16", "--repeats", r], &["--repeats must be in [1, 10000]"]);
+    }
 }
 
 #[test]

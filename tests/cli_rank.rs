@@ -170,6 +170,7 @@ fn sample_command_is_seeded_and_validates() {
     assert!(g.lines().nth(1).unwrap().contains("\"token\": 0, \"logprob\": 0"), "{g}");
     fails(&strs(&args("x.jsonl", &["--top-p", "0"])), &["top_p must be in (0, 1], got 0"]);
     fails(&strs(&args("x.jsonl", &["--top-k", "0"])), &["top_k must be >= 1"]);
+    fails(&strs(&args("x.jsonl", &["--num-samples", "0"])), &["--num-samples must be in [1, 1000000], got 0"]);
     fails(&strs(&args("x.jsonl", &["--temperature", "-1"])), &["temperature must be finite and >= 0"]);
     assert!(!Path::new(&p("x.jsonl")).exists());
 }

@@ -212,3 +212,21 @@ fn outputs_write_through_links_and_pipes() {
         assert!(!std::fs::metadata(&fifo).unwrap().is_file(), "the pipe is still a pipe");
     }
 }
+
+/// Writers check what they are given: a shape that does not hold the data, a duplicate or
+/// reserved tensor name, are errors (they asserted, or panicked inside `safetensors`).
+#[test]
+fn writers_refuse_inconsistent_input() {
+    use softmax_layer::io::write_npy_i64;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.npy");
+    assert!(write_npy_f32(&p, &[2], &[1.0]).unwrap_err().to_string().contains("does not hold"));
+    assert!(write_npy_i64(&p, &[1 << 32, 1 << 32], &[]).is_err(), "a product that wraps");
+    let s = dir.path().join("o.safetensors");
+    let one = || OutTensor::F32(&[1.0]);
+    let e = write_safetensors(&s, &[("w", vec![1], one()), ("w", vec![1], one())]).unwrap_err().to_string();
+    assert!(e.contains("'w' appears twice"), "{e}");
+    let e = write_safetensors(&s, &[("__metadata__", vec![1], one())]).unwrap_err().to_string();
+    assert!(e.contains("reserved"), "{e}");
+    assert!(!p.exists() && !s.exists());
+}

@@ -115,3 +115,18 @@ fn candidates_rank_by_sum_mean_and_per_char() {
     assert!((r.softmax_of_sums.iter().sum::<f64>() - 1.0).abs() < 1e-12);
     assert!(r.softmax_of_sums[0] > r.softmax_of_sums[1]);
 }
+
+/// Lengths that wrap around to n in a plain sum are refused (they passed, then allocated
+/// without bound), as is a hidden of another width.
+#[test]
+fn lengths_and_widths_are_checked() {
+    let (w, h) = setup(&[0, 1, 2]);
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 5, 5, None::<&[f32]>).unwrap();
+    let hv = MatRef::new(&h, 3, 5).unwrap();
+    let opts = ScoreOptions { lengths: Some(&[usize::MAX, 4]), ..Default::default() };
+    let e = score_sequences(&layer, hv, &[0, 1, 2], &opts).unwrap_err().to_string();
+    assert!(e.contains("lengths sum to"), "{e}");
+    let wide = vec![0.5f32; 3 * 7];
+    let e = score_sequences(&layer, MatRef::new(&wide, 3, 7).unwrap(), &[0, 1, 2], &ScoreOptions::default());
+    assert!(e.is_err());
+}
