@@ -658,10 +658,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         // A link to a regular file: replace the file it names, not the link.
         Ok(_) if link => std::fs::canonicalize(path).map_err(|e| io_err(path, e))?,
-        // A dangling link: create what it names.
-        Err(_) if link => {
-            let target = std::fs::read_link(path).map_err(|e| io_err(path, e))?;
-            path.parent().unwrap_or(Path::new(".")).join(target)
+        // A dangling link (or a chain of them): create what the last one names. A loop is
+        // the OS's "too many levels of symbolic links", reported, not written over.
+        Err(e) if link => {
+            if e.raw_os_error() == Some(40) {
+                return Err(io_err(path, e));
+            }
+            let mut at = path.to_path_buf();
+            for _ in 0..40 {
+                match std::fs::symlink_metadata(&at) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        let target = std::fs::read_link(&at).map_err(|e| io_err(path, e))?;
+                        at = at.parent().unwrap_or(Path::new(".")).join(target);
+                    }
+                    _ => break,
+                }
+            }
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                let what = "too many levels of symbolic links";
+                return Err(io_err(path, std::io::Error::other(what)));
+            }
+            at
         }
         _ => path.to_path_buf(),
     };

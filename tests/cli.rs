@@ -176,6 +176,9 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     let before = std::fs::read(&good).unwrap();
     fails(&["softmax", "--logits", &good, "-o", &good], &["-o", "would overwrite the input", "good.npy"]);
     fails(&["log-softmax", "--logits", &good, &format!("--output={good}")], &["would overwrite the input"]);
+    // (clap's attached forms of -o too.)
+    fails(&["softmax", "--logits", &good, &format!("-o{good}")], &["would overwrite the input"]);
+    fails(&["softmax", "--logits", &good, &format!("-o={good}")], &["would overwrite the input"]);
     assert_eq!(std::fs::read(&good).unwrap(), before);
     // An output whose name says the other format.
     fails(&["softmax", "--logits", &good, "-o", &p(d, "o.safetensors")], &["writes a .npy file", "o.safetensors"]);

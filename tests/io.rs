@@ -199,6 +199,19 @@ fn outputs_write_through_links_and_pipes() {
         let t = softmax_layer::io::read_npy(&d.join(target)).unwrap();
         assert_eq!(&t.to_f32().unwrap()[..], &[1.0, 2.0], "{link}");
     }
+    // A chain of two dangling links: the file at its end is created, both links stay.
+    std::os::unix::fs::symlink("real/c.npy", d.join("mid")).unwrap();
+    std::os::unix::fs::symlink("mid", d.join("top")).unwrap();
+    write_npy_f32(&d.join("top"), &[1], &[5.0]).unwrap();
+    assert!(std::fs::symlink_metadata(d.join("mid")).unwrap().file_type().is_symlink());
+    assert_eq!(&softmax_layer::io::read_npy(&d.join("real/c.npy")).unwrap().to_f32().unwrap()[..], &[5.0]);
+    // A loop is an error, and both links survive it.
+    std::os::unix::fs::symlink("loop_b", d.join("loop_a")).unwrap();
+    std::os::unix::fs::symlink("loop_a", d.join("loop_b")).unwrap();
+    assert!(write_npy_f32(&d.join("loop_a"), &[1], &[1.0]).is_err());
+    for l in ["loop_a", "loop_b"] {
+        assert!(std::fs::symlink_metadata(d.join(l)).unwrap().file_type().is_symlink(), "{l}");
+    }
     let fifo = d.join("fifo");
     if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
         let reader = {

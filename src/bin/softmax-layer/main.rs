@@ -203,25 +203,7 @@ pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 /// the same command (`--text F --plot F`, `--model M -o M`, …): the line to report, before
 /// any work, instead of replacing the input.
 fn output_over_input(args: &[String]) -> Option<String> {
-    let (mut outs, mut vals) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        if matches!(a, "-o" | "--output" | "--plot") {
-            if let Some(v) = args.get(i + 1) {
-                outs.push((a, v.as_str()));
-            }
-            i += 2;
-            continue;
-        }
-        match a.split_once('=') {
-            Some((flag @ ("--output" | "--plot"), v)) => outs.push((flag, v)),
-            Some((flag, v)) if flag.starts_with("--") => vals.push(v),
-            _ if !a.starts_with('-') => vals.push(a),
-            _ => {}
-        }
-        i += 1;
-    }
+    let (outs, vals) = split_args(args);
     for (flag, out) in outs {
         let out_path = std::path::Path::new(out);
         if !out_path.exists() {
@@ -237,6 +219,33 @@ fn output_over_input(args: &[String]) -> Option<String> {
     None
 }
 
+/// The command line's outputs (`-o F`, `-oF`, `-o=F`, `--output F`, `--output=F`, and the
+/// same for `--plot`) with their flags, and every other value.
+fn split_args(args: &[String]) -> (Vec<(&str, &str)>, Vec<&str>) {
+    let (mut outs, mut vals) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if matches!(a, "-o" | "--output" | "--plot") {
+            if let Some(v) = args.get(i + 1) {
+                outs.push((a, v.as_str()));
+            }
+            i += 2;
+            continue;
+        }
+        match a.split_once('=') {
+            Some((flag @ ("--output" | "--plot"), v)) => outs.push((flag, v)),
+            Some((flag, v)) if flag.starts_with("--") => vals.push(v),
+            // `-oF` and `-o=F`, clap's attached forms of the short flag.
+            _ if a.starts_with("-o") && !a.starts_with("--") => outs.push(("-o", a[2..].trim_start_matches('='))),
+            _ if !a.starts_with('-') => vals.push(a),
+            _ => {}
+        }
+        i += 1;
+    }
+    (outs, vals)
+}
+
 /// An output named `.npy` for a command that writes `.safetensors`, or the other way round:
 /// the file would not read back as its name says.
 fn output_kind_mismatch(args: &[String]) -> Option<String> {
@@ -247,10 +256,7 @@ fn output_kind_mismatch(args: &[String]) -> Option<String> {
         "loss" | "top-k" | "train" => "safetensors",
         _ => return None,
     };
-    let out = args.iter().enumerate().find_map(|(i, a)| match a.as_str() {
-        "-o" | "--output" => args.get(i + 1).map(String::as_str),
-        _ => a.strip_prefix("--output="),
-    })?;
+    let out = split_args(args).0.into_iter().find(|(flag, _)| *flag != "--plot")?.1;
     let ext = std::path::Path::new(out).extension()?.to_str()?.to_ascii_lowercase();
     let other = if writes == "npy" { "safetensors" } else { "npy" };
     (ext == other).then(|| format!("{cmd} writes a .{writes} file, but the output {out} is named .{other}"))
