@@ -1230,6 +1230,63 @@ fn fingerprint(cfg: &TrainConfig, n: usize, d: usize, classes: usize) -> String 
     }
 }
 
+/// What differs between two fingerprints, setting by setting: `epochs 3 there, 6 here`.
+fn fingerprint_diff(there: &str, here: &str) -> String {
+    const KEYS: [&str; 16] = [
+        "optimizer",
+        "batch",
+        "lr",
+        "warmup",
+        "min_lr_ratio",
+        "l2",
+        "clip",
+        "seed",
+        "holdout",
+        "patience",
+        "rows",
+        "d",
+        "K",
+        "precision",
+        "epochs",
+        "data",
+    ];
+    // `key=value` pairs, a value running to the next known key (the optimizer's holds spaces).
+    let fields = |s: &str| -> Vec<(&str, String)> {
+        let mut at: Vec<(usize, &str)> = KEYS
+            .iter()
+            .filter_map(|k| {
+                let pat = format!("{k}=");
+                s.match_indices(&pat).find(|(i, _)| *i == 0 || s.as_bytes()[i - 1] == b' ').map(|(i, _)| (i, *k))
+            })
+            .collect();
+        at.sort();
+        at.iter()
+            .enumerate()
+            .map(|(n, &(i, k))| {
+                let end = at.get(n + 1).map_or(s.len(), |x| x.0);
+                (k, s[i + k.len() + 1..end].trim().to_string())
+            })
+            .collect()
+    };
+    let (a, b) = (fields(there), fields(here));
+    let get = |f: &[(&str, String)], k: &str| f.iter().find(|x| x.0 == k).map(|x| x.1.clone());
+    let diffs: Vec<String> = KEYS
+        .iter()
+        .filter_map(|&k| {
+            let (x, y) = (get(&a, k), get(&b, k));
+            (x != y).then(|| {
+                let show = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+                if k == "data" {
+                    "other data (rows or labels)".to_string()
+                } else {
+                    format!("{k} {} there, {} here", show(x), show(y))
+                }
+            })
+        })
+        .collect();
+    if diffs.is_empty() { "settings differ".into() } else { diffs.join("; ") }
+}
+
 /// The checkpoint with the highest epoch in `dir`, if any.
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
     let entries = std::fs::read_dir(dir).ok()?;
@@ -1321,7 +1378,9 @@ fn load_checkpoint(path: &Path, fingerprint: &str, optimizer: Optimizer, classes
         Some(f) if f == fingerprint => {}
         Some(f) => {
             return Err(bad(format!(
-                "this checkpoint belongs to a different run; it was written with [{f}], this run has [{fingerprint}]"
+                "this checkpoint belongs to a different run ({}); it was written with [{f}], this run has \
+                 [{fingerprint}]",
+                fingerprint_diff(f, fingerprint)
             )));
         }
         None => return Err(bad("not a softmax-layer checkpoint (no fingerprint)".into())),

@@ -70,6 +70,10 @@ fn fit_pl_fits_and_reports_bad_files() {
     fails(&["fit-pl", "--rankings", &p("groups.txt"), "-o", &p("t2.npy")], &["not connected", "item 2", "--l2"]);
     std::fs::write(p("disc.txt"), "0 1\n2 3\n").unwrap();
     fails(&["fit-pl", "--rankings", &p("disc.txt"), "-o", &p("t2.npy")], &["never ranked above", "--l2"]);
+    fails(
+        &["fit-pl", "--rankings", &p("disc.txt"), "--l2", "-1", "-o", &p("t2.npy")],
+        &["--l2 must be finite and >= 0"],
+    );
     let (code, err) = run(&["fit-pl", "--rankings", &p("disc.txt"), "--l2", "0.1", "-o", &p("t3.npy")]);
     assert_eq!(code, 0, "{err}");
     // A stray huge id: a missing item is found without allocating for every id up to it,

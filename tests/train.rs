@@ -351,12 +351,12 @@ fn resuming_a_killed_run_gives_the_same_bits() {
         // A checkpoint from another configuration is refused, not silently mixed in.
         let other = TrainConfig { seed: 2, ..ck.clone() };
         let err = train(data, &other, |_| {}).unwrap_err().to_string();
-        assert!(err.contains("different run"), "{err}");
+        assert!(err.contains("different run (seed 1 there, 2 here"), "{err}");
         // So is one for other data of the same shape.
         let (x2, y2) = blobs(n, d, k, 9);
         let other_data = Data::new(MatRef::new(&x2, n, d).unwrap(), &y2).unwrap();
         let err = train(other_data, &ck, |_| {}).unwrap_err().to_string();
-        assert!(err.contains("different run"), "{err}");
+        assert!(err.contains("different run (other data (rows or labels))"), "{err}");
         // So is one in another precision.
         let other = TrainConfig { precision: softmax_layer::bf16::Precision::Bf16, ..ck.clone() };
         let err = train(data, &other, |_| {}).unwrap_err().to_string();
@@ -373,7 +373,7 @@ fn resuming_a_killed_run_gives_the_same_bits() {
             assert!(resumed.unwrap().history.len() >= 6);
         } else {
             let err = resumed.unwrap_err().to_string();
-            assert!(err.contains("different run") && err.contains("epochs=6"), "{opt:?}: {err}");
+            assert!(err.contains("different run") && err.contains("epochs 6 there, 8 here"), "{opt:?}: {err}");
         }
     }
 }

@@ -68,6 +68,9 @@ pub fn rank_prob(a: &RankProbArgs) -> Result<(), Failure> {
 }
 
 pub fn fit_pl(a: &FitPlArgs) -> Result<(), Failure> {
+    if !(a.l2.is_finite() && a.l2 >= 0.0) {
+        return Err(Failure(format!("--l2 must be finite and >= 0, got {}", a.l2)));
+    }
     let path = a.rankings.display();
     let text = std::fs::read_to_string(&a.rankings).map_err(|e| Failure(format!("{path}: {e}")))?;
     let mut rankings = Vec::new();
