@@ -642,6 +642,22 @@ fn safetensors_lookup(storage: Storage, path: &Path, name: &str) -> Result<std::
     }))
 }
 
+/// The folder a file `path` would go in (`.` for a bare name).
+fn folder_of(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Checks that the folder an output `path` would go in exists: callers with long work ahead
+/// call it first, so that a typo fails before the work rather than after it.
+pub fn check_output_folder(path: &Path) -> Result<()> {
+    let dir = folder_of(path);
+    if !dir.is_dir() {
+        let what = format!("the folder {} does not exist", dir.display());
+        return Err(io_err(path, std::io::Error::new(std::io::ErrorKind::NotFound, what)));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over `path`. A new file gets the usual mode (`0666` less the umask); a
 /// replaced one keeps its own. A symbolic link is written through (its target is replaced
@@ -683,14 +699,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => path.to_path_buf(),
     };
     let path: &Path = &resolved;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        let what = format!("the folder {} does not exist", dir.display());
-        return Err(io_err(path, std::io::Error::new(std::io::ErrorKind::NotFound, what)));
-    }
+    check_output_folder(path)?;
+    let dir = folder_of(path);
     let mut builder = tempfile::Builder::new();
     builder.prefix(".softmax-layer-");
     #[cfg(unix)]

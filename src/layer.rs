@@ -907,7 +907,7 @@ impl Consumer for WriteOut {
             }
             if self.stats {
                 st.0[i] = st.0[i].merge(self.k.max_sum(row, None, self.t), self.t);
-            } else if st.1.is_none() && !all_finite(row) {
+            } else if st.1.is_none() && !crate::matrix::all_finite(row) {
                 st.1 = Some(rows.start + i);
             }
         }
@@ -916,11 +916,6 @@ impl Consumer for WriteOut {
         let stats = a.0.into_iter().zip(b.0).map(|(x, y)| x.merge(y, self.t)).collect();
         (stats, a.1.into_iter().chain(b.1).min())
     }
-}
-
-/// Whether every value is finite (no early exit, so that it vectorizes).
-fn all_finite(x: &[f32]) -> bool {
-    x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 /// Each row's [`MaxSum`]: logsumexp.
@@ -983,14 +978,16 @@ impl Consumer for Argmax {
     }
     fn visit(&self, st: &mut Self::State, tile: &[f32], _rows: Range<usize>, cols: Range<usize>) {
         for (s, row) in st.iter_mut().zip(tile.chunks_exact(cols.len())) {
+            // A logit overflowed upwards (or to NaN) poisons the row's maximum (NaN compares
+            // false below); one overflowed downwards, -inf, is below the maximum anyway.
+            let mut ok = true;
             for (j, &z) in row.iter().enumerate() {
+                ok &= z < f32::INFINITY;
                 if z > s.0 || s.1 == usize::MAX {
                     *s = (z, cols.start + j);
                 }
             }
-            // A logit overflowed upwards (or to NaN) poisons the row's maximum (NaN compares
-            // false above); one overflowed downwards, -inf, is below the maximum anyway.
-            if !row.iter().fold(true, |ok, &z| ok & (z < f32::INFINITY)) {
+            if !ok {
                 s.0 = f32::NAN;
             }
         }

@@ -81,7 +81,7 @@ impl<'a> MatRef<'a> {
         if self.cols == 0 {
             return None;
         }
-        let clean = |c: &[f32]| c.iter().fold(true, |ok, v| ok & v.is_finite());
+        let clean = all_finite;
         let check_row = |i: usize| {
             let row = self.row(i);
             if row.chunks(64).all(clean) {
@@ -192,6 +192,20 @@ impl WeightLayout {
             WeightLayout::HiddenMajor => [hidden, vocab],
         }
     }
+}
+
+/// Whether every value is finite: a branch-free fold (no early exit), so that it vectorizes.
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    x.iter().fold(true, |ok, v| ok & v.is_finite())
+}
+
+/// `len` copies of `value`, or an error naming `what` when the memory cannot be had (instead
+/// of the abort a plain `vec!` gives on a huge length).
+pub(crate) fn try_filled<T: Clone>(len: usize, value: T, what: impl FnOnce() -> String) -> crate::Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| crate::Error::InvalidArgument(format!("cannot allocate {}", what())))?;
+    v.resize(len, value);
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -240,14 +240,8 @@ pub fn fit(rankings: &[Vec<usize>], opts: &FitOptions) -> Result<Fit> {
     let m = largest.checked_add(1).filter(|&m| m <= isize::MAX as usize / 64).ok_or_else(|| {
         Error::InvalidArgument(format!("item id {largest} is too large: the items are 0..=largest id"))
     })?;
-    let zeros = |what: &str| -> Result<Vec<f64>> {
-        let mut v = Vec::new();
-        v.try_reserve_exact(m).map_err(|_| {
-            Error::InvalidArgument(format!("cannot allocate the {what} of {m} items (the largest id + 1)"))
-        })?;
-        v.resize(m, 0.0);
-        Ok(v)
-    };
+    let zeros =
+        |what: &str| crate::matrix::try_filled(m, 0f64, || format!("the {what} of {m} items (the largest id + 1)"));
     for (i, r) in rankings.iter().enumerate() {
         check_ranking(m, r).map_err(|e| Error::InvalidArgument(format!("ranking {i}: {e}")))?;
     }

@@ -81,11 +81,8 @@ impl Model {
             .rows()
             .checked_mul(self.classes)
             .ok_or_else(|| Error::Shape(format!("the output [{}, {}] is too large", features.rows(), self.classes)))?;
-        let mut out = Vec::new();
-        out.try_reserve_exact(len).map_err(|_| {
-            Error::InvalidArgument(format!("cannot allocate the output [{}, {}]", features.rows(), self.classes))
-        })?;
-        out.resize(len, 0f32);
+        let mut out =
+            crate::matrix::try_filled(len, 0f32, || format!("the output [{}, {}]", features.rows(), self.classes))?;
         let view = crate::MatMut::new(&mut out, features.rows(), self.classes)?;
         layer.probs(features, view, &LayerOptions::default())?;
         Ok(out)

@@ -274,10 +274,7 @@ pub fn run(a: &DemoArgs) -> Result<(), Failure> {
     if a.text.is_none() && !(1000..=100_000_000).contains(&a.train_chars) {
         return Err(Failure(format!("--train-chars must be in [1000, 100000000], got {}", a.train_chars)));
     }
-    let plot_dir = a.plot.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    if !plot_dir.is_dir() {
-        return Err(Failure(format!("{}: the folder {} does not exist", a.plot.display(), plot_dir.display())));
-    }
+    softmax_layer::io::check_output_folder(&a.plot)?;
     let c = corpus(a)?;
     let v = c.symbols.len();
     let feats = Features { vocab: v, buckets: a.buckets, hashes: 2 };

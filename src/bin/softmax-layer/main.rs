@@ -183,7 +183,7 @@ pub fn temperature_arg(s: &str) -> Result<f32, String> {
 }
 
 /// The file of a tensor argument (`FILE.npy` or `FILE.safetensors:NAME`).
-pub fn spec_file(spec: &str) -> std::path::PathBuf {
+fn spec_file(spec: &str) -> std::path::PathBuf {
     match spec.rsplit_once(':') {
         Some((file, _)) if file.ends_with(".safetensors") => file.into(),
         _ => spec.into(),

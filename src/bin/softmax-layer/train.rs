@@ -2,9 +2,9 @@
 
 use crate::layer::parse_precision;
 use crate::plot::{Series, svg};
-use crate::{Failure, same_file, spec_file};
+use crate::{Failure, same_file};
 use indicatif::{ProgressBar, ProgressStyle};
-use softmax_layer::io::{CsvTable, Tensor, TensorSpec, read_csv, write_atomic, write_npy_f32};
+use softmax_layer::io::{CsvTable, Tensor, TensorSpec, check_output_folder, read_csv, write_atomic, write_npy_f32};
 use softmax_layer::train::{Checkpointing, Data, Event, Model, Optimizer, TrainConfig, TrainOutput, train};
 use softmax_layer::{Error, MatRef};
 use std::io::IsTerminal;
@@ -429,22 +429,10 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         a.data.data.as_ref().map_or_else(|| a.data.features.clone().unwrap_or_default(), |p| p.display().to_string());
     let data = Data::new(x, labels).map_err(|e| Failure(format!("{source}: {e}")))?;
     // Fail before training, not after, when the model or the plot cannot be written where
-    // asked, or would overwrite an input or each other.
+    // asked, or would overwrite each other. (Outputs over inputs: `main` checks every command.)
     let plot = a.plot.clone().unwrap_or_else(|| with_suffix(&a.output, ".loss.svg"));
-    let inputs: Vec<PathBuf> = [a.data.data.clone(), a.data.features.clone().map(|f| spec_file(&f))]
-        .into_iter()
-        .chain([a.labels.clone().map(|f| spec_file(&f))])
-        .flatten()
-        .collect();
-    for (path, what) in [(&a.output, "the model (-o)"), (&plot, "the plot (--plot)")] {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            return Err(Failure(format!("{}: the folder {} does not exist", path.display(), dir.display())));
-        }
-        if let Some(input) = inputs.iter().find(|i| same_file(i, path)) {
-            return Err(Failure(format!("{what} would overwrite the input {}", input.display())));
-        }
-    }
+    check_output_folder(&a.output)?;
+    check_output_folder(&plot)?;
     if same_file(&a.output, &plot) {
         return Err(Failure(format!("--plot {} is the model's own path (-o)", plot.display())));
     }
