@@ -235,4 +235,14 @@ mod tests {
             assert!(got.2.is_nan());
         }
     }
+
+    #[test]
+    fn a_view_without_columns_has_no_non_finite_element() {
+        // The stride's padding holds NaN, which a zero-width view does not see; many rows take
+        // the parallel path's row-count arithmetic too.
+        let data = vec![f32::NAN; 8];
+        for (rows, stride) in [(0, 2), (1, 2), (3, 2), (1 << 20, 0)] {
+            assert_eq!(MatRef::with_stride(&data, rows, 0, stride).unwrap().find_non_finite(), None, "{rows} rows");
+        }
+    }
 }

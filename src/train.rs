@@ -381,6 +381,13 @@ pub enum Event<'a> {
         path: &'a Path,
         epoch: usize,
     },
+    /// A checkpoint that could not be read (truncated or corrupt) was passed over for the
+    /// one before it. Before [`Event::Resumed`], or before an error when none loads.
+    /// `reason` is the error, which names the file.
+    SkippedCheckpoint {
+        path: &'a Path,
+        reason: &'a str,
+    },
     /// The held-out loss stopped improving.
     EarlyStop {
         epoch: usize,
@@ -692,23 +699,42 @@ fn run_training(
             bytes as f64
         )));
     }
-    // (With checkpoints only: a digest of the rows and labels, so that a checkpoint of other
-    // data of the same shape is refused too.)
-    let fingerprint = fingerprint(cfg, n_all, d, classes)
-        + &match &cfg.checkpoint {
-            Some(_) => format!(
-                " data={:016x}",
-                data_digest(&[Some(train_data), held].into_iter().flatten().collect::<Vec<_>>())
-            ),
-            None => String::new(),
-        };
+    let data = cfg
+        .checkpoint
+        .as_ref()
+        .map(|_| data_digest(&[Some(train_data), held].into_iter().flatten().collect::<Vec<_>>()));
+    let fields = fingerprint_fields(cfg, n_all, d, classes, data);
+    let fingerprint = fingerprint(&fields);
     // L-BFGS's objective J and its gradient at a flat point.
     let objective = |x: &[f64]| objective_f64(x, classes, d, train_data, cfg.l2, cfg.precision);
     // Loss-and-gradient evaluations by L-BFGS in this call.
     let mut evaluations = 0usize;
-    let mut st = match cfg.checkpoint.as_ref().filter(|c| c.resume).and_then(|c| latest_checkpoint(&c.dir)) {
-        Some(path) => {
-            let st = load_checkpoint(&path, &fingerprint, cfg.optimizer, classes, d)?;
+    // Resume from the newest checkpoint that loads; a damaged one is skipped (and said), an
+    // older one of the same run taking its place.
+    let mut resumed = None;
+    let mut damaged = Vec::new();
+    for path in cfg.checkpoint.as_ref().filter(|c| c.resume).map_or_else(Vec::new, |c| checkpoints(&c.dir)) {
+        match load_checkpoint(&path, &fields, cfg.optimizer, classes, d) {
+            Ok(st) => {
+                resumed = Some((path, st));
+                break;
+            }
+            Err(NotResumed::OtherRun(e)) => return Err(e),
+            Err(NotResumed::Damaged(e)) => {
+                on_event(Event::SkippedCheckpoint { path: &path, reason: &e.to_string() });
+                damaged.push(e.to_string());
+            }
+        }
+    }
+    if resumed.is_none() && !damaged.is_empty() {
+        // Starting over would silently discard the run.
+        return Err(Error::InvalidArgument(format!(
+            "--resume: no checkpoint could be loaded ({}); remove the folder's checkpoints to start over",
+            damaged.join("; ")
+        )));
+    }
+    let mut st = match resumed {
+        Some((path, st)) => {
             if st.epoch > epochs {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the checkpoint is at epoch {}, past the {epochs} epochs asked for",
@@ -1202,81 +1228,81 @@ fn data_digest(sets: &[Data<'_>]) -> u64 {
     })
 }
 
-fn fingerprint(cfg: &TrainConfig, n: usize, d: usize, classes: usize) -> String {
-    format!(
-        "optimizer={:?} batch={} lr={} warmup={} min_lr_ratio={} l2={} clip={:?} seed={} holdout={} patience={:?} rows={n} d={d} K={classes}",
-        cfg.optimizer,
-        cfg.batch_size,
-        cfg.lr,
-        cfg.warmup,
-        cfg.min_lr_ratio,
-        cfg.l2,
-        cfg.clip_norm,
-        cfg.seed,
-        cfg.holdout,
-        cfg.patience
-    ) + &match cfg.precision {
-        // (Absent for f32, so that checkpoints written before the setting existed resume.)
-        Precision::F32 => String::new(),
-        p => format!(" precision={p}"),
-    } + &match cfg.optimizer {
+/// The settings a checkpoint must share with the run that resumes it, in order, as
+/// `(key, value)`; a setting without a value is left out of the fingerprint (so that
+/// checkpoints written before it existed still resume). Every key is listed, with or
+/// without a value: [`fingerprint_diff`] parses stored fingerprints with these keys.
+fn fingerprint_fields(
+    cfg: &TrainConfig,
+    n: usize,
+    d: usize,
+    classes: usize,
+    data: Option<u64>,
+) -> Vec<(&'static str, Option<String>)> {
+    let s = |v: String| Some(v);
+    vec![
+        ("optimizer", s(format!("{:?}", cfg.optimizer))),
+        ("batch", s(cfg.batch_size.to_string())),
+        ("lr", s(cfg.lr.to_string())),
+        ("warmup", s(cfg.warmup.to_string())),
+        ("min_lr_ratio", s(cfg.min_lr_ratio.to_string())),
+        ("l2", s(cfg.l2.to_string())),
+        ("clip", s(format!("{:?}", cfg.clip_norm))),
+        ("seed", s(cfg.seed.to_string())),
+        ("holdout", s(cfg.holdout.to_string())),
+        ("patience", s(format!("{:?}", cfg.patience))),
+        ("rows", s(n.to_string())),
+        ("d", s(d.to_string())),
+        ("K", s(classes.to_string())),
+        // (Absent for f32, the setting's default before it existed.)
+        ("precision", (cfg.precision != Precision::F32).then(|| cfg.precision.to_string())),
         // The learning-rate schedule spans all epochs: another count is another run.
         // (L-BFGS's epochs only cap its iterations: a resumed run may ask for more.)
-        Optimizer::Lbfgs { .. } => String::new(),
-        _ => format!(" epochs={}", cfg.epochs.unwrap_or(DEFAULT_EPOCHS)),
-    }
+        (
+            "epochs",
+            (!matches!(cfg.optimizer, Optimizer::Lbfgs { .. }))
+                .then(|| cfg.epochs.unwrap_or(DEFAULT_EPOCHS).to_string()),
+        ),
+        // A digest of the rows and labels (with checkpoints only), so that a checkpoint of
+        // other data of the same shape is refused too.
+        ("data", data.map(|x| format!("{x:016x}"))),
+    ]
 }
 
-/// What differs between two fingerprints, setting by setting: `epochs 3 there, 6 here`.
-fn fingerprint_diff(there: &str, here: &str) -> String {
-    const KEYS: [&str; 16] = [
-        "optimizer",
-        "batch",
-        "lr",
-        "warmup",
-        "min_lr_ratio",
-        "l2",
-        "clip",
-        "seed",
-        "holdout",
-        "patience",
-        "rows",
-        "d",
-        "K",
-        "precision",
-        "epochs",
-        "data",
-    ];
+/// `key=value` for each field with a value, joined by spaces.
+fn fingerprint(fields: &[(&'static str, Option<String>)]) -> String {
+    let set: Vec<String> = fields.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}"))).collect();
+    set.join(" ")
+}
+
+/// What differs between a stored fingerprint and this run's fields, setting by setting:
+/// `epochs 3 there, 6 here`.
+fn fingerprint_diff(there: &str, here: &[(&'static str, Option<String>)]) -> String {
     // `key=value` pairs, a value running to the next known key (the optimizer's holds spaces).
-    let fields = |s: &str| -> Vec<(&str, String)> {
-        let mut at: Vec<(usize, &str)> = KEYS
-            .iter()
-            .filter_map(|k| {
-                let pat = format!("{k}=");
-                s.match_indices(&pat).find(|(i, _)| *i == 0 || s.as_bytes()[i - 1] == b' ').map(|(i, _)| (i, *k))
-            })
-            .collect();
-        at.sort();
-        at.iter()
-            .enumerate()
-            .map(|(n, &(i, k))| {
-                let end = at.get(n + 1).map_or(s.len(), |x| x.0);
-                (k, s[i + k.len() + 1..end].trim().to_string())
-            })
-            .collect()
-    };
-    let (a, b) = (fields(there), fields(here));
-    let get = |f: &[(&str, String)], k: &str| f.iter().find(|x| x.0 == k).map(|x| x.1.clone());
-    let diffs: Vec<String> = KEYS
+    let mut at: Vec<(usize, &str)> = here
         .iter()
-        .filter_map(|&k| {
-            let (x, y) = (get(&a, k), get(&b, k));
-            (x != y).then(|| {
-                let show = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
-                if k == "data" {
+        .filter_map(|&(k, _)| {
+            let pat = format!("{k}=");
+            there.match_indices(&pat).find(|(i, _)| *i == 0 || there.as_bytes()[i - 1] == b' ').map(|(i, _)| (i, k))
+        })
+        .collect();
+    at.sort();
+    let stored = |key: &str| {
+        let n = at.iter().position(|x| x.1 == key)?;
+        let (i, k) = at[n];
+        let end = at.get(n + 1).map_or(there.len(), |x| x.0);
+        Some(there[i + k.len() + 1..end].trim().to_string())
+    };
+    let diffs: Vec<String> = here
+        .iter()
+        .filter_map(|(k, y)| {
+            let x = stored(k);
+            (x != *y).then(|| {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+                if *k == "data" {
                     "other data (rows or labels)".to_string()
                 } else {
-                    format!("{k} {} there, {} here", show(x), show(y))
+                    format!("{k} {} there, {} here", show(x.as_ref()), show(y.as_ref()))
                 }
             })
         })
@@ -1286,15 +1312,21 @@ fn fingerprint_diff(there: &str, here: &str) -> String {
 
 /// The checkpoint with the highest epoch in `dir`, if any.
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    entries
+    checkpoints(dir).into_iter().next()
+}
+
+/// The checkpoints in `dir`, newest (highest epoch) first.
+fn checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
             let epoch: usize = name.strip_prefix(CKPT_PREFIX)?.strip_suffix(CKPT_SUFFIX)?.parse().ok()?;
             Some((epoch, dir.join(name)))
         })
-        .max_by_key(|(e, _)| *e)
-        .map(|(_, p)| p)
+        .collect();
+    found.sort_by_key(|x| std::cmp::Reverse(x.0));
+    found.into_iter().map(|(_, p)| p).collect()
 }
 
 fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathBuf> {
@@ -1368,20 +1400,43 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     Ok(path)
 }
 
-fn load_checkpoint(path: &Path, fingerprint: &str, optimizer: Optimizer, classes: usize, d: usize) -> Result<RunState> {
-    let meta = io::read_safetensors_metadata(path)?;
+/// Why a checkpoint was not resumed from.
+enum NotResumed {
+    /// It belongs to another run (its fingerprint differs): resuming from the folder would
+    /// continue someone else's run, so the error stands.
+    OtherRun(Error),
+    /// It cannot be read (truncated, corrupt, not a checkpoint): an older one may do.
+    Damaged(Error),
+}
+
+/// The state a checkpoint holds, if it was written by this run (`fields`).
+fn load_checkpoint(
+    path: &Path,
+    fields: &[(&'static str, Option<String>)],
+    optimizer: Optimizer,
+    classes: usize,
+    d: usize,
+) -> std::result::Result<RunState, NotResumed> {
+    let meta = io::read_safetensors_metadata(path).map_err(NotResumed::Damaged)?;
+    let fingerprint = fingerprint(fields);
     let bad = |what: String| Error::Format { path: path.to_path_buf(), what };
     match meta.get("fingerprint") {
-        Some(f) if f == fingerprint => {}
+        Some(f) if *f == fingerprint => {}
         Some(f) => {
-            return Err(bad(format!(
+            return Err(NotResumed::OtherRun(bad(format!(
                 "this checkpoint belongs to a different run ({}); it was written with [{f}], this run has \
                  [{fingerprint}]",
-                fingerprint_diff(f, fingerprint)
-            )));
+                fingerprint_diff(f, fields)
+            ))));
         }
-        None => return Err(bad("not a softmax-layer checkpoint (no fingerprint)".into())),
+        None => return Err(NotResumed::Damaged(bad("not a softmax-layer checkpoint (no fingerprint)".into()))),
     }
+    load_checkpoint_state(path, optimizer, classes, d).map_err(NotResumed::Damaged)
+}
+
+/// The state in a checkpoint whose fingerprint matched.
+fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: usize) -> Result<RunState> {
+    let bad = |what: String| Error::Format { path: path.to_path_buf(), what };
     let p = classes * d + classes;
     let f32s = |name: &str, len: usize| -> Result<Vec<f32>> {
         let t = io::read_safetensors(path, name)?;

@@ -249,14 +249,16 @@ fn selfcheck_runs_and_checks_against_float64() {
 #[test]
 fn a_closed_stdout_is_not_a_panic() {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = common::bin()
+    // A pipe whose reading end is closed before the child starts: its first write fails,
+    // whatever the timing.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = common::bin()
         .args(["selfcheck", "--rows", "8", "--cols", "16", "--repeats", "1"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success() || out.status.signal() == Some(13), "{:?}: {err}", out.status);

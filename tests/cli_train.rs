@@ -237,6 +237,16 @@ fn bad_training_input_exits_2_with_one_line() {
     );
     let last = err.trim_end().lines().last().unwrap_or_default();
     assert!(code == 2 && last.contains("diverged") && last.contains("learning rate"), "{code}: {err}");
+    // Finite but far worse than where it started (identical rows, two labels, a huge step):
+    // a warning, the model still written.
+    write_npy_f32(Path::new(&p("xsame.npy")), &[4, 2], &[1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0]).unwrap();
+    let (code, err) = common::run(
+        &["train", "--features", &p("xsame.npy"), "--labels", &p("y4.npy"), "--optimizer", "sgd", "--lr", "1000"]
+            .into_iter()
+            .chain(["--epochs", "20", "--batch", "1", "-o", &p("diverged.safetensors")])
+            .collect::<Vec<_>>(),
+    );
+    assert!(code == 0 && err.contains("warning: the objective grew from") && err.contains("diverged"), "{code}: {err}");
     fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
     fails(&strs(&with(&["--lr", "0.1", "-o", &o])), &["--lr applies to adamw and sgd"]);
     fails(&strs(&with(&["--optimizer", "sgd", "--lr", "-1", "-o", &o])), &["learning rate", "got -1"]);

@@ -379,6 +379,53 @@ fn resuming_a_killed_run_gives_the_same_bits() {
 }
 
 #[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
+    let (n, d, k) = (600, 5, 3);
+    let (x, y) = blobs(n, d, k, 3);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        TrainConfig { optimizer: Optimizer::adamw(), epochs: Some(4), batch_size: 50, lr: 0.05, ..Default::default() };
+    let whole = train(data, &cfg, |_| {}).unwrap();
+    let ck = TrainConfig {
+        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
+        ..cfg.clone()
+    };
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train(data, &ck, |e| {
+            if let Event::Checkpoint(p) = e
+                && p.to_string_lossy().contains("00000003")
+            {
+                panic!("killed");
+            }
+        })
+    }));
+    assert!(crashed.is_err());
+    // The newest checkpoint (epoch 3) is damaged after the fact: truncated to half.
+    let newest = latest_checkpoint(dir.path()).unwrap();
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let (mut skipped, mut resumed_at) = (vec![], None);
+    let resumed = train(data, &ck, |e| match e {
+        Event::SkippedCheckpoint { path, reason } => skipped.push((path.to_path_buf(), reason.to_string())),
+        Event::Resumed { epoch, .. } => resumed_at = Some(epoch),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, newest);
+    assert_eq!(resumed_at, Some(2), "resumed from the checkpoint before the damaged one");
+    assert_eq!(resumed.model, whole.model, "the fallback still ends bit-identical");
+    assert_eq!(resumed.step_objectives, whole.step_objectives);
+    // When no checkpoint loads, the run is not silently started over.
+    for p in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::write(p.unwrap().path(), b"not a checkpoint").unwrap();
+    }
+    let err = train(data, &ck, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no checkpoint could be loaded") && err.contains("checkpoint-00000004"), "{err}");
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let x = vec![0f32; 6];
     let fx = MatRef::new(&x, 3, 2).unwrap();

@@ -338,6 +338,10 @@ impl Progress {
             Event::Resumed { path, epoch } => {
                 self.say(format!("resumed from {} (after epoch {epoch})", path.display()))
             }
+            // (The reason names the file.)
+            Event::SkippedCheckpoint { reason, .. } => {
+                self.say(format!("warning: skipped a damaged checkpoint (an older one is tried): {reason}"))
+            }
             Event::EarlyStop { epoch, best_epoch } => {
                 self.say(format!("early stop at epoch {epoch}: the held-out loss was best at epoch {best_epoch}"))
             }
@@ -446,14 +450,16 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     progress.finish();
     let out = out?;
     let secs = started.elapsed().as_secs_f64();
-    // A mini-batch run whose objective grew far beyond where it started has not fit anything
-    // (while staying finite it is not caught as diverged): say so.
-    if let (Some(first), Some(last)) = (out.step_objectives.first(), out.step_objectives.last())
+    // A mini-batch run whose objective over all training rows ended far above its first
+    // step's has not fit anything (while staying finite it is not caught as diverged): say
+    // so. (The last step's own objective may be small in an oscillating run.)
+    if let Some(first) = out.step_objectives.first()
         && a.optimizer != "lbfgs"
-        && *last > 10.0 * first.max(1e-3)
+        && out.objective > 10.0 * first.max(1e-3)
     {
         eprintln!(
-            "warning: the objective grew from {first:.4} to {last:.4e}: the run diverged; lower --lr (or --weight-decay)"
+            "warning: the objective grew from {first:.4} to {:.4e}: the run diverged; lower --lr (or --weight-decay)",
+            out.objective
         );
     }
     out.model.save_with_metadata(&a.output, metadata)?;
