@@ -566,7 +566,9 @@ impl SoftmaxLayer<'_> {
                 // |fl(Σ) − Σ| ≤ γ_m·Σ|terms|, γ_m = m·u/(1 − m·u), u = 2^-24, for any summation
                 // order, with m = d products (3d in bf16x3) and sums plus the bias; doubled
                 // for margin.
-                ((dot + b) as f32, (2.0 * gamma * (mag + b.abs()) + 1e-30) as f32)
+                // (The bound capped at f32::MAX: an infinite one would make `e + delta` NaN
+                // for a target logit of −inf, and no class would count as above it.)
+                ((dot + b) as f32, ((2.0 * gamma * (mag + b.abs()) + 1e-30) as f32).min(f32::MAX))
             })
             .collect();
         let c = Scorer { targets, est: &est, top, t: opts.temperature, kern: self.kernels };
@@ -1022,8 +1024,10 @@ struct Candidates {
     floor: Option<f32>,
 }
 
+/// Higher logits first, ties to the lower class id; −0 ties with +0 (adding +0 turns −0
+/// into +0), as in every other comparison of logits here.
 fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+    (b.0 + 0.0).total_cmp(&(a.0 + 0.0)).then(a.1.cmp(&b.1))
 }
 
 impl Candidates {

@@ -213,13 +213,19 @@ pub(crate) fn cross_entropy_with_grad_prechecked(
 struct Setup<'a> {
     t: f32,
     eps: f64,
-    weights: Option<&'a [f32]>,
+    /// The class weights scaled by `2^k` so that the largest lies in `[1, 2)`: exact unless
+    /// they span more than 2^149, and it keeps tiny weights' reciprocals and huge weights'
+    /// sums within `f32`. The scale cancels under `Mean`; `Sum` and `None` multiply by it
+    /// (`denom` is its reciprocal).
+    weights: Option<std::borrow::Cow<'a, [f32]>>,
     /// Σ_j w_j (V without weights).
     w_sum: f64,
     inv_cap: f32,
     cap: Option<f32>,
     z_loss: f64,
-    /// The reduction's denominators: of the loss, and of the z-loss.
+    /// The reduction's denominators: of the loss (`Σ w_{y_i}` under `Mean`, else the
+    /// reciprocal of the weights' scale), and of the z-loss (the kept rows' count under
+    /// `Mean`, else 1).
     denom: f64,
     denom_z: f64,
 }
@@ -272,25 +278,50 @@ fn check(
 
 fn setup<'a>(layer: &SoftmaxLayer<'_>, targets: &[i64], o: &CrossEntropyOptions<'a>) -> Setup<'a> {
     let v = layer.vocab();
-    let weights = o.class_weights;
-    let w_of = |y: i64| weights.map_or(1.0, |w| w[y as usize] as f64);
+    let (weights, scale) = match o.class_weights {
+        Some(w) => {
+            let max = w.iter().fold(0f32, |m, &x| m.max(x));
+            // max = 2^e·(1 + f), from the bits of its f64 value (normal even when max is not).
+            let e = ((max as f64).to_bits() >> 52 & 0x7ff) as i32 - 1023;
+            if max == 0.0 || e == 0 {
+                (Some(std::borrow::Cow::Borrowed(w)), 1.0)
+            } else {
+                let down = 2f64.powi(-e);
+                (Some(std::borrow::Cow::Owned(w.iter().map(|&x| (x as f64 * down) as f32).collect())), 2f64.powi(e))
+            }
+        }
+        None => (None, 1.0),
+    };
+    let w_of = |y: i64| weights.as_deref().map_or(1.0, |w| w[y as usize] as f64);
     let kept = targets.iter().filter(|&&y| y != o.ignore_index);
     let (denom, count) = kept.fold((0f64, 0f64), |(s, c), &y| (s + w_of(y), c + 1.0));
     let (denom, denom_z) = match o.reduction {
         Reduction::Mean => (denom, count),
-        _ => (1.0, 1.0),
+        // (w = 2^e·w', so the loss is 2^e times that of the scaled weights.)
+        _ => (1.0 / scale, 1.0),
     };
     Setup {
         t: o.temperature,
         eps: o.label_smoothing as f64,
+        w_sum: weights.as_deref().map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum()),
         weights,
-        w_sum: weights.map_or(v as f64, |w| w.iter().map(|&x| x as f64).sum()),
         inv_cap: o.softcap.map_or(0.0, |s| 1.0 / s),
         cap: o.softcap,
         z_loss: o.z_loss as f64,
         denom,
         denom_z,
     }
+}
+
+/// What can make a loss of finite inputs overflow `f32`, among the options in use: "the
+/// class weights, the z-loss or the logits' range (over the temperature)".
+fn overflow_causes(s: &Setup<'_>) -> String {
+    let logits = if s.t < 1.0 { "the logits' range (over the temperature)" } else { "the logits' range" };
+    let options: Vec<&str> = [(s.weights.is_some(), "the class weights"), (s.z_loss > 0.0, "the z-loss")]
+        .into_iter()
+        .filter_map(|(used, what)| used.then_some(what))
+        .collect();
+    if options.is_empty() { logits.to_string() } else { format!("{} or {logits}", options.join(", ")) }
 }
 
 /// What one segment of classes knows about one row after phase 1.
@@ -405,7 +436,7 @@ fn run(
     // Weights for the smoothing term's Σ w_j z_j (ones without class weights; only built
     // when smoothing is on).
     let ones;
-    let wvec: &[f32] = match s.weights {
+    let wvec: &[f32] = match s.weights.as_deref() {
         Some(w) => w,
         None if s.eps > 0.0 => {
             ones = vec![1f32; v];
@@ -538,7 +569,7 @@ fn run(
             lse[r0 + i] = l as f32;
             if y[i] != o.ignore_index {
                 let t = s.t as f64;
-                let wy = s.weights.map_or(1.0, |w| w[y[i] as usize] as f64);
+                let wy = s.weights.as_deref().map_or(1.0, |w| w[y[i] as usize] as f64);
                 let nll = l - acc.zy as f64 / t;
                 let smooth = s.w_sum * l - acc.wz / t;
                 loss_rows[r0 + i] = (1.0 - s.eps) * wy * nll + s.eps / v as f64 * smooth;
@@ -563,7 +594,7 @@ fn run(
                 if c == 0.0 && cz * s.z_loss == 0.0 {
                     return None;
                 }
-                let wy = s.weights.map_or(1.0, |w| w[y[i] as usize] as f64);
+                let wy = s.weights.as_deref().map_or(1.0, |w| w[y[i] as usize] as f64);
                 let l = lse[r0 + i] as f64;
                 let a = c * ((1.0 - s.eps) * wy + s.eps * s.w_sum / v as f64) + cz * 2.0 * s.z_loss * l;
                 let b = c * s.eps / v as f64;
@@ -571,6 +602,15 @@ fn run(
                 Some((a as f32, b as f32, target as f32))
             })
             .collect();
+        if let Some(i) =
+            coef.iter().position(|c| c.is_some_and(|(a, b, t)| !(a.is_finite() && b.is_finite() && t.is_finite())))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the gradient of row {} overflows f32; lower {}",
+                r0 + i,
+                overflow_causes(&s)
+            )));
+        }
 
         // Phase 2, per segment G: dX[:, G] in place, db[G] += Σ_i dX_i, dW[G] += dX[:, G]ᵀ·H[R],
         // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
@@ -587,7 +627,7 @@ fn run(
                     None => row.fill(0.0),
                     Some((a, b, target)) => {
                         let (stats, zy) = row_stats[i];
-                        let w = s.weights.map(|w| &w[seg.clone()]);
+                        let w = s.weights.as_deref().map(|w| &w[seg.clone()]);
                         k.ce_grad_in_place(row, w, s.t, stats, CeGradCoef { a, b, inv_cap: s.inv_cap });
                         let yi = y[i] as usize;
                         if seg.contains(&yi) {
@@ -657,22 +697,23 @@ fn run(
         });
     }
 
+    let part = |x: f64, den: f64| if den == 0.0 { 0.0 } else { x / den };
     let loss = match o.reduction {
-        Reduction::None => loss_rows.iter().zip(&zl_rows).map(|(a, b)| (a + b) as f32).collect(),
-        r => {
-            let (num, num_z): (f64, f64) = (loss_rows.iter().sum(), zl_rows.iter().sum());
-            let (dn, dz) = if r == Reduction::Mean { (s.denom, s.denom_z) } else { (1.0, 1.0) };
-            let part = |x: f64, den: f64| if den == 0.0 { 0.0 } else { x / den };
-            vec![(part(num, dn) + part(num_z, dz)) as f32]
+        Reduction::None => loss_rows.iter().zip(&zl_rows).map(|(&a, &b)| (part(a, s.denom) + b) as f32).collect(),
+        _ => {
+            // (Summed from +0, so that no row gives 0 rather than −0.)
+            let sum = |x: &[f64]| x.iter().fold(0f64, |acc, &v| acc + v);
+            vec![(part(sum(&loss_rows), s.denom) + part(sum(&zl_rows), s.denom_z)) as f32]
         }
     };
     // Finite inputs and options can still make the loss overflow f32 (class weights or a
-    // z-loss near 3e38): an error, as a NaN or an infinity in the inputs is.
+    // z-loss near 3e38, a tiny temperature): an error, as a NaN or an infinity in the inputs is.
     if let Some(i) = loss.iter().position(|l| !l.is_finite()) {
         let at = if loss.len() > 1 { format!(" of row {i}") } else { String::new() };
         return Err(Error::InvalidArgument(format!(
-            "the loss{at} overflows f32 ({}); lower the class weights or the z-loss",
-            loss[i]
+            "the loss{at} overflows f32 ({}); lower {}",
+            loss[i],
+            overflow_causes(&s)
         )));
     }
     Ok(CrossEntropyOutput { loss, lse })

@@ -347,6 +347,39 @@ fn target_stats_ties_go_to_the_lower_id() {
 }
 
 #[test]
+fn negative_zero_logits_tie_with_positive_zero() {
+    // W = [−1, 1, −1] as [d, V] and h = 0: the logits are ±0 (the `gemm` product, used for
+    // more than 4 rows, writes −0 for −1·0). All three tie, so the lower id comes first, as
+    // argmax has it.
+    let w = [-1.0f32, 1.0, -1.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::HiddenMajor, 3, 1, None::<&[f32]>).unwrap();
+    let h = [0.0f32; 6];
+    let hv = MatRef::new(&h, 6, 1).unwrap();
+    let mut am = [9usize; 6];
+    layer.argmax(hv, &mut am).unwrap();
+    let top = layer.top_k(hv, 3, &LayerOptions::default()).unwrap();
+    let st = layer.target_stats(hv, &[0, 1, 2, 0, 1, 2], 3, &LayerOptions::default()).unwrap();
+    for i in 0..6 {
+        assert_eq!(am[i], 0);
+        assert_eq!(&top.indices[i * 3..i * 3 + 3], &[0, 1, 2], "top_k row {i}");
+        assert_eq!(st[i].top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1, 2], "target_stats row {i}");
+        assert_eq!(st[i].rank, i % 3 + 1, "rank row {i}");
+    }
+}
+
+#[test]
+fn a_target_whose_logit_is_minus_infinity_ranks_below_the_finite_ones() {
+    // Logits [0, −inf] (3e38 · −3e38 rounds to −inf): the target, class 1, is ranked 2nd.
+    let w = [0.0f32, -3e38];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let h = [3e38f32];
+    let st = layer.target_stats(MatRef::new(&h, 1, 1).unwrap(), &[1], 1, &LayerOptions::default()).unwrap();
+    assert_eq!(st[0].rank, 2);
+    assert_eq!(st[0].log_prob, f32::NEG_INFINITY);
+    assert_eq!(st[0].top[0].0, 0);
+}
+
+#[test]
 fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
     // Every class's weights are one base row, each entry nudged by a few ulps: in exact
     // arithmetic the logits differ by about the rounding of the dot products themselves, so

@@ -217,6 +217,60 @@ fn all_rows_ignored_gives_zero_under_mean() {
 }
 
 #[test]
+fn class_weights_at_either_end_of_the_f32_range_scale_out() {
+    // Weights w·2^k (exact: few significant bits): under mean the scale cancels, under sum
+    // and none it multiplies the loss and the gradients. Subnormal weights with smoothing
+    // used to give an infinite gradient coefficient, huge ones an overflowing Σ w_j·z_j.
+    let mut rng = Rng(7);
+    let (n, d, v) = (9, 4, 7);
+    let (h, w, b, mut y) = small_layer(&mut rng, n, d, v);
+    y[3] = -100;
+    let cw: Vec<f32> = (0..v).map(|j| [0.5f32, 0.75, 1.0, 1.25, 2.0][j % 5]).collect();
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let run = |weights: &[f32], reduction: Reduction, eps: f32| {
+        let o = CrossEntropyOptions {
+            class_weights: Some(weights),
+            reduction,
+            label_smoothing: eps,
+            z_loss: 0.0,
+            ..Default::default()
+        };
+        let up = vec![1f32; n];
+        let upstream = if reduction == Reduction::None { Upstream::PerRow(&up) } else { Upstream::Scalar(1.0) };
+        cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &o, upstream).unwrap()
+    };
+    for k in [-140i32, -100, 120] {
+        let f = 2f64.powi(k);
+        let scaled: Vec<f32> = cw.iter().map(|&x| (x as f64 * f) as f32).collect();
+        assert!(scaled.iter().zip(&cw).all(|(&a, &b)| a as f64 == b as f64 * f), "exact scaling");
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            // Under sum and none the outputs scale by 2^k: subnormal below 2^-126, where
+            // only their absolute error (a few subnormal steps) can be asked for.
+            let unit = if reduction == Reduction::Mean { 1.0 } else { f };
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (&g, &w) in got.iter().zip(want) {
+                    let want = w as f64 * unit;
+                    let tol = 1e-5 * want.abs().max(unit * 1e-3) + 1e-44;
+                    assert!(
+                        g.is_finite() && (g as f64 - want).abs() <= tol,
+                        "2^{k} {reduction:?} {what}: {g} against {want}"
+                    );
+                }
+            };
+            for eps in [0.0, 0.3] {
+                let (a, ga) = run(&cw, reduction, eps);
+                let (s, gs) = run(&scaled, reduction, eps);
+                close(&s.loss, &a.loss, "loss");
+                assert_eq!(s.lse, a.lse);
+                close(&gs.hidden, &ga.hidden, "dH");
+                close(&gs.weight, &ga.weight, "dW");
+                close(gs.bias.as_ref().unwrap(), ga.bias.as_ref().unwrap(), "db");
+            }
+        }
+    }
+}
+
+#[test]
 fn bit_identical_for_any_thread_count() {
     let mut rng = Rng(3);
     let (n, d, v) = (300, 40, 5000);
