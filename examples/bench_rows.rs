@@ -2,7 +2,8 @@
 //! `bench_rows OP N V REPEATS` prints `{"op":..., "median_s":...}` on stdout.
 //! OP is softmax, log_softmax, logsumexp, copy, read (four streams per task) or read1 (one
 //! stream per task). `BENCH_NO_AHEAD=1` turns off the rows' next-row prefetch;
-//! `BENCH_STREAM_MIN=BYTES` sets the output size from which stores stream.
+//! `BENCH_STREAM_MIN=BYTES` sets the output size from which stores stream;
+//! `BENCH_TEMPERATURE=T` sets the temperature (default 1).
 #[path = "../benches/support/data.rs"]
 mod data;
 #[path = "../benches/support/read.rs"]
@@ -28,7 +29,8 @@ fn main() {
     let x = data::fill(n * v, 0, -12.0, 12.0);
     let mut out = vec![0f32; n * v];
     let mut lse = vec![0f32; n];
-    let opts = RowOptions::default();
+    let t = std::env::var("BENCH_TEMPERATURE").ok().map_or(1.0, |s| s.parse().expect("BENCH_TEMPERATURE: a number"));
+    let opts = RowOptions::with_temperature(t);
     let xv = MatRef::new(&x, n, v).unwrap();
     let mut f = || match op {
         "softmax" => softmax_layer::softmax(xv, MatMut::new(&mut out, n, v).unwrap(), &opts).unwrap(),

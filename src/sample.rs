@@ -233,9 +233,10 @@ fn sample_with(
             Stage::Temperature => {
                 // Shifted by the largest kept logit first (the later stages see only the
                 // distribution and the order, which the shift keeps), so that a tiny T
-                // cannot overflow z / T: the largest becomes 0, the others -(gap / T).
-                let (t, m) = (cfg.temperature, kept_max(z, kept));
-                z.iter_mut().for_each(|x| *x = (*x - m) / t);
+                // cannot overflow z / T: the largest becomes 0, the others -(gap / T). (In f64:
+                // a gap beyond f32::MAX is finite over a large T.)
+                let (t, m) = (cfg.temperature as f64, kept_max(z, kept) as f64);
+                z.iter_mut().for_each(|x| *x = ((*x as f64 - m) / t) as f32);
                 p_fresh = false;
             }
             Stage::TopK => {

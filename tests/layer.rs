@@ -380,6 +380,29 @@ fn a_target_whose_logit_is_minus_infinity_ranks_below_the_finite_ones() {
 }
 
 #[test]
+fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
+    // Logits [3e38, −3e38] over T = 3e38 are [1, −1], though their gap exceeds f32::MAX.
+    let w = [1.0f32, -1.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let h = [3e38f32];
+    let hv = MatRef::new(&h, 1, 1).unwrap();
+    let opts = LayerOptions { temperature: 3e38 };
+    let ln_s = (1.0 + (-2f64).exp()).ln();
+    let mut p = [0f32; 2];
+    layer.probs(hv, MatMut::new(&mut p, 1, 2).unwrap(), &opts).unwrap();
+    let want = [1.0 / (1.0 + (-2f64).exp()), 1.0 / (1.0 + 2f64.exp())];
+    for j in 0..2 {
+        assert!((p[j] as f64 - want[j]).abs() < 1e-6, "p[{j}] = {}, want {}", p[j], want[j]);
+    }
+    let mut lse = [0f32];
+    layer.logsumexp(hv, &mut lse, &opts).unwrap();
+    assert!((lse[0] as f64 - (1.0 + ln_s)).abs() < 1e-6, "lse {}", lse[0]);
+    let mut lp = [0f32];
+    layer.target_log_probs(hv, &[1], &mut lp, &opts).unwrap();
+    assert!((lp[0] as f64 - (-2.0 - ln_s)).abs() < 1e-6, "target log-prob {}", lp[0]);
+}
+
+#[test]
 fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
     // Every class's weights are one base row, each entry nudged by a few ulps: in exact
     // arithmetic the logits differ by about the rounding of the dot products themselves, so

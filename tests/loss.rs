@@ -417,3 +417,20 @@ fn agrees_with_pytorch_at_full_scale() {
     assert!((norm - want_norm).abs() <= 1e-4 * want_norm, "‖dW‖ {norm} vs {want_norm}");
     println!("n=2048 d=768 V=50257: loss rel err {rel:.2e}, dH {eh:.2e}, dW rows {ew:.2e}");
 }
+
+#[test]
+fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
+    // Logits [3e38, −3e38] over T = 3e38 are [1, −1], though their gap exceeds f32::MAX.
+    let w = [1.0f32, -1.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let h = [3e38f32];
+    let o = CrossEntropyOptions { temperature: 3e38, ..Default::default() };
+    let (out, g) =
+        cross_entropy_with_grad(&layer, MatRef::new(&h, 1, 1).unwrap(), &[1], &o, Upstream::Scalar(1.0)).unwrap();
+    let ln_s = (1.0 + (-2f64).exp()).ln();
+    assert!((out.loss[0] as f64 - (2.0 + ln_s)).abs() < 1e-6, "loss {}", out.loss[0]);
+    assert!((out.lse[0] as f64 - (1.0 + ln_s)).abs() < 1e-6, "lse {}", out.lse[0]);
+    // dL/dh = Σ_j (p_j − [j = 1])·W_j / T = 2·p_0 / T (subnormal: absolute precision).
+    let p0 = 1.0 / (1.0 + (-2f64).exp());
+    assert!((g.hidden[0] as f64 - 2.0 * p0 / 3e38).abs() < 1e-44, "dH {}", g.hidden[0]);
+}

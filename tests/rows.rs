@@ -238,11 +238,20 @@ fn simd_agrees_with_scalar_kernels_over_every_tail_length() {
 #[test]
 fn extreme_logits_never_overflow_or_nan() {
     for isa in Isa::available() {
-        for t in [1.0f32, 0.5, 3.0] {
+        // Temperatures above 1e37 make gaps beyond f32::MAX count: (3e38 − (−3e38)) / 3e38 = 2.
+        for t in [1.0f32, 0.5, 3.0, 1e37, 3e38, f32::MAX] {
             let x = [3e38f32, -3e38, 3.4e38, -3.4e38, 0.0, 1e-45, f32::MAX, f32::MIN];
             check_matrix(&x, 1, 8, 8, None, t, Some(isa));
             let x = [-3e38f32, -3e38, -3e38 + 1e31];
             check_matrix(&x, 1, 3, 3, None, t, Some(isa));
+            let x = [3e38f32, -3e38];
+            check_matrix(&x, 1, 2, 2, None, t, Some(isa));
+            // Many rows (the pipelined softmax) and long ones (blocks, the stored terms).
+            let mut rng = Rng(5);
+            for (n, v) in [(64, 600), (2, 5000)] {
+                let x = rng.vec(n * v, -3.4e38, 3.4e38);
+                check_matrix(&x, n, v, v, None, t, Some(isa));
+            }
         }
     }
 }

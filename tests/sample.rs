@@ -224,3 +224,18 @@ fn alternatives_and_many_rows() {
         assert_eq!(one[r], sample_row(m.row(r), &[], &cfgs[r], 4).unwrap());
     }
 }
+
+#[test]
+fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
+    // (3e38 − (−3e38)) / 3e38 = 2: probabilities [0.881, 0.119], although the gap itself
+    // exceeds f32::MAX. Token 1 is drawn about 119 times in 1000.
+    let z = [3e38f32, -3e38];
+    let cfg = SamplerConfig { temperature: 3e38, ..Default::default() };
+    let ones = (0..1000)
+        .filter(|&seed| sample_row(&z, &[], &SamplerConfig { seed, ..cfg.clone() }, 1).unwrap()[0].token == 1)
+        .count();
+    assert!((80..=160).contains(&ones), "token 1 drawn {ones} times in 1000");
+    let d = sample_row(&z, &[], &SamplerConfig { seed: 1, ..cfg }, 1).unwrap()[0].clone();
+    let want = [-(1.0 + (-2f64).exp()).ln(), -2.0 - (1.0 + (-2f64).exp()).ln()][d.token];
+    assert!((d.logprob as f64 - want).abs() < 1e-6, "{} vs {want}", d.logprob);
+}

@@ -217,10 +217,29 @@ impl Params {
         self.stream = stream;
         self
     }
-    fn scaled(&self) -> bool {
-        self.t != 1.0
+    /// Which instantiation of the kernels computes `(z − M)/T`: 0 for `T = 1`, 1 for other
+    /// temperatures, 2 for `T >` [`HALVE_ABOVE`], which halves `z` and `M` first.
+    fn scaling(&self) -> u8 {
+        if self.t == 1.0 {
+            0
+        } else if self.t > HALVE_ABOVE {
+            2
+        } else {
+            1
+        }
+    }
+    /// `(h, h·T, 1/(h·T))` for [`scaled_diff`]: `h` = ½ when [`Params::scaling`] is 2, else 1.
+    fn halved(&self) -> (f32, f32, f32) {
+        let h = if self.scaling() == 2 { 0.5 } else { 1.0 };
+        (h, self.t * h, self.inv_t / h)
     }
 }
+
+/// Above this temperature the kernels compute `(z − M)/T` as `(z/2 − M/2)/(T/2)` (halving
+/// is exact), because a gap `z − M` beyond `f32::MAX`, which overflows, then matters: over
+/// `T ≤ f32::MAX / 150` it is below −150, where `exp` is 0 anyway. The extra multiply stays
+/// out of the kernels for every other temperature (7% of a softmax at `T = 2`).
+const HALVE_ABOVE: f32 = 1.329_228e36; // 2^120
 
 // Cephes-style expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-7 polynomial.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -370,6 +389,9 @@ unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *cons
 }
 
 /// `(z - m) / T` as an unevaluated sum `hi + lo`, accurate to far below one ulp of `hi`.
+/// With `S` > 0 (see [`Params::scaling`]), it takes `mh = h·m`, `h`, `th = h·T` and
+/// `inv_th = 1/(h·T)` (see [`Params::halved`]) and computes `(h·z − mh)/th`, multiplying by
+/// `h` only when `S` is 2; with `S` = 0, `z - m` (`T = 1`).
 ///
 /// The rounding of `z - m` (and of the division) would otherwise cost up to
 /// `|z - m| * 2^-24` of relative error in `exp`, i.e. 4e-6 for probabilities near 1e-30.
@@ -379,15 +401,16 @@ unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *cons
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V) -> (V, V) {
+unsafe fn scaled_diff<V: Vector, const S: u8>(z: V, m: V, half: V, t: V, inv_t: V) -> (V, V) {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
+        let z = if S == 2 { z.mul(half) } else { z };
         // TwoSum: d + err == z - m exactly.
         let d = z.sub(m);
         let bb = d.sub(z);
         let err = z.sub(d.sub(bb)).sub(m.add(bb));
-        let (hi, lo) = if SCALED {
+        let (hi, lo) = if S > 0 {
             let q = d.mul(inv_t);
             // d - q*T, exact up to a tiny rounding: the error of the quotient.
             let r = q.mul_add(V::splat(0.0).sub(t), d);
@@ -418,7 +441,7 @@ unsafe fn scaled_diff<V: Vector, const SCALED: bool>(z: V, m: V, t: V, inv_t: V)
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STORE: bool, const PREV: bool>(
+unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: bool, const PREV: bool>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -433,7 +456,8 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
         // -f32::MAX rather than -inf: then z - m is never (-inf) - (-inf).
         let mut m = -f32::MAX;
         let mut s = 0f64;
-        let (t, inv_t) = (V::splat(p.t), V::splat(p.inv_t));
+        let (hf, th, inv_th) = p.halved();
+        let (half, t, inv_t) = (V::splat(hf), V::splat(th), V::splat(inv_th));
         let mut i = 0;
         let mut b = 0;
         // The previous row's shift to a vector boundary of its output, its head, and the
@@ -476,7 +500,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
                 }
                 m = bm;
             }
-            let mv = V::splat(m);
+            let mv = V::splat(m * hf);
             // The previous row's vectors `[i + k·lanes + h, +lanes)` go along with this
             // block's; those wholly inside its block `b` and its row (below `limit`) in one
             // vector store each, the one or two that straddle either in scalar.
@@ -490,17 +514,21 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
             /// The instruction set of `V` is available, and every pointer is valid for the
             /// elements this function reads or writes.
             #[inline(always)]
-            unsafe fn term<V: Vector, const SCALED: bool, const STORE: bool>(z: V, mv: V, t: V, inv_t: V) -> V {
+            unsafe fn term<V: Vector, const S: u8, const STORE: bool>(z: V, mv: V, half: V, t: V, inv_t: V) -> V {
                 // SAFETY: the caller upholds this function's contract: the instruction set is
                 // available and every pointer is valid for the elements the loops touch.
                 unsafe {
                     if STORE {
                         // Stored terms become probabilities: keep them accurate to ~1 ulp.
-                        let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
+                        let (hi, lo) = scaled_diff::<V, S>(z, mv, half, t, inv_t);
                         exp_term::<V, true>(hi, lo)
+                    } else if S == 2 {
+                        // h·z − h·M with one rounding, as `sub` has without halving.
+                        exp_nonpositive(z.mul_add(half, V::splat(0.0).sub(mv)).mul(inv_t))
+                    } else if S == 1 {
+                        exp_nonpositive(z.sub(mv).mul(inv_t))
                     } else {
-                        let d = z.sub(mv);
-                        exp_nonpositive(if SCALED { d.mul(inv_t) } else { d })
+                        exp_nonpositive(z.sub(mv))
                     }
                 }
             }
@@ -508,7 +536,8 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
             let mut j = 0;
             macro_rules! step {
                 ($acc:ident, $k:expr) => {{
-                    let e = term::<V, SCALED, STORE>(load_z::<V, MASK>(x, mask, i + $k * lanes), mv, t, inv_t);
+                    let z = load_z::<V, MASK>(x, mask, i + $k * lanes);
+                    let e = term::<V, S, STORE>(z, mv, half, t, inv_t);
                     if STORE {
                         e.store(out.add(i + $k * lanes));
                     }
@@ -553,7 +582,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
             }
             if tail > 0 {
                 let z = load_z_partial::<V, MASK>(x, mask, i + full * lanes, tail);
-                let e = term::<V, SCALED, STORE>(z, mv, t, inv_t);
+                let e = term::<V, S, STORE>(z, mv, half, t, inv_t);
                 if STORE {
                     e.store_partial(out.add(i + full * lanes), tail);
                 }
@@ -584,7 +613,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const SCALED: bool, const STO
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes.
 #[inline(always)]
-unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+unsafe fn max_sum_impl<V: Vector, const MASK: bool, const S: u8>(
     x: *const f32,
     mask: *const f32,
     len: usize,
@@ -592,14 +621,14 @@ unsafe fn max_sum_impl<V: Vector, const MASK: bool, const SCALED: bool>(
 ) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { online_impl::<V, MASK, SCALED, false, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
+    unsafe { online_impl::<V, MASK, S, false, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
 }
 
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes.
 #[inline(always)]
-unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const S: u8>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -611,9 +640,9 @@ unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
         if p.prev.src.is_null() {
-            online_impl::<V, MASK, SCALED, true, false>(x, mask, out, block_max, len, p)
+            online_impl::<V, MASK, S, true, false>(x, mask, out, block_max, len, p)
         } else {
-            online_impl::<V, MASK, SCALED, true, true>(x, mask, out, block_max, len, p)
+            online_impl::<V, MASK, S, true, true>(x, mask, out, block_max, len, p)
         }
     }
 }
@@ -745,7 +774,7 @@ pub(crate) unsafe fn rescale<V: Vector>(
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+unsafe fn softmax_impl<V: Vector, const MASK: bool, const S: u8>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -758,29 +787,30 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let lanes = V::LANES;
-        let (mv, t, inv_t, sv) = (V::splat(m), V::splat(p.t), V::splat(p.inv_t), V::splat(scale));
+        let (h, th, inv_th) = p.halved();
+        let (mv, half, t, inv_t, sv) = (V::splat(m * h), V::splat(h), V::splat(th), V::splat(inv_th), V::splat(scale));
         // A closure here would not inherit the caller's target features, and is not inlined.
         /// # Safety
         /// The instruction set of `V` is available, and every pointer is valid for the
         /// elements this function reads or writes.
         #[inline(always)]
-        unsafe fn f<V: Vector, const SCALED: bool>(z: V, mv: V, t: V, inv_t: V, sv: V) -> V {
+        unsafe fn f<V: Vector, const S: u8>(z: V, mv: V, half: V, t: V, inv_t: V, sv: V) -> V {
             // SAFETY: the caller upholds this function's contract: the instruction set is
             // available and every pointer is valid for the elements the loops touch.
             unsafe {
-                let (hi, lo) = scaled_diff::<V, SCALED>(z, mv, t, inv_t);
+                let (hi, lo) = scaled_diff::<V, S>(z, mv, half, t, inv_t);
                 exp_term::<V, true>(hi, lo).mul(sv)
             }
         }
         let full = len / lanes;
         for j in 0..full {
             let z = load_z::<V, MASK>(x, mask, j * lanes);
-            f::<V, SCALED>(z, mv, t, inv_t, sv).store(out.add(j * lanes));
+            f::<V, S>(z, mv, half, t, inv_t, sv).store(out.add(j * lanes));
         }
         let tail = len % lanes;
         if tail > 0 {
             let z = load_z_partial::<V, MASK>(x, mask, full * lanes, tail);
-            f::<V, SCALED>(z, mv, t, inv_t, sv).store_partial(out.add(full * lanes), tail);
+            f::<V, S>(z, mv, half, t, inv_t, sv).store_partial(out.add(full * lanes), tail);
         }
     }
 }
@@ -830,7 +860,7 @@ impl<V: Vector, const MASK: bool> Producer<V> for LogSoftmaxOf<V, MASK> {
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
+unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const S: u8>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -862,11 +892,15 @@ unsafe fn log_softmax_impl<V: Vector, const MASK: bool, const SCALED: bool>(
 /// logits `z` of one row: `out_j = (a * p_j - b * w_j) * g_j`, with
 /// `p_j = exp((z_j - M) / T) / S`, `w_j` the class weight (1 without weights) and
 /// `g_j = dz_j/dx_j = (1 - (z_j / s)^2) / T` under a softcap `s`, else `1 / T`.
-struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> {
+struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const S: u8> {
     z: *const f32,
     w: *const f32,
-    m: V,
-    t: V,
+    /// `h·M`, `h`, `h·T` and `1/(h·T)` for [`scaled_diff`] (see [`Params::halved`]).
+    mh: V,
+    half: V,
+    th: V,
+    inv_th: V,
+    /// `1/T`, for `g`.
     inv_t: V,
     inv_sum: V,
     a: V,
@@ -874,7 +908,7 @@ struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> {
     inv_cap: V,
 }
 
-impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad<V, CAP, WEIGHTS, SCALED> {
+impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const S: u8> CeGrad<V, CAP, WEIGHTS, S> {
     /// # Safety
     /// The instruction set of `V` is available, and every pointer is valid for the
     /// elements this function reads or writes.
@@ -883,7 +917,7 @@ impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad
         // SAFETY: the caller upholds this function's contract: the instruction set is
         // available and every pointer is valid for the elements the loops touch.
         unsafe {
-            let (hi, lo) = scaled_diff::<V, SCALED>(z, self.m, self.t, self.inv_t);
+            let (hi, lo) = scaled_diff::<V, S>(z, self.mh, self.half, self.th, self.inv_th);
             let p = exp_term::<V, true>(hi, lo).mul(self.inv_sum);
             let bw = if WEIGHTS { self.b.mul(w) } else { self.b };
             let g = if CAP {
@@ -897,9 +931,7 @@ impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> CeGrad
     }
 }
 
-impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const SCALED: bool> Producer<V>
-    for CeGrad<V, CAP, WEIGHTS, SCALED>
-{
+impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const S: u8> Producer<V> for CeGrad<V, CAP, WEIGHTS, S> {
     /// # Safety
     /// The instruction set of `V` is available, and every pointer is valid for the
     /// elements this function reads or writes.
@@ -954,13 +986,16 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
+        let (h, th, inv_th) = p.halved();
         macro_rules! go {
             ($cap:literal, $w:literal, $s:literal) => {{
                 let g = CeGrad::<V, $cap, $w, $s> {
                     z,
                     w,
-                    m: V::splat(m),
-                    t: V::splat(p.t),
+                    mh: V::splat(m * h),
+                    half: V::splat(h),
+                    th: V::splat(th),
+                    inv_th: V::splat(inv_th),
                     inv_t: V::splat(p.inv_t),
                     inv_sum: V::splat((1.0 / sum) as f32),
                     a: V::splat(c.a),
@@ -970,27 +1005,34 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
                 write_span::<V, _, false>(&g, z, 0, len)
             }};
         }
-        match (c.inv_cap != 0.0, !w.is_null(), p.scaled()) {
-            (false, false, false) => go!(false, false, false),
-            (false, false, true) => go!(false, false, true),
-            (false, true, false) => go!(false, true, false),
-            (false, true, true) => go!(false, true, true),
-            (true, false, false) => go!(true, false, false),
-            (true, false, true) => go!(true, false, true),
-            (true, true, false) => go!(true, true, false),
-            (true, true, true) => go!(true, true, true),
+        match (c.inv_cap != 0.0, !w.is_null(), p.scaling()) {
+            (false, false, 0) => go!(false, false, 0),
+            (false, false, 1) => go!(false, false, 1),
+            (false, false, _) => go!(false, false, 2),
+            (false, true, 0) => go!(false, true, 0),
+            (false, true, 1) => go!(false, true, 1),
+            (false, true, _) => go!(false, true, 2),
+            (true, false, 0) => go!(true, false, 0),
+            (true, false, 1) => go!(true, false, 1),
+            (true, false, _) => go!(true, false, 2),
+            (true, true, 0) => go!(true, true, 0),
+            (true, true, 1) => go!(true, true, 1),
+            (true, true, _) => go!(true, true, 2),
         }
     }
 }
 
-/// Dispatches on the presence of a mask and on `T != 1` to the four instantiations.
-macro_rules! dispatch4 {
+/// Dispatches on the presence of a mask and on [`Params::scaling`] to the six
+/// instantiations.
+macro_rules! dispatch6 {
     ($f:ident, $V:ty, $mask:expr, $p:expr, ($($arg:expr),*)) => {
-        match ($mask.is_null(), $p.scaled()) {
-            (true, false) => $f::<$V, false, false>($($arg),*),
-            (true, true) => $f::<$V, false, true>($($arg),*),
-            (false, false) => $f::<$V, true, false>($($arg),*),
-            (false, true) => $f::<$V, true, true>($($arg),*),
+        match ($mask.is_null(), $p.scaling()) {
+            (true, 0) => $f::<$V, false, 0>($($arg),*),
+            (true, 1) => $f::<$V, false, 1>($($arg),*),
+            (true, _) => $f::<$V, false, 2>($($arg),*),
+            (false, 0) => $f::<$V, true, 0>($($arg),*),
+            (false, 1) => $f::<$V, true, 1>($($arg),*),
+            (false, _) => $f::<$V, true, 2>($($arg),*),
         }
     };
 }
@@ -1004,7 +1046,7 @@ macro_rules! dispatch4 {
 pub(crate) unsafe fn max_sum<V: Vector>(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { dispatch4!(max_sum_impl, V, mask, p, (x, mask, len, p)) }
+    unsafe { dispatch6!(max_sum_impl, V, mask, p, (x, mask, len, p)) }
 }
 
 /// See [`online_impl`] with `STORE`. `block_max` is valid for `len.div_ceil(BLOCK)` writes.
@@ -1023,7 +1065,7 @@ pub(crate) unsafe fn softmax_pass1<V: Vector>(
 ) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { dispatch4!(softmax_pass1_impl, V, mask, p, (x, mask, out, block_max, len, p)) }
+    unsafe { dispatch6!(softmax_pass1_impl, V, mask, p, (x, mask, out, block_max, len, p)) }
 }
 
 /// See [`softmax_impl`].
@@ -1043,7 +1085,7 @@ pub(crate) unsafe fn softmax<V: Vector>(
 ) {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { dispatch4!(softmax_impl, V, mask, p, (x, mask, out, len, p, m, scale)) }
+    unsafe { dispatch6!(softmax_impl, V, mask, p, (x, mask, out, len, p, m, scale)) }
 }
 
 /// See [`log_softmax_impl`].
@@ -1063,7 +1105,7 @@ pub(crate) unsafe fn log_softmax<V: Vector>(
 ) {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { dispatch4!(log_softmax_impl, V, mask, p, (x, mask, out, len, p, m, ln_s)) }
+    unsafe { dispatch6!(log_softmax_impl, V, mask, p, (x, mask, out, len, p, m, ln_s)) }
 }
 
 /// `out[i] = exp(x[i])`; `out` may equal `x`.
