@@ -13,10 +13,14 @@
 //! `lse(R_i)` is never formed as `log(Z − cumsum)`, which cancels when the top items carry
 //! almost all the mass. The sets `R_k ⊂ … ⊂ R_1` grow backwards, so the lse's are built
 //! from the last position to the first by `logaddexp` alone: no subtraction, exact to
-//! rounding whatever the score gaps.
+//! rounding whatever the score gaps. Each is kept as `a_i + ρ_i`, with `a_i` the largest
+//! score in `R_i` (exact) and `ρ_i ∈ [0, ln m]`, and only differences such as `s_r − a_i`
+//! are formed: a large offset shared by all scores (1e20) costs nothing, where `lse` itself
+//! would round away everything below its own ulp.
 //!
 //! The gradient is `∂/∂s_j = [j ranked] − Σ_{i ≤ p(j)} exp(s_j − lse(R_i))`, with `p(j)` the
-//! position of `j` (or `k` for unranked items); the inner sum is kept in log space too.
+//! position of `j` (or `k` for unranked items); the inner sum is kept in log space too,
+//! relative to `a_{p(j)}`.
 
 use crate::error::{Error, Result};
 
@@ -49,19 +53,33 @@ fn check_ranking(m: usize, ranking: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// `lse(R_i)` for every position `i` of the ranking, built backwards by `logaddexp`.
-fn position_lse(scores: &[f32], ranking: &[usize]) -> Vec<f64> {
+/// `lse(R_i) = a_i + ρ_i` for every position `i` of the ranking, as `(a_i, ρ_i)`: `a_i` the
+/// largest score in `R_i`, `ρ_i = ln Σ_{j ∈ R_i} exp(s_j − a_i)`. Built backwards by
+/// `logaddexp` of differences.
+fn position_lse(scores: &[f32], ranking: &[usize]) -> Vec<(f64, f64)> {
     let mut ranked = vec![false; scores.len()];
     ranking.iter().for_each(|&r| ranked[r] = true);
+    // Adds a score to a set's `(a, ρ)` (an empty set is `(−inf, −inf)`).
+    let add = |(a, rho): (f64, f64), s: f64| {
+        if s > a { (s, logaddexp(rho + (a - s), 0.0)) } else { (a, logaddexp(rho, s - a)) }
+    };
     // Items below the ranking (none for a full ranking).
-    let mut acc =
-        scores.iter().zip(&ranked).filter(|(_, r)| !**r).fold(f64::NEG_INFINITY, |a, (&s, _)| logaddexp(a, s as f64));
-    let mut lse = vec![0f64; ranking.len()];
+    let mut acc = scores
+        .iter()
+        .zip(&ranked)
+        .filter(|(_, r)| !**r)
+        .fold((f64::NEG_INFINITY, f64::NEG_INFINITY), |acc, (&s, _)| add(acc, s as f64));
+    let mut lse = vec![(0f64, 0f64); ranking.len()];
     for (i, &r) in ranking.iter().enumerate().rev() {
-        acc = logaddexp(acc, scores[r] as f64);
+        acc = add(acc, scores[r] as f64);
         lse[i] = acc;
     }
     lse
+}
+
+/// `Σ_i s_{r_i} − lse(R_i)`, each term formed from differences (see [`position_lse`]).
+fn sum_log_terms(scores: &[f32], ranking: &[usize], lse: &[(f64, f64)]) -> f64 {
+    ranking.iter().zip(lse).map(|(&r, &(a, rho))| (scores[r] as f64 - a) - rho).sum()
 }
 
 fn check_scores(scores: &[f32]) -> Result<()> {
@@ -82,7 +100,7 @@ pub fn log_prob(scores: &[f32], ranking: &[usize]) -> Result<f64> {
     check_scores(scores)?;
     check_ranking(scores.len(), ranking)?;
     let lse = position_lse(scores, ranking);
-    Ok(ranking.iter().zip(&lse).map(|(&r, l)| scores[r] as f64 - l).sum())
+    Ok(sum_log_terms(scores, ranking, &lse))
 }
 
 /// `log P(ranking | scores)` and its gradient with respect to the scores (`[m]`).
@@ -90,12 +108,17 @@ pub fn log_prob_with_grad(scores: &[f32], ranking: &[usize]) -> Result<(f64, Vec
     check_scores(scores)?;
     check_ranking(scores.len(), ranking)?;
     let lse = position_lse(scores, ranking);
-    // log Σ_{i ≤ p} exp(−lse_i), for each position p.
-    let mut log_a = Vec::with_capacity(lse.len());
-    let mut acc = f64::NEG_INFINITY;
-    for l in &lse {
-        acc = logaddexp(acc, -l);
-        log_a.push(acc);
+    // q_p = log Σ_{i ≤ p} exp(a_p − lse_i) = log Σ_{i ≤ p} exp((a_p − a_i) − ρ_i) for each
+    // position p (terms ≤ 0, since a_p ≤ a_i), by q_p = logaddexp(q_{p−1} + (a_p − a_{p−1}), −ρ_p).
+    let mut q = Vec::with_capacity(lse.len());
+    let mut prev: Option<(f64, f64)> = None;
+    for &(a, rho) in &lse {
+        let qp = match prev {
+            None => -rho,
+            Some((a0, q0)) => logaddexp(q0 + (a - a0), -rho),
+        };
+        q.push(qp);
+        prev = Some((a, qp));
     }
     let k = ranking.len();
     let mut pos = vec![k - 1; scores.len()];
@@ -104,10 +127,12 @@ pub fn log_prob_with_grad(scores: &[f32], ranking: &[usize]) -> Result<(f64, Vec
         pos[r] = i;
         grad[r] = 1.0;
     }
+    // Σ_{i ≤ p(j)} exp(s_j − lse_i) = exp((s_j − a_p) + q_p), with s_j ≤ a_p (j ∈ R_p).
     for (j, g) in grad.iter_mut().enumerate() {
-        *g -= (scores[j] as f64 + log_a[pos[j]]).exp();
+        let p = pos[j];
+        *g -= ((scores[j] as f64 - lse[p].0) + q[p]).exp();
     }
-    let lp = ranking.iter().zip(&lse).map(|(&r, l)| scores[r] as f64 - l).sum();
+    let lp = sum_log_terms(scores, ranking, &lse);
     Ok((lp, grad))
 }
 
@@ -120,12 +145,15 @@ pub fn sample_gumbel_top_k(scores: &[f32], k: usize, seed: u64) -> Result<Vec<us
         return Err(Error::InvalidArgument(format!("k = {k} must be in [1, {}]", scores.len())));
     }
     let mut rng = crate::rng::SplitMix64::new(seed);
+    // Keys relative to the largest score, so that an offset shared by all (1e20) does not
+    // round the noise away.
+    let top = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) as f64;
     let mut keyed: Vec<(f64, usize)> = scores
         .iter()
         .enumerate()
         .map(|(j, &s)| {
             let u = rng.uniform_open();
-            (s as f64 - (-u.ln()).ln(), j)
+            ((s as f64 - top) - (-u.ln()).ln(), j)
         })
         .collect();
     let cmp = |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));

@@ -216,7 +216,8 @@ pub struct CandidateRanking {
     pub by_char: Option<Vec<usize>>,
     /// By bits per byte, lowest first (when the scores have it).
     pub by_byte: Option<Vec<usize>>,
-    /// The softmax over the candidates' total log-probabilities.
+    /// The softmax over the candidates' total log-probabilities (uniform when every one is
+    /// −inf: impossible candidates tie).
     pub softmax_of_sums: Vec<f64>,
 }
 
@@ -233,12 +234,14 @@ pub fn rank_candidates(scores: &[SequenceScore]) -> CandidateRanking {
     };
     let all = |f: &dyn Fn(&SequenceScore) -> Option<f64>| scores.iter().all(|s| f(s).is_some());
     let max = scores.iter().map(|s| s.sum_logprob).fold(f64::NEG_INFINITY, f64::max);
-    let z: f64 = scores.iter().map(|s| (s.sum_logprob - max).exp()).sum();
+    // Candidates that are all impossible (every sum −inf) tie: a uniform softmax, not NaN.
+    let shifted = |s: &SequenceScore| if max == f64::NEG_INFINITY { 0.0 } else { s.sum_logprob - max };
+    let z: f64 = scores.iter().map(|s| shifted(s).exp()).sum();
     CandidateRanking {
         by_sum: order(&|s| Some(s.sum_logprob)),
         by_mean: order(&|s| s.mean_logprob),
         by_char: all(&|s| s.logprob_per_char).then(|| order(&|s| s.logprob_per_char)),
         by_byte: all(&|s| s.bits_per_byte).then(|| order(&|s| s.bits_per_byte.map(|b| -b))),
-        softmax_of_sums: scores.iter().map(|s| (s.sum_logprob - max).exp() / z).collect(),
+        softmax_of_sums: scores.iter().map(|s| shifted(s).exp() / z).collect(),
     }
 }

@@ -66,6 +66,31 @@ fn large_score_gaps_stay_finite_and_exact() {
 }
 
 #[test]
+fn an_offset_shared_by_all_scores_changes_nothing() {
+    // Equal scores at 0 and at offsets up to 1e30 (where lse itself rounds away everything
+    // below 1e14): the same probabilities, gradients and sampling frequencies.
+    let base = [0.0f32; 4];
+    for c in [1e8f32, 1e15, 1e20, 1e30, -1e30] {
+        let s = [c; 4];
+        for ranking in [vec![0usize, 1, 2, 3], vec![2, 0], vec![3]] {
+            let (lp0, g0) = log_prob_with_grad(&base, &ranking).unwrap();
+            let (lp, g) = log_prob_with_grad(&s, &ranking).unwrap();
+            assert!((lp - lp0).abs() < 1e-12 && (log_prob(&s, &ranking).unwrap() - lp0).abs() < 1e-12, "{c:e}: {lp}");
+            for j in 0..4 {
+                assert!((g[j] - g0[j]).abs() < 1e-12, "{c:e} {ranking:?}: grad[{j}] {} vs {}", g[j], g0[j]);
+            }
+        }
+        let firsts = (0..4000).filter(|&seed| sample_gumbel_top_k(&s, 1, seed).unwrap()[0] == 1).count();
+        assert!((850..=1150).contains(&firsts), "{c:e}: item 1 first in {firsts} of 4000");
+    }
+    // A dominant item far above equal others: the others' order is a fair coin.
+    let s = [1e30f32, 0.0, 0.0];
+    assert!((log_prob(&s, &[0, 1, 2]).unwrap() + 2f64.ln()).abs() < 1e-12);
+    let (_, g) = log_prob_with_grad(&s, &[0, 1, 2]).unwrap();
+    assert!(g[0].abs() < 1e-12 && (g[1] - 0.5).abs() < 1e-12 && (g[2] + 0.5).abs() < 1e-12, "{g:?}");
+}
+
+#[test]
 fn gradient_matches_finite_differences() {
     let s = [0.3f32, -1.2, 2.0, 0.7, -0.1, 1.1];
     for ranking in [vec![2usize, 5, 3, 0, 4, 1], vec![1, 4], vec![5]] {

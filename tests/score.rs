@@ -116,6 +116,24 @@ fn candidates_rank_by_sum_mean_and_per_char() {
     assert!(r.softmax_of_sums[0] > r.softmax_of_sums[1]);
 }
 
+#[test]
+fn impossible_candidates_tie_in_the_softmax_of_sums() {
+    let score = |sum: f64| softmax_layer::score::SequenceScore {
+        tokens: vec![],
+        sum_logprob: sum,
+        num_scored: 1,
+        mean_logprob: Some(sum),
+        perplexity: None,
+        is_greedy: false,
+        bits_per_byte: None,
+        logprob_per_char: None,
+    };
+    let all_impossible = [score(f64::NEG_INFINITY), score(f64::NEG_INFINITY)];
+    assert_eq!(rank_candidates(&all_impossible).softmax_of_sums, vec![0.5, 0.5]);
+    let one_possible = [score(f64::NEG_INFINITY), score(-3.0)];
+    assert_eq!(rank_candidates(&one_possible).softmax_of_sums, vec![0.0, 1.0]);
+}
+
 /// Lengths that wrap around to n in a plain sum are refused (they passed, then allocated
 /// without bound), as is a hidden of another width.
 #[test]
