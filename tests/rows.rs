@@ -552,3 +552,24 @@ fn a_pipelined_softmax_equals_one_row_at_a_time() {
         }
     }
 }
+
+#[test]
+fn sums_stay_accurate_on_every_isa() {
+    // Many terms of the same size (the worst case for f32 partial sums): the online pass's
+    // S = Σ exp(x − M) against float64. Each lane adds at most 16 terms in f32 before they
+    // join an f64 sum, so S's relative error stays near 16·2^-24 at worst on every ISA (the
+    // scalar kernels used to add 256 terms per accumulator).
+    let mut rng = Rng(21);
+    for v in [4096usize, 100_003] {
+        let x = rng.vec(v, -1.0, 1.0);
+        let m = x.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let want: f64 = x.iter().map(|&z| (z as f64 - m as f64).exp()).sum();
+        for isa in Isa::available() {
+            let got = Kernels::for_isa(isa).unwrap().max_sum(&x, None, 1.0);
+            assert_eq!(got.max, m);
+            let rel = (got.sum - want).abs() / want;
+            assert!(rel <= 6e-8, "{isa} V = {v}: S {} vs {want}, relative error {rel:e}", got.sum);
+            println!("{isa} V = {v}: S relative error {rel:.2e}");
+        }
+    }
+}
