@@ -11,6 +11,9 @@ pub enum Error {
     InvalidTemperature(f32),
     /// A NaN or infinity where it is not allowed: `tensor[row, col]` holds `value`.
     NonFinite { tensor: String, row: usize, col: usize, value: f32 },
+    /// A NaN or infinity in a vector (a bias, scores, one row of logits): `tensor[index]`
+    /// holds `value`.
+    NonFiniteEntry { tensor: String, index: usize, value: f32 },
     /// Every entry of a row is `-inf` after masking, so it has no distribution.
     AllMasked { row: usize },
     /// A target class id outside `[0, vocab)`: `targets[index] = value`.
@@ -43,6 +46,9 @@ impl fmt::Display for Error {
             Error::InvalidTemperature(t) => write!(f, "temperature must be finite and > 0, got {t}"),
             Error::NonFinite { tensor, row, col, value } => {
                 write!(f, "{tensor}[{row}, {col}] is {value}; only finite values are allowed")
+            }
+            Error::NonFiniteEntry { tensor, index, value } => {
+                write!(f, "{tensor}[{index}] is {value}; only finite values are allowed")
             }
             Error::AllMasked { row } => write!(f, "row {row} is entirely -inf (all masked); it has no distribution"),
             Error::TargetOutOfRange { index, value, vocab } => {

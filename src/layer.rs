@@ -691,7 +691,7 @@ fn check_bias(b: &[f32], vocab: usize) -> Result<()> {
         return Err(Error::Shape(format!("bias has length {}, expected V = {vocab}", b.len())));
     }
     match b.iter().position(|v| !v.is_finite()) {
-        Some(j) => Err(Error::NonFinite { tensor: "bias".into(), row: 0, col: j, value: b[j] }),
+        Some(j) => Err(Error::NonFiniteEntry { tensor: "bias".into(), index: j, value: b[j] }),
         None => Ok(()),
     }
 }

@@ -388,7 +388,7 @@ fn run(
                 }
             };
             if let Some(i) = up_row.iter().position(|g| !g.is_finite()) {
-                return Err(Error::NonFinite { tensor: "upstream gradient".into(), row: 0, col: i, value: up_row[i] });
+                return Err(Error::NonFiniteEntry { tensor: "upstream gradient".into(), index: i, value: up_row[i] });
             }
             // dW is written over by the first block of rows and added to by the others (no
             // pass over its V·d values first); with no rows at all it is zero.

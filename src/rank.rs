@@ -84,7 +84,7 @@ fn sum_log_terms(scores: &[f32], ranking: &[usize], lse: &[(f64, f64)]) -> f64 {
 
 fn check_scores(scores: &[f32]) -> Result<()> {
     match scores.iter().position(|s| !s.is_finite()) {
-        Some(j) => Err(Error::NonFinite { tensor: "scores".into(), row: 0, col: j, value: scores[j] }),
+        Some(j) => Err(Error::NonFiniteEntry { tensor: "scores".into(), index: j, value: scores[j] }),
         None => Ok(()),
     }
 }

@@ -24,7 +24,8 @@
 //! # Errors
 //!
 //! NaN or `+inf` in the logits or the mask, and rows that are entirely `-inf`, are
-//! reported with their row and column. They are detected as a by-product of the online pass
+//! reported with their row and column, as is a finite logit plus a finite mask entry whose
+//! sum overflows to `+inf` (`logits + mask`: the masked logit itself is out of range). They are detected as a by-product of the online pass
 //! (a NaN or `+inf` makes the row's sum NaN; an all-`-inf` row has sum 0), so checking
 //! costs nothing. The lowest offending row is the one reported. When an error is
 //! returned, the contents of the output are unspecified; the in-place functions leave the

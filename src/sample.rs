@@ -168,7 +168,7 @@ fn sample_with(
     }
     check(cfg, v)?;
     if let Some((_, j, x)) = crate::MatRef::from_row(logits).find_non_finite() {
-        return Err(Error::NonFinite { tensor: "logits".into(), row: 0, col: j, value: x });
+        return Err(Error::NonFiniteEntry { tensor: "logits".into(), index: j, value: x });
     }
     if let Some(&h) = history.iter().find(|&&h| h >= v) {
         return Err(Error::InvalidArgument(format!("history token {h} is out of range [0, {v})")));

@@ -818,7 +818,9 @@ fn run_training(
                 let loss = loss_and_gradient_in(&st.model, batch_data, cfg.precision, &mut gw, &mut gb).map_err(
                     |e| match e {
                         // Inputs were checked: a non-finite weight now is the optimizer's doing.
-                        Error::NonFinite { tensor, .. } if tensor == "weight" || tensor == "bias" => {
+                        Error::NonFinite { tensor, .. } | Error::NonFiniteEntry { tensor, .. }
+                            if tensor == "weight" || tensor == "bias" =>
+                        {
                             Error::InvalidArgument(format!(
                                 "training diverged at step {}: the model's {tensor} is no longer finite; \
                                  lower the learning rate (or the weight decay)",

@@ -225,6 +225,25 @@ fn loss_command_matches_pytorch_with_gradients() {
         close(&got(k), &w, 1e-4, k);
     }
     assert_eq!(load(&format!("{out}:grad_weight")).shape, vec![37, 11]);
+    // One row given as a vector [d]: its gradient has the same shape; a NaN in a 1-D bias is
+    // named by its one index.
+    let h1 = dir.path().join("h1.npy");
+    let b_nan = dir.path().join("b_nan.npy");
+    softmax_layer::io::write_npy_f32(&h1, &[11], &load(&c("hidden")).to_f32().unwrap()[..11]).unwrap();
+    let mut b = load(&c("bias")).to_f32().unwrap().into_owned();
+    b[2] = f32::NAN;
+    softmax_layer::io::write_npy_f32(&b_nan, &[37], &b).unwrap();
+    let y1 = dir.path().join("y1.npy");
+    softmax_layer::io::write_npy_i64(&y1, &[1], &[3]).unwrap();
+    let (h1, y1, b_nan) = (h1.to_str().unwrap(), y1.to_str().unwrap(), b_nan.to_str().unwrap());
+    let args = |bias: &str| {
+        ["loss", "--hidden", h1, "--weight", &c("weight"), "--bias", bias, "--targets", y1, "--grad", "-o", out]
+            .map(String::from)
+    };
+    ok(&args(&c("bias")).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(load(&format!("{out}:grad_hidden")).shape, vec![11]);
+    let (code, err) = common::run(&args(b_nan).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(code == 2 && err.contains("bias[2] is NaN"), "{code}: {err}");
 }
 
 #[test]

@@ -249,7 +249,7 @@ fn bad_inputs_are_errors() {
     assert_eq!(err.to_string(), "weight[2, 1] is inf; only finite values are allowed");
     let err =
         SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 4, 3, Some(&[0.0f32, 0.0, f32::NAN, 0.0][..])).unwrap_err();
-    assert_eq!(err.to_string(), "bias[0, 2] is NaN; only finite values are allowed");
+    assert_eq!(err.to_string(), "bias[2] is NaN; only finite values are allowed");
     assert!(SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 5, 3, None::<&[f32]>).is_err());
     // Finite inputs whose logits overflow f32.
     let big = [3e38f32; 12];

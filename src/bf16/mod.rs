@@ -70,7 +70,10 @@ pub enum Precision {
     /// `f32` operands, `f32` accumulation (the default).
     #[default]
     F32,
-    /// Operands rounded to bf16 (nearest even), exact products, `f32` accumulation.
+    /// Operands rounded to bf16 (nearest even), exact products, `f32` accumulation. Finite
+    /// `f32` values beyond the bf16 range (about ±3.39e38) round to infinity: a weight is
+    /// refused when the layer is made; a hidden state gives
+    /// [`Error::LogitsOverflow`] for its row.
     Bf16,
     /// Each operand split into bf16 `hi + lo`; `hi·hi + hi·lo + lo·hi` accumulated in `f32`:
     /// about 16 correct bits per product, at three bf16 products' cost.

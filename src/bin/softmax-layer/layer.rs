@@ -23,7 +23,8 @@ pub struct ModelArgs {
     #[arg(long, value_name = "vd|dv", default_value = "vd")]
     pub weight_layout: String,
     /// Product precision: `f32`; `bf16` (H and W rounded to bf16, f32 accumulation; a bf16
-    /// W is used as is, never widened); `bf16x3` (hi·hi + hi·lo + lo·hi, about 16 bits).
+    /// W is used as is, not widened, except by `loss --grad`, whose dW is f32);
+    /// `bf16x3` (hi·hi + hi·lo + lo·hi, about 16 bits).
     /// SOFTMAX_LAYER_BF16_PATH=amx|avx512bf16|portable forces the bf16 code path.
     #[arg(long, value_name = "f32|bf16|bf16x3", default_value = "f32")]
     pub precision: String,
@@ -172,7 +173,7 @@ fn named(e: Error, inp: &Inputs, targets: Option<&str>) -> Failure {
     let source = match &e {
         Error::NonFinite { tensor, .. } if tensor == "hidden" => Some(inp.hidden.source.as_str()),
         Error::NonFinite { tensor, .. } if tensor == "weight" => Some(inp.weight.source.as_str()),
-        Error::NonFinite { tensor, .. } if tensor == "bias" => inp.bias.as_ref().map(|b| b.source.as_str()),
+        Error::NonFiniteEntry { tensor, .. } if tensor == "bias" => inp.bias.as_ref().map(|b| b.source.as_str()),
         Error::TargetOutOfRange { .. } => targets,
         _ => None,
     };
@@ -326,7 +327,8 @@ pub fn loss(a: &LossArgs) -> Result<(), Failure> {
         let mut t = vec![
             ("loss", loss_shape, OutTensor::F32(&out.loss)),
             ("lse", vec![n], OutTensor::F32(&out.lse)),
-            ("grad_hidden", vec![n, d], OutTensor::F32(&g.hidden)),
+            // (The shape of hidden: [d] for one row given as a vector.)
+            ("grad_hidden", inp.hidden.shape.clone(), OutTensor::F32(&g.hidden)),
             ("grad_weight", wshape, OutTensor::F32(&g.weight)),
         ];
         if let Some(gb) = &g.bias {

@@ -57,10 +57,8 @@ pub fn rank_prob(a: &RankProbArgs) -> Result<(), Failure> {
         })
         .collect::<Result<_, _>>()?;
     let lp = log_prob(&scores, &ranking).map_err(|e| match e {
-        // The scores are 1-D: name the entry, in the file that holds it.
-        softmax_layer::Error::NonFinite { col, value, .. } => {
-            Failure(format!("{}: scores[{col}] is {value}; only finite values are allowed", s.source))
-        }
+        // The scores' entry, in the file that holds it.
+        e @ softmax_layer::Error::NonFiniteEntry { .. } => Failure(format!("{}: {e}", s.source)),
         e => Failure(format!("{}: {e}", r.source)),
     })?;
     write_atomic(&a.output, format!("{{\"logprob\": {lp}}}\n").as_bytes())?;
