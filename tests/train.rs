@@ -299,6 +299,21 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(a.step_objectives, b.step_objectives);
 }
 
+/// Runs `cfg` (with checkpoints) and "kills" it right after its checkpoint of `epoch`.
+fn kill_after_checkpoint(data: Data<'_>, cfg: &TrainConfig, epoch: usize) {
+    let mark = format!("{epoch:08}");
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train(data, cfg, |e| {
+            if let Event::Checkpoint(p) = e
+                && p.to_string_lossy().contains(&mark)
+            {
+                panic!("killed");
+            }
+        })
+    }));
+    assert!(crashed.is_err(), "the run was not killed after epoch {epoch}");
+}
+
 #[test]
 fn resuming_a_killed_run_gives_the_same_bits() {
     let (n, d, k) = (1500, 8, 4);
@@ -322,17 +337,7 @@ fn resuming_a_killed_run_gives_the_same_bits() {
             checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
             ..cfg.clone()
         };
-        // "Kill" the run right after its third checkpoint.
-        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            train(data, &ck, |e| {
-                if let Event::Checkpoint(p) = e
-                    && p.to_string_lossy().contains("00000003")
-                {
-                    panic!("killed");
-                }
-            })
-        }));
-        assert!(crashed.is_err());
+        kill_after_checkpoint(data, &ck, 3);
         let latest = latest_checkpoint(dir.path()).unwrap();
         assert!(latest.to_string_lossy().ends_with("checkpoint-00000003.safetensors"), "{latest:?}");
         let mut resumed_at = None;
@@ -391,16 +396,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
         checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
         ..cfg.clone()
     };
-    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train(data, &ck, |e| {
-            if let Event::Checkpoint(p) = e
-                && p.to_string_lossy().contains("00000003")
-            {
-                panic!("killed");
-            }
-        })
-    }));
-    assert!(crashed.is_err());
+    kill_after_checkpoint(data, &ck, 3);
     // The newest checkpoint (epoch 3) is damaged after the fact: truncated to half.
     let newest = latest_checkpoint(dir.path()).unwrap();
     let bytes = std::fs::read(&newest).unwrap();
