@@ -573,3 +573,23 @@ fn sums_stay_accurate_on_every_isa() {
         }
     }
 }
+
+#[test]
+fn log_probabilities_near_zero_keep_their_relative_precision() {
+    // S = 1 + 4.1e-8: summed in f32 it is 1, and ln S = 0. The accumulators' lanes are
+    // summed in f64, so a term in another lane than the maximum's survives.
+    for isa in Isa::available() {
+        let opts = RowOptions { isa: Some(isa), ..Default::default() };
+        for x in [vec![0.0f32, -17.0], vec![-17.0, 0.0], vec![0.0, -17.0, -17.0, -17.0]] {
+            let small = (x.len() - 1) as f64 * (-17f64).exp();
+            let want = small.ln_1p();
+            let mut lse = [0f32];
+            logsumexp(MatRef::from_row(&x), &mut lse, &opts).unwrap();
+            assert!((lse[0] as f64 - want).abs() <= 1e-6 * want, "{isa} {x:?}: lse {} vs {want:e}", lse[0]);
+            let mut lp = vec![0f32; x.len()];
+            log_softmax(MatRef::from_row(&x), MatMut::from_row(&mut lp), &opts).unwrap();
+            let top = x.iter().position(|&v| v == 0.0).unwrap();
+            assert!((lp[top] as f64 + want).abs() <= 1e-6 * want, "{isa} {x:?}: log p {} vs {:e}", lp[top], -want);
+        }
+    }
+}

@@ -109,11 +109,35 @@ pub(crate) trait Vector: Copy {
     unsafe fn reduce_max(self) -> f32;
     /// Sum over the lanes, in a fixed order.
     unsafe fn reduce_sum(self) -> f32;
+    /// The lanes of four vectors summed in `f64`, in a fixed order (each lane widened
+    /// exactly first). This default stores the lanes; x86 widens in registers.
+    #[inline(always)]
+    unsafe fn sum4_f64(a: Self, b: Self, c: Self, d: Self) -> f64 {
+        let mut total = 0f64;
+        for v in [a, b, c, d] {
+            let mut lanes = [0f32; 16];
+            // SAFETY: `LANES <= 16` for every implementation, so the store stays in `lanes`.
+            unsafe { v.store(lanes.as_mut_ptr()) };
+            total += lanes[..Self::LANES].iter().map(|&x| x as f64).sum::<f64>();
+        }
+        total
+    }
 }
 
 /// Elements per block of the online pass: a block (4 KiB) is read twice from L1, once for
 /// its maximum and once for its terms. A multiple of every instruction set's lane count.
 pub(crate) const BLOCK: usize = 1024;
+
+/// The four accumulators' lanes summed in `f64`: a term far below the row's largest (1) is
+/// not lost when it sits in another lane (`ln S` of [0, −17] is 4.1e-8, not 0).
+///
+/// # Safety
+/// The instruction set of `V` is available.
+#[inline(always)]
+unsafe fn sum4_f64<V: Vector>(s0: V, s1: V, s2: V, s3: V) -> f64 {
+    // SAFETY: the caller guarantees the instruction set.
+    unsafe { V::sum4_f64(s0, s1, s2, s3) }
+}
 
 /// Terms that each lane of the online pass adds in `f32` before its partial sums join the
 /// running `f64` sum: 16, so that a sum's relative error stays near `16·2^-24` at most
@@ -584,12 +608,18 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                 // Each lane's f32 partial sums take at most FLUSH_TERMS terms before joining
                 // the f64 sum: a whole block on AVX-512, a part of one on narrower vectors.
                 if j % (4 * FLUSH_TERMS) == 0 && j < full {
-                    s += s0.add(s1).add(s2.add(s3)).reduce_sum() as f64;
+                    s += sum4_f64(s0, s1, s2, s3);
                     (s0, s1, s2, s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
                 }
             }
+            // (The last vectors into different accumulators, as in the loop above.)
             while j < full {
-                step!(s0, j);
+                match j % 4 {
+                    0 => step!(s0, j),
+                    1 => step!(s1, j),
+                    2 => step!(s2, j),
+                    _ => step!(s3, j),
+                }
                 j += 1;
             }
             if tail > 0 {
@@ -604,7 +634,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                 }
                 s1 = s1.add(e);
             }
-            s += s0.add(s1).add(s2.add(s3)).reduce_sum() as f64;
+            s += sum4_f64(s0, s1, s2, s3);
             if STORE {
                 *block_max.add(b) = m;
             }

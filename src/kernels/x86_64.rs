@@ -131,6 +131,19 @@ impl Vector for F32x16 {
     unsafe fn reduce_sum(self) -> f32 {
         _mm512_reduce_add_ps(self.0)
     }
+    #[inline(always)]
+    unsafe fn sum4_f64(a: Self, b: Self, c: Self, d: Self) -> f64 {
+        // Both halves of each vector widened to f64 (exact), then added as vectors.
+        #[inline(always)]
+        unsafe fn widen(v: __m512) -> __m512d {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_cvtps_pd(hi))
+        }
+        _mm512_reduce_add_pd(_mm512_add_pd(
+            _mm512_add_pd(widen(a.0), widen(b.0)),
+            _mm512_add_pd(widen(c.0), widen(d.0)),
+        ))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -252,6 +265,17 @@ impl Vector for F32x8 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
+    }
+    #[inline(always)]
+    unsafe fn sum4_f64(a: Self, b: Self, c: Self, d: Self) -> f64 {
+        // Both halves of each vector widened to f64 (exact), then added as vectors.
+        #[inline(always)]
+        unsafe fn widen(v: __m256) -> __m256d {
+            _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)))
+        }
+        let s = _mm256_add_pd(_mm256_add_pd(widen(a.0), widen(b.0)), _mm256_add_pd(widen(c.0), widen(d.0)));
+        let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd::<1>(s));
+        _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
     }
 }
 
