@@ -184,7 +184,9 @@ pub fn cross_entropy_with_grad(
 }
 
 /// [`cross_entropy_with_grad`] into caller buffers, which are overwritten (so a training
-/// loop can reuse them).
+/// loop can reuse them). When it returns an error, their contents are unspecified: the
+/// inputs are checked before anything is written, but a loss or gradient that overflows
+/// `f32` is only found while the rows are computed.
 pub fn cross_entropy_with_grad_into(
     layer: &SoftmaxLayer<'_>,
     hidden: MatRef<'_>,
