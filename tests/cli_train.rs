@@ -248,6 +248,16 @@ fn bad_training_input_exits_2_with_one_line() {
     );
     assert!(code == 0 && err.contains("warning: the objective grew from") && err.contains("diverged"), "{code}: {err}");
     fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
+    fails(&strs(&with(&["--min-lr-ratio", "1.5", "-o", &o])), &["--min-lr-ratio must be in [0, 1], got 1.5"]);
+    // The ratio reaches the schedule: a constant rate after warmup (1) trains another model
+    // than a decay to 0.
+    let model = |ratio: &str, out: &str| {
+        let args = with(&["--optimizer", "sgd", "--epochs", "3", "--batch", "2", "--min-lr-ratio", ratio, "-o", out]);
+        let (code, err) = common::run(&strs(&args));
+        assert_eq!(code, 0, "{err}");
+        std::fs::read(out).unwrap()
+    };
+    assert_ne!(model("0", &p("m0.safetensors")), model("1", &p("m1.safetensors")));
     fails(&strs(&with(&["--lr", "0.1", "-o", &o])), &["--lr applies to adamw and sgd"]);
     fails(&strs(&with(&["--optimizer", "sgd", "--lr", "-1", "-o", &o])), &["learning rate", "got -1"]);
     fails(&strs(&with(&["--checkpoint", &p("ck"), "--checkpoint-every", "0", "-o", &o])), &["--checkpoint-every"]);

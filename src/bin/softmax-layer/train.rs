@@ -56,6 +56,9 @@ pub struct TrainArgs {
     /// Warmup as a fraction of all steps, before the cosine decay.
     #[arg(long, value_name = "F", default_value_t = 0.05)]
     pub warmup: f32,
+    /// Where the cosine decay ends, as a fraction of --lr (in [0, 1]).
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
+    pub min_lr_ratio: f32,
     /// Clip the gradient to this global norm.
     #[arg(long, value_name = "NORM")]
     pub clip: Option<f32>,
@@ -397,6 +400,9 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
     if a.checkpoint_every == 0 {
         return Err(Failure("--checkpoint-every must be at least 1 (epochs)".into()));
     }
+    if !(0.0..=1.0).contains(&a.min_lr_ratio) {
+        return Err(Failure(format!("--min-lr-ratio must be in [0, 1], got {}", a.min_lr_ratio)));
+    }
     let precision = parse_precision(&a.precision)?;
     let data = load_data(&a.data, a.labels.as_deref(), true)?;
     let metadata = match &data.names {
@@ -412,6 +418,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         batch_size: a.batch,
         lr,
         warmup: a.warmup,
+        min_lr_ratio: a.min_lr_ratio,
         l2: a.l2,
         clip_norm: a.clip,
         seed: a.seed,
