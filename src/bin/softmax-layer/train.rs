@@ -432,7 +432,6 @@ pub fn run_train(a: &TrainArgs) -> Result<(), Failure> {
         }),
         target_objective: a.target_objective,
         precision,
-        ..TrainConfig::default()
     };
     let mut progress = Progress::new(a.optimizer == "lbfgs");
     let started = Instant::now();
