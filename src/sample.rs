@@ -7,10 +7,17 @@
 //! 1. logit bias, banned and allowed tokens;
 //! 2. penalties over the token `history`: repetition (CTRL: positive logits divided by `r`,
 //!    negative ones multiplied), then frequency and presence (OpenAI: `−f·count − p·[count>0]`);
-//! 3. [`Stage::Temperature`] (`T = 0` means greedy: the largest logit, lowest id on ties);
-//! 4. [`Stage::TopK`], [`Stage::TopP`] (the smallest set of most probable tokens whose mass
-//!    is ≥ p, including the token that crosses p), [`Stage::MinP`] (`p_i ≥ min_p·p_max`),
-//!    [`Stage::TypicalP`].
+//! 3. [`Stage::Temperature`] (`T = 0` means greedy: the largest logit among the tokens the
+//!    stages before it kept, lowest id on ties);
+//! 4. [`Stage::TopK`] (exactly `k` tokens: at a tie on the k-th logit the lower ids are kept,
+//!    where Hugging Face keeps every tied token), [`Stage::TopP`] (the smallest set of most
+//!    probable tokens whose mass is ≥ p, including the token that crosses p; ties to the
+//!    lower ids), [`Stage::MinP`] (`p_i ≥ min_p·p_max`), [`Stage::TypicalP`].
+//!
+//! Each stage sees only the tokens the stages before it kept. `order` lists each stage at
+//! most once, and every option that is set needs its stage in it. The logits must be
+//! finite: mask tokens with `banned` or `allowed`, not with `-inf`; `top_p`, `min_p` and
+//! `typical_p` are in (0, 1] (leave one unset to turn it off).
 //!
 //! Draws use SplitMix64 seeded per row, and kept tokens are laid out by id before the
 //! inverse-CDF draw, so the same seed and inputs give the same token on every machine.
@@ -111,6 +118,22 @@ fn check(cfg: &SamplerConfig, v: usize) -> Result<()> {
     if !cfg.frequency_penalty.is_finite() || !cfg.presence_penalty.is_finite() {
         return bad("frequency and presence penalties must be finite".into());
     }
+    // Each stage once, and every option that is set with its stage in the order.
+    for (i, st) in cfg.order.iter().enumerate() {
+        if cfg.order[..i].contains(st) {
+            return bad(format!("order lists {st:?} twice"));
+        }
+    }
+    let set = [
+        (Stage::Temperature, cfg.temperature != 1.0),
+        (Stage::TopK, cfg.top_k.is_some()),
+        (Stage::TopP, cfg.top_p.is_some()),
+        (Stage::MinP, cfg.min_p.is_some()),
+        (Stage::TypicalP, cfg.typical_p.is_some()),
+    ];
+    if let Some((st, _)) = set.iter().find(|(st, on)| *on && !cfg.order.contains(st)) {
+        return bad(format!("{st:?} is set but not in the order of stages {:?}", cfg.order));
+    }
     if let Some(&(id, b)) = cfg.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
         return bad(format!("the logit bias of token {id} must be finite, got {b}"));
     }
@@ -208,6 +231,14 @@ fn sample_with(
     if z.iter().all(|x| *x == f32::NEG_INFINITY) {
         return Err(Error::InvalidArgument("every token is banned or disallowed".into()));
     }
+    // (Only the biased and penalized logits can have left the f32 range.)
+    let changed = cfg.logit_bias.iter().map(|b| b.0).chain(counts.keys().copied());
+    if let Some(j) = changed.into_iter().find(|&j| z[j].is_nan() || z[j] == f32::INFINITY) {
+        return Err(Error::InvalidArgument(format!(
+            "the logit of token {j} is {} after the logit bias and penalties (beyond f32)",
+            z[j]
+        )));
+    }
     // From here on in f32 with the vectorized kernels: `z` the current logits, `kept` the
     // surviving ids (unordered), `p` the softmax of `z` over all ids when fresh.
     let kept = &mut buf.kept;
@@ -220,26 +251,51 @@ fn sample_with(
     let p = &mut buf.p;
     p.resize(v, 0.0);
     let mut p_fresh = false;
-    let refresh = |z: &[f32], p: &mut [f32]| {
-        let st = k.max_sum(z, None, 1.0);
-        k.softmax_into(z, None, 1.0, st, p);
+    // The softmax of `z` into `p`, and its (max, sum): log-probabilities are formed from
+    // them, not from `p`, which flushes below e^-86.5.
+    let mut stats = crate::kernels::MaxSum::EMPTY;
+    let refresh = |z: &[f32], p: &mut [f32], stats: &mut crate::kernels::MaxSum| {
+        *stats = k.max_sum(z, None, 1.0);
+        k.softmax_into(z, None, 1.0, *stats, p);
     };
+    // After a truncation, the dropped ids leave `z` (−inf), so that a later temperature's
+    // shift and softmax see only the kept ones (typical-p may drop the largest logit).
+    let drop_others = |z: &mut [f32], kept: &[u32], saved: &mut Vec<f32>| {
+        if kept.len() < z.len() {
+            saved.clear();
+            saved.extend(kept.iter().map(|&j| z[j as usize]));
+            z.fill(f32::NEG_INFINITY);
+            kept.iter().zip(saved.iter()).for_each(|(&j, &x)| z[j as usize] = x);
+        }
+    };
+    let mut saved = Vec::new();
     // Order: larger logit first, then lower id.
     let better = |z: &[f32], a: u32, b: u32| z[a as usize] > z[b as usize] || (z[a as usize] == z[b as usize] && a < b);
     let mut greedy = false;
-    for stage in &cfg.order {
+    // A temperature stage after a truncation shifts by the kept maximum and recomputes the
+    // softmax over all ids: only then must the dropped ids leave `z`. (Otherwise `p`, the
+    // softmax over all ids, stays proportional to the kept distribution, which is all the
+    // later stages and the draw use.)
+    let temperature_after = |si: usize| cfg.order[si + 1..].contains(&Stage::Temperature);
+    for (si, stage) in cfg.order.iter().enumerate() {
         match stage {
             Stage::Temperature if cfg.temperature == 0.0 => greedy = true,
             Stage::Temperature => {
                 // Shifted by the largest kept logit first (the later stages see only the
                 // distribution and the order, which the shift keeps), so that a tiny T
-                // cannot overflow z / T: the largest becomes 0, the others -(gap / T). (In f64:
-                // a gap beyond f32::MAX is finite over a large T.)
-                let (t, m) = (cfg.temperature as f64, kept_max(z, kept) as f64);
-                z.iter_mut().for_each(|x| *x = ((*x as f64 - m) / t) as f32);
+                // cannot overflow z / T: the largest becomes 0, the others -(gap / T). A gap
+                // beyond f32::MAX overflows to -inf, which is right (a term under e^-150)
+                // unless T > 2^120: then in f64, where it is finite.
+                let (t, m) = (cfg.temperature, kept_max(z, kept));
+                if t > 1.329_228e36 {
+                    z.iter_mut().for_each(|x| *x = ((*x as f64 - m as f64) / t as f64) as f32);
+                } else {
+                    z.iter_mut().for_each(|x| *x = (*x - m) / t);
+                }
                 p_fresh = false;
             }
             Stage::TopK => {
+                let before = kept.len();
                 if let Some(kk) = cfg.top_k
                     && kk < kept.len()
                 {
@@ -260,12 +316,16 @@ fn sample_with(
                     }
                     kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(z, a, b)));
                     kept.truncate(kk);
+                    if kept.len() < before && temperature_after(si) {
+                        drop_others(z, kept, &mut saved);
+                    }
                 }
             }
             Stage::TopP => {
+                let before = kept.len();
                 if let Some(pp) = cfg.top_p {
                     if !p_fresh {
-                        refresh(z, p);
+                        refresh(z, p, &mut stats);
                         p_fresh = true;
                     }
                     // Narrow the search first: a histogram of the kept mass by logit (64 bins
@@ -295,19 +355,27 @@ fn sample_with(
                     }
                     let n = best_mass_prefix(kept, |a, b| better(z, a, b), p, need);
                     kept.truncate(n);
+                    if kept.len() < before && temperature_after(si) {
+                        drop_others(z, kept, &mut saved);
+                    }
                 }
             }
             Stage::MinP => {
+                let before = kept.len();
                 if let Some(mp) = cfg.min_p {
                     let max = kept_max(z, kept) as f64;
                     let floor = max + (mp as f64).ln();
                     kept.retain(|&j| z[j as usize] as f64 >= floor);
+                    if kept.len() < before && temperature_after(si) {
+                        drop_others(z, kept, &mut saved);
+                    }
                 }
             }
             Stage::TypicalP => {
+                let before = kept.len();
                 if let Some(pp) = cfg.typical_p {
                     if !p_fresh {
-                        refresh(z, p);
+                        refresh(z, p, &mut stats);
                         p_fresh = true;
                     }
                     let total: f64 = kept.iter().map(|&j| p[j as usize] as f64).sum();
@@ -325,6 +393,9 @@ fn sample_with(
                     };
                     let n = best_mass_prefix(kept, |a, b| (dist(a), a) < (dist(b), b), p, pp as f64 * total);
                     kept.truncate(n);
+                    if kept.len() < before && temperature_after(si) {
+                        drop_others(z, kept, &mut saved);
+                    }
                 }
             }
         }
@@ -340,7 +411,7 @@ fn sample_with(
             .collect());
     }
     if !p_fresh {
-        refresh(z, p);
+        refresh(z, p, &mut stats);
     }
     // The kept tokens by id, for a reproducible inverse-CDF draw: sorted when few, through
     // a bitmap when many.
@@ -361,17 +432,20 @@ fn sample_with(
             "the processed distribution has no mass (all kept probabilities underflow)".into(),
         ));
     }
-    // The top alternatives of the processed distribution (partial selection).
+    // log(p_j / total) = (z_j − M) − ln S − ln total, exact where p_j has flushed to 0.
+    let (m, ln_s, ln_total) = (stats.max as f64, stats.sum.ln(), total.ln());
+    let logprob = |j: usize| (((z[j] as f64 - m) - ln_s) - ln_total) as f32;
+    // The top alternatives of the processed distribution (partial selection), by logit.
     let alts: Vec<(usize, f32)> = if cfg.alternatives > 0 {
         let mut top: Vec<usize> = ids.clone();
         let a = cfg.alternatives.min(top.len());
-        let cmp = |x: &usize, y: &usize| p[*y].total_cmp(&p[*x]).then(x.cmp(y));
+        let cmp = |x: &usize, y: &usize| z[*y].total_cmp(&z[*x]).then(x.cmp(y));
         if a < top.len() {
             top.select_nth_unstable_by(a - 1, cmp);
             top.truncate(a);
         }
         top.sort_unstable_by(cmp);
-        top.into_iter().map(|j| (j, ((p[j] as f64) / total).ln() as f32)).collect()
+        top.into_iter().map(|j| (j, logprob(j))).collect()
     } else {
         Vec::new()
     };
@@ -387,8 +461,7 @@ fn sample_with(
                     break;
                 }
             }
-            let logprob = ((p[pick] as f64) / total).ln() as f32;
-            Draw { token: pick, logprob_raw: raw(pick), logprob, alternatives: alts.clone() }
+            Draw { token: pick, logprob_raw: raw(pick), logprob: logprob(pick), alternatives: alts.clone() }
         })
         .collect())
 }

@@ -239,3 +239,54 @@ fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
     let want = [-(1.0 + (-2f64).exp()).ln(), -2.0 - (1.0 + (-2f64).exp()).ln()][d.token];
     assert!((d.logprob as f64 - want).abs() < 1e-6, "{} vs {want}", d.logprob);
 }
+
+#[test]
+fn stages_see_only_the_tokens_kept_before_them() {
+    // Typical-p drops the most probable token (0.3 against 700 of 0.001); temperature comes
+    // after it (llama.cpp's order). The dropped token must not take the mass back: at a low
+    // temperature the kept ones are still a uniform distribution, as at T = 1.
+    let mut z = vec![0.3f64.ln() as f32];
+    z.extend(std::iter::repeat_n(0.001f64.ln() as f32, 700));
+    let order = vec![Stage::TopK, Stage::TopP, Stage::MinP, Stage::TypicalP, Stage::Temperature];
+    let cfg =
+        |t: f32| SamplerConfig { typical_p: Some(0.5), temperature: t, order: order.clone(), ..Default::default() };
+    let at1 = sample_row(&z, &[], &cfg(1.0), 1).unwrap()[0].clone();
+    let cold = sample_row(&z, &[], &cfg(0.05), 1).unwrap()[0].clone();
+    assert!(at1.token != 0 && cold.token != 0);
+    assert!((cold.logprob - at1.logprob).abs() < 1e-5, "{} vs {}", cold.logprob, at1.logprob);
+    // Greedy over what typical-p kept: the lowest id among the tied tokens.
+    assert_eq!(sample_row(&z, &[], &cfg(0.0), 1).unwrap()[0].token, 1);
+}
+
+#[test]
+fn the_order_of_stages_is_checked() {
+    let z = [0.0f32, 1.0, 2.0];
+    let no_temperature = SamplerConfig { temperature: 0.0, order: vec![Stage::TopK], ..Default::default() };
+    let e = sample_row(&z, &[], &no_temperature, 1).unwrap_err().to_string();
+    assert!(e.contains("Temperature is set but not in the order"), "{e}");
+    let twice = SamplerConfig { order: vec![Stage::Temperature, Stage::Temperature], ..Default::default() };
+    let e = sample_row(&z, &[], &twice, 1).unwrap_err().to_string();
+    assert!(e.contains("Temperature twice"), "{e}");
+}
+
+#[test]
+fn alternatives_keep_tiny_log_probabilities() {
+    // p of token 1 is e^-100 / (1 + e^-100 + e^-1): below f32's normal range, yet its
+    // log-probability is -100.313, not -inf.
+    let z = [0.0f32, -100.0, -1.0];
+    let d = sample_row(&z, &[], &SamplerConfig { alternatives: 3, ..Default::default() }, 1).unwrap()[0].clone();
+    let ln_s = (1.0 + (-100f64).exp() + (-1f64).exp()).ln();
+    let want = [(0usize, -ln_s), (2, -1.0 - ln_s), (1, -100.0 - ln_s)];
+    for ((j, lp), (wj, wlp)) in d.alternatives.iter().zip(want) {
+        assert_eq!(*j, wj);
+        assert!((*lp as f64 - wlp).abs() < 1e-5, "token {j}: {lp} vs {wlp}");
+    }
+}
+
+#[test]
+fn a_logit_pushed_beyond_f32_by_a_bias_is_named() {
+    let z = [3e38f32, 0.0];
+    let cfg = SamplerConfig { logit_bias: vec![(0, 3e38)], ..Default::default() };
+    let e = sample_row(&z, &[], &cfg, 1).unwrap_err().to_string();
+    assert!(e.contains("token 0 is inf after the logit bias and penalties"), "{e}");
+}
