@@ -229,7 +229,9 @@ fn sample_with(
         z[j] -= cfg.frequency_penalty * c as f32 + cfg.presence_penalty;
     }
     if z.iter().all(|x| *x == f32::NEG_INFINITY) {
-        return Err(Error::InvalidArgument("every token is banned or disallowed".into()));
+        return Err(Error::InvalidArgument(
+            "every token is banned, disallowed or pushed to -inf by the logit bias and penalties".into(),
+        ));
     }
     // (Only the biased and penalized logits can have left the f32 range.)
     let changed = cfg.logit_bias.iter().map(|b| b.0).chain(counts.keys().copied());
@@ -279,7 +281,11 @@ fn sample_with(
     let temperature_after = |si: usize| cfg.order[si + 1..].contains(&Stage::Temperature);
     for (si, stage) in cfg.order.iter().enumerate() {
         match stage {
-            Stage::Temperature if cfg.temperature == 0.0 => greedy = true,
+            // Greedy over what the stages before it kept: the later ones cannot change the pick.
+            Stage::Temperature if cfg.temperature == 0.0 => {
+                greedy = true;
+                break;
+            }
             Stage::Temperature => {
                 // Shifted by the largest kept logit first (the later stages see only the
                 // distribution and the order, which the shift keeps), so that a tiny T
@@ -434,7 +440,10 @@ fn sample_with(
     }
     // log(p_j / total) = (z_j − M) − ln S − ln total, exact where p_j has flushed to 0.
     let (m, ln_s, ln_total) = (stats.max as f64, stats.sum.ln(), total.ln());
-    let logprob = |j: usize| (((z[j] as f64 - m) - ln_s) - ln_total) as f32;
+    // (At most 0: the f64 sum and the f32 probabilities may round it above; one kept token
+    // has exactly 0.)
+    let single = ids.len() == 1;
+    let logprob = |j: usize| if single { 0.0 } else { ((((z[j] as f64 - m) - ln_s) - ln_total) as f32).min(0.0) };
     // The top alternatives of the processed distribution (partial selection), by logit.
     let alts: Vec<(usize, f32)> = if cfg.alternatives > 0 {
         let mut top: Vec<usize> = ids.clone();

@@ -256,6 +256,20 @@ fn stages_see_only_the_tokens_kept_before_them() {
     assert!((cold.logprob - at1.logprob).abs() < 1e-5, "{} vs {}", cold.logprob, at1.logprob);
     // Greedy over what typical-p kept: the lowest id among the tied tokens.
     assert_eq!(sample_row(&z, &[], &cfg(0.0), 1).unwrap()[0].token, 1);
+    // In the default order temperature comes first, so greedy takes the largest logit
+    // whatever typical-p would have dropped after it (the limit of small temperatures).
+    let first = SamplerConfig { typical_p: Some(0.5), temperature: 0.0, ..Default::default() };
+    assert_eq!(sample_row(&z, &[], &first, 1).unwrap()[0].token, 0);
+    let cold = SamplerConfig { temperature: 0.05, ..first };
+    assert_eq!(sample_row(&z, &[], &cold, 1).unwrap()[0].token, 0);
+    // One kept token has log-probability exactly 0; none is above 0.
+    let one = SamplerConfig { top_k: Some(1), ..Default::default() };
+    assert_eq!(sample_row(&[1.0, 2.0, 0.5], &[], &one, 1).unwrap()[0].logprob, 0.0);
+    for seed in 0..200 {
+        let c = SamplerConfig { top_p: Some(0.5), alternatives: 3, seed, ..Default::default() };
+        let d = sample_row(&[1.0, 2.0, 0.5], &[], &c, 1).unwrap()[0].clone();
+        assert!(d.logprob <= 0.0 && d.alternatives.iter().all(|a| a.1 <= 0.0), "{d:?}");
+    }
 }
 
 #[test]
