@@ -78,9 +78,6 @@ impl<'a> MatRef<'a> {
     pub fn find_non_finite(&self) -> Option<(usize, usize, f32)> {
         // A branch-free scan over blocks (it vectorizes); the position only on failure. Large
         // matrices are scanned by all threads, the first bad element in row order reported.
-        if self.cols == 0 {
-            return None;
-        }
         let clean = all_finite;
         let check_row = |i: usize| {
             let row = self.row(i);

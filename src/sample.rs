@@ -163,6 +163,8 @@ pub struct Sampler {
     z: Vec<f32>,
     p: Vec<f32>,
     kept: Vec<u32>,
+    /// The kept logits, while `z` is cleared around them.
+    saved: Vec<f32>,
 }
 
 impl Sampler {
@@ -270,7 +272,6 @@ fn sample_with(
             kept.iter().zip(saved.iter()).for_each(|(&j, &x)| z[j as usize] = x);
         }
     };
-    let mut saved = Vec::new();
     // Order: larger logit first, then lower id.
     let better = |z: &[f32], a: u32, b: u32| z[a as usize] > z[b as usize] || (z[a as usize] == z[b as usize] && a < b);
     let mut greedy = false;
@@ -280,6 +281,7 @@ fn sample_with(
     // later stages and the draw use.)
     let temperature_after = |si: usize| cfg.order[si + 1..].contains(&Stage::Temperature);
     for (si, stage) in cfg.order.iter().enumerate() {
+        let before = kept.len();
         match stage {
             // Greedy over what the stages before it kept: the later ones cannot change the pick.
             Stage::Temperature if cfg.temperature == 0.0 => {
@@ -293,7 +295,7 @@ fn sample_with(
                 // beyond f32::MAX overflows to -inf, which is right (a term under e^-150)
                 // unless T > 2^120: then in f64, where it is finite.
                 let (t, m) = (cfg.temperature, kept_max(z, kept));
-                if t > 1.329_228e36 {
+                if t > crate::kernels::generic::HALVE_ABOVE {
                     z.iter_mut().for_each(|x| *x = ((*x as f64 - m as f64) / t as f64) as f32);
                 } else {
                     z.iter_mut().for_each(|x| *x = (*x - m) / t);
@@ -301,7 +303,6 @@ fn sample_with(
                 p_fresh = false;
             }
             Stage::TopK => {
-                let before = kept.len();
                 if let Some(kk) = cfg.top_k
                     && kk < kept.len()
                 {
@@ -322,13 +323,9 @@ fn sample_with(
                     }
                     kept.select_nth_unstable_by(kk - 1, |&a, &b| order_of(a, b, better(z, a, b)));
                     kept.truncate(kk);
-                    if kept.len() < before && temperature_after(si) {
-                        drop_others(z, kept, &mut saved);
-                    }
                 }
             }
             Stage::TopP => {
-                let before = kept.len();
                 if let Some(pp) = cfg.top_p {
                     if !p_fresh {
                         refresh(z, p, &mut stats);
@@ -361,24 +358,16 @@ fn sample_with(
                     }
                     let n = best_mass_prefix(kept, |a, b| better(z, a, b), p, need);
                     kept.truncate(n);
-                    if kept.len() < before && temperature_after(si) {
-                        drop_others(z, kept, &mut saved);
-                    }
                 }
             }
             Stage::MinP => {
-                let before = kept.len();
                 if let Some(mp) = cfg.min_p {
                     let max = kept_max(z, kept) as f64;
                     let floor = max + (mp as f64).ln();
                     kept.retain(|&j| z[j as usize] as f64 >= floor);
-                    if kept.len() < before && temperature_after(si) {
-                        drop_others(z, kept, &mut saved);
-                    }
                 }
             }
             Stage::TypicalP => {
-                let before = kept.len();
                 if let Some(pp) = cfg.typical_p {
                     if !p_fresh {
                         refresh(z, p, &mut stats);
@@ -399,11 +388,11 @@ fn sample_with(
                     };
                     let n = best_mass_prefix(kept, |a, b| (dist(a), a) < (dist(b), b), p, pp as f64 * total);
                     kept.truncate(n);
-                    if kept.len() < before && temperature_after(si) {
-                        drop_others(z, kept, &mut saved);
-                    }
                 }
             }
+        }
+        if kept.len() < before && temperature_after(si) {
+            drop_others(z, kept, &mut buf.saved);
         }
     }
     let mut rng = crate::rng::SplitMix64::new(cfg.seed);
@@ -448,7 +437,8 @@ fn sample_with(
     let alts: Vec<(usize, f32)> = if cfg.alternatives > 0 {
         let mut top: Vec<usize> = ids.clone();
         let a = cfg.alternatives.min(top.len());
-        let cmp = |x: &usize, y: &usize| z[*y].total_cmp(&z[*x]).then(x.cmp(y));
+        // (+0 added: −0 ties with +0, as in `better`.)
+        let cmp = |x: &usize, y: &usize| (z[*y] + 0.0).total_cmp(&(z[*x] + 0.0)).then(x.cmp(y));
         if a < top.len() {
             top.select_nth_unstable_by(a - 1, cmp);
             top.truncate(a);

@@ -295,6 +295,9 @@ fn alternatives_keep_tiny_log_probabilities() {
         assert_eq!(*j, wj);
         assert!((*lp as f64 - wlp).abs() < 1e-5, "token {j}: {lp} vs {wlp}");
     }
+    // −0 ties with +0: the lower id first.
+    let d = sample_row(&[-0.0, 0.0], &[], &SamplerConfig { alternatives: 2, ..Default::default() }, 1).unwrap();
+    assert_eq!(d[0].alternatives.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0, 1]);
 }
 
 #[test]

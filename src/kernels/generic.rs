@@ -110,7 +110,9 @@ pub(crate) trait Vector: Copy {
     /// Sum over the lanes, in a fixed order.
     unsafe fn reduce_sum(self) -> f32;
     /// The lanes of four vectors summed in `f64`, in a fixed order (each lane widened
-    /// exactly first). This default stores the lanes; x86 widens in registers.
+    /// exactly first): a term far below the row's largest (1) is not lost when it sits in
+    /// another lane (`ln S` of [0, −17] is 4.1e-8, not 0). This default stores the lanes;
+    /// x86 widens in registers.
     #[inline(always)]
     unsafe fn sum4_f64(a: Self, b: Self, c: Self, d: Self) -> f64 {
         let mut total = 0f64;
@@ -127,17 +129,6 @@ pub(crate) trait Vector: Copy {
 /// Elements per block of the online pass: a block (4 KiB) is read twice from L1, once for
 /// its maximum and once for its terms. A multiple of every instruction set's lane count.
 pub(crate) const BLOCK: usize = 1024;
-
-/// The four accumulators' lanes summed in `f64`: a term far below the row's largest (1) is
-/// not lost when it sits in another lane (`ln S` of [0, −17] is 4.1e-8, not 0).
-///
-/// # Safety
-/// The instruction set of `V` is available.
-#[inline(always)]
-unsafe fn sum4_f64<V: Vector>(s0: V, s1: V, s2: V, s3: V) -> f64 {
-    // SAFETY: the caller guarantees the instruction set.
-    unsafe { V::sum4_f64(s0, s1, s2, s3) }
-}
 
 /// Terms that each lane of the online pass adds in `f32` before its partial sums join the
 /// running `f64` sum: 16, so that a sum's relative error stays near `16·2^-24` at most
@@ -269,7 +260,7 @@ impl Params {
 /// is exact), because a gap `z − M` beyond `f32::MAX`, which overflows, then matters: over
 /// `T ≤ f32::MAX / 150` it is below −150, where `exp` is 0 anyway. The extra multiply stays
 /// out of the kernels for every other temperature (7% of a softmax at `T = 2`).
-const HALVE_ABOVE: f32 = 1.329_228e36; // 2^120
+pub(crate) const HALVE_ABOVE: f32 = 1.329_228e36; // 2^120
 
 // Cephes-style expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-7 polynomial.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -608,7 +599,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                 // Each lane's f32 partial sums take at most FLUSH_TERMS terms before joining
                 // the f64 sum: a whole block on AVX-512, a part of one on narrower vectors.
                 if j % (4 * FLUSH_TERMS) == 0 && j < full {
-                    s += sum4_f64(s0, s1, s2, s3);
+                    s += V::sum4_f64(s0, s1, s2, s3);
                     (s0, s1, s2, s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
                 }
             }
@@ -634,7 +625,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                 }
                 s1 = s1.add(e);
             }
-            s += sum4_f64(s0, s1, s2, s3);
+            s += V::sum4_f64(s0, s1, s2, s3);
             if STORE {
                 *block_max.add(b) = m;
             }
