@@ -180,6 +180,14 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     fails(&["softmax", "--logits", &good, &format!("-o{good}")], &["would overwrite the input"]);
     fails(&["softmax", "--logits", &good, &format!("-o={good}")], &["would overwrite the input"]);
     assert_eq!(std::fs::read(&good).unwrap(), before);
+    // A default output counts too: demo's --plot (demo-loss.svg, in the working folder) over
+    // its --text input. Reading the command line by hand missed outputs nobody typed.
+    std::fs::write(d.join("demo-loss.svg"), "some text to train on").unwrap();
+    let ran = bin().current_dir(d).args(["demo", "--text", "demo-loss.svg"]).output().unwrap();
+    let err = String::from_utf8_lossy(&ran.stderr);
+    assert_eq!(ran.status.code(), Some(2), "{err}");
+    assert!(err.contains("--plot demo-loss.svg would overwrite the input demo-loss.svg"), "{err}");
+    assert_eq!(std::fs::read(d.join("demo-loss.svg")).unwrap(), b"some text to train on");
     // An output whose name says the other format.
     fails(&["softmax", "--logits", &good, "-o", &p(d, "o.safetensors")], &["writes a .npy file", "o.safetensors"]);
     // The layer's options have no meaning for given logits.

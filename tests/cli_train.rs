@@ -367,3 +367,23 @@ fn demo_trains_on_a_users_text_file() {
     fails(&["demo", "--train-chars", "18446744073709551615"], &["--train-chars"]);
     fails(&["demo", "--plot", &p("nodir/d.svg")], &["nodir", "does not exist"]);
 }
+
+#[test]
+fn adamw_weight_decay_defaults_to_the_librarys() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    write_csv(Path::new(&p("d.csv")), 60);
+    let weight = |name: &str, extra: &[&str]| {
+        let out = p(name);
+        let base = ["train", "--data", &p("d.csv"), "--label-column", "label", "--optimizer", "adamw"];
+        let tail = ["--epochs", "3", "--lr", "0.1", "-o", &out];
+        ok(&base.iter().chain(extra).chain(&tail).copied().collect::<Vec<_>>());
+        read_safetensors(Path::new(&out), "weight").unwrap().to_f32().unwrap().into_owned()
+    };
+    let default = weight("a.safetensors", &[]);
+    let softmax_layer::train::Optimizer::AdamW { weight_decay, .. } = softmax_layer::train::Optimizer::adamw() else {
+        panic!("adamw() is AdamW")
+    };
+    assert_eq!(default, weight("b.safetensors", &["--weight-decay", &weight_decay.to_string()]));
+    assert_ne!(default, weight("c.safetensors", &["--weight-decay", "0"]));
+}

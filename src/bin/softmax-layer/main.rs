@@ -18,7 +18,7 @@ mod rows;
 mod selfcheck;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -199,17 +199,33 @@ pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     }
 }
 
-/// An output (`-o`, `--output`, `--plot`) that names an existing file given as an input of
-/// the same command (`--text F --plot F`, `--model M -o M`, …): the line to report, before
+/// A command's values as clap parsed them (defaults included): its outputs (`--output`,
+/// `--plot`) with their flags, and every other value. Flags without a value are left out.
+fn arg_values(def: &clap::Command, m: &clap::ArgMatches) -> (Vec<(String, String)>, Vec<String>) {
+    let (mut outs, mut vals) = (Vec::new(), Vec::new());
+    for arg in def.get_arguments().filter(|a| a.get_action().takes_values()) {
+        let id = arg.get_id().as_str();
+        let Ok(Some(raw)) = m.try_get_raw(id) else { continue };
+        for v in raw.map(|v| v.to_string_lossy().into_owned()) {
+            match arg.get_long().filter(|l| matches!(*l, "output" | "plot")) {
+                Some(long) => outs.push((format!("--{long}"), v)),
+                None => vals.push(v),
+            }
+        }
+    }
+    (outs, vals)
+}
+
+/// An output (`--output`, `--plot`) that names an existing file given as an input of the
+/// same command (`--text F --plot F`, `--model M -o M`, …): the line to report, before
 /// any work, instead of replacing the input.
-fn output_over_input(args: &[String]) -> Option<String> {
-    let (outs, vals) = split_args(args);
+fn output_over_input(outs: &[(String, String)], vals: &[String]) -> Option<String> {
     for (flag, out) in outs {
         let out_path = std::path::Path::new(out);
         if !out_path.exists() {
             continue;
         }
-        for v in &vals {
+        for v in vals {
             let f = spec_file(v);
             if f.is_file() && same_file(out_path, &f) {
                 return Some(format!("{flag} {out} would overwrite the input {v}"));
@@ -219,47 +235,40 @@ fn output_over_input(args: &[String]) -> Option<String> {
     None
 }
 
-/// The command line's outputs (`-o F`, `-oF`, `-o=F`, `--output F`, `--output=F`, and the
-/// same for `--plot`) with their flags, and every other value.
-fn split_args(args: &[String]) -> (Vec<(&str, &str)>, Vec<&str>) {
-    let (mut outs, mut vals) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        if matches!(a, "-o" | "--output" | "--plot") {
-            if let Some(v) = args.get(i + 1) {
-                outs.push((a, v.as_str()));
-            }
-            i += 2;
-            continue;
-        }
-        match a.split_once('=') {
-            Some((flag @ ("--output" | "--plot"), v)) => outs.push((flag, v)),
-            Some((flag, v)) if flag.starts_with("--") => vals.push(v),
-            // `-oF` and `-o=F`, clap's attached forms of the short flag.
-            _ if a.starts_with("-o") && !a.starts_with("--") => outs.push(("-o", a[2..].trim_start_matches('='))),
-            _ if !a.starts_with('-') => vals.push(a),
-            _ => {}
-        }
-        i += 1;
-    }
-    (outs, vals)
-}
-
 /// An output named `.npy` for a command that writes `.safetensors`, or the other way round:
 /// the file would not read back as its name says.
-fn output_kind_mismatch(args: &[String]) -> Option<String> {
-    let cmd = args.first()?.as_str();
+fn output_kind_mismatch(cmd: &str, outs: &[(String, String)]) -> Option<String> {
     let writes = match cmd {
         "softmax" | "log-softmax" | "logsumexp" | "logits" | "probs" | "log-probs" | "argmax" | "fit-pl"
         | "predict" => "npy",
         "loss" | "top-k" | "train" => "safetensors",
         _ => return None,
     };
-    let out = split_args(args).0.into_iter().find(|(flag, _)| *flag != "--plot")?.1;
+    let out = &outs.iter().find(|(flag, _)| flag == "--output")?.1;
     let ext = std::path::Path::new(out).extension()?.to_str()?.to_ascii_lowercase();
     let other = if writes == "npy" { "safetensors" } else { "npy" };
     (ext == other).then(|| format!("{cmd} writes a .{writes} file, but the output {out} is named .{other}"))
+}
+
+/// Reports a command line clap refused (or help asked for) and returns the exit status.
+fn usage(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    // Keep usage errors to one line, like every other failure.
+    let text = e.render().to_string();
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+    eprintln!("softmax-layer: {}", line.trim_start_matches("error: "));
+    ExitCode::from(2)
 }
 
 /// A failure: the one line printed on stderr.
@@ -303,29 +312,14 @@ fn default_sigpipe() {
 fn main() -> ExitCode {
     #[cfg(unix)]
     default_sigpipe();
-    let cli = match Cli::try_parse() {
+    let def = Cli::command();
+    let matches = match def.clone().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::SUCCESS
-                };
-            }
-            // Keep usage errors to one line, like every other failure.
-            let text = e.render().to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-            eprintln!("softmax-layer: {}", line.trim_start_matches("error: "));
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage(e),
     };
     // The library ignores an unknown or unavailable forced bf16 path; here that is a typo to
     // report, not a setting to drop silently.
@@ -339,10 +333,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(msg) = output_over_input(&args).or_else(|| output_kind_mismatch(&args)) {
-        eprintln!("softmax-layer: error: {msg}");
-        return ExitCode::from(2);
+    if let Some((name, sub)) = matches.subcommand()
+        && let Some(sub_def) = def.find_subcommand(name)
+    {
+        let (outs, vals) = arg_values(sub_def, sub);
+        if let Some(msg) = output_over_input(&outs, &vals).or_else(|| output_kind_mismatch(name, &outs)) {
+            eprintln!("softmax-layer: error: {msg}");
+            return ExitCode::from(2);
+        }
     }
     let result = match cli.command {
         Command::Softmax(a) => rows::run(rows::Op::Softmax, &a),

@@ -50,8 +50,9 @@ pub struct TrainArgs {
     /// Momentum (sgd).
     #[arg(long, value_name = "μ", default_value_t = 0.9)]
     pub momentum: f32,
-    /// Decoupled weight decay (adamw).
-    #[arg(long, value_name = "WD", default_value_t = 0.0)]
+    /// Decoupled weight decay (adamw; the bias is not decayed). The default is PyTorch's and
+    /// the library's, `Optimizer::adamw()`.
+    #[arg(long, value_name = "WD", default_value_t = 0.01)]
     pub weight_decay: f32,
     /// Warmup as a fraction of all steps, before the cosine decay.
     #[arg(long, value_name = "F", default_value_t = 0.05)]
