@@ -292,10 +292,12 @@ fn sample_with(
                 // Shifted by the largest kept logit first (the later stages see only the
                 // distribution and the order, which the shift keeps), so that a tiny T
                 // cannot overflow z / T: the largest becomes 0, the others -(gap / T). A gap
-                // beyond f32::MAX overflows to -inf, which is right (a term under e^-150)
-                // unless T > 2^120: then in f64, where it is finite.
+                // beyond f32::MAX overflows to -inf in f32, which is right for T <= 1; above,
+                // gap / T may be finite (a log-probability of -400 at T = 1e36), so such a
+                // row divides in f64. (Non-kept ids are -inf here, or all are kept.)
                 let (t, m) = (cfg.temperature, kept_max(z, kept));
-                if t > crate::kernels::generic::HALVE_ABOVE {
+                let lowest = || z.iter().fold(f32::INFINITY, |a, &x| if x > f32::NEG_INFINITY { a.min(x) } else { a });
+                if t > 1.0 && m as f64 - lowest() as f64 > f32::MAX as f64 {
                     z.iter_mut().for_each(|x| *x = ((*x as f64 - m as f64) / t as f64) as f32);
                 } else {
                     z.iter_mut().for_each(|x| *x = (*x - m) / t);

@@ -241,6 +241,23 @@ fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
 }
 
 #[test]
+fn a_gap_beyond_f32_over_a_temperature_above_one_keeps_its_log_probability() {
+    // (3e38 − (−1e38)) / 1e36 = 400: token 1's log-probability is −400 − ln 2 (not −inf),
+    // although the gap overflows f32. At T = 1 it is below −3e38, so −inf in f32.
+    let z = [3e38f32, -1e38, 3e38];
+    let cfg = SamplerConfig { temperature: 1e36, alternatives: 3, ..Default::default() };
+    let d = sample_row(&z, &[], &cfg, 1).unwrap()[0].clone();
+    let want = [-(2f64.ln()), -400.0 - 2f64.ln(), -(2f64.ln())];
+    assert_eq!(d.alternatives.len(), 3);
+    for (j, lp) in d.alternatives {
+        assert!((lp as f64 - want[j]).abs() < 1e-4 * want[j].abs(), "token {j}: {lp} vs {}", want[j]);
+    }
+    let at1 = SamplerConfig { temperature: 1.0, ..cfg };
+    let d = sample_row(&z, &[], &at1, 1).unwrap()[0].clone();
+    assert!(d.alternatives.iter().any(|&(j, lp)| j == 1 && lp == f32::NEG_INFINITY), "{d:?}");
+}
+
+#[test]
 fn stages_see_only_the_tokens_kept_before_them() {
     // Typical-p drops the most probable token (0.3 against 700 of 0.001); temperature comes
     // after it (llama.cpp's order). The dropped token must not take the mass back: at a low

@@ -260,7 +260,7 @@ impl Params {
 /// is exact), because a gap `z − M` beyond `f32::MAX`, which overflows, then matters: over
 /// `T ≤ f32::MAX / 150` it is below −150, where `exp` is 0 anyway. The extra multiply stays
 /// out of the kernels for every other temperature (7% of a softmax at `T = 2`).
-pub(crate) const HALVE_ABOVE: f32 = 1.329_228e36; // 2^120
+const HALVE_ABOVE: f32 = 1.329_228e36; // 2^120
 
 // Cephes-style expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, with a degree-7 polynomial.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
