@@ -302,7 +302,13 @@ pub struct TrainConfig {
     /// Peak learning rate (mini-batch optimizers).
     pub lr: f32,
     /// Linear warmup over this fraction of all steps, then cosine decay to `lr·min_lr_ratio`.
+    /// With `T` steps in all and `W = round(T·warmup)`, 0-based step `s` uses
+    /// `lr·(s + 1)/W` while `s < W`, then `lr·(r + (1 − r)·½·(1 + cos(π·(s − W)/(T − W))))`
+    /// with `r = min_lr_ratio`. So no step has a learning rate of 0: Hugging Face's
+    /// `get_cosine_schedule_with_warmup` gives its first step `lr·0/W = 0`, and this schedule
+    /// is that one advanced by one step during warmup.
     pub warmup: f32,
+    /// Where the cosine decay ends, as a fraction of `lr`, in `[0, 1]`.
     pub min_lr_ratio: f32,
     /// λ of the L2 penalty `(λ/2)·‖W‖²` (the bias is not penalized).
     pub l2: f32,
