@@ -362,7 +362,7 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub shifted: bool,
     /// Report the K most probable alternatives per token (plus the target).
-    #[arg(long, value_name = "K", default_value_t = 0)]
+    #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true)]
     pub top_logprobs: usize,
     /// UTF-8 bytes per sequence [k], for bits_per_byte.
     #[arg(long, value_name = "BYTES")]
@@ -477,7 +477,7 @@ pub struct SampleArgs {
     /// Temperature >= 0; 0 is greedy (ties to the lowest id).
     #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
@@ -495,10 +495,10 @@ pub struct SampleArgs {
     #[arg(long, value_name = "IDS")]
     pub history: Option<String>,
     /// Row i uses seed S + i.
-    #[arg(long, value_name = "S", default_value_t = 0)]
+    #[arg(long, value_name = "S", default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Independent draws per row from its processed distribution.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true)]
     pub num_samples: usize,
     /// Output .jsonl: {"row": i, "samples": [{"token", "logprob", "logprob_raw"}, ...]} per row.
     #[arg(short = 'o', long = "output", value_name = "OUT")]

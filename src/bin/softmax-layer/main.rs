@@ -101,7 +101,7 @@ struct TopKArgs {
     #[command(flatten)]
     layer: layer::LayerArgs,
     /// How many classes per row, in [1, V].
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
     k: usize,
 }
 
