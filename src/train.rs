@@ -564,6 +564,8 @@ struct RunState {
     history: Vec<EpochRecord>,
     step_objectives: Vec<f64>,
     best: Option<(f64, usize, Model)>,
+    /// Early stopping ended the run: a resume returns `best` without training further.
+    stopped: bool,
 }
 
 /// Trains a softmax layer on `data` and returns the model with its history.
@@ -776,6 +778,7 @@ fn run_training(
                 history: vec![],
                 step_objectives: vec![],
                 best: None,
+                stopped: false,
             }
         }
     };
@@ -785,8 +788,7 @@ fn run_training(
     let (mut gw, mut gb) = (vec![0f32; p], vec![0f32; classes]);
     let mut batch_x: Vec<f32> = Vec::new();
     let mut batch_y: Vec<i64> = Vec::new();
-    let mut stopped_early = false;
-    while st.epoch < epochs {
+    while st.epoch < epochs && !st.stopped {
         let epoch = st.epoch + 1;
         let train_objective = if let OptState::Lbfgs(lb) = &mut st.opt {
             if lb.done {
@@ -856,21 +858,18 @@ fn run_training(
                 st.best = Some((m.loss, epoch, st.model.clone()));
             } else if epoch - st.best.as_ref().map_or(0, |b| b.1) >= patience {
                 on_event(Event::EarlyStop { epoch, best_epoch: st.best.as_ref().map_or(0, |b| b.1) });
-                stopped_early = true;
+                st.stopped = true;
             }
         }
-        let finished = stopped_early || st.epoch == epochs || matches!(&st.opt, OptState::Lbfgs(lb) if lb.done);
+        let finished = st.stopped || st.epoch == epochs || matches!(&st.opt, OptState::Lbfgs(lb) if lb.done);
         if let Some(c) = &cfg.checkpoint
             && (epoch % c.every.max(1) == 0 || finished)
         {
             let path = save_checkpoint(&c.dir, &st, &fingerprint)?;
             on_event(Event::Checkpoint(&path));
         }
-        if stopped_early {
-            break;
-        }
     }
-    let model = match (stopped_early, st.best) {
+    let model = match (st.stopped, st.best) {
         (true, Some((_, _, m))) => m,
         _ => st.model,
     };
@@ -1345,7 +1344,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     let mut meta = HashMap::new();
     meta.insert("fingerprint".to_string(), fingerprint.to_string());
     meta.insert("format".to_string(), "softmax-layer checkpoint 1".to_string());
-    let counters = [st.step as i64, st.epoch as i64, st.rng.state() as i64];
+    let counters = [st.step as i64, st.epoch as i64, st.rng.state() as i64, st.stopped as i64];
     let hist: Vec<f64> = st
         .history
         .iter()
@@ -1363,7 +1362,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     let mut t: Vec<(&str, Vec<usize>, OutTensor<'_>)> = vec![
         ("weight", vec![k, d], OutTensor::F32(&st.model.weight)),
         ("bias", vec![k], OutTensor::F32(&st.model.bias)),
-        ("counters", vec![3], OutTensor::I64(&counters)),
+        ("counters", vec![4], OutTensor::I64(&counters)),
         ("history", vec![st.history.len(), 5], OutTensor::F64(&hist)),
         ("step_objectives", vec![st.step_objectives.len()], OutTensor::F64(&st.step_objectives)),
     ];
@@ -1394,15 +1393,20 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
         }
     }
     io::write_safetensors_with_metadata(&path, &t, Some(meta))?;
-    // Keep the two newest: the one just written, and the one before it.
+    // Keep the two newest: the one just written, and the newest before it (whatever the
+    // interval), so that a resume can fall back on it if this one is damaged.
     if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().into_string().unwrap_or_default();
-            if let Some(ep) = name.strip_prefix(CKPT_PREFIX).and_then(|r| r.strip_suffix(CKPT_SUFFIX))
-                && ep.parse::<usize>().is_ok_and(|ep| ep + 1 < st.epoch)
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
+        let mut older: Vec<(usize, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let ep = name.strip_prefix(CKPT_PREFIX)?.strip_suffix(CKPT_SUFFIX)?.parse::<usize>().ok()?;
+                (ep < st.epoch).then(|| (ep, e.path()))
+            })
+            .collect();
+        older.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, p) in older.iter().skip(1) {
+            let _ = std::fs::remove_file(p);
         }
     }
     Ok(path)
@@ -1459,7 +1463,12 @@ fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: u
     };
     let model = Model { weight: f32s("weight", classes * d)?, bias: f32s("bias", classes)?, classes, dim: d };
     let counters = io::read_safetensors(path, "counters")?.to_i64()?;
-    let [step, epoch, rng] = counters[..] else { return Err(bad("tensor 'counters' must have 3 elements".into())) };
+    // (Checkpoints written before early stopping was recorded have 3.)
+    let (step, epoch, rng, stopped) = match counters[..] {
+        [step, epoch, rng] => (step, epoch, rng, 0),
+        [step, epoch, rng, stopped @ (0 | 1)] => (step, epoch, rng, stopped),
+        _ => return Err(bad("tensor 'counters' must be [step, epoch, rng, stopped (0 or 1)]".into())),
+    };
     let (_, hist) = f64s("history")?;
     let history = hist
         .chunks_exact(5)
@@ -1507,5 +1516,6 @@ fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: u
         history,
         step_objectives,
         best,
+        stopped: stopped == 1,
     })
 }

@@ -422,6 +422,77 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
 }
 
 #[test]
+fn a_run_that_stopped_early_resumes_to_its_best_model() {
+    let (n, d, k) = (2000, 6, 3);
+    let (x, y) = blobs(n, d, k, 2);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::adamw(),
+        epochs: Some(40),
+        batch_size: 50,
+        lr: 0.05,
+        holdout: 0.25,
+        patience: Some(2),
+        seed: 9,
+        ..Default::default()
+    };
+    let mut stopped_at = None;
+    let whole = train(data, &cfg, |e| {
+        if let Event::EarlyStop { epoch, .. } = e {
+            stopped_at = Some(epoch)
+        }
+    })
+    .unwrap();
+    let stop = stopped_at.expect("early stopping happened");
+    // Killed after the last checkpoint (the one written as the run stopped), before the
+    // model was saved: the resume trains no further and returns the best epoch's model.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = TrainConfig {
+        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
+        ..cfg.clone()
+    };
+    kill_after_checkpoint(data, &ck, stop);
+    let mut steps = 0;
+    let resumed = train(data, &ck, |e| steps += matches!(e, Event::Step { .. }) as usize).unwrap();
+    assert_eq!(steps, 0, "a finished run trains no further");
+    assert_eq!(resumed.model, whole.model);
+    assert_eq!(resumed.history, whole.history);
+    assert_eq!(resumed.heldout, whole.heldout);
+}
+
+#[test]
+fn checkpoints_every_few_epochs_keep_the_one_before_too() {
+    let (n, d, k) = (300, 4, 3);
+    let (x, y) = blobs(n, d, k, 5);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::sgd(),
+        epochs: Some(9),
+        batch_size: 64,
+        lr: 0.05,
+        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 3, resume: true }),
+        ..Default::default()
+    };
+    let whole = train(data, &cfg, |_| {}).unwrap();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-00000006.safetensors", "checkpoint-00000009.safetensors"]);
+    // The newest damaged: the resume falls back on epoch 6 and ends on the same bits.
+    std::fs::write(dir.path().join(&names[1]), b"damaged").unwrap();
+    let mut resumed_at = None;
+    let resumed = train(data, &cfg, |e| {
+        if let Event::Resumed { epoch, .. } = e {
+            resumed_at = Some(epoch)
+        }
+    })
+    .unwrap();
+    assert_eq!(resumed_at, Some(6));
+    assert_eq!(resumed.model, whole.model);
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let x = vec![0f32; 6];
     let fx = MatRef::new(&x, 3, 2).unwrap();
