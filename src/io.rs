@@ -658,6 +658,10 @@ pub fn check_output_folder(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The name prefix of [`write_atomic`]'s temporary files (hidden; a process killed between
+/// creating and renaming one leaves it behind).
+pub(crate) const TEMP_PREFIX: &str = ".softmax-layer-";
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over `path`. A new file gets the usual mode (`0666` less the umask); a
 /// replaced one keeps its own. A symbolic link is written through (its target is replaced
@@ -702,7 +706,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     check_output_folder(path)?;
     let dir = folder_of(path);
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".softmax-layer-");
+    builder.prefix(TEMP_PREFIX);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -710,8 +714,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     // (The temporary file's own name stays out of the message: only `path` is the user's.)
     let mut tmp = builder.tempfile_in(dir).map_err(|e| {
-        let bare = e.raw_os_error().map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error);
-        io_err(path, bare)
+        let why =
+            e.raw_os_error().map_or_else(|| e.kind().to_string(), |c| std::io::Error::from_raw_os_error(c).to_string());
+        io_err(path, std::io::Error::new(e.kind(), format!("cannot create a file in {}: {why}", dir.display())))
     })?;
     if let Ok(meta) = std::fs::metadata(path) {
         tmp.as_file().set_permissions(meta.permissions()).map_err(|e| io_err(path, e))?;

@@ -131,7 +131,13 @@ impl Model {
             None => vec![0.0; classes],
         };
         let m = Model { weight, bias, classes, dim };
-        m.layer()?; // validates finiteness
+        // Validates finiteness; a bad value is named with the file that holds it.
+        m.layer().map_err(|e| match e {
+            Error::NonFinite { .. } | Error::NonFiniteEntry { .. } => {
+                Error::Format { path: path.to_path_buf(), what: e.to_string() }
+            }
+            e => e,
+        })?;
         Ok(m)
     }
 }
@@ -1394,12 +1400,17 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     }
     io::write_safetensors_with_metadata(&path, &t, Some(meta))?;
     // Keep the two newest: the one just written, and the newest before it (whatever the
-    // interval), so that a resume can fall back on it if this one is damaged.
+    // interval), so that a resume can fall back on it if this one is damaged. Temporary
+    // files that a killed run left in the folder go too.
     if let Ok(entries) = std::fs::read_dir(dir) {
         let mut older: Vec<(usize, PathBuf)> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
+                if name.starts_with(io::TEMP_PREFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                    return None;
+                }
                 let ep = name.strip_prefix(CKPT_PREFIX)?.strip_suffix(CKPT_SUFFIX)?.parse::<usize>().ok()?;
                 (ep < st.epoch).then(|| (ep, e.path()))
             })
@@ -1450,12 +1461,20 @@ fn load_checkpoint(
 fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: usize) -> Result<RunState> {
     let bad = |what: String| Error::Format { path: path.to_path_buf(), what };
     let p = classes * d + classes;
+    // The state is finite wherever training wrote it: a NaN read back would only show up
+    // later, in the weights, as if the optimizer had diverged.
+    let finite = |name: &str, i: Option<usize>| match i {
+        Some(i) => Err(bad(format!("tensor '{name}' holds a NaN or infinity at element {i}"))),
+        None => Ok(()),
+    };
     let f32s = |name: &str, len: usize| -> Result<Vec<f32>> {
         let t = io::read_safetensors(path, name)?;
         if t.numel() != len {
             return Err(bad(format!("tensor '{name}' has {} elements, expected {len}", t.numel())));
         }
-        Ok(t.to_f32()?.into_owned())
+        let v = t.to_f32()?.into_owned();
+        finite(name, v.iter().position(|x| !x.is_finite()))?;
+        Ok(v)
     };
     let f64s = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
         let t = io::read_safetensors(path, name)?;
@@ -1494,12 +1513,14 @@ fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: u
         Optimizer::Sgd { .. } => OptState::Sgd { velocity: f32s("opt.velocity", p)? },
         Optimizer::AdamW { .. } => OptState::AdamW { m: f32s("opt.m", p)?, v: f32s("opt.v", p)? },
         Optimizer::Lbfgs { .. } => {
-            let (_, x) = f64s("opt.x")?;
-            let (_, g) = f64s("opt.g")?;
-            let (_, sc) = f64s("opt.scalars")?;
-            let split = |name: &str| -> Result<Vec<Vec<f64>>> {
+            let state = |name: &str| -> Result<Vec<f64>> {
                 let (_, v) = f64s(name)?;
-                Ok(v.chunks_exact(p).map(<[f64]>::to_vec).collect())
+                finite(name, v.iter().position(|x| !x.is_finite()))?;
+                Ok(v)
+            };
+            let (x, g, sc) = (state("opt.x")?, state("opt.g")?, state("opt.scalars")?);
+            let split = |name: &str| -> Result<Vec<Vec<f64>>> {
+                Ok(state(name)?.chunks_exact(p).map(<[f64]>::to_vec).collect())
             };
             if x.len() != p || g.len() != p || sc.len() != 2 {
                 return Err(bad("L-BFGS state has the wrong size".into()));

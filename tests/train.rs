@@ -474,6 +474,8 @@ fn checkpoints_every_few_epochs_keep_the_one_before_too() {
         checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 3, resume: true }),
         ..Default::default()
     };
+    // A temporary file left by a run killed while writing a checkpoint is cleared away.
+    std::fs::write(dir.path().join(".softmax-layer-Ab12Cd"), b"half a checkpoint").unwrap();
     let whole = train(data, &cfg, |_| {}).unwrap();
     let mut names: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -490,6 +492,59 @@ fn checkpoints_every_few_epochs_keep_the_one_before_too() {
     .unwrap();
     assert_eq!(resumed_at, Some(6));
     assert_eq!(resumed.model, whole.model);
+}
+
+#[test]
+fn a_non_finite_value_in_a_checkpoint_or_model_names_the_file() {
+    use softmax_layer::io::{OutTensor, read_safetensors, read_safetensors_metadata, write_safetensors_with_metadata};
+    let (n, d, k) = (200, 4, 3);
+    let (x, y) = blobs(n, d, k, 6);
+    let data = Data::new(MatRef::new(&x, n, d).unwrap(), &y).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        optimizer: Optimizer::adamw(),
+        epochs: Some(2),
+        batch_size: 50,
+        lr: 0.05,
+        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
+        ..Default::default()
+    };
+    kill_after_checkpoint(data, &cfg, 2);
+    // The newest checkpoint rewritten with a NaN in AdamW's first moment.
+    let newest = latest_checkpoint(dir.path()).unwrap();
+    let meta = read_safetensors_metadata(&newest).unwrap();
+    let f32s = |name: &str| read_safetensors(&newest, name).unwrap().to_f32().unwrap().into_owned();
+    let f64s = |name: &str| read_safetensors(&newest, name).unwrap().to_f64().unwrap();
+    let (w, b, mut m, v) = (f32s("weight"), f32s("bias"), f32s("opt.m"), f32s("opt.v"));
+    m[5] = f32::NAN;
+    let counters = read_safetensors(&newest, "counters").unwrap().to_i64().unwrap();
+    let (hist, objs) = (f64s("history"), f64s("step_objectives"));
+    let tensors = [
+        ("weight", vec![k, d], OutTensor::F32(&w)),
+        ("bias", vec![k], OutTensor::F32(&b)),
+        ("counters", vec![counters.len()], OutTensor::I64(&counters)),
+        ("history", vec![hist.len() / 5, 5], OutTensor::F64(&hist)),
+        ("step_objectives", vec![objs.len()], OutTensor::F64(&objs)),
+        ("opt.m", vec![m.len()], OutTensor::F32(&m)),
+        ("opt.v", vec![v.len()], OutTensor::F32(&v)),
+    ];
+    write_safetensors_with_metadata(&newest, &tensors, Some(meta)).unwrap();
+    let mut skipped = vec![];
+    train(data, &cfg, |e| {
+        if let Event::SkippedCheckpoint { reason, .. } = e {
+            skipped.push(reason.to_string())
+        }
+    })
+    .unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].contains("checkpoint-00000002") && skipped[0].contains("'opt.m'"), "{skipped:?}");
+    // A model file with a NaN: the error names the file.
+    let model = dir.path().join("model.safetensors");
+    let mut w = w.clone();
+    w[1] = f32::NAN;
+    softmax_layer::io::write_safetensors(&model, &[("weight", vec![k, d], OutTensor::F32(&w))]).unwrap();
+    let err = Model::load(&model).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("weight[0, 1] is NaN"), "{err}");
 }
 
 #[test]
