@@ -468,6 +468,36 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<std::collections::HashMa
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
+/// The 1-based line on which the CSV record whose position is byte `at` of `path` starts,
+/// counting `\n`, `\r\n` and a lone `\r` as one line break each. The csv crate places a
+/// record right after the one before it ended, so the rest of that line end and any blank
+/// lines are skipped first; its own line count is off after `\r\n` and blank lines. Reads
+/// the file again: for error messages only.
+fn line_at(path: &Path, at: u64) -> Option<usize> {
+    use std::io::Read;
+    let mut r = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    let (mut line, mut pos, mut prev_cr) = (1usize, 0u64, false);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let k = r.read(&mut buf).ok()?;
+        if k == 0 {
+            return Some(line);
+        }
+        for &b in &buf[..k] {
+            let brk = b == b'\n' || b == b'\r';
+            if pos >= at && !brk {
+                return Some(line);
+            }
+            // A `\n` right after a `\r` ends the same line.
+            if brk && !(b == b'\n' && prev_cr) {
+                line += 1;
+            }
+            prev_cr = b == b'\r';
+            pos += 1;
+        }
+    }
+}
+
 /// A numeric CSV table: every column a feature but the optional label column.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CsvTable {
@@ -528,14 +558,16 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
         if !more {
             break;
         }
-        let line = record.position().map_or(rows + 2, |p| p.line() as usize);
+        // (Only for messages: counted from the record's byte offset, on an error.)
+        let at = record.position().map(csv::Position::byte);
+        let line = || at.and_then(|b| line_at(path, b)).unwrap_or(rows + 2);
         if record.len() == 1 && record[0].trim().is_empty() && header.len() > 1 {
             continue; // a blank line
         }
         if record.len() != header.len() {
             return Err(fmt_err(
                 path,
-                format!("line {line} has {} fields, but the header has {}", record.len(), header.len()),
+                format!("line {} has {} fields, but the header has {}", line(), record.len(), header.len()),
             ));
         }
         for (j, field) in record.iter().enumerate() {
@@ -543,7 +575,7 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
             let value: f64 = f.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
                 let what = if Some(j) == label_idx { "a non-negative integer class id" } else { "a finite number" };
                 let kind = if Some(j) == label_idx { "label column" } else { "column" };
-                fmt_err(path, format!("line {line}, {kind} '{}': '{f}' is not {what}", header[j]))
+                fmt_err(path, format!("line {}, {kind} '{}': '{f}' is not {what}", line(), header[j]))
             })?;
             if Some(j) == label_idx {
                 // Whole numbers exactly as written (an f64 would round those above 2^53).
@@ -553,13 +585,16 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
                     labels.as_mut().expect("label column").push(id);
                     continue;
                 }
-                if value < 0.0 || value.fract() != 0.0 || value > i64::MAX as f64 {
+                // (i64::MAX as f64 is 2^63, itself out of range.)
+                if value < 0.0 || value.fract() != 0.0 || value >= i64::MAX as f64 {
+                    let why = if value >= i64::MAX as f64 {
+                        "too large for a class id"
+                    } else {
+                        "not a non-negative integer class id"
+                    };
                     return Err(fmt_err(
                         path,
-                        format!(
-                            "line {line}, label column '{}': '{f}' is not a non-negative integer class id",
-                            header[j]
-                        ),
+                        format!("line {}, label column '{}': '{f}' is {why}", line(), header[j]),
                     ));
                 }
                 labels.as_mut().expect("label column").push(value as i64);
@@ -568,7 +603,7 @@ pub fn read_csv(path: &Path, label_column: Option<&str>) -> Result<CsvTable> {
                 if v.is_infinite() {
                     return Err(fmt_err(
                         path,
-                        format!("line {line}, column '{}': '{f}' is beyond the f32 range (±3.4e38)", header[j]),
+                        format!("line {}, column '{}': '{f}' is beyond the f32 range (±3.4e38)", line(), header[j]),
                     ));
                 }
                 features.push(v);

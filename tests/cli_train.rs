@@ -390,3 +390,26 @@ fn adamw_weight_decay_defaults_to_the_librarys() {
     assert_eq!(default, weight("b.safetensors", &["--weight-decay", &weight_decay.to_string()]));
     assert_ne!(default, weight("c.safetensors", &["--weight-decay", "0"]));
 }
+
+#[test]
+fn whole_number_float_labels_train_as_integers() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (x, y) = write_csv(Path::new(&p("d.csv")), 60);
+    write_npy_f32(Path::new(&p("x.npy")), &[60, 3], &x).unwrap();
+    write_npy_i64(Path::new(&p("y.npy")), &[60], &y).unwrap();
+    let yf: Vec<f32> = y.iter().map(|&c| c as f32).collect();
+    write_npy_f32(Path::new(&p("yf.npy")), &[60], &yf).unwrap();
+    let model = |labels: &str, out: &str| {
+        ok(&["train", "--features", &p("x.npy"), "--labels", &p(labels), "-o", &p(out)]);
+        read_safetensors(Path::new(&p(out)), "weight").unwrap().to_f32().unwrap().into_owned()
+    };
+    assert_eq!(model("y.npy", "a.safetensors"), model("yf.npy", "b.safetensors"));
+    let mut half = yf.clone();
+    half[7] = 1.5;
+    write_npy_f32(Path::new(&p("yh.npy")), &[60], &half).unwrap();
+    fails(
+        &["train", "--features", &p("x.npy"), "--labels", &p("yh.npy"), "-o", &p("c.safetensors")],
+        &["yh.npy", "label [7] = 1.5 is not an integer class id"],
+    );
+}

@@ -181,6 +181,34 @@ fn csv_labels_are_exact_integers() {
     assert_eq!(t.labels, Some(vec![9_007_199_254_740_993, 3]));
 }
 
+/// CSV errors give the physical line of the bad record, whatever the line ends (`\n`,
+/// `\r\n`, `\r`), blank lines, or quoted line breaks before it.
+#[test]
+fn csv_errors_name_the_physical_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.csv");
+    let cases: [(&str, usize); 9] = [
+        ("a,b,y\n1,2,0\n3,x,1\n", 3),
+        ("a,b,y\r\n1,2,0\r\n3,x,1\r\n", 3),
+        ("a,b,y\r1,2,0\r3,x,1\r", 3),
+        ("a,b,y\n1,2,0\n\n\n3,x,1\n", 5),
+        ("a,b,y\r\n1,2,0\r\n\r\n3,x,1\r\n", 4),
+        ("a,b,y\n\n3,x,1\n", 3),
+        ("a,b,y\n\n\n1,2\n", 4),
+        ("\u{feff}a,b,y\r\n\"1\n\",2,0\r\n3,x,1\r\n", 4),
+        ("a,b,y\n1,2,0\n  \n3,x,1", 4),
+    ];
+    for (text, line) in cases {
+        std::fs::write(&p, text).unwrap();
+        let err = softmax_layer::io::read_csv(&p, Some("y")).unwrap_err().to_string();
+        assert!(err.contains(&format!("line {line} ")) || err.contains(&format!("line {line},")), "{text:?}: {err}");
+    }
+    // 2^63 is beyond i64 (it was clamped to i64::MAX and then reported as that).
+    std::fs::write(&p, "a,y\n1,9223372036854775808\n").unwrap();
+    let err = softmax_layer::io::read_csv(&p, Some("y")).unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("'9223372036854775808' is too large for a class id"), "{err}");
+}
+
 /// An output that is a link is written through (the link stays a link); a pipe is written
 /// into, never renamed over.
 #[cfg(unix)]

@@ -29,7 +29,8 @@ pub struct DataArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Class ids [n], integer .npy or .safetensors:NAME (LM heads: the next-token ids).
+    /// Class ids [n], .npy or .safetensors:NAME: integers, or floats that are whole numbers
+    /// (LM heads: the next-token ids).
     #[arg(long, value_name = "Y", requires = "features")]
     pub labels: Option<String>,
     /// lbfgs (full batch, to convergence), adamw or sgd (mini-batches).
@@ -236,14 +237,16 @@ fn load_data(a: &DataArgs, labels: Option<&str>, need_labels: bool) -> Result<Lo
         None => None,
         Some(spec) => {
             let ty = load_tensor(spec)?;
-            if ty.dtype.name().starts_with('f') {
-                // Float labels are accepted only when they are whole numbers.
+            let y = if ty.dtype.name().starts_with('f') {
+                // Float labels are accepted when they are whole numbers, as in a CSV ("2.0").
                 let v = ty.to_f64()?;
-                if let Some(i) = v.iter().position(|x| x.fract() != 0.0 || !x.is_finite()) {
+                if let Some(i) = v.iter().position(|x| x.fract() != 0.0 || !x.is_finite() || x.abs() >= 2f64.powi(63)) {
                     return Err(Failure(format!("{}: label [{i}] = {} is not an integer class id", ty.source, v[i])));
                 }
-            }
-            let y = ty.to_i64()?;
+                v.iter().map(|&x| x as i64).collect()
+            } else {
+                ty.to_i64()?
+            };
             if ty.shape.len() != 1 {
                 return Err(Failure(format!("{}: labels must be [n], got {:?}", ty.source, ty.shape)));
             }
