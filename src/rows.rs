@@ -524,10 +524,10 @@ pub fn log_softmax_inplace(logits: MatMut<'_>, opts: &RowOptions<'_>) -> Result<
 /// `f32::MAX` (possible for `T < 1`).
 pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> Result<()> {
     let (n, v) = (logits.rows(), logits.cols());
+    let plan = Plan::new(opts, n, v)?;
     if out.len() != n {
         return Err(Error::Shape(format!("logits are [{n}, {v}] but the logsumexp output has length {}", out.len())));
     }
-    let plan = Plan::new(opts, n, v)?;
     let threads = rayon::current_num_threads();
     let big = n * v >= PAR_MIN && threads > 1;
     let first_bad = AtomicUsize::new(usize::MAX);

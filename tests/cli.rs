@@ -238,6 +238,18 @@ fn an_impossible_allocation_is_an_error_not_an_abort() {
     let (code, stderr) = run(&["selfcheck", "--rows", "2000000000", "--cols", "2000000000"]);
     assert_eq!(code, 2, "{}", stderr);
     assert!(stderr.contains("cannot allocate"), "{}", stderr);
+    // A file of no bytes that claims 10^15 rows of no classes: the shape is the error, for
+    // every row command (logsumexp allocated its [n] output first, and aborted).
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty.npy");
+    write_raw_npy(&empty, "<f4", "(1000000000000000, 0)", &[]);
+    let out = d.path().join("o.npy");
+    for cmd in ["logsumexp", "softmax", "log-softmax"] {
+        fails(
+            &[cmd, "--logits", empty.to_str().unwrap(), "-o", out.to_str().unwrap()],
+            &["empty.npy", "a softmax over no classes is undefined"],
+        );
+    }
     // A repeat count of 0 (timings of nothing) or one too large to hold the samples.
     for r in ["0", "18446744073709551615"] {
         fails(&["selfcheck", "--rows", "8", "--cols", "16", "--repeats", r], &["--repeats must be in [1, 10000]"]);
