@@ -439,10 +439,12 @@ pub fn parse_npy_header(b: &[u8]) -> std::result::Result<(DType, bool, bool, Vec
 
 /// The text of `'key': VALUE` in a Python dict literal, up to the next top-level comma.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let pat1 = format!("'{key}':");
-    let pat2 = format!("\"{key}\":");
-    let pos = header.find(&pat1).map(|p| p + pat1.len()).or_else(|| header.find(&pat2).map(|p| p + pat2.len()))?;
-    let rest = &header[pos..];
+    // The key in either quotes, then `:` after any spaces (numpy writes none; Python's
+    // dict syntax allows them).
+    let rest = ['\'', '"'].iter().find_map(|q| {
+        let quoted = format!("{q}{key}{q}");
+        header.match_indices(&quoted).find_map(|(p, _)| header[p + quoted.len()..].trim_start().strip_prefix(':'))
+    })?;
     let mut depth = 0i32;
     for (i, c) in rest.char_indices() {
         match c {

@@ -181,6 +181,29 @@ fn csv_labels_are_exact_integers() {
     assert_eq!(t.labels, Some(vec![9_007_199_254_740_993, 3]));
 }
 
+/// A `.npy` header in any spacing Python's dict syntax allows (numpy reads them all).
+#[test]
+fn npy_headers_with_spaces_before_colons_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.npy");
+    let mut header = "{ 'descr' : '<f4' , \"fortran_order\"  :  True , 'shape' : ( 2 , 3 ) }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    for v in [1f32, 2., 3., 4., 5., 6.] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&p, b).unwrap();
+    let t = softmax_layer::io::read_npy(&p).unwrap();
+    assert_eq!(t.shape, vec![2, 3]);
+    // Fortran order: the columns are stored one after another.
+    assert_eq!(t.to_f32().unwrap().into_owned(), vec![1., 3., 5., 2., 4., 6.]);
+}
+
 /// CSV errors give the physical line of the bad record, whatever the line ends (`\n`,
 /// `\r\n`, `\r`), blank lines, or quoted line breaks before it.
 #[test]
