@@ -385,7 +385,8 @@ impl<'a> SoftmaxLayer<'a> {
         Ok(())
     }
 
-    /// `out[i] = logsumexp((H·Wᵀ + b)[i] / T)`, `[n]`, without holding the logits.
+    /// `out[i] = logsumexp((H·Wᵀ + b)[i] / T)`, `[n]`, without holding the logits. A row
+    /// whose logits, or whose logsumexp, lie beyond `f32` is [`Error::LogitsOverflow`].
     pub fn logsumexp(&self, hidden: MatRef<'_>, out: &mut [f32], opts: &LayerOptions) -> Result<()> {
         self.check(hidden, opts)?;
         check_len(out.len(), hidden.rows(), "logsumexp output")?;
@@ -393,10 +394,13 @@ impl<'a> SoftmaxLayer<'a> {
         let mut i = 0;
         for (_, st) in self.run(hidden, &c) {
             for s in st {
-                if s.overflowed() {
+                // (Also when the logsumexp itself is beyond f32, as finite logits over a
+                // small T can be: the loss refuses those rows too.)
+                let l = s.logsumexp(opts.temperature) as f32;
+                if s.overflowed() || !l.is_finite() {
                     return Err(Error::LogitsOverflow { row: i });
                 }
-                out[i] = s.logsumexp(opts.temperature) as f32;
+                out[i] = l;
                 i += 1;
             }
         }

@@ -256,6 +256,13 @@ fn bad_inputs_are_errors() {
     let layer = SoftmaxLayer::new(&big[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap();
     let err = layer.logsumexp(hv, &mut [0.0; 2], &LayerOptions::default()).unwrap_err();
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
+    // Finite logits whose logsumexp over T is beyond f32 (2e38 / 0.5): refused, as the loss
+    // refuses them, not written as +inf.
+    let w2 = [2e38f32, 0.0];
+    let layer = SoftmaxLayer::new(&w2[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let opts = LayerOptions { temperature: 0.5, ..Default::default() };
+    let err = layer.logsumexp(MatRef::new(&[1.0], 1, 1).unwrap(), &mut [0.0], &opts).unwrap_err();
+    assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
 }
 
 /// Finite inputs whose logits overflow `f32`. Row 3's overflow upwards (+inf): every
