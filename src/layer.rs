@@ -549,22 +549,30 @@ impl SoftmaxLayer<'_> {
                         return (z as f32, delta);
                     }
                 }
-                let (mut dot, mut mag) = (0f64, 0f64);
+                let (mut dot, mut mag, mut flushable) = (0f64, 0f64, 0f64);
+                let subnormal = |x: f64| x != 0.0 && x.abs() < f32::MIN_POSITIVE as f64;
                 for (p, &hp) in h.iter().enumerate() {
                     let (wh, wl) = self.weight_parts(y, p);
+                    let wh = wh as f64;
                     // The products the tile computes: h·w in f32, the bf16 parts otherwise.
-                    let terms = match self.precision {
-                        Precision::F32 => [hp as f64 * wh as f64, 0.0, 0.0],
-                        Precision::Bf16 => [bf16::from_bf16(bf16::to_bf16(hp)) as f64 * wh as f64, 0.0, 0.0],
+                    let pairs = match self.precision {
+                        Precision::F32 => [(hp as f64, wh), (0.0, 0.0), (0.0, 0.0)],
+                        Precision::Bf16 => [(bf16::from_bf16(bf16::to_bf16(hp)) as f64, wh), (0.0, 0.0), (0.0, 0.0)],
                         Precision::Bf16x3 => {
                             let (a, b) = bf16::split(hp);
                             let (a, b) = (bf16::from_bf16(a) as f64, bf16::from_bf16(b) as f64);
-                            [a * wh as f64, a * wl as f64, b * wh as f64]
+                            [(a, wh), (a, wl as f64), (b, wh)]
                         }
                     };
-                    for t in terms {
+                    for (x, w) in pairs {
+                        let t = x * w;
                         dot += t;
                         mag += t.abs();
+                        // AMX and AVX512-BF16 take subnormal bf16 operands as 0 and flush
+                        // subnormal products: the tile's logit may lack such a term whole.
+                        if self.precision != Precision::F32 && (subnormal(x) || subnormal(w) || subnormal(t)) {
+                            flushable += t.abs();
+                        }
                     }
                 }
                 // |fl(Σ) − Σ| ≤ γ_m·Σ|terms|, γ_m = m·u/(1 − m·u), u = 2^-24, for any summation
@@ -572,7 +580,8 @@ impl SoftmaxLayer<'_> {
                 // for margin.
                 // (The bound capped at f32::MAX: an infinite one would make `e + delta` NaN
                 // for a target logit of −inf, and no class would count as above it.)
-                ((dot + b) as f32, ((2.0 * gamma * (mag + b.abs()) + 1e-30) as f32).min(f32::MAX))
+                // Terms a path may flush widen it by their whole size.
+                ((dot + b) as f32, ((2.0 * gamma * (mag + b.abs()) + flushable + 1e-30) as f32).min(f32::MAX))
             })
             .collect();
         let c = Scorer { targets, est: &est, top, t: opts.temperature, kern: self.kernels };

@@ -677,3 +677,30 @@ fn packing_checks_the_length_before_allocating() {
     let e = PackedBf16Weights::from_bf16_bits(&[1], WeightLayout::VocabMajor, 1 << 30, 1 << 12);
     assert!(e.unwrap_err().to_string().contains("weight has 1 elements"));
 }
+
+/// A subnormal bf16 operand: AMX and AVX512-BF16 take it as 0, the portable path does not.
+/// On every path the target's rank follows that path's own logits (ties to the lower id),
+/// as argmax does: h = 1e-39, W = [0, 1e30] gives logits [0, 0] or [0, ~1e-9].
+#[test]
+fn target_rank_follows_each_paths_logits_when_subnormals_are_flushed() {
+    let (h, w) = ([1e-39f32], [0.0f32, 1e30]);
+    for precision in [Precision::Bf16, Precision::Bf16x3] {
+        for path in paths() {
+            let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>)
+                .unwrap()
+                .with_precision(precision)
+                .unwrap()
+                .with_bf16_path(path)
+                .unwrap();
+            let hv = MatRef::new(&h, 1, 1).unwrap();
+            let mut z = [0f32; 2];
+            layer.logits(hv, MatMut::new(&mut z, 1, 2).unwrap()).unwrap();
+            let mut best = [0usize];
+            layer.argmax(hv, &mut best).unwrap();
+            let st = layer.target_stats(hv, &[1], 0, &LayerOptions::default()).unwrap();
+            let want = if z[1] > z[0] { 1 } else { 2 };
+            assert_eq!(st[0].rank, want, "{precision:?} on {path}: logits {z:?}");
+            assert_eq!(best[0] == 1, want == 1, "{precision:?} on {path}: argmax {best:?}");
+        }
+    }
+}

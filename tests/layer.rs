@@ -260,7 +260,7 @@ fn bad_inputs_are_errors() {
     // refuses them, not written as +inf.
     let w2 = [2e38f32, 0.0];
     let layer = SoftmaxLayer::new(&w2[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
-    let opts = LayerOptions { temperature: 0.5, ..Default::default() };
+    let opts = LayerOptions { temperature: 0.5 };
     let err = layer.logsumexp(MatRef::new(&[1.0], 1, 1).unwrap(), &mut [0.0], &opts).unwrap_err();
     assert!(matches!(err, Error::LogitsOverflow { row: 0 }), "{err}");
 }

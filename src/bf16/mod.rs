@@ -76,7 +76,10 @@ pub enum Precision {
     /// [`Error::LogitsOverflow`] for its row.
     Bf16,
     /// Each operand split into bf16 `hi + lo`; `hi·hi + hi·lo + lo·hi` accumulated in `f32`:
-    /// about 16 correct bits per product, at three bf16 products' cost.
+    /// about 16 correct bits per product, at three bf16 products' cost. For operands below
+    /// about 2^-118 (3.3e-36) in magnitude, `lo` falls under bf16's normal range, so those
+    /// products are only as accurate as plain bf16 (AMX and AVX512-BF16 take subnormal
+    /// parts as 0; the portable path rounds them to bf16 subnormals).
     Bf16x3,
 }
 
