@@ -434,3 +434,29 @@ fn a_huge_temperature_over_a_gap_beyond_f32_counts_the_gap() {
     let p0 = 1.0 / (1.0 + (-2f64).exp());
     assert!((g.hidden[0] as f64 - 2.0 * p0 / 3e38).abs() < 1e-44, "dH {}", g.hidden[0]);
 }
+
+/// A class whose probability is under exp(-86.5) ≈ 2.7e-38 gets exactly 0 in the gradient,
+/// never a subnormal (which costs x86 a microcode assist in every product that reads it);
+/// the others match float64. (Upstream 1 over one row: the gradient is p − [j = y].)
+#[test]
+fn gradient_shares_below_the_normal_range_flush_to_zero() {
+    let v = 3000;
+    // Logits: the bias alone (W = 0): many near 0, a few 80–87 below.
+    let bias: Vec<f32> = (0..v).map(|j| [0.0f32, -3.0, -1.0, -84.0, -86.0, -80.0, -87.5][j % 7]).collect();
+    let w = vec![0.0f32; v];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, 1, Some(&bias[..])).unwrap();
+    let h = [1.0f32];
+    let opts = CrossEntropyOptions::default();
+    let (_, g) =
+        cross_entropy_with_grad(&layer, MatRef::new(&h, 1, 1).unwrap(), &[1], &opts, Upstream::Scalar(1.0)).unwrap();
+    let s: f64 = bias.iter().map(|&b| (b as f64).exp()).sum();
+    for (j, &gj) in g.bias.as_ref().unwrap().iter().enumerate() {
+        let want = (bias[j] as f64).exp() / s - if j == 1 { 1.0 } else { 0.0 };
+        assert!(gj == 0.0 || gj.abs() >= f32::MIN_POSITIVE, "class {j}: {gj:e} is subnormal");
+        if want.abs() >= 1e-30 {
+            assert!(((gj as f64) - want).abs() <= 1e-5 * want.abs(), "class {j}: {gj} vs {want}");
+        } else if want.abs() < 2.6e-38 {
+            assert_eq!(gj, 0.0, "class {j}: {gj:e} should be flushed");
+        }
+    }
+}

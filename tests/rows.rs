@@ -381,6 +381,47 @@ fn probabilities_below_the_normal_range_flush_to_zero_on_every_isa() {
     }
 }
 
+/// A probability under e^-86.5 ≈ 2.7e-38 is exactly 0 on every path of the whole-matrix
+/// functions too: out of place (each block's terms rescaled by its factor, pipelined or not,
+/// streamed or not, long rows in parallel chunks) and in place (terms times 1/S). The
+/// maximum comes late in the row and S is large, so that both a block's factor and 1/S
+/// would carry normal terms into the subnormal range.
+#[test]
+fn whole_rows_never_write_subnormal_probabilities() {
+    for isa in Isa::available() {
+        for &v in &[3000usize, 70_000, 200_000] {
+            // Many logits near 0 (S ≈ v·e^0), a few far below, the maximum 88 at the end.
+            let mut x: Vec<f32> = (0..v).map(|i| [0.0f32, -3.0, -1.0, -84.0, -86.0, -80.0][i % 6]).collect();
+            x[v - 1] = 88.0;
+            let rows = 3;
+            let x: Vec<f32> = x.iter().cycle().take(rows * v).copied().collect();
+            let z: f64 = x[..v].iter().map(|&a| (a as f64 - 88.0).exp()).sum();
+            let check = |p: &[f32], what: &str| {
+                for (i, (&pi, &xi)) in p.iter().zip(&x).enumerate() {
+                    let want = (xi as f64 - 88.0).exp() / z;
+                    assert!(pi == 0.0 || pi >= f32::MIN_POSITIVE, "{isa} {what} v {v} i {i}: {pi:e} is subnormal");
+                    if want >= 1e-30 {
+                        assert!(((pi as f64) - want).abs() <= 1e-6 * want, "{isa} {what} v {v} i {i}: {pi} vs {want}");
+                    } else if want < 2.6e-38 {
+                        assert_eq!(pi, 0.0, "{isa} {what} v {v} i {i}: {pi:e} should be flushed");
+                    }
+                }
+            };
+            let opts = RowOptions { isa: Some(isa), ..Default::default() };
+            for stream in [usize::MAX, 0] {
+                softmax_layer::rows::set_stream_min_bytes(stream);
+                let mut p = vec![0f32; rows * v];
+                softmax(MatRef::new(&x, rows, v).unwrap(), MatMut::new(&mut p, rows, v).unwrap(), &opts).unwrap();
+                check(&p, if stream == 0 { "streamed" } else { "out of place" });
+            }
+            softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
+            let mut p = x.clone();
+            softmax_inplace(MatMut::new(&mut p, rows, v).unwrap(), &opts).unwrap();
+            check(&p, "in place");
+        }
+    }
+}
+
 #[test]
 fn all_masked_row_is_an_error() {
     let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];

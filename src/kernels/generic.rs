@@ -93,6 +93,13 @@ pub(crate) trait Vector: Copy {
     unsafe fn prefetch_l2(_ptr: *const f32) {}
     /// Lane-wise `if x < lim { 0 } else { self }`; a NaN in `x` keeps `self`.
     unsafe fn zero_below(self, x: Self, lim: Self) -> Self;
+    /// Lane-wise `if self < lim { 0 } else { self * f }`, with the lanes below `lim` never
+    /// multiplied (so a product that would be subnormal costs no floating-point assist).
+    #[inline(always)]
+    unsafe fn mul_unless_below(self, f: Self, lim: Self) -> Self {
+        // SAFETY: the caller guarantees the instruction set.
+        unsafe { self.zero_below(self, lim).mul(f) }
+    }
     /// Whether [`Vector::scale_pow2_unless_below`] skips the flushed lanes entirely (a
     /// masked instruction), so that their inputs need no clamping.
     const MASKED_SCALE: bool = false;
@@ -201,7 +208,8 @@ impl PrevRow {
     }
 
     /// Scalar `out[e] = src[e] · f` for `e` in `[e0, e1)` (capped at `avail`), with `f` the
-    /// factor `fb` below `split` and `fb1` from there (blocks b and b + 1).
+    /// factor `fb` below `split` and `fb1` from there (blocks b and b + 1), flushed as
+    /// [`rescale`] does.
     ///
     /// # Safety
     /// `src` and `out` are valid as described above.
@@ -210,7 +218,10 @@ impl PrevRow {
         for e in e0..e1.min(self.avail) {
             let f = if e < split { fb } else { fb1 };
             // SAFETY: `e < avail` (contract).
-            unsafe { *self.out.add(e) = *self.src.add(e) * f };
+            unsafe {
+                let t = *self.src.add(e);
+                *self.out.add(e) = if t < flush_threshold(f) { 0.0 } else { t * f };
+            }
         }
     }
 }
@@ -220,6 +231,16 @@ impl PrevRow {
 #[inline(always)]
 fn block_factor(m_b: f32, m: f32, sum: f64, t: f32) -> f32 {
     (((m_b as f64 - m as f64) / t as f64).exp() / sum) as f32
+}
+
+/// The stored terms below which a block with factor `f` gives a probability under
+/// `exp(FLUSH_LO)` ≈ 2.7e-38: those are written as exactly 0, as the terms themselves are,
+/// and never multiplied (a subnormal product costs x86 a microcode assist). At or above
+/// it, `t·f` is at least about 2.7e-38, a normal number.
+#[inline(always)]
+fn flush_threshold(f: f32) -> f32 {
+    // (f = 0 gives +inf: every term flushes, as its product would be 0.)
+    ((FLUSH_LO as f64).exp() / f as f64) as f32
 }
 
 impl Params {
@@ -339,9 +360,18 @@ const FLUSH_LO: f32 = -86.5;
 /// The instruction set of `V` is available.
 #[inline(always)]
 unsafe fn exp_term<V: Vector, const EXT: bool>(x: V, lo: V) -> V {
+    // SAFETY: as `exp_term_above`'s.
+    unsafe { exp_term_above::<V, EXT>(x, lo, V::splat(FLUSH_LO)) }
+}
+
+/// [`exp_term`] with the flush below `lim >= FLUSH_LO` instead.
+///
+/// # Safety
+/// The instruction set of `V` is available.
+#[inline(always)]
+unsafe fn exp_term_above<V: Vector, const EXT: bool>(x: V, lo: V, lim: V) -> V {
     // SAFETY: pure arithmetic on registers; the caller guarantees the instruction set.
     unsafe {
-        let lim = V::splat(FLUSH_LO);
         if V::MASKED_SCALE {
             // The flushed lanes are never scaled, so they need no clamping: whatever they
             // hold (NaN from -inf included) never reaches an underflowing operation.
@@ -525,11 +555,11 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
             // The previous row's vectors `[i + k·lanes + h, +lanes)` go along with this
             // block's; those wholly inside its block `b` and its row (below `limit`) in one
             // vector store each, the one or two that straddle either in scalar.
-            let (pf, limit, f_next) = if PREV {
+            let (pf, plim, limit, f_next) = if PREV {
                 let f_next = p.prev.factor(b + 1, p.t);
-                (V::splat(f_cur), (i + BLOCK).min(p.prev.avail), f_next)
+                (V::splat(f_cur), V::splat(flush_threshold(f_cur)), (i + BLOCK).min(p.prev.avail), f_next)
             } else {
-                (V::splat(0.0), 0, 0.0)
+                (V::splat(0.0), V::splat(0.0), 0, 0.0)
             };
             /// # Safety
             /// The instruction set of `V` is available, and every pointer is valid for the
@@ -565,7 +595,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                     if PREV {
                         let e0 = i + $k * lanes + h;
                         if e0 + lanes <= limit {
-                            let y = V::load(p.prev.src.add(e0)).mul(pf);
+                            let y = V::load(p.prev.src.add(e0)).mul_unless_below(pf, plim);
                             if p.stream {
                                 y.store_stream(p.prev.out.add(e0));
                             } else {
@@ -737,6 +767,8 @@ unsafe fn write_span<V: Vector, P: Producer<V>, const STREAM: bool>(p: &P, out: 
 struct Scaled<V> {
     src: *const f32,
     f: V,
+    /// [`flush_threshold`] of `f`.
+    lim: V,
 }
 
 impl<V: Vector> Producer<V> for Scaled<V> {
@@ -747,7 +779,7 @@ impl<V: Vector> Producer<V> for Scaled<V> {
     unsafe fn full(&self, i: usize) -> V {
         // SAFETY: the caller upholds this function's contract: the instruction set is
         // available and every pointer is valid for the elements the loops touch.
-        unsafe { V::load(self.src.add(i)).mul(self.f) }
+        unsafe { V::load(self.src.add(i)).mul_unless_below(self.f, self.lim) }
     }
     /// # Safety
     /// The instruction set of `V` is available, and every pointer is valid for the
@@ -756,12 +788,13 @@ impl<V: Vector> Producer<V> for Scaled<V> {
     unsafe fn partial(&self, i: usize, len: usize) -> V {
         // SAFETY: the caller upholds this function's contract: the instruction set is
         // available and every pointer is valid for the elements the loops touch.
-        unsafe { V::load_partial(self.src.add(i), len, 0.0).mul(self.f) }
+        unsafe { V::load_partial(self.src.add(i), len, 0.0).mul_unless_below(self.f, self.lim) }
     }
 }
 
 /// Second step after the `STORE` online pass: block `b` of `src` (the stored terms) is
-/// multiplied by `exp((block_max[b] - M) / T) / S`, computed in `f64`, into `out`.
+/// multiplied by `exp((block_max[b] - M) / T) / S`, computed in `f64`, into `out`; a
+/// probability under `exp(FLUSH_LO)` is written as 0 ([`flush_threshold`]).
 /// `out` may equal `src`, but then `p.stream` must be false.
 ///
 /// # Safety
@@ -785,7 +818,7 @@ pub(crate) unsafe fn rescale<V: Vector>(
         while i < len {
             let end = (i + BLOCK).min(len);
             let f = block_factor(*block_max.add(b), m, sum, p.t);
-            let prod = Scaled { src, f: V::splat(f) };
+            let prod = Scaled { src, f: V::splat(f), lim: V::splat(flush_threshold(f)) };
             if p.stream {
                 write_span::<V, _, true>(&prod, out, i, end);
             } else {
@@ -822,28 +855,31 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const S: u8>(
         let lanes = V::LANES;
         let (h, th, inv_th) = p.halved();
         let (mv, half, t, inv_t, sv) = (V::splat(m * h), V::splat(h), V::splat(th), V::splat(inv_th), V::splat(scale));
+        // Terms under exp(FLUSH_LO)·S give probabilities under exp(FLUSH_LO): flushed to 0
+        // there, in the exponential, so that the product by 1/S is never subnormal.
+        let lim = V::splat((FLUSH_LO as f64 - (scale as f64).ln()).max(FLUSH_LO as f64).min(0.0) as f32);
         // A closure here would not inherit the caller's target features, and is not inlined.
         /// # Safety
         /// The instruction set of `V` is available, and every pointer is valid for the
         /// elements this function reads or writes.
         #[inline(always)]
-        unsafe fn f<V: Vector, const S: u8>(z: V, mv: V, half: V, t: V, inv_t: V, sv: V) -> V {
+        unsafe fn f<V: Vector, const S: u8>(z: V, mv: V, half: V, t: V, inv_t: V, sv: V, lim: V) -> V {
             // SAFETY: the caller upholds this function's contract: the instruction set is
             // available and every pointer is valid for the elements the loops touch.
             unsafe {
                 let (hi, lo) = scaled_diff::<V, S>(z, mv, half, t, inv_t);
-                exp_term::<V, true>(hi, lo).mul(sv)
+                exp_term_above::<V, true>(hi, lo, lim).mul(sv)
             }
         }
         let full = len / lanes;
         for j in 0..full {
             let z = load_z::<V, MASK>(x, mask, j * lanes);
-            f::<V, S>(z, mv, half, t, inv_t, sv).store(out.add(j * lanes));
+            f::<V, S>(z, mv, half, t, inv_t, sv, lim).store(out.add(j * lanes));
         }
         let tail = len % lanes;
         if tail > 0 {
             let z = load_z_partial::<V, MASK>(x, mask, full * lanes, tail);
-            f::<V, S>(z, mv, half, t, inv_t, sv).store_partial(out.add(full * lanes), tail);
+            f::<V, S>(z, mv, half, t, inv_t, sv, lim).store_partial(out.add(full * lanes), tail);
         }
     }
 }
@@ -939,6 +975,8 @@ struct CeGrad<V, const CAP: bool, const WEIGHTS: bool, const S: u8> {
     a: V,
     b: V,
     inv_cap: V,
+    /// The flush bound of the terms (see [`ce_grad`]).
+    lim: V,
 }
 
 impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const S: u8> CeGrad<V, CAP, WEIGHTS, S> {
@@ -951,7 +989,7 @@ impl<V: Vector, const CAP: bool, const WEIGHTS: bool, const S: u8> CeGrad<V, CAP
         // available and every pointer is valid for the elements the loops touch.
         unsafe {
             let (hi, lo) = scaled_diff::<V, S>(z, self.mh, self.half, self.th, self.inv_th);
-            let p = exp_term::<V, true>(hi, lo).mul(self.inv_sum);
+            let p = exp_term_above::<V, true>(hi, lo, self.lim).mul(self.inv_sum);
             let bw = if WEIGHTS { self.b.mul(w) } else { self.b };
             let g = if CAP {
                 let u = z.mul(self.inv_cap);
@@ -1020,6 +1058,11 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
         let (h, th, inv_th) = p.halved();
+        // A probability under exp(FLUSH_LO) ≈ 2.7e-38 is 0 here as in softmax: flushed in
+        // the exponential, so that p is never subnormal (a subnormal costs x86 a microcode
+        // assist, here and in the products that read the gradient). The scale a/T is not
+        // folded in: when it is tiny the whole gradient is, and it is kept.
+        let lim = (FLUSH_LO as f64 + sum.ln()).min(0.0) as f32;
         macro_rules! go {
             ($cap:literal, $w:literal, $s:literal) => {{
                 let g = CeGrad::<V, $cap, $w, $s> {
@@ -1034,6 +1077,7 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
                     a: V::splat(c.a),
                     b: V::splat(c.b),
                     inv_cap: V::splat(c.inv_cap),
+                    lim: V::splat(lim),
                 };
                 write_span::<V, _, false>(&g, z, 0, len)
             }};

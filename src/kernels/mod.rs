@@ -8,7 +8,8 @@
 //! Terms `exp((z - max) / T)` below `exp(-86.5)` ≈ 2.7e-38 are flushed to exactly 0: a
 //! probability that small is 0 in every sum, and producing it as a subnormal costs x86 a
 //! microcode assist of ~150 cycles per vector (every masked entry and every `-inf`-filled
-//! tail lane would pay it). [`Kernels::exp`] itself keeps gradual underflow.
+//! tail lane would pay it). So are the probabilities themselves (a term times `1/S`, or a
+//! block's stored term times its factor), here and in the cross-entropy gradient. [`Kernels::exp`] itself keeps gradual underflow.
 //!
 //! ```
 //! use softmax_layer::kernels::Kernels;

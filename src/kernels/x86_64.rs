@@ -113,6 +113,11 @@ impl Vector for F32x16 {
     unsafe fn zero_below(self, x: Self, lim: Self) -> Self {
         F32x16(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x.0, lim.0), self.0))
     }
+    #[inline(always)]
+    unsafe fn mul_unless_below(self, f: Self, lim: Self) -> Self {
+        // One masked multiply: the lanes below `lim` are zeroed and never computed.
+        F32x16(_mm512_maskz_mul_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(self.0, lim.0), self.0, f.0))
+    }
     const MASKED_SCALE: bool = true;
     #[inline(always)]
     unsafe fn scale_pow2_unless_below(self, n: Self, x: Self, lim: Self) -> Self {
