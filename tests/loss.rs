@@ -460,3 +460,37 @@ fn gradient_shares_below_the_normal_range_flush_to_zero() {
         }
     }
 }
+
+/// Logits that share an offset far above their spread: the loss is (M − z_y)/T + ln S, not
+/// lse − z_y/T (which lost ln 2 against 1e17 and gave 0), and agrees with the target
+/// log-probabilities.
+#[test]
+fn a_large_common_offset_keeps_the_loss() {
+    let w = [1.0f32, 1.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    for h in [1e14f32, 1e17, 1e20, -3e38] {
+        let hm = MatRef::new(std::slice::from_ref(&h), 1, 1).unwrap();
+        let out = cross_entropy(&layer, hm, &[0], &CrossEntropyOptions::default()).unwrap();
+        assert!((out.loss[0] as f64 - 2f64.ln()).abs() < 1e-7, "h = {h}: loss {}", out.loss[0]);
+    }
+}
+
+/// A gradient that overflows f32 with finite coefficients (an upstream gradient of 3e38
+/// over a sum, weights near the range's end) is an error, not an infinity returned as Ok.
+#[test]
+fn an_overflowing_gradient_is_an_error() {
+    let o = CrossEntropyOptions { reduction: Reduction::Sum, ..Default::default() };
+    let w = [1.0f32, 0.0];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let h = [2.0f32, 2.0];
+    let err = cross_entropy_with_grad(&layer, MatRef::new(&h, 2, 1).unwrap(), &[1, 1], &o, Upstream::Scalar(3e38))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the gradient overflows f32 (grad_weight[0, 0] is inf)"), "{err}");
+    let w = [3e38f32, -3e38];
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
+    let err = cross_entropy_with_grad(&layer, MatRef::new(&[1e-38], 1, 1).unwrap(), &[1], &o, Upstream::Scalar(1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("grad_hidden[0, 0] is inf"), "{err}");
+}
