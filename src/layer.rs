@@ -118,11 +118,13 @@ impl<'a> SoftmaxLayer<'a> {
             )));
         }
         let [r, c] = layout.shape(vocab, hidden);
-        if weight.len() != r * c {
+        let Some(len) = r.checked_mul(c) else {
+            return Err(Error::Shape(format!("weight [{r}, {c}] (V = {vocab}, d = {hidden}) is too large to address")));
+        };
+        if weight.len() != len {
             return Err(Error::Shape(format!(
-                "weight has {} elements, expected [{r}, {c}] = {} for V = {vocab}, d = {hidden}",
-                weight.len(),
-                r * c
+                "weight has {} elements, expected [{r}, {c}] = {len} for V = {vocab}, d = {hidden}",
+                weight.len()
             )));
         }
         if let Some((i, j, v)) = MatRef::new(&weight, r, c)?.find_non_finite() {

@@ -251,6 +251,12 @@ fn bad_inputs_are_errors() {
         SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 4, 3, Some(&[0.0f32, 0.0, f32::NAN, 0.0][..])).unwrap_err();
     assert_eq!(err.to_string(), "bias[2] is NaN; only finite values are allowed");
     assert!(SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 5, 3, None::<&[f32]>).is_err());
+    // A shape whose size overflows usize names the weight (it wrapped to 0, then failed
+    // later on a "matrix" view).
+    for layout in [WeightLayout::VocabMajor, WeightLayout::HiddenMajor] {
+        let err = SoftmaxLayer::new(&[][..], layout, 1usize << 63, 2, None::<&[f32]>).unwrap_err().to_string();
+        assert!(err.contains("weight [") && err.contains("too large"), "{err}");
+    }
     // Finite inputs whose logits overflow f32.
     let big = [3e38f32; 12];
     let layer = SoftmaxLayer::new(&big[..], WeightLayout::VocabMajor, 4, 3, None::<&[f32]>).unwrap();
