@@ -491,7 +491,9 @@ unsafe fn scaled_diff<V: Vector, const S: u8>(z: V, m: V, half: V, t: V, inv_t: 
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
-#[inline(always)]
+// (Not inlined in debug builds: there every inlined instantiation keeps its own stack
+// slots, and the dispatching functions' frames grew past 2 MiB, a test thread's stack.)
+#[cfg_attr(not(debug_assertions), inline(always))]
 unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: bool, const PREV: bool>(
     x: *const f32,
     mask: *const f32,
