@@ -15,7 +15,8 @@
 //! The split into row blocks, segments and tiles is fixed by [`Tiling`], never by the
 //! number of threads, and states merge in class order; so results are bit-identical for
 //! any thread count. Where `W` lives and what type it has is the [`LogitSource`]'s concern:
-//! an `f32` layer in memory today, bf16 weights or a vocabulary shard tomorrow.
+//! an `f32` or bf16 layer in memory (one source, its precision its own), a vocabulary shard
+//! tomorrow.
 
 use crate::linalg::AlignedF32;
 use crate::matrix::MatRef;

@@ -18,7 +18,7 @@ pub enum Error {
     AllMasked { row: usize },
     /// A target class id outside `[0, vocab)`: `targets[index] = value`.
     TargetOutOfRange { index: usize, value: i64, vocab: usize },
-    /// Finite inputs whose logits overflow `f32` (|H·W + b| > 3.4e38) in this row.
+    /// Finite inputs whose logits overflow `f32` (|H·Wᵀ + b| > 3.4e38) in this row.
     LogitsOverflow { row: usize },
     /// A shape or length that does not fit: `what` explains, naming the tensors.
     Shape(String),
@@ -57,7 +57,7 @@ impl fmt::Display for Error {
             Error::LogitsOverflow { row } => {
                 write!(
                     f,
-                    "the logits of row {row} overflow f32 (|H·W + b| / T, or their logsumexp, beyond 3.4e38); \
+                    "the logits of row {row} overflow f32 (|H·Wᵀ + b| / T, or their logsumexp, beyond 3.4e38); \
                      rescale the inputs or raise the temperature"
                 )
             }

@@ -1,6 +1,6 @@
 //! # softmax-layer
 //!
-//! The parameterized softmax layer `P = softmax(H·W + b)` — the output layer of language
+//! The parameterized softmax layer `P = softmax(H·Wᵀ + b)` — the output layer of language
 //! models and classifiers — computed exactly and at the machine's speed on a CPU.
 //!
 //! It provides the row numerics (softmax, log-softmax and logsumexp over the rows of a

@@ -27,7 +27,7 @@
 //!
 //! # The plan
 //!
-//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 32 MiB), one after
+//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 32 MiB, with `r` at least 16), one after
 //! the other; within a block, work is spread over fixed segments of classes:
 //!
 //! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,

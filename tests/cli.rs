@@ -188,6 +188,8 @@ fn bad_inputs_exit_2_with_one_line_naming_the_problem() {
     assert_eq!(ran.status.code(), Some(2), "{err}");
     assert!(err.contains("--plot demo-loss.svg would overwrite the input demo-loss.svg"), "{err}");
     assert_eq!(std::fs::read(d.join("demo-loss.svg")).unwrap(), b"some text to train on");
+    // A missing required argument is named on the one line (clap puts it on the next).
+    fails(&["softmax", "--logits", &good], &["required arguments were not provided", "--output <OUT>"]);
     // An output whose name says the other format.
     fails(&["softmax", "--logits", &good, "-o", &p(d, "o.safetensors")], &["writes a .npy file", "o.safetensors"]);
     // The layer's options have no meaning for given logits.

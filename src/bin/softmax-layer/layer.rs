@@ -277,7 +277,7 @@ pub struct LossArgs {
     /// Logit softcap s > 0: logits ← s·tanh(logits/s), before the temperature.
     #[arg(long, value_name = "S", allow_negative_numbers = true)]
     pub softcap: Option<f32>,
-    /// Also write grad_hidden, grad_weight and grad_bias (upstream gradient 1).
+    /// Also write grad_hidden, grad_weight and (with --bias) grad_bias (upstream gradient 1).
     #[arg(long)]
     pub grad: bool,
 }

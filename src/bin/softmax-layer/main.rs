@@ -28,7 +28,7 @@ static ALLOC: alloc::Counting = alloc::Counting;
 #[command(
     name = "softmax-layer",
     version,
-    about = "The parameterized softmax layer softmax(H·W + b): exact, fast, memory-frugal"
+    about = "The parameterized softmax layer softmax(H·Wᵀ + b): exact, fast, memory-frugal"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,7 +59,7 @@ enum Command {
     Argmax(layer::LayerArgs),
     /// Fused cross-entropy (PyTorch semantics) of softmax(H·Wᵀ + b) against targets: a
     /// .safetensors with `loss` and `lse`; with --grad also `grad_hidden`, `grad_weight` (in
-    /// W's layout) and `grad_bias`.
+    /// W's layout) and, with --bias, `grad_bias`.
     Loss(layer::LossArgs),
     /// The k most probable classes of each row: a .safetensors with `values` (log-probs,
     /// f32 [n, k], descending) and `indices` (int64 [n, k]; ties to the lower id).
@@ -67,7 +67,7 @@ enum Command {
     /// Scores target tokens (aligned, or --shifted for causal LMs) per sequence: one JSON
     /// object per sequence with sum/mean log-probability, perplexity, greediness, and tokens.
     Score(layer::ScoreArgs),
-    /// One seeded decoding step per hidden row through the sampler chain (bias, penalties,
+    /// One seeded decoding step per hidden row through the sampler chain (penalties,
     /// temperature, top-k, top-p, min-p, typical-p): one JSON line per row.
     Sample(layer::SampleArgs),
     /// The Plackett–Luce log-probability of a (full or top-k) ranking under softmax scores:
@@ -264,10 +264,16 @@ fn usage(e: clap::Error) -> ExitCode {
             ExitCode::SUCCESS
         };
     }
-    // Keep usage errors to one line, like every other failure.
+    // Keep usage errors to one line, like every other failure. A first line that ends in
+    // ':' introduces indented lines (the missing arguments): they join it.
     let text = e.render().to_string();
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-    eprintln!("softmax-layer: {}", line.trim_start_matches("error: "));
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let mut line = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+    if line.ends_with(':') {
+        let more: Vec<&str> = lines.take_while(|l| l.starts_with(' ') && !l.trim().is_empty()).map(str::trim).collect();
+        line = format!("{line} {}", more.join(", "));
+    }
+    eprintln!("softmax-layer: {line}");
     ExitCode::from(2)
 }
 
