@@ -132,7 +132,12 @@ fn written_files_have_the_usual_mode_and_clear_errors() {
 /// C or Fortran order as given: written here, independently of the library's writer.
 fn npy_2x3(descr: &str, fortran: bool, data: [[u8; 8]; 6]) -> Vec<u8> {
     let order = if fortran { "True" } else { "False" };
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': (2, 3), }}");
+    npy_bytes(&format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': (2, 3), }}"), &data.concat())
+}
+
+/// A version 1.0 `.npy`: the header dict as given, padded to 64 bytes, then the payload.
+fn npy_bytes(dict: &str, payload: &[u8]) -> Vec<u8> {
+    let mut h = dict.to_string();
     while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
@@ -140,7 +145,7 @@ fn npy_2x3(descr: &str, fortran: bool, data: [[u8; 8]; 6]) -> Vec<u8> {
     let mut b = b"\x93NUMPY\x01\x00".to_vec();
     b.extend_from_slice(&(h.len() as u16).to_le_bytes());
     b.extend_from_slice(h.as_bytes());
-    data.iter().for_each(|v| b.extend_from_slice(v));
+    b.extend_from_slice(payload);
     b
 }
 
@@ -186,18 +191,9 @@ fn csv_labels_are_exact_integers() {
 fn npy_headers_with_spaces_before_colons_read() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.npy");
-    let mut header = "{ 'descr' : '<f4' , \"fortran_order\"  :  True , 'shape' : ( 2 , 3 ) }".to_string();
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    for v in [1f32, 2., 3., 4., 5., 6.] {
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(&p, b).unwrap();
+    let payload: Vec<u8> = [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let dict = "{ 'descr' : '<f4' , \"fortran_order\"  :  True , 'shape' : ( 2 , 3 ) }";
+    std::fs::write(&p, npy_bytes(dict, &payload)).unwrap();
     let t = softmax_layer::io::read_npy(&p).unwrap();
     assert_eq!(t.shape, vec![2, 3]);
     // Fortran order: the columns are stored one after another.

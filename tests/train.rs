@@ -314,6 +314,18 @@ fn kill_after_checkpoint(data: Data<'_>, cfg: &TrainConfig, epoch: usize) {
     assert!(crashed.is_err(), "the run was not killed after epoch {epoch}");
 }
 
+/// Runs `cfg` (resuming) and returns its output with the epoch it resumed after, if any.
+fn train_resumed(data: Data<'_>, cfg: &TrainConfig) -> (softmax_layer::train::TrainOutput, Option<usize>) {
+    let mut at = None;
+    let out = train(data, cfg, |e| {
+        if let Event::Resumed { epoch, .. } = e {
+            at = Some(epoch)
+        }
+    })
+    .unwrap();
+    (out, at)
+}
+
 #[test]
 fn resuming_a_killed_run_gives_the_same_bits() {
     let (n, d, k) = (1500, 8, 4);
@@ -340,13 +352,7 @@ fn resuming_a_killed_run_gives_the_same_bits() {
         kill_after_checkpoint(data, &ck, 3);
         let latest = latest_checkpoint(dir.path()).unwrap();
         assert!(latest.to_string_lossy().ends_with("checkpoint-00000003.safetensors"), "{latest:?}");
-        let mut resumed_at = None;
-        let resumed = train(data, &ck, |e| {
-            if let Event::Resumed { epoch, .. } = e {
-                resumed_at = Some(epoch)
-            }
-        })
-        .unwrap();
+        let (resumed, resumed_at) = train_resumed(data, &ck);
         assert_eq!(resumed_at, Some(3), "{opt:?}");
         assert_eq!(resumed.model, whole.model, "{opt:?}: resumed model differs");
         assert_eq!(resumed.step_objectives, whole.step_objectives, "{opt:?}");
@@ -483,13 +489,7 @@ fn checkpoints_every_few_epochs_keep_the_one_before_too() {
     assert_eq!(names, ["checkpoint-00000006.safetensors", "checkpoint-00000009.safetensors"]);
     // The newest damaged: the resume falls back on epoch 6 and ends on the same bits.
     std::fs::write(dir.path().join(&names[1]), b"damaged").unwrap();
-    let mut resumed_at = None;
-    let resumed = train(data, &cfg, |e| {
-        if let Event::Resumed { epoch, .. } = e {
-            resumed_at = Some(epoch)
-        }
-    })
-    .unwrap();
+    let (resumed, resumed_at) = train_resumed(data, &cfg);
     assert_eq!(resumed_at, Some(6));
     assert_eq!(resumed.model, whole.model);
 }
