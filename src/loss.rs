@@ -335,8 +335,23 @@ struct RowPart {
     stats: MaxSum,
     /// The target's (softcapped) logit, if the target is in this segment (else 0).
     zy: f32,
-    /// Σ_j w_j·z_j over the segment, for label smoothing.
+    /// Σ_j w_j·(z_j − wz_ref) over the segment, for label smoothing: against a reference
+    /// among the logits (the first tile's maximum), so that an offset they all share
+    /// cancels before the sum.
     wz: f64,
+    wz_ref: Option<f32>,
+}
+
+impl RowPart {
+    const EMPTY: RowPart = RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0, wz_ref: None };
+
+    /// Adds `Σ w·(z − c)` (`weights`: `Σ w`) of the classes after this part's so far.
+    fn add_wz(&mut self, wz: f64, c: f32, weights: f64) {
+        match self.wz_ref {
+            None => (self.wz, self.wz_ref) = (wz, Some(c)),
+            Some(r) => self.wz += wz + weights * (c as f64 - r as f64),
+        }
+    }
 }
 
 fn rows_per_block(v: usize) -> usize {
@@ -449,6 +464,13 @@ fn run(
         }
         None => &[],
     };
+    // Prefix sums of those weights, for the weight of any range of classes.
+    let w_prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(wvec.iter().scan(0f64, |acc, &w| {
+            *acc += w as f64;
+            Some(*acc)
+        }))
+        .collect();
 
     // bf16 gradients: W packed per segment for dH = G·W, once per layer (kept with it).
     let own_packing;
@@ -482,19 +504,21 @@ fn run(
         let parts: Vec<Vec<RowPart>> = segments
             .par_iter()
             .map(|seg| {
-                let mut part = vec![RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 }; m];
+                let mut part = vec![RowPart::EMPTY; m];
                 // Row i's logits over `cols`: softcap in place, then fold into its part.
                 let fold = |p: &mut RowPart, row: &mut [f32], i: usize, cols: &Range<usize>| {
                     if let Some(cap) = s.cap {
                         k.softcap_in_place(row, cap);
                     }
-                    p.stats = p.stats.merge(k.max_sum(row, None, s.t), s.t);
+                    let tile = k.max_sum(row, None, s.t);
+                    p.stats = p.stats.merge(tile, s.t);
                     let yi = y[i];
                     if yi != o.ignore_index && cols.contains(&(yi as usize)) {
                         p.zy = row[yi as usize - cols.start];
                     }
                     if s.eps > 0.0 {
-                        p.wz += k.dot(row, &wvec[cols.clone()]) as f64;
+                        let wz = k.dot_shifted(row, &wvec[cols.clone()], tile.max) as f64;
+                        p.add_wz(wz, tile.max, w_prefix[cols.end] - w_prefix[cols.start]);
                     }
                 };
                 // This segment's part of the block buffer: m rows of |seg| logits.
@@ -556,11 +580,13 @@ fn run(
         // Merge in class order; the loss of each row.
         let mut row_stats = Vec::with_capacity(m);
         for i in 0..m {
-            let mut acc = RowPart { stats: MaxSum::EMPTY, zy: 0.0, wz: 0.0 };
-            for p in &parts {
+            let mut acc = RowPart::EMPTY;
+            for (p, seg) in parts.iter().zip(&segments) {
                 acc.stats = acc.stats.merge(p[i].stats, s.t);
                 acc.zy += p[i].zy;
-                acc.wz += p[i].wz;
+                if let Some(c) = p[i].wz_ref {
+                    acc.add_wz(p[i].wz, c, w_prefix[seg.end] - w_prefix[seg.start]);
+                }
             }
             if acc.stats.overflowed() || (y[i] != o.ignore_index && !acc.zy.is_finite()) {
                 return Err(Error::LogitsOverflow { row: r0 + i });
@@ -578,7 +604,9 @@ fn run(
                 // (M − z_y)/T + ln S, not lse − z_y/T: logits that share an offset far above
                 // their spread (1e17) would lose ln S in the sum and cancel to 0.
                 let nll = (acc.stats.max as f64 - acc.zy as f64) / t + acc.stats.sum.ln();
-                let smooth = s.w_sum * l - acc.wz / t;
+                // Σ_j w_j·(lse − z_j/T), from the logits against their reference.
+                let (m, c) = (acc.stats.max as f64, acc.wz_ref.map_or(0.0, |c| c as f64));
+                let smooth = (s.w_sum * (m - c) - acc.wz) / t + s.w_sum * acc.stats.sum.ln();
                 loss_rows[r0 + i] = (1.0 - s.eps) * wy * nll + s.eps / v as f64 * smooth;
                 zl_rows[r0 + i] = s.z_loss * l * l;
             }

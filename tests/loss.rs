@@ -470,9 +470,30 @@ fn a_large_common_offset_keeps_the_loss() {
     let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 1, None::<&[f32]>).unwrap();
     for h in [1e14f32, 1e17, 1e20, -3e38] {
         let hm = MatRef::new(std::slice::from_ref(&h), 1, 1).unwrap();
-        let out = cross_entropy(&layer, hm, &[0], &CrossEntropyOptions::default()).unwrap();
-        assert!((out.loss[0] as f64 - 2f64.ln()).abs() < 1e-7, "h = {h}: loss {}", out.loss[0]);
+        for eps in [0.0, 0.4, 1.0] {
+            // Uniform logits: every −log p is ln 2, whatever the smoothing.
+            let o = CrossEntropyOptions { label_smoothing: eps, ..Default::default() };
+            let out = cross_entropy(&layer, hm, &[0], &o).unwrap();
+            assert!((out.loss[0] as f64 - 2f64.ln()).abs() < 1e-7, "h = {h}, ε = {eps}: loss {}", out.loss[0]);
+        }
     }
+    // Smoothing with class weights over 3000 classes in tiles and segments, logits spread
+    // by a few units over an offset of 1e6 (1e5 gave 5e-6 relative before): float64.
+    let (v, d) = (3000usize, 2usize);
+    let w: Vec<f32> = (0..v).flat_map(|j| [1.0f32, ((j * 37) % 101) as f32 * 0.05]).collect();
+    let cw: Vec<f32> = (0..v).map(|j| 0.5 + (j % 7) as f32 * 0.25).collect();
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    let h = [1e6f32, 1.0];
+    let o = CrossEntropyOptions { label_smoothing: 0.3, class_weights: Some(&cw), ..Default::default() };
+    let y = 17usize;
+    let out = cross_entropy(&layer, MatRef::new(&h, 1, d).unwrap(), &[y as i64], &o).unwrap();
+    // (The logits as the f32 product rounds them: 1e6 + w, on a grid of 1/16.)
+    let z: Vec<f64> = (0..v).map(|j| (1e6f32 * w[j * d] + w[j * d + 1]) as f64 - 1e6).collect();
+    let m = z.iter().cloned().fold(f64::MIN, f64::max);
+    let lse = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+    let smooth: f64 = (0..v).map(|j| cw[j] as f64 * (lse - z[j])).sum();
+    let want = ((1.0 - 0.3) * cw[y] as f64 * (lse - z[y]) + 0.3 / v as f64 * smooth) / cw[y] as f64;
+    assert!((out.loss[0] as f64 - want).abs() <= 1e-6 * want, "loss {} vs {want}", out.loss[0]);
 }
 
 /// A gradient that overflows f32 with finite coefficients (an upstream gradient of 3e38

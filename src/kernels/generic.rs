@@ -1301,16 +1301,36 @@ pub(crate) unsafe fn count_greater<V: Vector>(x: *const f32, len: usize, t: f32)
     }
 }
 
-/// `Σ a[i] * b[i]` with four vector accumulators, in a fixed order.
+/// `Σ (a[i] − c) * b[i]` with four vector accumulators, in a fixed order (`c = 0`: the
+/// plain dot product, with no subtraction at all).
 ///
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
 /// elements this function reads or writes, as described above.
 #[inline(always)]
-pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) -> f32 {
+pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize, c: f32) -> f32 {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { if c == 0.0 { dot_impl::<V, false>(a, b, len, c) } else { dot_impl::<V, true>(a, b, len, c) } }
+}
+
+/// [`dot`], with the shift by `c` only when `SHIFT`.
+///
+/// # Safety
+/// As [`dot`]'s.
+#[inline(always)]
+unsafe fn dot_impl<V: Vector, const SHIFT: bool>(a: *const f32, b: *const f32, len: usize, c: f32) -> f32 {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
+        let cv = V::splat(c);
+        // (A closure would not inherit the caller's target features.)
+        /// # Safety
+        /// The instruction set of `V` is available and `p` is valid for a vector's reads.
+        #[inline(always)]
+        unsafe fn ld<V: Vector, const SHIFT: bool>(p: *const f32, cv: V) -> V {
+            // SAFETY: the caller upholds this function's contract.
+            unsafe { if SHIFT { V::load(p).sub(cv) } else { V::load(p) } }
+        }
         let lanes = V::LANES;
         let (mut s0, mut s1, mut s2, mut s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
         let full = len / lanes;
@@ -1319,20 +1339,23 @@ pub(crate) unsafe fn dot<V: Vector>(a: *const f32, b: *const f32, len: usize) ->
             // `b` streams from memory in decoding (a weight row); fetch 2 KiB ahead.
             V::prefetch(b.wrapping_add(j * lanes + 512));
             V::prefetch(b.wrapping_add((j + 2) * lanes + 512));
-            s0 = V::load(a.add(j * lanes)).mul_add(V::load(b.add(j * lanes)), s0);
-            s1 = V::load(a.add((j + 1) * lanes)).mul_add(V::load(b.add((j + 1) * lanes)), s1);
-            s2 = V::load(a.add((j + 2) * lanes)).mul_add(V::load(b.add((j + 2) * lanes)), s2);
-            s3 = V::load(a.add((j + 3) * lanes)).mul_add(V::load(b.add((j + 3) * lanes)), s3);
+            s0 = ld::<V, SHIFT>(a.add(j * lanes), cv).mul_add(V::load(b.add(j * lanes)), s0);
+            s1 = ld::<V, SHIFT>(a.add((j + 1) * lanes), cv).mul_add(V::load(b.add((j + 1) * lanes)), s1);
+            s2 = ld::<V, SHIFT>(a.add((j + 2) * lanes), cv).mul_add(V::load(b.add((j + 2) * lanes)), s2);
+            s3 = ld::<V, SHIFT>(a.add((j + 3) * lanes), cv).mul_add(V::load(b.add((j + 3) * lanes)), s3);
             j += 4;
         }
         while j < full {
-            s0 = V::load(a.add(j * lanes)).mul_add(V::load(b.add(j * lanes)), s0);
+            s0 = ld::<V, SHIFT>(a.add(j * lanes), cv).mul_add(V::load(b.add(j * lanes)), s0);
             j += 1;
         }
         let tail = len % lanes;
         if tail > 0 {
             let i = full * lanes;
-            s1 = V::load_partial(a.add(i), tail, 0.0).mul_add(V::load_partial(b.add(i), tail, 0.0), s1);
+            // (Padding lanes load 0 from `b`, so their `0 − c` adds nothing.)
+            let x = V::load_partial(a.add(i), tail, 0.0);
+            let x = if SHIFT { x.sub(cv) } else { x };
+            s1 = x.mul_add(V::load_partial(b.add(i), tail, 0.0), s1);
         }
         s0.add(s1).add(s2.add(s3)).reduce_sum()
     }
@@ -1509,9 +1532,9 @@ macro_rules! instantiate {
         /// # Safety
         /// The instruction set of `V` is available, and every pointer is valid for the
         /// elements this function reads or writes.
-        pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize) -> f32 {
+        pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize, c: f32) -> f32 {
             // SAFETY: forwarded from this function's contract.
-            unsafe { generic::dot::<$V>(a, b, len) }
+            unsafe { generic::dot::<$V>(a, b, len, c) }
         }
 
         /// # Safety

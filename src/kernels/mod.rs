@@ -157,7 +157,7 @@ type WriteFn = unsafe fn(*const f32, *const f32, *mut f32, usize, Params, f32, f
 type ExpFn = unsafe fn(*const f32, *mut f32, usize);
 type Pass1Fn = unsafe fn(*const f32, *const f32, *mut f32, *mut f32, usize, Params) -> MaxSum;
 type RescaleFn = unsafe fn(*const f32, *mut f32, *const f32, usize, Params, f32, f64);
-type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
+type DotFn = unsafe fn(*const f32, *const f32, usize, f32) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
 type SoftcapFn = unsafe fn(*mut f32, usize, f32);
@@ -536,7 +536,18 @@ impl Kernels {
     pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot: lengths differ");
         // SAFETY: supported ISA; both slices hold `a.len()` elements.
-        unsafe { (self.dot)(a.as_ptr(), b.as_ptr(), a.len()) }
+        unsafe { (self.dot)(a.as_ptr(), b.as_ptr(), a.len(), 0.0) }
+    }
+
+    /// `Σ (a[i] − c)·b[i]`, accumulated in `f32` in a fixed order: a sum of weighted
+    /// logits against a reference `c` near them, precise whatever offset they share.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub(crate) fn dot_shifted(&self, a: &[f32], b: &[f32], c: f32) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: lengths differ");
+        // SAFETY: supported ISA; both slices hold `a.len()` elements.
+        unsafe { (self.dot)(a.as_ptr(), b.as_ptr(), a.len(), c) }
     }
 
     /// `[a·b[0], a·b[1], a·b[2], a·b[3]]`, each accumulated in a fixed order.
