@@ -748,7 +748,12 @@ fn run_training(
         )));
     }
     let mut st = match resumed {
-        Some((path, st)) => {
+        Some((path, mut st)) => {
+            // A checkpoint from before `stopped` was recorded (three counters) at which
+            // patience had run out was written by the epoch that stopped the run.
+            if let (Some(patience), Some((_, best_epoch, _))) = (cfg.patience, &st.best) {
+                st.stopped |= st.epoch.saturating_sub(*best_epoch) >= patience;
+            }
             if st.epoch > epochs {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the checkpoint is at epoch {}, past the {epochs} epochs asked for",
@@ -757,6 +762,10 @@ fn run_training(
                 )));
             }
             on_event(Event::Resumed { path: &path, epoch: st.epoch });
+            // (A resume that trains no further writes no checkpoint, which would clear them.)
+            if let Some(c) = &cfg.checkpoint {
+                clear_temporary_files(&c.dir);
+            }
             st
         }
         None => {
@@ -1342,6 +1351,15 @@ fn checkpoints(dir: &Path) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
+/// Removes the temporary files that a run killed while writing left in a checkpoint folder.
+fn clear_temporary_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with(io::TEMP_PREFIX)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let path = dir.join(format!("{CKPT_PREFIX}{:08}{CKPT_SUFFIX}", st.epoch));
@@ -1400,17 +1418,13 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     }
     io::write_safetensors_with_metadata(&path, &t, Some(meta))?;
     // Keep the two newest: the one just written, and the newest before it (whatever the
-    // interval), so that a resume can fall back on it if this one is damaged. Temporary
-    // files that a killed run left in the folder go too.
+    // interval), so that a resume can fall back on it if this one is damaged.
+    clear_temporary_files(dir);
     if let Ok(entries) = std::fs::read_dir(dir) {
         let mut older: Vec<(usize, PathBuf)> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                if name.starts_with(io::TEMP_PREFIX) {
-                    let _ = std::fs::remove_file(e.path());
-                    return None;
-                }
                 let ep = name.strip_prefix(CKPT_PREFIX)?.strip_suffix(CKPT_SUFFIX)?.parse::<usize>().ok()?;
                 (ep < st.epoch).then(|| (ep, e.path()))
             })

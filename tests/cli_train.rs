@@ -250,6 +250,7 @@ fn bad_training_input_exits_2_with_one_line() {
     fails(&strs(&with(&["--tol", "0", "-o", &o])), &["tolerance must be > 0, got 0"]);
     // A negative number reaches the range check (not clap's "unexpected argument '-1'").
     fails(&strs(&with(&["--l2", "-1", "-o", &o])), &["l2 must be finite and >= 0, got -1"]);
+    fails(&strs(&with(&["--l2", "-1e-3", "-o", &o])), &["l2 must be finite and >= 0, got -0.001"]);
     fails(&strs(&with(&["--epochs", "-3", "-o", &o])), &["invalid value '-3' for '--epochs"]);
     fails(&strs(&with(&["--min-lr-ratio", "1.5", "-o", &o])), &["--min-lr-ratio must be in [0, 1], got 1.5"]);
     // The ratio reaches the schedule: a constant rate after warmup (1) trains another model

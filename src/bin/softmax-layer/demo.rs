@@ -28,14 +28,14 @@ pub struct DemoArgs {
     #[arg(long, value_name = "FILE")]
     pub text: Option<PathBuf>,
     /// Characters of built-in training text.
-    #[arg(long, value_name = "N", default_value_t = 120_000, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 120_000, allow_hyphen_values = true)]
     pub train_chars: usize,
-    #[arg(long, value_name = "N", default_value_t = 10, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 10, allow_hyphen_values = true)]
     pub epochs: usize,
-    #[arg(long, value_name = "S", default_value_t = 7, allow_negative_numbers = true)]
+    #[arg(long, value_name = "S", default_value_t = 7, allow_hyphen_values = true)]
     pub seed: u64,
     /// Hash buckets per hash function for the pair of previous characters.
-    #[arg(long, value_name = "N", default_value_t = 384, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 384, allow_hyphen_values = true)]
     pub buckets: usize,
     /// Where to write the loss-curve plot.
     #[arg(long, value_name = "FILE.svg", default_value = "demo-loss.svg")]

@@ -35,7 +35,7 @@ pub struct LayerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Divide the logits by T (finite, > 0) before the softmax (not for `logits`).
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::temperature_arg)]
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_hyphen_values = true, value_parser = crate::temperature_arg)]
     pub temperature: f32,
     /// Output file.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
@@ -260,22 +260,22 @@ pub struct LossArgs {
     #[arg(long, value_name = "Y")]
     pub targets: String,
     /// Rows with this target add nothing.
-    #[arg(long, value_name = "I", default_value_t = -100, allow_negative_numbers = true)]
+    #[arg(long, value_name = "I", default_value_t = -100, allow_hyphen_values = true)]
     pub ignore_index: i64,
     /// mean, sum or none.
     #[arg(long, value_name = "mean|sum|none", default_value = "mean")]
     pub reduction: String,
     /// Label smoothing ε in [0, 1].
-    #[arg(long, value_name = "E", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "E", default_value_t = 0.0, allow_hyphen_values = true)]
     pub label_smoothing: f32,
     /// Class weights [V], finite and >= 0.
     #[arg(long, value_name = "CW")]
     pub class_weights: Option<String>,
     /// z-loss coefficient: adds z·lse² per non-ignored row.
-    #[arg(long, value_name = "Z", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "Z", default_value_t = 0.0, allow_hyphen_values = true)]
     pub z_loss: f32,
     /// Logit softcap s > 0: logits ← s·tanh(logits/s), before the temperature.
-    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
     pub softcap: Option<f32>,
     /// Also write grad_hidden, grad_weight and (with --bias) grad_bias (upstream gradient 1).
     #[arg(long)]
@@ -362,7 +362,7 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub shifted: bool,
     /// Report the K most probable alternatives per token (plus the target).
-    #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "K", default_value_t = 0, allow_hyphen_values = true)]
     pub top_logprobs: usize,
     /// UTF-8 bytes per sequence [k], for bits_per_byte.
     #[arg(long, value_name = "BYTES")]
@@ -475,30 +475,30 @@ pub struct SampleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Temperature >= 0; 0 is greedy (ties to the lowest id).
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_hyphen_values = true)]
     pub temperature: f32,
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    #[arg(long, value_name = "K", allow_hyphen_values = true)]
     pub top_k: Option<usize>,
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
     pub top_p: Option<f32>,
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
     pub min_p: Option<f32>,
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
     pub typical_p: Option<f32>,
-    #[arg(long, value_name = "R", default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "R", default_value_t = 1.0, allow_hyphen_values = true)]
     pub repetition_penalty: f32,
-    #[arg(long, value_name = "F", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", default_value_t = 0.0, allow_hyphen_values = true)]
     pub frequency_penalty: f32,
-    #[arg(long, value_name = "P", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "P", default_value_t = 0.0, allow_hyphen_values = true)]
     pub presence_penalty: f32,
     /// Token history [h] (int .npy) for the penalties, shared by every row.
     #[arg(long, value_name = "IDS")]
     pub history: Option<String>,
     /// Row i uses seed S + i.
-    #[arg(long, value_name = "S", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "S", default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
     /// Independent draws per row from its processed distribution.
-    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 1, allow_hyphen_values = true)]
     pub num_samples: usize,
     /// Output .jsonl: {"row": i, "samples": [{"token", "logprob", "logprob_raw"}, ...]} per row.
     #[arg(short = 'o', long = "output", value_name = "OUT")]

@@ -101,7 +101,7 @@ struct TopKArgs {
     #[command(flatten)]
     layer: layer::LayerArgs,
     /// How many classes per row, in [1, V].
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    #[arg(long, value_name = "K", allow_hyphen_values = true)]
     k: usize,
 }
 
@@ -129,7 +129,7 @@ struct LogsumexpArgs {
     #[arg(long, value_name = "M", conflicts_with = "hidden")]
     mask: Option<String>,
     /// Divide the logits by T (finite, > 0).
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::temperature_arg)]
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_hyphen_values = true, value_parser = crate::temperature_arg)]
     temperature: f32,
     /// Output .npy file (f32 [n]).
     #[arg(short = 'o', long = "output", value_name = "OUT")]

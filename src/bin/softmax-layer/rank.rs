@@ -25,7 +25,7 @@ pub struct FitPlArgs {
     #[arg(long, value_name = "FILE")]
     rankings: PathBuf,
     /// L2 penalty α/2·‖θ‖² on the log-strengths (0: pure maximum likelihood).
-    #[arg(long, value_name = "A", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "A", default_value_t = 0.0, allow_hyphen_values = true)]
     l2: f64,
     /// Output .npy: the log-strengths [m], f32.
     #[arg(short = 'o', long = "output", value_name = "OUT")]

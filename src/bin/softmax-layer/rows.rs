@@ -11,7 +11,7 @@ pub struct RowArgs {
     #[arg(long, value_name = "L")]
     pub logits: String,
     /// Divide the (masked) logits by T, finite and > 0.
-    #[arg(long, value_name = "T", default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::temperature_arg)]
+    #[arg(long, value_name = "T", default_value_t = 1.0, allow_hyphen_values = true, value_parser = crate::temperature_arg)]
     pub temperature: f32,
     /// Additive mask, [n, V] or [V] (broadcast to every row); -inf removes an entry.
     #[arg(long, value_name = "M")]

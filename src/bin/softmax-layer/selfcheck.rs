@@ -15,13 +15,13 @@ use softmax_layer::{Kernels, MatMut, MatRef, RowOptions};
 #[derive(clap::Args)]
 pub struct SelfcheckArgs {
     /// Rows of the built-in logits.
-    #[arg(long, default_value_t = 2048, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 2048, allow_hyphen_values = true)]
     rows: usize,
     /// Columns (classes) of the built-in logits.
-    #[arg(long, default_value_t = 50257, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 50257, allow_hyphen_values = true)]
     cols: usize,
     /// Timed repetitions of each operation; the median is reported.
-    #[arg(long, default_value_t = 7, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 7, allow_hyphen_values = true)]
     repeats: usize,
 }
 

@@ -37,56 +37,56 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", default_value = "lbfgs")]
     pub optimizer: String,
     /// λ of the L2 penalty (λ/2)·‖W‖² on the mean loss; scikit-learn's C = 1/(λ·n).
-    #[arg(long, value_name = "λ", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "λ", default_value_t = 0.0, allow_hyphen_values = true)]
     pub l2: f32,
     /// Epochs (L-BFGS: the most iterations; default until convergence). Default 10 for adamw/sgd.
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub epochs: Option<usize>,
     /// Rows per mini-batch.
-    #[arg(long, value_name = "B", default_value_t = 256, allow_negative_numbers = true)]
+    #[arg(long, value_name = "B", default_value_t = 256, allow_hyphen_values = true)]
     pub batch: usize,
     /// Peak learning rate (adamw, sgd). Default 0.01 for adamw, 0.1 for sgd.
-    #[arg(long, value_name = "LR", allow_negative_numbers = true)]
+    #[arg(long, value_name = "LR", allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Momentum (sgd).
-    #[arg(long, value_name = "μ", default_value_t = 0.9, allow_negative_numbers = true)]
+    #[arg(long, value_name = "μ", default_value_t = 0.9, allow_hyphen_values = true)]
     pub momentum: f32,
     /// Decoupled weight decay (adamw; the bias is not decayed). The default is PyTorch's and
     /// the library's, `Optimizer::adamw()`.
-    #[arg(long, value_name = "WD", default_value_t = 0.01, allow_negative_numbers = true)]
+    #[arg(long, value_name = "WD", default_value_t = 0.01, allow_hyphen_values = true)]
     pub weight_decay: f32,
     /// Warmup as a fraction of all steps, before the cosine decay.
-    #[arg(long, value_name = "F", default_value_t = 0.05, allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", default_value_t = 0.05, allow_hyphen_values = true)]
     pub warmup: f32,
     /// Where the cosine decay ends, as a fraction of --lr (in [0, 1]).
-    #[arg(long, value_name = "R", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "R", default_value_t = 0.0, allow_hyphen_values = true)]
     pub min_lr_ratio: f32,
     /// Clip the gradient to this global norm.
-    #[arg(long, value_name = "NORM", allow_negative_numbers = true)]
+    #[arg(long, value_name = "NORM", allow_hyphen_values = true)]
     pub clip: Option<f32>,
     /// Tolerance on the largest gradient entry (lbfgs).
-    #[arg(long, value_name = "TOL", default_value_t = 1e-5, allow_negative_numbers = true)]
+    #[arg(long, value_name = "TOL", default_value_t = 1e-5, allow_hyphen_values = true)]
     pub tol: f64,
     /// Stop L-BFGS once the objective is at most this.
-    #[arg(long, value_name = "J", hide = true, allow_negative_numbers = true)]
+    #[arg(long, value_name = "J", hide = true, allow_hyphen_values = true)]
     pub target_objective: Option<f64>,
     /// Hold out this fraction of rows, evaluated every epoch.
-    #[arg(long, value_name = "F", default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", default_value_t = 0.0, allow_hyphen_values = true)]
     pub holdout: f32,
     /// Stop when the held-out loss has not improved for N epochs, keeping the best model.
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub patience: Option<usize>,
     /// Number of classes K (default: the largest label + 1).
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    #[arg(long, value_name = "K", allow_hyphen_values = true)]
     pub classes: Option<usize>,
     /// Seed of the mini-batch shuffles and the held-out split.
-    #[arg(long, value_name = "S", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(long, value_name = "S", default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
     /// Folder for checkpoints.
     #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
     /// Write a checkpoint every N epochs.
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "checkpoint", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "checkpoint", allow_hyphen_values = true)]
     pub checkpoint_every: usize,
     /// Continue from the latest checkpoint in --checkpoint (from scratch when there is none).
     #[arg(long, requires = "checkpoint")]
