@@ -86,10 +86,7 @@ pub struct CrossEntropyOptions<'a> {
     /// Rows whose target equals this add nothing (default −100).
     pub ignore_index: i64,
     pub reduction: Reduction,
-    /// ε in [0, 1] (default 0). The smoothing term's mean of `−log p` is formed from
-    /// `Σ_j w_j·z_j` (summed in `f32` per tile of classes): logits that share an offset far
-    /// above their spread lose precision there (5e-6 relative at an offset of 1e5 over
-    /// V = 50000), though the rest of the loss does not.
+    /// ε in [0, 1] (default 0).
     pub label_smoothing: f32,
     /// Per-class weights `[V]`, finite and ≥ 0.
     pub class_weights: Option<&'a [f32]>,
