@@ -461,13 +461,17 @@ fn run(
         }
         None => &[],
     };
-    // Prefix sums of those weights, for the weight of any range of classes.
-    let w_prefix: Vec<f64> = std::iter::once(0.0)
-        .chain(wvec.iter().scan(0f64, |acc, &w| {
-            *acc += w as f64;
-            Some(*acc)
-        }))
-        .collect();
+    // Prefix sums of those weights, for the weight of any range of classes (smoothing only).
+    let w_prefix: Vec<f64> = if s.eps > 0.0 {
+        std::iter::once(0.0)
+            .chain(wvec.iter().scan(0f64, |acc, &w| {
+                *acc += w as f64;
+                Some(*acc)
+            }))
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     // bf16 gradients: W packed per segment for dH = G·W, once per layer (kept with it).
     let own_packing;

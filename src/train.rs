@@ -570,8 +570,19 @@ struct RunState {
     history: Vec<EpochRecord>,
     step_objectives: Vec<f64>,
     best: Option<(f64, usize, Model)>,
-    /// Early stopping ended the run: a resume returns `best` without training further.
-    stopped: bool,
+}
+
+impl RunState {
+    /// Whether early stopping ended the run at this state: the held-out loss has not
+    /// improved for `patience` epochs (at least one; an improving epoch never stops). It
+    /// follows from the state, so a checkpoint needs no flag for it, and a resume from the
+    /// stopping epoch's checkpoint returns `best` without training further.
+    fn stopped(&self, patience: Option<usize>) -> bool {
+        match (patience, &self.best) {
+            (Some(p), Some((_, best_epoch, _))) => self.epoch - best_epoch >= p.max(1),
+            _ => false,
+        }
+    }
 }
 
 /// Trains a softmax layer on `data` and returns the model with its history.
@@ -748,12 +759,7 @@ fn run_training(
         )));
     }
     let mut st = match resumed {
-        Some((path, mut st)) => {
-            // A checkpoint from before `stopped` was recorded (three counters) at which
-            // patience had run out was written by the epoch that stopped the run.
-            if let (Some(patience), Some((_, best_epoch, _))) = (cfg.patience, &st.best) {
-                st.stopped |= st.epoch.saturating_sub(*best_epoch) >= patience;
-            }
+        Some((path, st)) => {
             if st.epoch > epochs {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the checkpoint is at epoch {}, past the {epochs} epochs asked for",
@@ -793,7 +799,6 @@ fn run_training(
                 history: vec![],
                 step_objectives: vec![],
                 best: None,
-                stopped: false,
             }
         }
     };
@@ -803,7 +808,7 @@ fn run_training(
     let (mut gw, mut gb) = (vec![0f32; p], vec![0f32; classes]);
     let mut batch_x: Vec<f32> = Vec::new();
     let mut batch_y: Vec<i64> = Vec::new();
-    while st.epoch < epochs && !st.stopped {
+    while st.epoch < epochs && !st.stopped(cfg.patience) {
         let epoch = st.epoch + 1;
         let train_objective = if let OptState::Lbfgs(lb) = &mut st.opt {
             if lb.done {
@@ -871,12 +876,13 @@ fn run_training(
         if let (Some(patience), Some(m)) = (cfg.patience, heldout) {
             if st.best.as_ref().is_none_or(|b| m.loss < b.0) {
                 st.best = Some((m.loss, epoch, st.model.clone()));
-            } else if epoch - st.best.as_ref().map_or(0, |b| b.1) >= patience {
+            }
+            if st.stopped(Some(patience)) {
                 on_event(Event::EarlyStop { epoch, best_epoch: st.best.as_ref().map_or(0, |b| b.1) });
-                st.stopped = true;
             }
         }
-        let finished = st.stopped || st.epoch == epochs || matches!(&st.opt, OptState::Lbfgs(lb) if lb.done);
+        let finished =
+            st.stopped(cfg.patience) || st.epoch == epochs || matches!(&st.opt, OptState::Lbfgs(lb) if lb.done);
         if let Some(c) = &cfg.checkpoint
             && (epoch % c.every.max(1) == 0 || finished)
         {
@@ -884,7 +890,7 @@ fn run_training(
             on_event(Event::Checkpoint(&path));
         }
     }
-    let model = match (st.stopped, st.best) {
+    let model = match (st.stopped(cfg.patience), st.best) {
         (true, Some((_, _, m))) => m,
         _ => st.model,
     };
@@ -1368,7 +1374,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     let mut meta = HashMap::new();
     meta.insert("fingerprint".to_string(), fingerprint.to_string());
     meta.insert("format".to_string(), "softmax-layer checkpoint 1".to_string());
-    let counters = [st.step as i64, st.epoch as i64, st.rng.state() as i64, st.stopped as i64];
+    let counters = [st.step as i64, st.epoch as i64, st.rng.state() as i64];
     let hist: Vec<f64> = st
         .history
         .iter()
@@ -1386,7 +1392,7 @@ fn save_checkpoint(dir: &Path, st: &RunState, fingerprint: &str) -> Result<PathB
     let mut t: Vec<(&str, Vec<usize>, OutTensor<'_>)> = vec![
         ("weight", vec![k, d], OutTensor::F32(&st.model.weight)),
         ("bias", vec![k], OutTensor::F32(&st.model.bias)),
-        ("counters", vec![4], OutTensor::I64(&counters)),
+        ("counters", vec![3], OutTensor::I64(&counters)),
         ("history", vec![st.history.len(), 5], OutTensor::F64(&hist)),
         ("step_objectives", vec![st.step_objectives.len()], OutTensor::F64(&st.step_objectives)),
     ];
@@ -1496,11 +1502,11 @@ fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: u
     };
     let model = Model { weight: f32s("weight", classes * d)?, bias: f32s("bias", classes)?, classes, dim: d };
     let counters = io::read_safetensors(path, "counters")?.to_i64()?;
-    // (Checkpoints written before early stopping was recorded have 3.)
-    let (step, epoch, rng, stopped) = match counters[..] {
-        [step, epoch, rng] => (step, epoch, rng, 0),
-        [step, epoch, rng, stopped @ (0 | 1)] => (step, epoch, rng, stopped),
-        _ => return Err(bad("tensor 'counters' must be [step, epoch, rng, stopped (0 or 1)]".into())),
+    // (A fourth entry, a stop flag that some of this session's commits wrote, is ignored:
+    // the stop follows from the state.)
+    let (step, epoch, rng) = match counters[..] {
+        [step, epoch, rng] | [step, epoch, rng, 0 | 1] => (step, epoch, rng),
+        _ => return Err(bad("tensor 'counters' must be [step, epoch, rng]".into())),
     };
     let (_, hist) = f64s("history")?;
     let history = hist
@@ -1551,6 +1557,5 @@ fn load_checkpoint_state(path: &Path, optimizer: Optimizer, classes: usize, d: u
         history,
         step_objectives,
         best,
-        stopped: stopped == 1,
     })
 }

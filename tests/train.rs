@@ -314,6 +314,11 @@ fn kill_after_checkpoint(data: Data<'_>, cfg: &TrainConfig, epoch: usize) {
     assert!(crashed.is_err(), "the run was not killed after epoch {epoch}");
 }
 
+/// Checkpoints into `dir` every `every` epochs, resuming from them.
+fn resumable(dir: &tempfile::TempDir, every: usize) -> Option<Checkpointing> {
+    Some(Checkpointing { dir: dir.path().to_path_buf(), every, resume: true })
+}
+
 /// Runs `cfg` (resuming) and returns its output with the epoch it resumed after, if any.
 fn train_resumed(data: Data<'_>, cfg: &TrainConfig) -> (softmax_layer::train::TrainOutput, Option<usize>) {
     let mut at = None;
@@ -345,10 +350,7 @@ fn resuming_a_killed_run_gives_the_same_bits() {
             ..Default::default()
         };
         let whole = train(data, &cfg, |_| {}).unwrap();
-        let ck = TrainConfig {
-            checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
-            ..cfg.clone()
-        };
+        let ck = TrainConfig { checkpoint: resumable(&dir, 1), ..cfg.clone() };
         kill_after_checkpoint(data, &ck, 3);
         let latest = latest_checkpoint(dir.path()).unwrap();
         assert!(latest.to_string_lossy().ends_with("checkpoint-00000003.safetensors"), "{latest:?}");
@@ -398,10 +400,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
     let cfg =
         TrainConfig { optimizer: Optimizer::adamw(), epochs: Some(4), batch_size: 50, lr: 0.05, ..Default::default() };
     let whole = train(data, &cfg, |_| {}).unwrap();
-    let ck = TrainConfig {
-        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
-        ..cfg.clone()
-    };
+    let ck = TrainConfig { checkpoint: resumable(&dir, 1), ..cfg.clone() };
     kill_after_checkpoint(data, &ck, 3);
     // The newest checkpoint (epoch 3) is damaged after the fact: truncated to half.
     let newest = latest_checkpoint(dir.path()).unwrap();
@@ -453,10 +452,7 @@ fn a_run_that_stopped_early_resumes_to_its_best_model() {
     // Killed after the last checkpoint (the one written as the run stopped), before the
     // model was saved: the resume trains no further and returns the best epoch's model.
     let dir = tempfile::tempdir().unwrap();
-    let ck = TrainConfig {
-        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
-        ..cfg.clone()
-    };
+    let ck = TrainConfig { checkpoint: resumable(&dir, 1), ..cfg.clone() };
     kill_after_checkpoint(data, &ck, stop);
     let resume = || {
         let mut steps = 0;
@@ -472,19 +468,18 @@ fn a_run_that_stopped_early_resumes_to_its_best_model() {
     std::fs::write(&stale, b"half a model").unwrap();
     resume();
     assert!(!stale.exists());
-    // A checkpoint written before `stopped` was recorded (three counters) at the stop.
+    // A checkpoint whose counters carry a fourth entry, a stop flag (as some commits wrote
+    // them before the stop was derived from the state): it loads, and resumes as stopped.
     let newest = latest_checkpoint(dir.path()).unwrap();
     let bytes = std::fs::read(&newest).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let four: Vec<u8> = file.tensor("counters").unwrap().data().iter().copied().chain(1i64.to_le_bytes()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = file
         .tensors()
         .into_iter()
         .map(|(name, t)| match name.as_str() {
-            "counters" => {
-                let three = safetensors::tensor::TensorView::new(t.dtype(), vec![3], &t.data()[..24]).unwrap();
-                (name, three)
-            }
+            "counters" => (name, safetensors::tensor::TensorView::new(t.dtype(), vec![4], &four).unwrap()),
             _ => (name, t),
         })
         .collect();
@@ -503,7 +498,7 @@ fn checkpoints_every_few_epochs_keep_the_one_before_too() {
         epochs: Some(9),
         batch_size: 64,
         lr: 0.05,
-        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 3, resume: true }),
+        checkpoint: resumable(&dir, 3),
         ..Default::default()
     };
     // A temporary file left by a run killed while writing a checkpoint is cleared away.
@@ -532,7 +527,7 @@ fn a_non_finite_value_in_a_checkpoint_or_model_names_the_file() {
         epochs: Some(2),
         batch_size: 50,
         lr: 0.05,
-        checkpoint: Some(Checkpointing { dir: dir.path().to_path_buf(), every: 1, resume: true }),
+        checkpoint: resumable(&dir, 1),
         ..Default::default()
     };
     kill_after_checkpoint(data, &cfg, 2);

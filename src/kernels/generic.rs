@@ -215,12 +215,13 @@ impl PrevRow {
     /// `src` and `out` are valid as described above.
     #[inline(always)]
     unsafe fn scalar(&self, e0: usize, e1: usize, split: usize, fb: f32, fb1: f32) {
+        let (lim, lim1) = (flush_threshold(fb), flush_threshold(fb1));
         for e in e0..e1.min(self.avail) {
-            let f = if e < split { fb } else { fb1 };
+            let (f, lim) = if e < split { (fb, lim) } else { (fb1, lim1) };
             // SAFETY: `e < avail` (contract).
             unsafe {
                 let t = *self.src.add(e);
-                *self.out.add(e) = if t < flush_threshold(f) { 0.0 } else { t * f };
+                *self.out.add(e) = if t < lim { 0.0 } else { t * f };
             }
         }
     }
@@ -231,6 +232,14 @@ impl PrevRow {
 #[inline(always)]
 fn block_factor(m_b: f32, m: f32, sum: f64, t: f32) -> f32 {
     (((m_b as f64 - m as f64) / t as f64).exp() / sum) as f32
+}
+
+/// The flush bound of terms `exp(x)` that are then divided by `S = e^ln_s ≥ 1`: terms under
+/// `exp(FLUSH_LO)·S` give results under `exp(FLUSH_LO)`, flushed to 0 in the exponential so
+/// that the division is never subnormal.
+#[inline(always)]
+fn flush_bound(ln_s: f64) -> f32 {
+    (FLUSH_LO as f64 + ln_s).clamp(FLUSH_LO as f64, 0.0) as f32
 }
 
 /// The stored terms below which a block with factor `f` gives a probability under
@@ -857,9 +866,8 @@ unsafe fn softmax_impl<V: Vector, const MASK: bool, const S: u8>(
         let lanes = V::LANES;
         let (h, th, inv_th) = p.halved();
         let (mv, half, t, inv_t, sv) = (V::splat(m * h), V::splat(h), V::splat(th), V::splat(inv_th), V::splat(scale));
-        // Terms under exp(FLUSH_LO)·S give probabilities under exp(FLUSH_LO): flushed to 0
-        // there, in the exponential, so that the product by 1/S is never subnormal.
-        let lim = V::splat((FLUSH_LO as f64 - (scale as f64).ln()).max(FLUSH_LO as f64).min(0.0) as f32);
+        // (scale = 1/S.)
+        let lim = V::splat(flush_bound(-(scale as f64).ln()));
         // A closure here would not inherit the caller's target features, and is not inlined.
         /// # Safety
         /// The instruction set of `V` is available, and every pointer is valid for the
@@ -1064,7 +1072,7 @@ pub(crate) unsafe fn ce_grad<V: Vector>(
         // the exponential, so that p is never subnormal (a subnormal costs x86 a microcode
         // assist, here and in the products that read the gradient). The scale a/T is not
         // folded in: when it is tiny the whole gradient is, and it is kept.
-        let lim = (FLUSH_LO as f64 + sum.ln()).min(0.0) as f32;
+        let lim = flush_bound(sum.ln());
         macro_rules! go {
             ($cap:literal, $w:literal, $s:literal) => {{
                 let g = CeGrad::<V, $cap, $w, $s> {
@@ -1325,11 +1333,11 @@ unsafe fn dot_impl<V: Vector, const SHIFT: bool>(a: *const f32, b: *const f32, l
         let cv = V::splat(c);
         // (A closure would not inherit the caller's target features.)
         /// # Safety
-        /// The instruction set of `V` is available and `p` is valid for a vector's reads.
+        /// The instruction set of `V` is available.
         #[inline(always)]
-        unsafe fn ld<V: Vector, const SHIFT: bool>(p: *const f32, cv: V) -> V {
-            // SAFETY: the caller upholds this function's contract.
-            unsafe { if SHIFT { V::load(p).sub(cv) } else { V::load(p) } }
+        unsafe fn shift<V: Vector, const SHIFT: bool>(x: V, cv: V) -> V {
+            // SAFETY: pure arithmetic on registers.
+            unsafe { if SHIFT { x.sub(cv) } else { x } }
         }
         let lanes = V::LANES;
         let (mut s0, mut s1, mut s2, mut s3) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
@@ -1339,22 +1347,21 @@ unsafe fn dot_impl<V: Vector, const SHIFT: bool>(a: *const f32, b: *const f32, l
             // `b` streams from memory in decoding (a weight row); fetch 2 KiB ahead.
             V::prefetch(b.wrapping_add(j * lanes + 512));
             V::prefetch(b.wrapping_add((j + 2) * lanes + 512));
-            s0 = ld::<V, SHIFT>(a.add(j * lanes), cv).mul_add(V::load(b.add(j * lanes)), s0);
-            s1 = ld::<V, SHIFT>(a.add((j + 1) * lanes), cv).mul_add(V::load(b.add((j + 1) * lanes)), s1);
-            s2 = ld::<V, SHIFT>(a.add((j + 2) * lanes), cv).mul_add(V::load(b.add((j + 2) * lanes)), s2);
-            s3 = ld::<V, SHIFT>(a.add((j + 3) * lanes), cv).mul_add(V::load(b.add((j + 3) * lanes)), s3);
+            s0 = shift::<V, SHIFT>(V::load(a.add(j * lanes)), cv).mul_add(V::load(b.add(j * lanes)), s0);
+            s1 = shift::<V, SHIFT>(V::load(a.add((j + 1) * lanes)), cv).mul_add(V::load(b.add((j + 1) * lanes)), s1);
+            s2 = shift::<V, SHIFT>(V::load(a.add((j + 2) * lanes)), cv).mul_add(V::load(b.add((j + 2) * lanes)), s2);
+            s3 = shift::<V, SHIFT>(V::load(a.add((j + 3) * lanes)), cv).mul_add(V::load(b.add((j + 3) * lanes)), s3);
             j += 4;
         }
         while j < full {
-            s0 = ld::<V, SHIFT>(a.add(j * lanes), cv).mul_add(V::load(b.add(j * lanes)), s0);
+            s0 = shift::<V, SHIFT>(V::load(a.add(j * lanes)), cv).mul_add(V::load(b.add(j * lanes)), s0);
             j += 1;
         }
         let tail = len % lanes;
         if tail > 0 {
             let i = full * lanes;
             // (Padding lanes load 0 from `b`, so their `0 − c` adds nothing.)
-            let x = V::load_partial(a.add(i), tail, 0.0);
-            let x = if SHIFT { x.sub(cv) } else { x };
+            let x = shift::<V, SHIFT>(V::load_partial(a.add(i), tail, 0.0), cv);
             s1 = x.mul_add(V::load_partial(b.add(i), tail, 0.0), s1);
         }
         s0.add(s1).add(s2.add(s3)).reduce_sum()
