@@ -6,7 +6,9 @@
 //! ```
 //!
 //! WHAT (default: all) — each on a rayon pool of 2 threads (this machine's cores):
-//! - `peak`: the tile-only AMX loop (`tdpbf16ps` on registers, no memory), 1 and 2 threads.
+//! - `peak`: the register-only loop of the path's product instruction, no memory, 1 and 2
+//!   threads: `tdpbf16ps` on tiles (the tile-only AMX peak) or, without AMX, `vdpbf16ps` on
+//!   zmm registers.
 //! - `gemm`: the bf16 product at n=2048, d=768, V=50257, through the engine with a consumer
 //!   that discards each tile (the product alone), and `logits` (written out as f32).
 //! - `bf16x3`: the same product in bf16x3.
@@ -57,6 +59,11 @@ fn line(what: &str, n: usize, d: usize, v: usize, med: f64, extra: &str) {
     );
 }
 
+/// `gflops / peak` with three decimals, or `null` where the path has no peak loop.
+fn fraction(gflops: f64, peak: f64) -> String {
+    if peak > 0.0 { format!("{:.3}", gflops / peak) } else { "null".into() }
+}
+
 fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
     data::median_secs(reps, f)
@@ -81,9 +88,14 @@ fn timed_pair(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f6
     (a[a.len() / 2], b[b.len() / 2])
 }
 
-/// The tile-only loop on `threads` of the pool at once; returns the flops done.
-fn peak(threads: usize, iters: u64) -> f64 {
-    rayon::broadcast(|ctx| if ctx.index() < threads { softmax_layer::bf16::amx::peak_loop(iters) } else { 0 })
+/// The register-only loop of `path`'s product instruction (AMX's `tdpbf16ps` on tiles, or
+/// `vdpbf16ps` on zmm registers) on `threads` of the pool at once, about `flops` of work
+/// per thread; returns the flops done (0 if the path has no such loop).
+fn peak(path: BfPath, threads: usize, flops: u64) -> f64 {
+    // Flops per iteration: 4 tile products of 16·16·32·2, or 24 zmm products of 16·2·2.
+    let per_iter = if path == BfPath::Amx { 4 * 16 * 16 * 32 * 2 } else { 24 * 16 * 2 * 2 };
+    let iters = (flops / per_iter).max(1);
+    rayon::broadcast(|ctx| if ctx.index() < threads { softmax_layer::bf16::peak_loop(path, iters) } else { 0 })
         .iter()
         .sum::<u64>() as f64
 }
@@ -104,16 +116,18 @@ fn main() {
     eprintln!("bf16 path: {path}");
 
     if on("peak") {
-        let iters = 2_000_000u64;
+        if peak(path, 1, 1) == 0.0 {
+            eprintln!("peak: the {path} path has no product instruction to time");
+        }
         for threads in [1usize, 2].into_iter().filter(|&t| t <= threads) {
-            let med = timed(reps, || {
-                std::hint::black_box(peak(threads, iters));
-            });
-            let flops = (threads as u64 * iters * 4 * 16 * 16 * 32 * 2) as f64;
-            println!(
-                "{{\"what\": \"amx_peak\", \"threads\": {threads}, \"median_s\": {med:.6}, \"gflops\": {:.1}}}",
-                flops / med / 1e9
-            );
+            let mut flops = 0.0;
+            let med = timed(reps, || flops = peak(path, threads, 131_072_000_000));
+            if flops > 0.0 {
+                println!(
+                    "{{\"what\": \"{path}_peak\", \"threads\": {threads}, \"median_s\": {med:.6}, \"gflops\": {:.1}}}",
+                    flops / med / 1e9
+                );
+            }
         }
     }
 
@@ -134,15 +148,14 @@ fn main() {
         eprintln!("data {:.2} s, packing W in bf16 {:.3} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
         let tiling = bf.tiling();
         if on("gemm") {
-            // The product, alternated with the tile-only loop on as many threads.
-            let iters = 200_000u64;
+            // The product, alternated with the peak loop on as many threads.
             let mut flops = 0.0;
             let (med, med_peak) = timed_pair(
                 reps,
                 || {
                     std::hint::black_box(engine::run(&bf, hv, &Discard, tiling));
                 },
-                || flops = peak(rayon::current_num_threads(), iters),
+                || flops = peak(path, rayon::current_num_threads(), 13_107_200_000),
             );
             let peak_gflops = flops / med_peak / 1e9;
             let gflops = 2.0 * (n * d * v) as f64 / med / 1e9;
@@ -153,8 +166,8 @@ fn main() {
                 v,
                 med,
                 &format!(
-                    ", \"peak_gflops_same_run\": {peak_gflops:.1}, \"fraction_of_peak\": {:.3}",
-                    gflops / peak_gflops
+                    ", \"peak_gflops_same_run\": {peak_gflops:.1}, \"fraction_of_peak\": {}",
+                    fraction(gflops, peak_gflops)
                 ),
             );
             // The product again, on its own: right after the tile-only loop, the cores may
@@ -168,7 +181,7 @@ fn main() {
                 d,
                 v,
                 med,
-                &format!(", \"fraction_of_peak\": {:.3}", 2.0 * (n * d * v) as f64 / med / 1e9 / peak_gflops),
+                &format!(", \"fraction_of_peak\": {}", fraction(2.0 * (n * d * v) as f64 / med / 1e9, peak_gflops)),
             );
             let mut out = vec![0f32; n * v];
             let med = timed(reps, || bf.logits(hv, MatMut::new(&mut out, n, v).unwrap()).unwrap());

@@ -14,7 +14,19 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
-/// `out[i * ldo + j] += (A · W[cols]ᵀ)[i, j]` over the precision's terms.
+/// Rows per micro-kernel call: a divisor of the packed rows' 16-row tiles.
+const ROWS: usize = 8;
+/// 16-class blocks per micro-kernel call: `ROWS × BLOCKS` accumulators, `BLOCKS` W
+/// vectors and a broadcast fit the 32 zmm registers.
+const BLOCKS: usize = 3;
+
+/// `out[i * ldo + j] (+)= (A · W[cols]ᵀ)[i, j]` over the precision's terms: added to `out`,
+/// or written over it when `overwrite` (then `out` is never read; the bits are those of an
+/// addition onto zeros).
+///
+/// Rows go in groups of 8 (their bf16 pairs stay in L1) against every block of 16 classes
+/// in `cols`, 3 blocks at a time: each W vector loaded serves 8 rows, so W, which streams
+/// from L2, is read at a third of the rate of the products.
 ///
 /// # Safety
 /// The CPU must have AVX512F and AVX512-BF16 ([`available`]). Shapes as in
@@ -25,34 +37,50 @@ pub(crate) unsafe fn tile_product(
     cols: Range<usize>,
     out: &mut [f32],
     ldo: usize,
+    overwrite: bool,
 ) {
     let (b0, b1) = (cols.start / 16, cols.end.div_ceil(16));
     let m = rows.rows;
-    for i0 in (0..m).step_by(4) {
-        let r = (m - i0).min(4);
+    for i0 in (0..m).step_by(ROWS) {
+        let r = (m - i0).min(ROWS);
         let mut b = b0;
         while b < b1 {
-            let nb = (b1 - b).min(4);
+            let nb = (b1 - b).min(BLOCKS);
             macro_rules! go {
                 ($($rr:literal $nn:literal),*) => {
                     match (r, nb) {
                         // SAFETY: the caller guarantees the CPU features and shapes; rows
                         // i0..i0+r < m and blocks b..b+nb ≤ ceil(V/16) exist.
-                        $(($rr, $nn) => unsafe { kernel::<$rr, $nn>(rows, w, i0, b, &cols, out, ldo) },)*
+                        $(($rr, $nn) => unsafe {
+                            kernel::<$rr, $nn>(rows, w, i0, b, &cols, out, ldo, overwrite)
+                        },)*
                         _ => unreachable!("bf16: row group {r}, block group {nb}"),
                     }
                 };
             }
-            go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+            go!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3,
+                5 1, 5 2, 5 3, 6 1, 6 2, 6 3, 7 1, 7 2, 7 3, 8 1, 8 2, 8 3);
             b += nb;
         }
     }
 }
 
-/// Rows `i0..i0 + R` (inside one 16-row tile, since 4 divides 16) × blocks `b..b + NB`.
+/// The lanes of block `b` (classes `16b .. 16b + 16`) that fall inside `cols`, as a mask.
+#[inline(always)]
+fn lanes(b: usize, cols: &Range<usize>) -> u16 {
+    let j0 = b * 16;
+    let first = cols.start.saturating_sub(j0).min(16);
+    let last = cols.end.saturating_sub(j0).min(16);
+    let below = |k: usize| ((1u32 << k) - 1) as u16;
+    below(last) & !below(first)
+}
+
+/// Rows `i0..i0 + R` (inside one 16-row tile, since `ROWS` divides 16) × blocks
+/// `b..b + NB`.
 ///
 /// # Safety
-/// As [`tile_product`]; `i0 + R ≤ m`, `i0 % 4 == 0`, `b + NB ≤ ceil(V / 16) + 1`.
+/// As [`tile_product`]; `i0 + R ≤ m`, `i0 % ROWS == 0`, `b + NB ≤ ceil(V / 16) + 1`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn kernel<const R: usize, const NB: usize>(
     rows: &PackedRows,
@@ -62,6 +90,7 @@ unsafe fn kernel<const R: usize, const NB: usize>(
     cols: &Range<usize>,
     out: &mut [f32],
     ldo: usize,
+    overwrite: bool,
 ) {
     let (t, r0) = (i0 / 16, i0 % 16);
     let kp = w.d_pad / 2;
@@ -94,19 +123,56 @@ unsafe fn kernel<const R: usize, const NB: usize>(
             }
         }
     }
-    for (rr, accr) in acc.iter().enumerate() {
-        let i = i0 + rr;
-        for (x, v) in accr.iter().enumerate() {
-            let mut lanes = [0f32; 16];
-            // SAFETY: 16 f32 into a 16-f32 array.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
-            let j0 = (b + x) * 16;
-            for (c, z) in lanes.iter().enumerate() {
-                let j = j0 + c;
-                if j >= cols.start && j < cols.end {
-                    out[i * ldo + j - cols.start] += z;
-                }
+    let zero = _mm512_setzero_ps();
+    for x in 0..NB {
+        let mask = lanes(b + x, cols);
+        for (rr, accr) in acc.iter().enumerate() {
+            // Lane c is class 16(b + x) + c, at out[i·ldo + 16(b + x) + c − cols.start];
+            // the pointer to lane 0 may lie before `out` when cols.start is not a multiple
+            // of 16, hence wrapping arithmetic: only the lanes in `mask` are touched.
+            let at = out.as_mut_ptr().wrapping_add((i0 + rr) * ldo + (b + x) * 16).wrapping_sub(cols.start);
+            // SAFETY: the lanes in `mask` are classes in `cols`, so each index lies in
+            // [i·ldo, i·ldo + cols.len()) with i < m, inside `out` (checked by the caller:
+            // out.len() ≥ (m − 1)·ldo + cols.len()). Masked-off lanes are not accessed.
+            unsafe {
+                // (+0 turns a −0 sum into +0, as adding onto a zeroed output would.)
+                let base = if overwrite { zero } else { _mm512_maskz_loadu_ps(mask, at) };
+                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(base, accr[x]));
             }
         }
     }
+}
+
+/// Accumulators in [`peak_loop`]: more than `vdpbf16ps`'s latency times its throughput on
+/// the CPUs we know, so that the loop is bound by throughput alone.
+const PEAK_ACCUMULATORS: usize = 24;
+
+/// A register-only `vdpbf16ps` loop for measuring the instruction's peak: `iters` passes of
+/// 24 independent products on zmm registers, no memory. Returns the flops done
+/// (`iters × 24 × 16 lanes × 2 pairs × 2`), or 0 without doing anything if AVX512-BF16 is
+/// not available.
+pub(super) fn peak_loop(iters: u64) -> u64 {
+    if !available() {
+        return 0;
+    }
+    // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+    unsafe { peak_impl(iters) };
+    iters * PEAK_ACCUMULATORS as u64 * 16 * 2 * 2
+}
+
+/// # Safety
+/// The CPU must have AVX512F and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn peak_impl(iters: u64) {
+    // Pairs (1, 1) times pairs (2^-24, 2^-24): each product adds 2^-23 per lane, so the
+    // sums stay small and normal whatever `iters` is.
+    let one: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)) };
+    let tiny: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3380_3380)) };
+    let mut acc = [_mm512_setzero_ps(); PEAK_ACCUMULATORS];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbf16_ps(*a, one, tiny);
+        }
+    }
+    std::hint::black_box(acc);
 }

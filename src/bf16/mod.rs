@@ -64,6 +64,21 @@ pub mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+/// A register-only loop of `path`'s product instruction, for measuring its peak on this
+/// machine: `tdpbf16ps` on tiles for [`BfPath::Amx`], `vdpbf16ps` on zmm registers for
+/// [`BfPath::Avx512Bf16`]. Returns the flops done, or 0 if the path is not available or
+/// has no such instruction ([`BfPath::Portable`]). For benchmarks.
+#[doc(hidden)]
+pub fn peak_loop(path: BfPath, iters: u64) -> u64 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        BfPath::Amx => amx::peak_loop(iters),
+        #[cfg(target_arch = "x86_64")]
+        BfPath::Avx512Bf16 => avx512::peak_loop(iters),
+        _ => 0,
+    }
+}
+
 /// How the logits' matrix product is computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Precision {
@@ -925,8 +940,9 @@ pub fn tile_product(
         return;
     }
     assert!(ldo >= c && out.len() >= (m - 1) * ldo + c, "bf16: output too short");
-    // The AMX kernel starts its C tiles at zero itself; the other paths accumulate.
-    if output == Output::Overwrite && path != BfPath::Amx {
+    // The AMX and AVX512-BF16 kernels write over `out` themselves; the portable path
+    // accumulates.
+    if output == Output::Overwrite && path == BfPath::Portable {
         out[..(m - 1) * ldo + c].chunks_mut(ldo).for_each(|r| r[..c].fill(0.0));
     }
     match path {
@@ -941,7 +957,7 @@ pub fn tile_product(
         BfPath::Avx512Bf16 => {
             assert!(avx512::available(), "bf16: AVX512-BF16 is not available");
             // SAFETY: the CPU has AVX512F and AVX512-BF16; shapes checked above.
-            unsafe { avx512::tile_product(rows, w, cols, out, ldo) }
+            unsafe { avx512::tile_product(rows, w, cols, out, ldo, output == Output::Overwrite) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         BfPath::Amx | BfPath::Avx512Bf16 => panic!("bf16: path {path} exists only on x86_64"),
