@@ -191,7 +191,11 @@ fn main() {
             });
             line("f32_product", n, d, v, med, "");
         }
-        if on("kchunk") {
+        let amx = path == BfPath::Amx;
+        if (on("kchunk") || on("prefetch")) && !amx {
+            eprintln!("kchunk, prefetch: AMX knobs; this run's path is {path}");
+        }
+        if on("kchunk") && amx {
             // The AMX kernel's k-chunk: none (24 steps = all of d = 768) against 8 and 12,
             // alternated.
             let run = |k: usize| {
@@ -207,7 +211,7 @@ fn main() {
             }
             softmax_layer::bf16::amx::set_k_chunk(usize::MAX);
         }
-        if on("prefetch") {
+        if on("prefetch") && amx {
             // The AMX kernel's prefetch of the next W blocks: default against the others.
             let run = |mode: usize| {
                 softmax_layer::bf16::amx::set_prefetch_mode(mode);
@@ -326,19 +330,20 @@ fn main() {
         let hv = MatRef::new(&h, n, d).unwrap();
         let mut small = vec![0f32; n];
         let opts = LayerOptions::default();
-        if on("decode_paths") {
+        if on("decode_paths") && !BfPath::Amx.is_available() {
+            eprintln!("decode_paths: AMX against AVX512-BF16; AMX is not available here");
+        }
+        if on("decode_paths") && BfPath::Amx.is_available() {
             // The AMX 1x4 kernel against AVX512-BF16 for the decode step, alternated.
+            let amx = layer.clone().with_bf16_path(BfPath::Amx).expect("AMX is available");
             if let Ok(avx) = layer.clone().with_bf16_path(BfPath::Avx512Bf16) {
                 let mut s2 = vec![0f32; n];
                 let (a, b) = timed_pair(
                     reps,
-                    || layer.target_log_probs(hv, &[17], &mut small, &opts).unwrap(),
+                    || amx.target_log_probs(hv, &[17], &mut small, &opts).unwrap(),
                     || avx.target_log_probs(hv, &[17], &mut s2, &opts).unwrap(),
                 );
-                println!(
-                    "{{\"what\": \"decode_paths\", \"{}_s\": {a:.6}, \"avx512bf16_s\": {b:.6}}}",
-                    layer.bf16_path()
-                );
+                println!("{{\"what\": \"decode_paths\", \"amx_s\": {a:.6}, \"avx512bf16_s\": {b:.6}}}");
             }
         }
         // Alternated with a read of as many bytes, as fast as we can.
