@@ -47,7 +47,7 @@
 //! layer keeps it (as large as the forward one: 77 MB at V = 50257, d = 768 in bf16, twice
 //! that in bf16x3), so a layer reused for many calls packs W once, as for the forward.
 
-use crate::bf16::{self, Output, PackedBf16Weights, PackedRows, Precision};
+use crate::bf16::{self, BfPath, Output, PackedBf16Weights, PackedRows, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, MaxSum};
 use crate::layer::SoftmaxLayer;
@@ -427,8 +427,9 @@ fn run(
     let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
     // bf16 gradients: K of dW = Gᵀ·H is the block's rows; AMX wants it deeper (2x the rows
     // and the block buffer: 1.41 s against 1.68 s with 1x and 1.44 s with 4x, bf16 loss at
-    // n=2048, d=768, V=50257, alternated in one process).
-    let r = if layer.precision() != Precision::F32 && grad.is_some() {
+    // n=2048, d=768, V=50257, alternated in one process). AVX512-BF16 does not (the same
+    // time at 1x and 2x, three alternated rounds on Zen 5), so it keeps the smaller buffer.
+    let r = if layer.precision() != Precision::F32 && layer.bf16_path() == BfPath::Amx && grad.is_some() {
         (2 * rows_per_block(v)).min(512)
     } else {
         rows_per_block(v)
