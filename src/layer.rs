@@ -652,26 +652,14 @@ impl Consumer for Scorer<'_> {
             let (e, delta) = self.est[i];
             let (lo, hi) = (e - delta, e + delta);
             if ms.max >= lo {
-                let above = self.kern.count_greater(row, hi);
-                s.above += above;
-                // The target's own logit lies in [lo, hi] (that is what the estimate's bound
-                // says) and needs no look: only others there do. (Scanning every row for it
-                // cost target stats at n = 50000, V = 100 a quarter of its time: 46–55 ms at
-                // commit `941d528` against 32–40 ms, `bench_train`'s evaluate, three pairs.)
-                let own = cols.contains(&y) && (lo..=hi).contains(&s.zy);
-                // Values in [lo, hi] are few: find the 64-element pieces that hold any,
-                // and look at those one by one.
-                if self.kern.count_greater(row, lo.next_down()) > above + own as usize {
-                    for (q, piece) in row.chunks(64).enumerate() {
-                        if self.kern.count_greater(piece, lo.next_down()) > self.kern.count_greater(piece, hi) {
-                            for (j, &z) in piece.iter().enumerate() {
-                                if z <= hi && z >= lo {
-                                    s.window.push((z, (cols.start + q * 64 + j) as u32));
-                                }
-                            }
-                        }
-                    }
-                }
+                // Larger than the bound's top: above the target. Inside [lo, hi]: decided
+                // after the pass, against the tile's value of the target. One pass over the
+                // row for both; the window holds few values. The target's own logit lies in
+                // [lo, hi] (that is what the estimate's bound says) and is left out: pushing
+                // it for every row cost target stats at n = 50000, V = 100 a quarter of its
+                // time (46–55 ms at commit `941d528` against 32–40 ms, `bench_train`'s
+                // evaluate, three pairs).
+                s.above += self.kern.count_window(row, lo, hi, cols.start as u32, y as u32, &mut s.window);
             }
             if self.top > 0 {
                 s.cand.offer(row, cols.start, ms.max, self.top);

@@ -207,6 +207,41 @@ fn softcap_simd_equals_scalar_over_every_tail_length() {
 }
 
 #[test]
+fn count_window_matches_a_plain_scan_over_every_tail() {
+    // Values on a grid of 101 with repeats, so that windows hold none, a few, or more than
+    // the kernel's buffer of 64 (the fallback scan); bounds on and between grid points,
+    // infinite ones, and the class to skip inside and outside the window.
+    for isa in Isa::available() {
+        let k = Kernels::for_isa(isa).unwrap();
+        for len in 0..=200 {
+            let mut x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+            if len > 3 {
+                x[len / 2] = f32::NAN;
+                x[len - 1] = f32::NEG_INFINITY;
+            }
+            for (lo, hi) in
+                [(-100.0f32, 100.0), (-10.5, -10.5), (0.0, 3.0), (3.0, 3.0), (2.5, 2.75), (f32::NEG_INFINITY, -49.0)]
+            {
+                for skip in [u32::MAX, 1000 + len as u32 / 3] {
+                    let want_above = x.iter().filter(|&&v| v > hi).count();
+                    let mut want = vec![(7.0f32, 7u32)];
+                    for (j, &z) in x.iter().enumerate() {
+                        if z >= lo && z <= hi && 1000 + j as u32 != skip {
+                            want.push((z, 1000 + j as u32));
+                        }
+                    }
+                    // Appends after what the window already holds.
+                    let mut got = vec![(7.0f32, 7u32)];
+                    let above = k.count_window(&x, lo, hi, 1000, skip, &mut got);
+                    assert_eq!(above, want_above, "{isa} len {len} [{lo}, {hi}]");
+                    assert_eq!(got, want, "{isa} len {len} [{lo}, {hi}] skip {skip}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn count_greater_matches_a_plain_count_over_every_tail() {
     for isa in Isa::available() {
         let k = Kernels::for_isa(isa).unwrap();

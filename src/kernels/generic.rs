@@ -112,6 +112,20 @@ pub(crate) trait Vector: Copy {
     }
     /// How many lanes hold a value strictly greater than the same lane of `t`.
     unsafe fn count_gt(self, t: Self) -> usize;
+    /// Bit `l` set for each lane `l` with `lo ≤ self[l] ≤ hi` (NaN never). This default
+    /// stores the lanes (at most 16) and compares them one by one; x86 compares in
+    /// registers.
+    #[inline(always)]
+    unsafe fn in_range_mask(self, lo: Self, hi: Self) -> u32 {
+        let (mut x, mut l, mut h) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+        // SAFETY: the caller guarantees the instruction set; LANES ≤ 16 lanes each.
+        unsafe {
+            self.store(x.as_mut_ptr());
+            lo.store(l.as_mut_ptr());
+            hi.store(h.as_mut_ptr());
+        }
+        (0..Self::LANES).filter(|&i| x[i] >= l[i] && x[i] <= h[i]).fold(0, |m, i| m | 1 << i)
+    }
     /// Maximum over the lanes, in a fixed order.
     unsafe fn reduce_max(self) -> f32;
     /// Sum over the lanes, in a fixed order.
@@ -1309,6 +1323,48 @@ pub(crate) unsafe fn count_greater<V: Vector>(x: *const f32, len: usize, t: f32)
     }
 }
 
+/// `#{i : x[i] > hi}`, and the indices `i` (ascending) with `lo ≤ x[i] ≤ hi`, in one pass:
+/// the first `cap` of those go to `found`. Returns `(above, in_window)`; `in_window` may
+/// exceed `cap`.
+///
+/// # Safety
+/// The instruction set of `V` is available, `x` is valid for `len` reads and `found` for
+/// `cap` writes.
+#[inline(always)]
+pub(crate) unsafe fn count_window<V: Vector>(
+    x: *const f32,
+    len: usize,
+    lo: f32,
+    hi: f32,
+    found: *mut u32,
+    cap: usize,
+) -> (usize, usize) {
+    // SAFETY: the caller upholds this function's contract; lane reads stay below `len`,
+    // writes to `found` below `cap`.
+    unsafe {
+        let lanes = V::LANES;
+        let (lov, hiv) = (V::splat(lo), V::splat(hi));
+        let (mut above, mut hits) = (0, 0);
+        let mut i = 0;
+        while i < len {
+            let n = lanes.min(len - i);
+            // The fill (-inf) is never greater than `hi`; lanes past `len` are masked off.
+            let v = if n == lanes { V::load(x.add(i)) } else { V::load_partial(x.add(i), n, f32::NEG_INFINITY) };
+            above += v.count_gt(hiv);
+            let mut m = v.in_range_mask(lov, hiv) & (u32::MAX >> (32 - n));
+            while m != 0 {
+                if hits < cap {
+                    *found.add(hits) = (i + m.trailing_zeros() as usize) as u32;
+                }
+                hits += 1;
+                m &= m - 1;
+            }
+            i += n;
+        }
+        (above, hits)
+    }
+}
+
 /// `Σ (a[i] − c) * b[i]` with four vector accumulators, in a fixed order (`c = 0`: the
 /// plain dot product, with no subtraction at all).
 ///
@@ -1550,6 +1606,22 @@ macro_rules! instantiate {
         pub(crate) unsafe fn count_greater(x: *const f32, len: usize, t: f32) -> usize {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::count_greater::<$V>(x, len, t) }
+        }
+
+        /// # Safety
+        /// The CPU supports this module's instruction set; `x` is valid for `len` reads and
+        /// `found` for `cap` writes.
+        $(#[target_feature(enable = $feature)])?
+        pub(crate) unsafe fn count_window(
+            x: *const f32,
+            len: usize,
+            lo: f32,
+            hi: f32,
+            found: *mut u32,
+            cap: usize,
+        ) -> (usize, usize) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { generic::count_window::<$V>(x, len, lo, hi, found, cap) }
         }
 
         /// # Safety

@@ -136,9 +136,13 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("popcnt")
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => true,
             #[allow(unreachable_patterns)]
@@ -162,6 +166,7 @@ type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
 type SoftcapFn = unsafe fn(*mut f32, usize, f32);
 type CountFn = unsafe fn(*const f32, usize, f32) -> usize;
+type WindowFn = unsafe fn(*const f32, usize, f32, f32, *mut u32, usize) -> (usize, usize);
 type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
 /// The row kernels of one instruction set.
@@ -186,6 +191,7 @@ pub struct Kernels {
     dot4: Dot4Fn,
     softcap: SoftcapFn,
     count_greater: CountFn,
+    count_window: WindowFn,
     ce_grad: CeGradFn,
 }
 
@@ -208,6 +214,7 @@ static SCALAR: Kernels = Kernels {
     dot4: scalar::dot4,
     softcap: scalar::softcap,
     count_greater: scalar::count_greater,
+    count_window: scalar::count_window,
     ce_grad: scalar::ce_grad,
 };
 
@@ -225,6 +232,7 @@ static AVX2: Kernels = Kernels {
     dot4: x86_64::avx2::dot4,
     softcap: x86_64::avx2::softcap,
     count_greater: x86_64::avx2::count_greater,
+    count_window: x86_64::avx2::count_window,
     ce_grad: x86_64::avx2::ce_grad,
 };
 
@@ -242,6 +250,7 @@ static AVX512: Kernels = Kernels {
     dot4: x86_64::avx512::dot4,
     softcap: x86_64::avx512::softcap,
     count_greater: x86_64::avx512::count_greater,
+    count_window: x86_64::avx512::count_window,
     ce_grad: x86_64::avx512::ce_grad,
 };
 
@@ -259,6 +268,7 @@ static NEON: Kernels = Kernels {
     dot4: aarch64::neon::dot4,
     softcap: aarch64::neon::softcap,
     count_greater: aarch64::neon::count_greater,
+    count_window: aarch64::neon::count_window,
     ce_grad: aarch64::neon::ce_grad,
 };
 
@@ -602,6 +612,34 @@ impl Kernels {
     pub fn count_greater(&self, x: &[f32], t: f32) -> usize {
         // SAFETY: supported ISA; `x` is valid for its length.
         unsafe { (self.count_greater)(x.as_ptr(), x.len(), t) }
+    }
+
+    /// `#{j : x[j] > hi}`, in the same pass pushing `(x[j], base + j)` onto `window` for
+    /// every `j` (ascending) with `lo ≤ x[j] ≤ hi` and `base + j ≠ skip`: a rank's count of
+    /// larger logits and the few that an error bound leaves undecided (`skip`: the target's
+    /// own class, which needs no look).
+    pub fn count_window(
+        &self,
+        x: &[f32],
+        lo: f32,
+        hi: f32,
+        base: u32,
+        skip: u32,
+        window: &mut Vec<(f32, u32)>,
+    ) -> usize {
+        const CAP: usize = 64;
+        let mut found = [0u32; CAP];
+        // SAFETY: supported ISA; `x` is valid for its length, `found` for CAP writes.
+        let (above, hits) = unsafe { (self.count_window)(x.as_ptr(), x.len(), lo, hi, found.as_mut_ptr(), CAP) };
+        if hits <= CAP {
+            let picked = found[..hits].iter().map(|&j| (x[j as usize], base + j));
+            window.extend(picked.filter(|&(_, j)| j != skip));
+        } else {
+            // More than CAP in the window (a wide bound or many equal logits): all of them.
+            let picked = x.iter().enumerate().filter(|&(_, &z)| z >= lo && z <= hi).map(|(j, &z)| (z, base + j as u32));
+            window.extend(picked.filter(|&(_, j)| j != skip));
+        }
+        above
     }
 
     /// In-place [`Kernels::exp`].

@@ -129,6 +129,11 @@ impl Vector for F32x16 {
         (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(self.0, t.0) as u32).count_ones() as usize
     }
     #[inline(always)]
+    unsafe fn in_range_mask(self, lo: Self, hi: Self) -> u32 {
+        let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(self.0, lo.0);
+        _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, self.0, hi.0) as u32
+    }
+    #[inline(always)]
     unsafe fn reduce_max(self) -> f32 {
         _mm512_reduce_max_ps(self.0)
     }
@@ -258,6 +263,12 @@ impl Vector for F32x8 {
         (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(self.0, t.0)) as u32).count_ones() as usize
     }
     #[inline(always)]
+    unsafe fn in_range_mask(self, lo: Self, hi: Self) -> u32 {
+        let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, lo.0);
+        let le = _mm256_cmp_ps::<_CMP_LE_OQ>(self.0, hi.0);
+        _mm256_movemask_ps(_mm256_and_ps(ge, le)) as u32
+    }
+    #[inline(always)]
     unsafe fn reduce_max(self) -> f32 {
         let m = _mm_max_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -286,10 +297,10 @@ impl Vector for F32x8 {
 
 pub(crate) mod avx512 {
     use super::*;
-    instantiate!(F32x16, "avx512f");
+    instantiate!(F32x16, "avx512f,popcnt");
 }
 
 pub(crate) mod avx2 {
     use super::*;
-    instantiate!(F32x8, "avx2,fma");
+    instantiate!(F32x8, "avx2,fma,popcnt");
 }
