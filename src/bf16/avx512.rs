@@ -26,7 +26,7 @@ const BLOCKS: usize = 3;
 ///
 /// Rows go in groups of 8 (their bf16 pairs stay in L1) against every block of 16 classes
 /// in `cols`, 3 blocks at a time: each W vector loaded serves 8 rows, so W, which streams
-/// from L2, is read at a third of the rate of the products.
+/// from L2, takes one load per 8 products (one per 4 with the 4 × 4 kernel before it).
 ///
 /// # Safety
 /// The CPU must have AVX512F and AVX512-BF16 ([`available`]). Shapes as in
