@@ -27,7 +27,7 @@
 //!
 //! # The plan
 //!
-//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 32 MiB, with `r` at least 16), one after
+//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 48 MiB, with `r` at least 16), one after
 //! the other; within a block, work is spread over fixed segments of classes:
 //!
 //! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,
@@ -35,12 +35,13 @@
 //! 2. each segment `G` turns its logits into `dX` in place, adds `dX[:, G]ᵀ·H[R]` into its
 //!    own rows of `dW` (and `db`), and computes its part `dX[:, G]·W[G]` of `dH[R]` while
 //!    `dX[:, G]` is still in cache;
-//! 3. `dH[R]` is the sum of the segments' parts, in segment order.
+//! 3. `dH[R]` is the sum of the segments' parts, added in segment order as they complete
+//!    (segments are handed out in order, so few parts wait for an earlier one).
 //!
 //! Three matrix products in all (Liger's plan; recomputing the logits in a backward pass,
 //! as Cut Cross-Entropy does, would cost a fourth). Every sum has a fixed order, so 1 and 2
-//! threads give the same bits. Extra memory is the block buffer and the `dH` parts (one
-//! `r × d` block per segment), independent of `n`.
+//! threads give the same bits. Extra memory is the block buffer and the `dH` parts in
+//! flight (`r × d` each, about one per thread), independent of `n`.
 //!
 //! In the bf16 precisions, `dH = G·W` needs W packed with K along the classes, unlike the
 //! forward product's packing. The first gradient call on a layer makes that packing and the
@@ -49,12 +50,13 @@
 
 use crate::bf16::{self, BfPath, Output, PackedBf16Weights, PackedRows, Precision};
 use crate::error::{Error, Result};
-use crate::kernels::{CeGradCoef, MaxSum};
+use crate::kernels::{CeGradCoef, Kernels, MaxSum};
 use crate::layer::SoftmaxLayer;
 use crate::linalg::{self, AlignedF32, Operand, SharedMut};
 use crate::matrix::{MatRef, WeightLayout};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How per-row losses are combined, as in PyTorch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -351,8 +353,15 @@ impl RowPart {
     }
 }
 
+/// The block buffer's budget: a block of rows holds its `r × V` logits in at most this
+/// many bytes (at least 16 rows). 48 MiB leaves the rest of the 64 MiB heap budget to the
+/// workers' buffers and the parts of `dH` in flight (57.9 MiB in all at n = 2048, d = 768,
+/// V = 50257: 240 rows). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
+/// against 1.185–1.220 s for 160 (32 MiB), three alternated rounds.
+const BLOCK_BYTES: usize = 48 << 20;
+
 fn rows_per_block(v: usize) -> usize {
-    (((32usize << 20) / (4 * v.max(1))) / 16 * 16).clamp(16, 256)
+    ((BLOCK_BYTES / (4 * v.max(1))) / 16 * 16).clamp(16, 256)
 }
 
 fn run(
@@ -441,13 +450,9 @@ fn run(
     // on 64-byte boundaries (seg.start is a multiple of the tile width), so that AMX updates
     // them in place.
     let mut zbuf = AlignedF32::zeroed(r * v);
-    // Each segment's part of dH for the current block of rows (aligned likewise when d is a
-    // multiple of 16).
-    let mut dh_part = AlignedF32::zeroed(if grad.as_ref().is_some_and(|(_, g)| g.hidden.is_some()) {
-        segments.len() * r * d
-    } else {
-        0
-    });
+    // Buffers for the segments' parts of dH (aligned likewise when d is a multiple of 16),
+    // as many as are in flight at once: reused by every block of rows.
+    let dh_buffers = std::sync::Mutex::new(Vec::<AlignedF32>::new());
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
@@ -651,10 +656,23 @@ fn run(
 
         // Phase 2, per segment G: dX[:, G] in place, db[G] += Σ_i dX_i, dW[G] += dX[:, G]ᵀ·H[R],
         // and this segment's part of dH[R]: dX[:, G]·W[G], while dX[:, G] is still in cache.
-        let dh_parts = SharedMut(dh_part.as_mut_ptr());
-        let want_dh = g.hidden.is_some();
+        // The parts are added into dH[R] in segment order as they complete (the first one
+        // written): each element sums its parts in the same order whatever the thread count.
+        // Segments are handed out in order, so only the parts that finish ahead of an
+        // earlier one wait, a few at a time, instead of one per segment.
+        let dh_sum = g.hidden.as_deref_mut().map(|gh| OrderedSum::new(&mut gh[r0 * d..(r0 + m) * d], segments.len()));
+        let want_dh = dh_sum.is_some();
         let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::repack(&mut h_grad, layer, h));
-        segments.par_iter().enumerate().for_each(|(gi, seg)| {
+        let next_segment = AtomicUsize::new(0);
+        let segment_grads = |gi: usize| {
+            let seg = &segments[gi];
+            // This segment's part of dH (m × d), from the shared buffers.
+            let mut dh_part = want_dh.then(|| {
+                let mut b = dh_buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+                b.ensure(m * d);
+                b
+            });
+            let dh_ptr = dh_part.as_mut().map(|b| b.as_mut_ptr());
             // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
             let dx = z.ptr().wrapping_add(r * seg.start);
             for i in 0..m {
@@ -691,23 +709,25 @@ fn run(
                         seg.clone(),
                         dx as *const f32,
                         gw.ptr(),
-                        want_dh.then(|| dh_parts.ptr().add(gi * r * d)),
+                        dh_ptr,
                         &w_segs[gi],
                         h_packed.expect("packed with the bf16 precision"),
                         &mut scratch.get(),
                         r0 == 0,
                     )
                 };
-                return;
+            } else {
+                // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
+                // buffer's columns `seg` were written by this task; H[R] is read-only.
+                unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr(), r0 == 0) };
             }
-            // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
-            // buffer's columns `seg` were written by this task; H[R] is read-only.
-            unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr(), r0 == 0) };
-            if !want_dh {
+            let (Some(sum), Some(part), Some(dh_ptr)) = (dh_sum.as_ref(), dh_part, dh_ptr) else { return };
+            if layer.precision() != Precision::F32 {
+                sum.add(gi, part, m * d, k, &dh_buffers);
                 return;
             }
             // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
-            let c_op = Operand { ptr: dh_parts.ptr().wrapping_add(gi * r * d), rs: d as isize, cs: 1 };
+            let c_op = Operand { ptr: dh_ptr, rs: d as isize, cs: 1 };
             let a_op = Operand { ptr: dx, rs: seg.len() as isize, cs: 1 };
             let w = layer.weight();
             let b_op = match layer.layout() {
@@ -716,20 +736,19 @@ fn run(
                 // W[p, j]: (k = j, n = p).
                 WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: 1, cs: v as isize },
             };
-            // SAFETY: part `gi` of the dH parts (m x d) is this task's alone; dX[:, G] and
-            // W[G] are in bounds for k = |G|.
+            // SAFETY: this task's dH buffer holds m·d values; dX[:, G] and W[G] are in bounds
+            // for k = |G|.
             unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
-        });
-
-        // Phase 3: dH[R] = Σ_G parts, in segment order, a few rows per task (each element
-        // sums its parts in the same order whatever the thread count).
-        let Some(gh) = g.hidden.as_deref_mut() else { continue };
-        const SUM_ROWS: usize = 16;
-        gh[r0 * d..(r0 + m) * d].par_chunks_mut(SUM_ROWS * d).enumerate().for_each(|(c, out)| {
-            let at = c * SUM_ROWS * d;
-            out.copy_from_slice(&dh_part[at..at + out.len()]);
-            for gi in 1..segments.len() {
-                k.axpy(out, 1.0, &dh_part[gi * r * d + at..gi * r * d + at + out.len()]);
+            sum.add(gi, part, m * d, k, &dh_buffers);
+        };
+        // Every worker of the pool takes the next segment until none is left.
+        rayon::broadcast(|_| {
+            loop {
+                let gi = next_segment.fetch_add(1, Ordering::Relaxed);
+                if gi >= segments.len() {
+                    break;
+                }
+                segment_grads(gi);
             }
         });
     }
@@ -786,6 +805,47 @@ fn run(
     Ok(CrossEntropyOutput { loss, lse })
 }
 
+/// `out = Σ_g part_g` over `parts` parts that arrive in any order, added in the order of `g`
+/// (the first copied, the others added one by one, as `axpy` does): the sum's bits do not
+/// depend on the order of arrival. A part that arrives before all earlier ones waits in
+/// its buffer; each buffer goes back to the pool once added.
+struct OrderedSum<'a> {
+    state: std::sync::Mutex<SumState<'a>>,
+}
+
+struct SumState<'a> {
+    out: &'a mut [f32],
+    /// The next part to add.
+    next: usize,
+    /// Parts that arrived ahead of `next`.
+    waiting: Vec<Option<AlignedF32>>,
+}
+
+impl<'a> OrderedSum<'a> {
+    fn new(out: &'a mut [f32], parts: usize) -> Self {
+        OrderedSum {
+            state: std::sync::Mutex::new(SumState { out, next: 0, waiting: (0..parts).map(|_| None).collect() }),
+        }
+    }
+
+    /// Part `g` (its first `len` values, `len = out.len()`): added now if every earlier
+    /// part has been, else kept until they have.
+    fn add(&self, g: usize, part: AlignedF32, len: usize, k: &Kernels, pool: &std::sync::Mutex<Vec<AlignedF32>>) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
+        st.waiting[g] = Some(part);
+        while let Some(b) = st.waiting.get_mut(st.next).and_then(Option::take) {
+            if st.next == 0 {
+                st.out.copy_from_slice(&b[..len]);
+            } else {
+                k.axpy(st.out, 1.0, &b[..len]);
+            }
+            st.next += 1;
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+        }
+    }
+}
+
 /// A worker's buffers, kept for the whole call and reused by every segment and block of
 /// rows it takes (rather than allocated, zeroed and freed per task).
 #[derive(Default)]
@@ -825,7 +885,8 @@ const DH_L2_BYTES: usize = 1536 << 10;
 /// Rows of `G` per bf16 product of `dH = G·W[seg]` over `c` classes: as many as keep their
 /// packing in L2 beside two pairs of `W[seg]` blocks (a multiple of 32, at least 32), so
 /// that each pair, read from beyond L2, serves every row pair of the chunk. At 2048
-/// classes: 320 rows in bf16 (a whole block), 128 in bf16x3 (two parts each side).
+/// classes: 320 rows in bf16 (a whole block of 240 rows, or two chunks of AMX's 480), 128
+/// in bf16x3 (two parts each side).
 /// `cargo run --release --example bench_bf16 -- 7 dh_chunks` times this product against
 /// chunks of 128 rows.
 #[doc(hidden)]
