@@ -741,12 +741,17 @@ fn run(
             unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
             sum.add(gi, part, m * d, k, &dh_buffers);
         };
-        // Every worker of the pool takes the next segment until none is left.
+        // Every worker of the pool takes the next segment until none is left, at most two
+        // per thread ahead of the next part of dH to add.
+        let ahead = 2 * rayon::current_num_threads().max(1);
         rayon::broadcast(|_| {
             loop {
                 let gi = next_segment.fetch_add(1, Ordering::Relaxed);
                 if gi >= segments.len() {
                     break;
+                }
+                if let Some(sum) = &dh_sum {
+                    sum.wait_for_room(gi, ahead);
                 }
                 segment_grads(gi);
             }
@@ -811,6 +816,8 @@ fn run(
 /// its buffer; each buffer goes back to the pool once added.
 struct OrderedSum<'a> {
     state: std::sync::Mutex<SumState<'a>>,
+    /// Signalled whenever `next` moves.
+    moved: std::sync::Condvar,
 }
 
 struct SumState<'a> {
@@ -823,8 +830,21 @@ struct SumState<'a> {
 
 impl<'a> OrderedSum<'a> {
     fn new(out: &'a mut [f32], parts: usize) -> Self {
+        let waiting = (0..parts).map(|_| None).collect();
         OrderedSum {
-            state: std::sync::Mutex::new(SumState { out, next: 0, waiting: (0..parts).map(|_| None).collect() }),
+            state: std::sync::Mutex::new(SumState { out, next: 0, waiting }),
+            moved: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Blocks until part `g` is fewer than `ahead` parts past the next one to add, so that
+    /// at most `ahead` parts are computed or waiting at once, however the threads are
+    /// scheduled. The part being waited for was handed out before `g` to a worker that is
+    /// not waiting here (it is within `ahead` of itself), so it completes.
+    fn wait_for_room(&self, g: usize, ahead: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while g >= st.next + ahead {
+            st = self.moved.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -842,6 +862,7 @@ impl<'a> OrderedSum<'a> {
             }
             st.next += 1;
             pool.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+            self.moved.notify_all();
         }
     }
 }
