@@ -543,11 +543,16 @@ impl SoftmaxLayer<'_> {
                     // own rounding is far inside it). A wider window only adds candidates.
                     let w = &self.weight[y * d..(y + 1) * d];
                     let k = self.kernels;
+                    let (hh, ww) = (k.dot(h, h), k.dot(w, w));
                     let z = k.dot(h, w) as f64 + b;
-                    let mag = (k.dot(h, h) as f64).sqrt() * (k.dot(w, w) as f64).sqrt();
+                    let mag = (hh as f64).sqrt() * (ww as f64).sqrt();
                     let delta = (4.0 * gamma * (mag + b.abs()) + 1e-30) as f32;
-                    // (Norms beyond the f32 range take the exact path below.)
-                    if (z as f32).is_finite() && delta.is_finite() {
+                    // Norms beyond the f32 range, and squared norms under 2^-100 (whose
+                    // squares may have underflowed: h ~ 1e-24 against w ~ 1e18 gave a norm of
+                    // 0 and a window too narrow for the tile's own rounding), take the exact
+                    // path below.
+                    let norms_ok = hh >= NORM2_MIN && ww >= NORM2_MIN;
+                    if norms_ok && (z as f32).is_finite() && delta.is_finite() {
                         return (z as f32, delta);
                     }
                 }
@@ -582,8 +587,11 @@ impl SoftmaxLayer<'_> {
                 // for margin.
                 // (The bound capped at f32::MAX: an infinite one would make `e + delta` NaN
                 // for a target logit of −inf, and no class would count as above it.)
-                // Terms a path may flush widen it by their whole size.
-                ((dot + b) as f32, ((2.0 * gamma * (mag + b.abs()) + flushable + 1e-30) as f32).min(f32::MAX))
+                // Terms a path may flush widen it by their whole size. The estimate is kept
+                // finite: a sum just beyond f32::MAX can round to ±f32::MAX in the tile, and
+                // an infinite estimate would leave the window at ±inf, missing it.
+                let e = ((dot + b) as f32).clamp(-f32::MAX, f32::MAX);
+                (e, ((2.0 * gamma * (mag + b.abs()) + flushable + 1e-30) as f32).min(f32::MAX))
             })
             .collect();
         let c = Scorer { targets, est: &est, top, t: opts.temperature, kern: self.kernels };
@@ -627,6 +635,11 @@ struct Scorer<'a> {
     t: f32,
     kern: &'static Kernels,
 }
+
+/// Squared norms below this (2^-100) take the exact path of the target-logit estimate: some
+/// of their squares may have underflowed (any below 2^-126), so the norm would understate
+/// the products' size.
+const NORM2_MIN: f32 = 7.888_609e-31;
 
 impl Consumer for Scorer<'_> {
     type State = Vec<ScoreState>;

@@ -453,6 +453,53 @@ fn target_stats_rank_follows_the_computed_logits_among_near_ties() {
     }
 }
 
+/// The target's estimate window must hold its tile logit whatever the scales: hidden states
+/// near 1e-24 against weights near 1e18 (and the reverse) have squared norms that underflow
+/// f32, which once gave a window of about 1e-30 around a logit near 1e-6 whose rounding is
+/// near 1e-13, so ties among identical rows were miscounted (ranks 1 or 3 of 2, 601 of 600).
+#[test]
+fn target_stats_rank_holds_when_squared_norms_underflow() {
+    let mut rng = Rng(12345);
+    for (v, d, n) in [(2usize, 100usize, 8usize), (16, 16, 8), (600, 100, 3)] {
+        for (hs, ws) in [(1e-24f64, 1e18f64), (1e18, 1e-24)] {
+            let row: Vec<f32> = rng.vec(d, -ws, ws);
+            // Identical rows: every logit of a row ties with the target's.
+            let w: Vec<f32> = (0..v).flat_map(|_| row.iter().copied()).collect();
+            let h = rng.vec(n * d, -hs, hs);
+            let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+            let hv = MatRef::new(&h, n, d).unwrap();
+            let y = vec![1i64; n];
+            let stats = layer.target_stats(hv, &y, 0, &LayerOptions::default()).unwrap();
+            let mut logits = vec![0f32; n * v];
+            layer.logits(hv, MatMut::new(&mut logits, n, v).unwrap()).unwrap();
+            for i in 0..n {
+                let want = 1 + rank_ahead(&logits[i * v..(i + 1) * v], 1);
+                assert_eq!(want, 2, "the rows tie: class 0 alone comes first");
+                assert_eq!(stats[i].rank, want, "V = {v}, d = {d}, scales {hs:e} / {ws:e}, row {i}");
+            }
+        }
+    }
+}
+
+/// A target logit whose exact value lies just beyond f32::MAX but that the product rounds to
+/// f32::MAX (finite: no overflow error) once gave an infinite estimate, so the window missed
+/// it and the tie with a lower class went uncounted.
+#[test]
+fn target_stats_rank_holds_at_the_edge_of_the_f32_range() {
+    let p102 = 2f32.powi(102);
+    for sign in [1f32, -1.0] {
+        let w = [sign * f32::MAX, sign * p102, sign * f32::MAX, sign * p102];
+        let b = [sign * p102, sign * p102];
+        let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, 2, 2, Some(&b[..])).unwrap();
+        let hv = MatRef::new(&[1.0f32, 1.0], 1, 2).unwrap();
+        let mut z = [0f32; 2];
+        layer.logits(hv, MatMut::new(&mut z, 1, 2).unwrap()).unwrap();
+        assert_eq!(z, [sign * f32::MAX; 2], "the product rounds to ±f32::MAX");
+        let stats = layer.target_stats(hv, &[1], 0, &LayerOptions::default()).unwrap();
+        assert_eq!(stats[0].rank, 2, "sign {sign}: class 0 ties and comes first");
+    }
+}
+
 /// Any tiling is usable: zeros, a segment that is not a whole number of tiles, and huge
 /// values give the default tiling's results (up to the dot products' summation order),
 /// for the forward operations and the loss.

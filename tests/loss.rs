@@ -272,19 +272,23 @@ fn class_weights_at_either_end_of_the_f32_range_scale_out() {
 
 #[test]
 fn bit_identical_for_any_thread_count() {
-    let mut rng = Rng(3);
-    let (n, d, v) = (300, 40, 5000);
-    let (h, w, b, y) = small_layer(&mut rng, n, d, v);
-    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
-    let opts = CrossEntropyOptions { label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
-    let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-            cross_entropy_with_grad(&layer, MatRef::new(&h, n, d).unwrap(), &y, &opts, Upstream::Scalar(1.0)).unwrap()
-        })
-    };
-    let one = run(1);
-    for t in [2, 3, 5] {
-        assert!(run(t) == one, "{t} threads differ from 1");
+    // 10 segments of classes at V = 5000; 20 at V = 20000, more than the parts of dH that
+    // two or three threads may hold at once, so that workers wait for earlier parts.
+    for (n, d, v) in [(300, 40, 5000), (60, 8, 20000)] {
+        let mut rng = Rng(3);
+        let (h, w, b, y) = small_layer(&mut rng, n, d, v);
+        let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+        let opts = CrossEntropyOptions { label_smoothing: 0.1, z_loss: 1e-3, ..Default::default() };
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                let hv = MatRef::new(&h, n, d).unwrap();
+                cross_entropy_with_grad(&layer, hv, &y, &opts, Upstream::Scalar(1.0)).unwrap()
+            })
+        };
+        let one = run(1);
+        for t in [2, 3, 5] {
+            assert!(run(t) == one, "V = {v}: {t} threads differ from 1");
+        }
     }
 }
 
