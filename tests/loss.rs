@@ -292,6 +292,35 @@ fn bit_identical_for_any_thread_count() {
     }
 }
 
+/// Losses running at once on one pool (from `join`, from a parallel iterator, and nested
+/// inside another pool's task) finish, and give the bits of one call on its own: each call
+/// hands its segments to every worker of the pool and may make a worker wait for an
+/// earlier segment's part of dH, which must never wait on another call.
+#[test]
+fn concurrent_losses_on_one_pool_finish_with_the_same_bits() {
+    let mut rng = Rng(8);
+    let (n, d, v) = (70, 8, 20000);
+    let (h, w, b, y) = small_layer(&mut rng, n, d, v);
+    let layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, Some(&b[..])).unwrap();
+    let opts = CrossEntropyOptions::default();
+    let one = || {
+        let hv = MatRef::new(&h, n, d).unwrap();
+        cross_entropy_with_grad(&layer, hv, &y, &opts, Upstream::Scalar(1.0)).unwrap()
+    };
+    let want = one();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let (a, c) = pool.install(|| rayon::join(one, one));
+        assert!(a == want && c == want, "{threads} threads: join");
+        use rayon::prelude::*;
+        let all: Vec<_> = pool.install(|| (0..6).into_par_iter().map(|_| one()).collect());
+        assert!(all.iter().all(|r| *r == want), "{threads} threads: parallel iterator");
+        let inner = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let nested = pool.install(|| rayon::join(|| inner.install(one), one));
+        assert!(nested.0 == want && nested.1 == want, "{threads} threads: nested pool");
+    }
+}
+
 /// The gradient buffers are written over, never read: buffers full of NaN give the same
 /// bits as fresh ones, over several blocks of rows (the first block writes dW, the others
 /// add to it), in both layouts, with and without dH.
