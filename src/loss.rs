@@ -452,7 +452,7 @@ fn run(
     let mut zbuf = AlignedF32::zeroed(r * v);
     // Buffers for the segments' parts of dH (aligned likewise when d is a multiple of 16),
     // as many as are in flight at once: reused by every block of rows.
-    let dh_buffers = std::sync::Mutex::new(Vec::<AlignedF32>::new());
+    let dh_pool = std::sync::Mutex::new(Vec::<AlignedF32>::new());
     let mut lse = vec![0f32; n];
     let mut loss_rows = vec![0f64; n];
     let mut zl_rows = vec![0f64; n];
@@ -660,18 +660,16 @@ fn run(
         // written): each element sums its parts in the same order whatever the thread count.
         // Segments are handed out in order, so only the parts that finish ahead of an
         // earlier one wait, a few at a time, instead of one per segment.
-        let dh_sum = g.hidden.as_deref_mut().map(|gh| OrderedSum::new(&mut gh[r0 * d..(r0 + m) * d], segments.len()));
-        let want_dh = dh_sum.is_some();
+        let dh_sum = g
+            .hidden
+            .as_deref_mut()
+            .map(|gh| OrderedSum::new(&mut gh[r0 * d..(r0 + m) * d], segments.len(), &dh_pool, k));
         let h_packed = (layer.precision() != Precision::F32).then(|| PackedHidden::repack(&mut h_grad, layer, h));
         let next_segment = AtomicUsize::new(0);
         let segment_grads = |gi: usize| {
             let seg = &segments[gi];
-            // This segment's part of dH (m × d), from the shared buffers.
-            let mut dh_part = want_dh.then(|| {
-                let mut b = dh_buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-                b.ensure(m * d);
-                b
-            });
+            // This segment's part of dH (m × d), in a buffer from the pool.
+            let mut dh_part = dh_sum.as_ref().map(OrderedSum::buffer);
             let dh_ptr = dh_part.as_mut().map(|b| b.as_mut_ptr());
             // This segment's part of the block buffer (m rows of |seg|, row stride |seg|).
             let dx = z.ptr().wrapping_add(r * seg.start);
@@ -720,26 +718,25 @@ fn run(
                 // SAFETY: dW's rows (or columns) `seg` belong to this task alone; the block
                 // buffer's columns `seg` were written by this task; H[R] is read-only.
                 unsafe { weight_grad(layer, h, seg.clone(), dx as *const f32, gw.ptr(), r0 == 0) };
+                if let Some(dh_ptr) = dh_ptr {
+                    // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
+                    let c_op = Operand { ptr: dh_ptr, rs: d as isize, cs: 1 };
+                    let a_op = Operand { ptr: dx, rs: seg.len() as isize, cs: 1 };
+                    let w = layer.weight();
+                    let b_op = match layer.layout() {
+                        // W[j, p]: (k = j, n = p).
+                        WeightLayout::VocabMajor => Operand { ptr: w[seg.start * d..].as_ptr(), rs: d as isize, cs: 1 },
+                        // W[p, j]: (k = j, n = p).
+                        WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: 1, cs: v as isize },
+                    };
+                    // SAFETY: this task's dH buffer holds m·d values; dX[:, G] and W[G] are
+                    // in bounds for k = |G|.
+                    unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
+                }
             }
-            let (Some(sum), Some(part), Some(dh_ptr)) = (dh_sum.as_ref(), dh_part, dh_ptr) else { return };
-            if layer.precision() != Precision::F32 {
-                sum.add(gi, part, m * d, k, &dh_buffers);
-                return;
+            if let (Some(sum), Some(part)) = (&dh_sum, dh_part) {
+                sum.add(gi, part);
             }
-            // dH part G (m x d) = dX[:, G] (m x |G|) · W[G] (|G| x d).
-            let c_op = Operand { ptr: dh_ptr, rs: d as isize, cs: 1 };
-            let a_op = Operand { ptr: dx, rs: seg.len() as isize, cs: 1 };
-            let w = layer.weight();
-            let b_op = match layer.layout() {
-                // W[j, p]: (k = j, n = p).
-                WeightLayout::VocabMajor => Operand { ptr: w[seg.start * d..].as_ptr(), rs: d as isize, cs: 1 },
-                // W[p, j]: (k = j, n = p).
-                WeightLayout::HiddenMajor => Operand { ptr: w[seg.start..].as_ptr(), rs: 1, cs: v as isize },
-            };
-            // SAFETY: this task's dH buffer holds m·d values; dX[:, G] and W[G] are in bounds
-            // for k = |G|.
-            unsafe { linalg::gemm(m, d, seg.len(), c_op, false, a_op, b_op) };
-            sum.add(gi, part, m * d, k, &dh_buffers);
         };
         // Every worker of the pool takes the next segment until none is left, at most two
         // per thread ahead of the next part of dH to add.
@@ -818,6 +815,11 @@ struct OrderedSum<'a> {
     state: std::sync::Mutex<SumState<'a>>,
     /// Signalled whenever `next` moves.
     moved: std::sync::Condvar,
+    /// `out`'s length, the length of every part.
+    len: usize,
+    /// Buffers for parts, kept across calls' blocks of rows.
+    pool: &'a std::sync::Mutex<Vec<AlignedF32>>,
+    k: &'a Kernels,
 }
 
 struct SumState<'a> {
@@ -829,12 +831,22 @@ struct SumState<'a> {
 }
 
 impl<'a> OrderedSum<'a> {
-    fn new(out: &'a mut [f32], parts: usize) -> Self {
-        let waiting = (0..parts).map(|_| None).collect();
+    fn new(out: &'a mut [f32], parts: usize, pool: &'a std::sync::Mutex<Vec<AlignedF32>>, k: &'a Kernels) -> Self {
+        let (len, waiting) = (out.len(), (0..parts).map(|_| None).collect());
         OrderedSum {
             state: std::sync::Mutex::new(SumState { out, next: 0, waiting }),
             moved: std::sync::Condvar::new(),
+            len,
+            pool,
+            k,
         }
+    }
+
+    /// A buffer for a part, from the pool (or new), holding at least `out.len()` values.
+    fn buffer(&self) -> AlignedF32 {
+        let mut b = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        b.ensure(self.len);
+        b
     }
 
     /// Blocks until part `g` is fewer than `ahead` parts past the next one to add, so that
@@ -848,9 +860,10 @@ impl<'a> OrderedSum<'a> {
         }
     }
 
-    /// Part `g` (its first `len` values, `len = out.len()`): added now if every earlier
-    /// part has been, else kept until they have.
-    fn add(&self, g: usize, part: AlignedF32, len: usize, k: &Kernels, pool: &std::sync::Mutex<Vec<AlignedF32>>) {
+    /// Part `g` (its first `out.len()` values): added now if every earlier part has been,
+    /// else kept until they have; each buffer added goes back to the pool.
+    fn add(&self, g: usize, part: AlignedF32) {
+        let len = self.len;
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let st = &mut *guard;
         st.waiting[g] = Some(part);
@@ -858,10 +871,10 @@ impl<'a> OrderedSum<'a> {
             if st.next == 0 {
                 st.out.copy_from_slice(&b[..len]);
             } else {
-                k.axpy(st.out, 1.0, &b[..len]);
+                self.k.axpy(st.out, 1.0, &b[..len]);
             }
             st.next += 1;
-            pool.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+            self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(b);
             self.moved.notify_all();
         }
     }

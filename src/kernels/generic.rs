@@ -1299,33 +1299,10 @@ pub(crate) unsafe fn softcap<V: Vector>(x: *mut f32, len: usize, cap: f32) {
     }
 }
 
-/// `#{i : x[i] > t}`.
-///
-/// # Safety
-/// The instruction set of `V` is available and `x` is valid for `len` reads.
-#[inline(always)]
-pub(crate) unsafe fn count_greater<V: Vector>(x: *const f32, len: usize, t: f32) -> usize {
-    // SAFETY: the caller upholds this function's contract.
-    unsafe {
-        let lanes = V::LANES;
-        let tv = V::splat(t);
-        let full = len / lanes;
-        let mut n = 0;
-        for j in 0..full {
-            n += V::load(x.add(j * lanes)).count_gt(tv);
-        }
-        let tail = len % lanes;
-        if tail > 0 {
-            // The fill (-inf) is never greater than t.
-            n += V::load_partial(x.add(full * lanes), tail, f32::NEG_INFINITY).count_gt(tv);
-        }
-        n
-    }
-}
-
 /// `#{i : x[i] > hi}`, and the indices `i` (ascending) with `lo ≤ x[i] ≤ hi`, in one pass:
 /// the first `cap` of those go to `found`. Returns `(above, in_window)`; `in_window` may
-/// exceed `cap`.
+/// exceed `cap`. With an empty window (`lo > hi`, say `lo = +inf`) and `cap = 0` it is a
+/// plain count of the values above `hi`.
 ///
 /// # Safety
 /// The instruction set of `V` is available, `x` is valid for `len` reads and `found` for
@@ -1598,14 +1575,6 @@ macro_rules! instantiate {
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize, c: f32) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len, c) }
-        }
-
-        /// # Safety
-        /// The CPU supports this module's instruction set; `x` is valid for `len` reads.
-        $(#[target_feature(enable = $feature)])?
-        pub(crate) unsafe fn count_greater(x: *const f32, len: usize, t: f32) -> usize {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { generic::count_greater::<$V>(x, len, t) }
         }
 
         /// # Safety

@@ -165,7 +165,6 @@ type DotFn = unsafe fn(*const f32, *const f32, usize, f32) -> f32;
 type AxpyFn = unsafe fn(*mut f32, f32, *const f32, usize);
 type Dot4Fn = unsafe fn(*const f32, [*const f32; 4], usize) -> [f32; 4];
 type SoftcapFn = unsafe fn(*mut f32, usize, f32);
-type CountFn = unsafe fn(*const f32, usize, f32) -> usize;
 type WindowFn = unsafe fn(*const f32, usize, f32, f32, *mut u32, usize) -> (usize, usize);
 type CeGradFn = unsafe fn(*mut f32, *const f32, usize, Params, f32, f64, generic::CeCoef);
 
@@ -190,7 +189,6 @@ pub struct Kernels {
     axpy: AxpyFn,
     dot4: Dot4Fn,
     softcap: SoftcapFn,
-    count_greater: CountFn,
     count_window: WindowFn,
     ce_grad: CeGradFn,
 }
@@ -213,7 +211,6 @@ static SCALAR: Kernels = Kernels {
     axpy: scalar::axpy,
     dot4: scalar::dot4,
     softcap: scalar::softcap,
-    count_greater: scalar::count_greater,
     count_window: scalar::count_window,
     ce_grad: scalar::ce_grad,
 };
@@ -231,7 +228,6 @@ static AVX2: Kernels = Kernels {
     axpy: x86_64::avx2::axpy,
     dot4: x86_64::avx2::dot4,
     softcap: x86_64::avx2::softcap,
-    count_greater: x86_64::avx2::count_greater,
     count_window: x86_64::avx2::count_window,
     ce_grad: x86_64::avx2::ce_grad,
 };
@@ -249,7 +245,6 @@ static AVX512: Kernels = Kernels {
     axpy: x86_64::avx512::axpy,
     dot4: x86_64::avx512::dot4,
     softcap: x86_64::avx512::softcap,
-    count_greater: x86_64::avx512::count_greater,
     count_window: x86_64::avx512::count_window,
     ce_grad: x86_64::avx512::ce_grad,
 };
@@ -267,7 +262,6 @@ static NEON: Kernels = Kernels {
     axpy: aarch64::neon::axpy,
     dot4: aarch64::neon::dot4,
     softcap: aarch64::neon::softcap,
-    count_greater: aarch64::neon::count_greater,
     count_window: aarch64::neon::count_window,
     ce_grad: aarch64::neon::ce_grad,
 };
@@ -610,8 +604,12 @@ impl Kernels {
 
     /// `#{i : x[i] > t}` (NaN counts as not greater).
     pub fn count_greater(&self, x: &[f32], t: f32) -> usize {
-        // SAFETY: supported ISA; `x` is valid for its length.
-        unsafe { (self.count_greater)(x.as_ptr(), x.len(), t) }
+        // The window pass with the window [+inf, t], which holds no finite value, and no
+        // room for its hits: only the count above `t` is used.
+        // SAFETY: supported ISA; `x` is valid for its length; `cap = 0`, so nothing is written.
+        unsafe {
+            (self.count_window)(x.as_ptr(), x.len(), f32::INFINITY, t, std::ptr::NonNull::dangling().as_ptr(), 0).0
+        }
     }
 
     /// `#{j : x[j] > hi}`, in the same pass pushing `(x[j], base + j)` onto `window` for
