@@ -519,7 +519,9 @@ unsafe fn load_z_partial<V: Vector, const MASK: bool>(x: *const f32, mask: *cons
 ///
 /// The rounding of `z - m` (and of the division) would otherwise cost up to
 /// `|z - m| * 2^-24` of relative error in `exp`, i.e. 4e-6 for probabilities near 1e-30.
-/// `hi` is clamped to `>= -150` and `lo` to `[-1, 1]`, ready for [`exp_core`].
+/// Without [`Vector::MASKED_SCALE`], `hi` is clamped to `>= -150` and `lo` to `[-1, 1]`,
+/// ready for [`exp_core`]; with it, the parts are left as they are, for
+/// [`exp_term_above`] only, which never computes the lanes that would need the bounds.
 ///
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
@@ -542,11 +544,19 @@ unsafe fn scaled_diff<V: Vector, const S: u8>(z: V, m: V, half: V, t: V, inv_t: 
         } else {
             (d, err)
         };
-        // Bound both parts for `exp_core`: below -150 the result is 0 anyway. Masked
-        // entries (z = -inf) and differences beyond the f32 range make `lo` NaN or huge;
-        // any value in [-1, 1] will do there. For the rest, |lo| is far below 1.
-        // (`max` with the constant first keeps a NaN `hi`, so errors still show in sums.)
-        (V::splat(-150.0).max(hi), lo.max(V::splat(-1.0)).min(V::splat(1.0)))
+        if V::MASKED_SCALE {
+            // Every caller passes both parts to `exp_term_above`, which never scales the
+            // lanes below its flush bound: those are the only ones that can hold a `hi`
+            // below -150 or a NaN or huge `lo` (masked entries, differences beyond the f32
+            // range). In the others |lo| is far below 1. No bounds needed (three operations).
+            (hi, lo)
+        } else {
+            // Bound both parts for `exp_core`: below -150 the result is 0 anyway. Masked
+            // entries (z = -inf) and differences beyond the f32 range make `lo` NaN or huge;
+            // any value in [-1, 1] will do there. For the rest, |lo| is far below 1.
+            // (`max` with the constant first keeps a NaN `hi`, so errors still show in sums.)
+            (V::splat(-150.0).max(hi), lo.max(V::splat(-1.0)).min(V::splat(1.0)))
+        }
     }
 }
 
