@@ -40,7 +40,7 @@
 //! the result, so that a row with an error is never modified.
 
 use crate::error::{Error, Result};
-use crate::kernels::{Isa, Kernels, MaxSum, PrevRow};
+use crate::kernels::{Isa, Kernels, MaxSum, PrevLogRow, PrevRow};
 use crate::matrix::{MatMut, MatRef};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -384,6 +384,59 @@ fn softmax_rows_pipelined(
     }
 }
 
+/// Out-of-place log-softmax of consecutive rows on this thread, software-pipelined as
+/// [`softmax_rows_pipelined`] is: the online pass over row `i` writes row `i − 1`'s
+/// log-probabilities in the same loop, reading its logits again from L2. The stores then
+/// overlap the exponentials instead of following them. The values are those of the
+/// two-pass row bit for bit (same chunks, same statistics, same formula).
+fn log_softmax_rows_pipelined(
+    plan: &Plan<'_>,
+    src: MatRef<'_>,
+    first: usize,
+    mut out: MatMut<'_>,
+    stream: bool,
+    first_bad: &AtomicUsize,
+) {
+    let v = src.cols();
+    let (k, t) = (plan.k, plan.t);
+    // The previous row (in `out`) and its final state, when valid.
+    let mut pending: Option<(usize, MaxSum)> = None;
+    for r in 0..out.rows() {
+        let i = first + r;
+        let (srow, mask, next) = (src.row(i), plan.mask_row(i), next_row(src, i));
+        let prev = pending.take();
+        let mut stats = MaxSum::EMPTY;
+        for c in 0..v.div_ceil(CHUNK) {
+            let cols = c * CHUNK..((c + 1) * CHUNK).min(v);
+            let finish = prev.map(|(q, st)| PrevLogRow {
+                src: &src.row(first + q)[cols.start..],
+                mask: plan.mask_row(first + q).map(|m| &m[cols.start..]),
+                stats: st,
+                out: &mut out.row_mut(q)[cols.start..],
+                head: c == 0,
+            });
+            let part = k.max_sum_pipelined(
+                &srow[cols.clone()],
+                mask.map(|m| &m[cols.clone()]),
+                t,
+                next.and_then(|n| n.get(cols.clone())),
+                finish,
+                stream,
+            );
+            stats = stats.merge(part, t);
+        }
+        if check_row(stats, srow, mask, i).is_err() {
+            first_bad.fetch_min(i, Ordering::Relaxed);
+        } else {
+            pending = Some((r, stats));
+        }
+    }
+    if let Some((q, st)) = pending {
+        let i = first + q;
+        k.log_softmax_into_mode(src.row(i), plan.mask_row(i), t, st, out.row_mut(q), stream);
+    }
+}
+
 /// Softmax or log-softmax of every row; `src = None` means in place in `out`.
 fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions<'_>) -> Result<()> {
     let (n, v) = (out.rows(), out.cols());
@@ -424,7 +477,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
         }
     };
 
-    if let (true, Op::Softmax, Some(s)) = (big && n >= threads && v <= PIPELINE_MAX, op, src) {
+    if let (true, Some(s)) = (big && n >= threads && v <= PIPELINE_MAX, src) {
         // Groups of consecutive rows, each pipelined on one thread: at most 64 rows, unless
         // that many short rows are fewer than a task's minimum of elements.
         let group = n.div_ceil(threads * 4).min(64).max((PAR_MIN / v).max(1));
@@ -433,17 +486,13 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             |bufs, (g, rows)| {
                 let first = g * group;
                 let k = group.min(n - first);
-                let rows = MatMut::with_stride(&mut rows[..((k - 1) * stride + v)], k, v, stride);
                 // (The group's rows lie inside `out`, whose shape was checked.)
-                softmax_rows_pipelined(
-                    &plan,
-                    s,
-                    first,
-                    rows.expect("a group of output rows"),
-                    bufs,
-                    stream,
-                    &first_bad,
-                );
+                let rows = MatMut::with_stride(&mut rows[..((k - 1) * stride + v)], k, v, stride)
+                    .expect("a group of output rows");
+                match op {
+                    Op::Softmax => softmax_rows_pipelined(&plan, s, first, rows, bufs, stream, &first_bad),
+                    Op::LogSoftmax => log_softmax_rows_pipelined(&plan, s, first, rows, stream, &first_bad),
+                }
             },
         );
     } else if big && n >= threads {

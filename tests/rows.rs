@@ -342,6 +342,20 @@ fn nan_is_an_error_naming_row_and_column() {
     let mut big = vec![0.0f32; n * v];
     big[40 * v + 7] = f32::NAN;
     big[9 * v + 100] = f32::NAN;
+    // Out of place they run pipelined: the bad rows' outputs are never written, and the
+    // rows around them (whose stores ride along with a bad row's pass) are.
+    for op in [softmax, log_softmax] {
+        let mut out = vec![7.0f32; n * v];
+        let err = op(MatRef::new(&big, n, v).unwrap(), MatMut::new(&mut out, n, v).unwrap(), &RowOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, Error::NonFinite { row: 9, col: 100, .. }), "{err}");
+        for i in [9, 40] {
+            assert!(out[i * v..(i + 1) * v].iter().all(|&o| o == 7.0), "bad row {i} was written");
+        }
+        for i in [8, 10, 39, 41] {
+            assert!(out[i * v..(i + 1) * v].iter().all(|&o| o != 7.0), "row {i} next to a bad one was not written");
+        }
+    }
     let err = log_softmax_inplace(MatMut::new(&mut big, n, v).unwrap(), &RowOptions::default()).unwrap_err();
     assert!(matches!(err, Error::NonFinite { row: 9, col: 100, .. }), "{err}");
 }
@@ -547,10 +561,13 @@ fn prefetching_the_next_row_gives_the_same_bits() {
 }
 
 #[test]
-fn a_pipelined_softmax_equals_one_row_at_a_time() {
+fn pipelined_rows_equal_one_row_at_a_time() {
     // Many rows on two threads run pipelined (each row's stores ride along with the next
     // row's pass, streamed or not, at every output alignment); one row alone does not.
-    // Lengths cover every vector tail, block and chunk edges, and the pipeline's limit.
+    // Lengths cover every vector tail, block and chunk edges, and the pipeline's limit;
+    // masks are one row for all or one per row (the previous row's own mask is read).
+    type RowFn = fn(MatRef<'_>, MatMut<'_>, &RowOptions<'_>) -> softmax_layer::Result<()>;
+    let ops: [(&str, RowFn); 2] = [("softmax", softmax), ("log_softmax", log_softmax)];
     let mut rng = Rng(31);
     let mut lens: Vec<usize> = (1..=40).collect();
     lens.extend([1023, 1024, 1025, 2047, 4111, 65_535, 65_536, 65_537, 131_072]);
@@ -564,33 +581,46 @@ fn a_pipelined_softmax_equals_one_row_at_a_time() {
             assert!(n * v >= 32_768, "[{n}, {v}] would not take the parallel path");
             let stride = v + v % 5;
             let x = rng.vec((n - 1) * stride + v, -40.0, 40.0);
-            let m: Vec<f32> = (0..v).map(|j| if j % 11 == 4 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let per_row = v % 3 == 0;
+            let mask_rows = if per_row { n } else { 1 };
+            let m: Vec<f32> =
+                (0..mask_rows * v).map(|e| if (e % v + e / v) % 11 == 4 { f32::NEG_INFINITY } else { 0.0 }).collect();
             let masked = v > 4;
+            let t = if v % 2 == 0 { 1.0 } else { 0.7 };
             let opts = RowOptions {
-                mask: masked.then(|| MatRef::from_row(&m)),
+                mask: masked.then(|| MatRef::new(&m, mask_rows, v).unwrap()),
                 isa: Some(isa),
-                ..RowOptions::with_temperature(if v % 2 == 0 { 1.0 } else { 0.7 })
+                ..RowOptions::with_temperature(t)
             };
-            let one_by_one: Vec<u32> = four.install(|| {
-                (0..n)
-                    .flat_map(|i| {
-                        let mut p = vec![0f32; v];
-                        let row = MatRef::new(&x[i * stride..i * stride + v], 1, v).unwrap();
-                        softmax(row, MatMut::new(&mut p, 1, v).unwrap(), &opts).unwrap();
-                        bits(&p)
-                    })
-                    .collect()
-            });
-            for stream_min in [0, usize::MAX] {
-                let all = two.install(|| {
-                    softmax_layer::rows::set_stream_min_bytes(stream_min);
-                    let mut p = vec![f32::NAN; (n - 1) * stride + v];
-                    let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
-                    softmax(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
-                    softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
-                    (0..n).flat_map(|i| bits(&p[i * stride..i * stride + v])).collect::<Vec<u32>>()
+            for (name, op) in ops {
+                let one_by_one: Vec<u32> = four.install(|| {
+                    (0..n)
+                        .flat_map(|i| {
+                            let mut p = vec![0f32; v];
+                            let row = MatRef::new(&x[i * stride..i * stride + v], 1, v).unwrap();
+                            let mi = if per_row { i } else { 0 };
+                            let o =
+                                RowOptions { mask: masked.then(|| MatRef::from_row(&m[mi * v..(mi + 1) * v])), ..opts };
+                            op(row, MatMut::new(&mut p, 1, v).unwrap(), &o).unwrap();
+                            bits(&p)
+                        })
+                        .collect()
                 });
-                assert!(all == one_by_one, "{isa:?} [{n}, {v}] stride {stride}, streaming {}", stream_min == 0);
+                for stream_min in [0, usize::MAX] {
+                    let all = two.install(|| {
+                        softmax_layer::rows::set_stream_min_bytes(stream_min);
+                        let mut p = vec![f32::NAN; (n - 1) * stride + v];
+                        let xv = MatRef::with_stride(&x, n, v, stride).unwrap();
+                        op(xv, MatMut::with_stride(&mut p, n, v, stride).unwrap(), &opts).unwrap();
+                        softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
+                        (0..n).flat_map(|i| bits(&p[i * stride..i * stride + v])).collect::<Vec<u32>>()
+                    });
+                    assert!(
+                        all == one_by_one,
+                        "{name} {isa:?} [{n}, {v}] stride {stride}, streaming {}, mask rows {mask_rows}",
+                        stream_min == 0
+                    );
+                }
             }
         }
     }

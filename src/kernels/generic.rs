@@ -172,6 +172,9 @@ pub(crate) struct Params {
     /// For the `STORE` online pass only: the previous row's stored terms, rescaled into its
     /// output while this row is computed (null `src`: none).
     pub prev: PrevRow,
+    /// For the read-only online pass only: the previous row of a pipelined log-softmax,
+    /// written while this row is read (null `x`: none).
+    pub prev_log: PrevLog,
 }
 
 /// The previous row of a software-pipelined softmax, from the offset of the current call
@@ -241,6 +244,35 @@ impl PrevRow {
     }
 }
 
+/// The previous row of a software-pipelined log-softmax, from the offset of the current
+/// call to the end of that row: its logits `x` and mask (null when the rows have none),
+/// its output `out` (all valid for `avail` elements), and its final `M` and `ln S`. The
+/// read-only online pass writes `out[e] = (z_e − M)/T − ln S` as [`log_softmax_impl`] does
+/// (the same bits) while it reads the current row, covering the previous row `h` elements
+/// ahead of the current one as [`PrevRow`] describes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrevLog {
+    pub x: *const f32,
+    pub mask: *const f32,
+    pub out: *mut f32,
+    pub avail: usize,
+    pub m: f32,
+    pub ln_s: f32,
+    pub head: bool,
+}
+
+impl PrevLog {
+    pub(crate) const NONE: PrevLog = PrevLog {
+        x: std::ptr::null(),
+        mask: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        avail: 0,
+        m: 0.0,
+        ln_s: 0.0,
+        head: false,
+    };
+}
+
 /// `exp((m_b − M) / T) / S`, computed in `f64`: the factor that turns the terms stored
 /// against a block's running maximum `m_b` into probabilities.
 #[inline(always)]
@@ -268,7 +300,18 @@ fn flush_threshold(f: f32) -> f32 {
 
 impl Params {
     pub(crate) fn new(t: f32) -> Self {
-        Params { t, inv_t: 1.0 / t, stream: false, ahead: std::ptr::null(), prev: PrevRow::NONE }
+        Params {
+            t,
+            inv_t: 1.0 / t,
+            stream: false,
+            ahead: std::ptr::null(),
+            prev: PrevRow::NONE,
+            prev_log: PrevLog::NONE,
+        }
+    }
+    pub(crate) fn finishing_log(mut self, prev: PrevLog) -> Self {
+        self.prev_log = prev;
+        self
     }
     pub(crate) fn rescaling(mut self, prev: PrevRow) -> Self {
         self.prev = prev;
@@ -571,9 +614,10 @@ unsafe fn scaled_diff<V: Vector, const S: u8>(z: V, m: V, half: V, t: V, inv_t: 
 ///
 /// With `STORE`, it also writes `out[i] = exp((z_i - m_b) / T)`, where `m_b` is the running
 /// maximum after block `b` (of [`BLOCK`] elements), and stores `m_b` in `block_max[b]`;
-/// [`rescale`] then turns these into probabilities. `out` may equal `x`. With `PREV` too,
-/// it rescales `p.prev`'s blocks into their output as it goes (see [`PrevRow`]), so that
-/// one row's stores overlap with the next row's exponentials.
+/// [`rescale`] then turns these into probabilities. `out` may equal `x`. With `PREV` = 1
+/// too, it rescales `p.prev`'s blocks into their output as it goes (see [`PrevRow`]), so
+/// that one row's stores overlap with the next row's exponentials. Without `STORE`,
+/// `PREV` = 2 writes `p.prev_log`'s log-probabilities in the same way (see [`PrevLog`]).
 ///
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
@@ -581,7 +625,7 @@ unsafe fn scaled_diff<V: Vector, const S: u8>(z: V, m: V, half: V, t: V, inv_t: 
 // (Not inlined in debug builds: there every inlined instantiation keeps its own stack
 // slots, and the dispatching functions' frames grew past 2 MiB, a test thread's stack.)
 #[cfg_attr(not(debug_assertions), inline(always))]
-unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: bool, const PREV: bool>(
+unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: bool, const PREV: u8>(
     x: *const f32,
     mask: *const f32,
     out: *mut f32,
@@ -602,9 +646,24 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
         let mut b = 0;
         // The previous row's shift to a vector boundary of its output, its head, and the
         // factor of the block being written.
-        let h = if PREV { (p.prev.out as usize).wrapping_neg() % (lanes * 4) / 4 } else { 0 };
+        let h = match PREV {
+            1 => (p.prev.out as usize).wrapping_neg() % (lanes * 4) / 4,
+            2 => (p.prev_log.out as usize).wrapping_neg() % (lanes * 4) / 4,
+            _ => 0,
+        };
+        let pl = p.prev_log;
+        let lsm = LogSoftmaxOf::<V, MASK> {
+            x: pl.x,
+            mask: pl.mask,
+            mh: V::splat(pl.m).mul(V::splat(0.5)),
+            two_inv_t: V::splat(2.0 * p.inv_t),
+            ln_s: V::splat(pl.ln_s),
+        };
+        if PREV == 2 && pl.head {
+            write_span::<V, _, false>(&lsm, pl.out, 0, h.min(pl.avail));
+        }
         let mut f_cur = 0.0;
-        if PREV {
+        if PREV == 1 {
             f_cur = p.prev.factor(0, p.t);
             if p.prev.head {
                 p.prev.scalar(0, h, BLOCK, f_cur, f_cur);
@@ -644,7 +703,7 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
             // The previous row's vectors `[i + k·lanes + h, +lanes)` go along with this
             // block's; those wholly inside its block `b` and its row (below `limit`) in one
             // vector store each, the one or two that straddle either in scalar.
-            let (pf, plim, limit, f_next) = if PREV {
+            let (pf, plim, limit, f_next) = if PREV == 1 {
                 let f_next = p.prev.factor(b + 1, p.t);
                 (V::splat(f_cur), V::splat(flush_threshold(f_cur)), (i + BLOCK).min(p.prev.avail), f_next)
             } else {
@@ -681,7 +740,19 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                     if STORE {
                         e.store(out.add(i + $k * lanes));
                     }
-                    if PREV {
+                    if PREV == 2 {
+                        let e0 = i + $k * lanes + h;
+                        if e0 + lanes <= pl.avail {
+                            if p.stream {
+                                lsm.full(e0).store_stream(pl.out.add(e0));
+                            } else {
+                                lsm.full(e0).store(pl.out.add(e0));
+                            }
+                        } else if e0 < pl.avail {
+                            write_span::<V, _, false>(&lsm, pl.out, e0, pl.avail);
+                        }
+                    }
+                    if PREV == 1 {
                         let e0 = i + $k * lanes + h;
                         if e0 + lanes <= limit {
                             let y = V::load(p.prev.src.add(e0)).mul_unless_below(pf, plim);
@@ -738,8 +809,11 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
                 if STORE {
                     e.store_partial(out.add(i + full * lanes), tail);
                 }
-                if PREV {
-                    let e0 = i + full * lanes + h;
+                let e0 = i + full * lanes + h;
+                if PREV == 2 && e0 < pl.avail {
+                    write_span::<V, _, false>(&lsm, pl.out, e0, (e0 + tail).min(pl.avail));
+                }
+                if PREV == 1 {
                     p.prev.scalar(e0, e0 + tail, i + BLOCK, f_cur, f_next);
                 }
                 s1 = s1.add(e);
@@ -748,13 +822,13 @@ unsafe fn online_impl<V: Vector, const MASK: bool, const S: u8, const STORE: boo
             if STORE {
                 *block_max.add(b) = m;
             }
-            if PREV {
+            if PREV == 1 {
                 f_cur = f_next;
             }
             b += 1;
             i += blen;
         }
-        if PREV && p.stream {
+        if PREV != 0 && p.stream {
             V::stream_fence();
         }
         MaxSum { max: m, sum: s }
@@ -773,7 +847,14 @@ unsafe fn max_sum_impl<V: Vector, const MASK: bool, const S: u8>(
 ) -> MaxSum {
     // SAFETY: the caller upholds this function's contract: the instruction set is
     // available and every pointer is valid for the elements the loops touch.
-    unsafe { online_impl::<V, MASK, S, false, false>(x, mask, std::ptr::null_mut(), std::ptr::null_mut(), len, p) }
+    unsafe {
+        let (out, block_max) = (std::ptr::null_mut(), std::ptr::null_mut());
+        if p.prev_log.x.is_null() {
+            online_impl::<V, MASK, S, false, 0>(x, mask, out, block_max, len, p)
+        } else {
+            online_impl::<V, MASK, S, false, 2>(x, mask, out, block_max, len, p)
+        }
+    }
 }
 
 /// # Safety
@@ -792,9 +873,9 @@ unsafe fn softmax_pass1_impl<V: Vector, const MASK: bool, const S: u8>(
     // available and every pointer is valid for the elements the loops touch.
     unsafe {
         if p.prev.src.is_null() {
-            online_impl::<V, MASK, S, true, false>(x, mask, out, block_max, len, p)
+            online_impl::<V, MASK, S, true, 0>(x, mask, out, block_max, len, p)
         } else {
-            online_impl::<V, MASK, S, true, true>(x, mask, out, block_max, len, p)
+            online_impl::<V, MASK, S, true, 1>(x, mask, out, block_max, len, p)
         }
     }
 }

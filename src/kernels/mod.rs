@@ -86,6 +86,21 @@ pub(crate) struct PrevRow<'a> {
     pub head: bool,
 }
 
+/// The previous row of a pipelined log-softmax ([`Kernels::max_sum_pipelined`]): its
+/// logits, mask and final state, and its output.
+#[derive(Debug)]
+pub(crate) struct PrevLogRow<'a> {
+    /// Its logits, from the current chunk's first column to the end of the row.
+    pub src: &'a [f32],
+    /// Its mask, as `src` (present exactly when the current row's is).
+    pub mask: Option<&'a [f32]>,
+    pub stats: MaxSum,
+    /// Its output, as `src`.
+    pub out: &'a mut [f32],
+    /// Whether this is the row's first chunk.
+    pub head: bool,
+}
+
 /// Coefficients of [`Kernels::ce_grad_in_place`]: `out_j = (a·p_j − b·w_j)·g_j`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CeGradCoef {
@@ -324,6 +339,48 @@ impl Kernels {
         // SAFETY: this table was built for a supported ISA; `row` and `mask` are valid for
         // `row.len()` reads; `p.ahead` is only prefetched, never read.
         unsafe { (self.max_sum)(row.as_ptr(), mask_ptr, row.len(), p) }
+    }
+
+    /// [`Kernels::max_sum_ahead`] of a row (or of a chunk of it) that also finishes the
+    /// previous row of a log-softmax pipeline: `prev`'s log-probabilities, as
+    /// [`Kernels::log_softmax_into_mode`] computes them (the same bits), go to its output
+    /// while this row's exponentials are computed; `stream` writes them with non-temporal
+    /// stores. `prev`'s slices start at the same column as `row` and run to the end of its
+    /// row. Over all the chunks of a row, in order, the whole previous row is written.
+    ///
+    /// # Panics
+    /// If lengths differ, or `prev` has a mask where `row` has none or the reverse.
+    pub(crate) fn max_sum_pipelined(
+        &self,
+        row: &[f32],
+        mask: Option<&[f32]>,
+        t: f32,
+        next: Option<&[f32]>,
+        prev: Option<PrevLogRow<'_>>,
+        stream: bool,
+    ) -> MaxSum {
+        let len = row.len();
+        let this_mask = mask_ptr(len, mask);
+        let mut p = Params::new(t).prefetching(ahead_ptr(len, next)).streaming(stream);
+        if let Some(q) = prev {
+            let avail = q.src.len();
+            assert!(avail >= len && q.out.len() == avail, "max_sum_pipelined: previous row's lengths differ");
+            assert_eq!(q.mask.is_some(), mask.is_some(), "max_sum_pipelined: one row masked, the other not");
+            p = p.finishing_log(generic::PrevLog {
+                x: q.src.as_ptr(),
+                mask: mask_ptr(avail, q.mask),
+                out: q.out.as_mut_ptr(),
+                avail,
+                m: q.stats.max,
+                ln_s: q.stats.sum.ln() as f32,
+                head: q.head,
+            });
+        }
+        // SAFETY: supported ISA; `row` and its mask have `len` elements; `prev`'s logits,
+        // mask and output (a distinct `&mut`) have `avail` elements (checked above), and its
+        // mask is there exactly when this row's is, as the kernel's `MASK` assumes for both;
+        // `p.ahead` is only prefetched.
+        unsafe { (self.max_sum)(row.as_ptr(), this_mask, len, p) }
     }
 
     /// Writes `out = softmax((row + mask) / t)` given the row's [`MaxSum`].
