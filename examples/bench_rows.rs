@@ -1,7 +1,7 @@
 //! Times one row operation for `scripts/compare_torch.py`:
 //! `bench_rows OP N V REPEATS` prints `{"op":..., "median_s":...}` on stdout.
 //! OP is softmax, log_softmax, logsumexp, copy, read (four streams per task) or read1 (one
-//! stream per task). `BENCH_NO_AHEAD=1` turns off the rows' next-row prefetch;
+//! stream per task). `BENCH_NO_AHEAD=1` turns off the rows' look-ahead prefetch;
 //! `BENCH_STREAM_MIN=BYTES` sets the output size from which stores stream;
 //! `BENCH_TEMPERATURE=T` sets the temperature (default 1).
 #[path = "../benches/support/data.rs"]
@@ -21,7 +21,7 @@ fn main() {
     let (op, n, v, reps): (&str, usize, usize, usize) =
         (&a[1], a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap());
     if std::env::var("BENCH_NO_AHEAD").as_deref() == Ok("1") {
-        softmax_layer::rows::set_prefetch_next_row(false);
+        softmax_layer::rows::set_prefetch_ahead(false);
     }
     if let Some(b) = std::env::var("BENCH_STREAM_MIN").ok().and_then(|s| s.parse().ok()) {
         softmax_layer::rows::set_stream_min_bytes(b);

@@ -70,40 +70,28 @@ pub fn set_stream_min_bytes(bytes: usize) {
 /// Rows up to this length keep the fused softmax's terms in a per-thread scratch row (in
 /// L2) when streaming, so the output is written once, with streaming stores.
 const SCRATCH_MAX: usize = 1 << 18;
-/// Rows of this many elements or more, up to [`AHEAD_MAX`], prefetch the next row towards
-/// L2 while they are read, so reading memory overlaps with computing (one thread's demand
-/// reads alone leave the memory idle during the compute of a row held in cache). Shorter
-/// rows are left to the hardware prefetchers.
+/// Rows of this many elements or more are prefetched towards L2 while they are read,
+/// [`Kernels::PREFETCH_DISTANCE`] elements ahead of the pass (into the next row near a
+/// row's end), so reading memory overlaps with computing: one thread's demand reads alone
+/// leave the memory idle during the compute of a row held in cache, and the hardware
+/// prefetchers stop at every 4 KiB page. Shorter rows are left to those.
 const AHEAD_MIN: usize = 1 << 12;
-/// Longer rows do not prefetch the next one: two of them would not fit in L2 (512 KiB each).
+/// The fused softmax of rows longer than this (not pipelined) does not prefetch: its
+/// rescale reads back the terms that the prefetched lines would evict (at [8, 1000003],
+/// 2.37 ms without against 2.72 ms with the row's next chunk prefetched).
 const AHEAD_MAX: usize = 1 << 17;
-static PREFETCH_NEXT_ROW: AtomicBool = AtomicBool::new(true);
+static PREFETCH_AHEAD: AtomicBool = AtomicBool::new(true);
 
-/// Turns the next-row prefetch off or on (default on). The results are the same either
-/// way; benchmarks use this to measure what it brings.
+/// Turns the look-ahead prefetch of the rows off or on (default on). The results are the
+/// same either way; benchmarks use this to measure what it brings.
 #[doc(hidden)]
-pub fn set_prefetch_next_row(on: bool) {
-    PREFETCH_NEXT_ROW.store(on, Ordering::Relaxed);
+pub fn set_prefetch_ahead(on: bool) {
+    PREFETCH_AHEAD.store(on, Ordering::Relaxed);
 }
 
-/// The row after `i` of `src`, when rows of this length prefetch it (see [`AHEAD_MIN`]).
-fn next_row(src: MatRef<'_>, i: usize) -> Option<&[f32]> {
-    let wanted = (AHEAD_MIN..=AHEAD_MAX).contains(&src.cols()) && PREFETCH_NEXT_ROW.load(Ordering::Relaxed);
-    (wanted && i + 1 < src.rows()).then(|| src.row(i + 1))
-}
-
-/// What the online pass over columns `range` of `row` prefetches towards L2 meanwhile:
-/// the same columns of `next` (the next row, when rows of this length prefetch it; see
-/// [`next_row`]), or for rows longer than [`AHEAD_MAX`], which two would not fit in L2, the
-/// row's own next chunk, [`CHUNK`] elements ahead. Without it a long row's reads come from
-/// the hardware prefetchers and the pass's 4 KiB look-ahead alone, and wait on memory.
-fn ahead<'a>(row: &'a [f32], next: Option<&'a [f32]>, range: std::ops::Range<usize>) -> Option<&'a [f32]> {
-    if row.len() > AHEAD_MAX {
-        let own = PREFETCH_NEXT_ROW.load(Ordering::Relaxed).then(|| row.get(range.start + CHUNK..)).flatten();
-        own.filter(|a| a.len() >= range.len())
-    } else {
-        next.and_then(|n| n.get(range))
-    }
+/// Whether the passes over rows of `v` elements prefetch ahead (see [`AHEAD_MIN`]).
+fn prefetches(v: usize) -> bool {
+    v >= AHEAD_MIN && PREFETCH_AHEAD.load(Ordering::Relaxed)
 }
 
 /// Options shared by the row functions.
@@ -176,12 +164,11 @@ impl<'a> Plan<'a> {
     }
 
     /// `(M, S)` of a row, chunk by chunk, merged in order; chunks in parallel if asked.
-    /// `next` (the next row, or `None`) is prefetched chunk by chunk meanwhile.
-    fn stats(&self, row: &[f32], mask: Option<&[f32]>, parallel: bool, next: Option<&[f32]>) -> MaxSum {
+    /// With `ahead`, the memory ahead of each chunk is prefetched meanwhile.
+    fn stats(&self, row: &[f32], mask: Option<&[f32]>, parallel: bool, ahead: bool) -> MaxSum {
         let chunk_stats = |(c, chunk): (usize, &[f32])| {
-            let range = c * CHUNK..c * CHUNK + chunk.len();
-            let m = mask.map(|m| &m[range.clone()]);
-            self.k.max_sum_ahead(chunk, m, self.t, ahead(row, next, range))
+            let m = mask.map(|m| &m[c * CHUNK..c * CHUNK + chunk.len()]);
+            self.k.max_sum_ahead(chunk, m, self.t, ahead)
         };
         if parallel && row.len() > CHUNK {
             let parts: Vec<MaxSum> = row.par_chunks(CHUNK).enumerate().map(chunk_stats).collect();
@@ -246,7 +233,7 @@ fn fused_softmax_row(
     i: usize,
     parallel: bool,
     scratch: Option<&mut Vec<f32>>,
-    next: Option<&[f32]>,
+    ahead: bool,
 ) -> std::result::Result<(), ()> {
     const STACK_BLOCKS: usize = 256;
     let nb = src.len().div_ceil(Kernels::BLOCK);
@@ -263,9 +250,7 @@ fn fused_softmax_row(
     // Chunk `c` of pass 1: its terms into `o` (of the output row or the scratch row).
     let pass1 = |(c, (o, b)): (usize, (&mut [f32], &mut [f32]))| {
         let range = c * CHUNK..c * CHUNK + o.len();
-        // (Not the row's own next chunk, as `ahead` would give for long rows: that evicts
-        // the terms the rescale reads back. 2.37 ms against 2.72 at [8, 1000003].)
-        let pf = next.and_then(|n| n.get(range.clone()));
+        let pf = ahead && src.len() <= AHEAD_MAX;
         k.softmax_pass1_ahead(o, Some(&src[range.clone()]), mask.map(|m| &m[range]), t, b, pf)
     };
     if let Some(scratch) = scratch.filter(|_| !parallel && src.len() <= SCRATCH_MAX) {
@@ -346,7 +331,7 @@ fn softmax_rows_pipelined(
     let mut pending: Option<(usize, MaxSum)> = None;
     for r in 0..out.rows() {
         let i = first + r;
-        let (srow, mask, next) = (src.row(i), plan.mask_row(i), next_row(src, i));
+        let (srow, mask, ahead) = (src.row(i), plan.mask_row(i), prefetches(v));
         let mut prev = pending.take().map(|(q, st)| (out.row_mut(q), st));
         let mut stats = MaxSum::EMPTY;
         for c in 0..v.div_ceil(CHUNK) {
@@ -365,7 +350,7 @@ fn softmax_rows_pipelined(
                 mask.map(|m| &m[cols.clone()]),
                 t,
                 &mut cur_max[bl],
-                next.and_then(|n| n.get(cols.clone())),
+                ahead,
                 finish,
                 stream,
             );
@@ -403,7 +388,7 @@ fn log_softmax_rows_pipelined(
     let mut pending: Option<(usize, MaxSum)> = None;
     for r in 0..out.rows() {
         let i = first + r;
-        let (srow, mask, next) = (src.row(i), plan.mask_row(i), next_row(src, i));
+        let (srow, mask, ahead) = (src.row(i), plan.mask_row(i), prefetches(v));
         let prev = pending.take();
         let mut stats = MaxSum::EMPTY;
         for c in 0..v.div_ceil(CHUNK) {
@@ -415,14 +400,8 @@ fn log_softmax_rows_pipelined(
                 out: &mut out.row_mut(q)[cols.start..],
                 head: c == 0,
             });
-            let part = k.max_sum_pipelined(
-                &srow[cols.clone()],
-                mask.map(|m| &m[cols.clone()]),
-                t,
-                next.and_then(|n| n.get(cols.clone())),
-                finish,
-                stream,
-            );
+            let part =
+                k.max_sum_pipelined(&srow[cols.clone()], mask.map(|m| &m[cols.clone()]), t, ahead, finish, stream);
             stats = stats.merge(part, t);
         }
         if check_row(stats, srow, mask, i).is_err() {
@@ -459,14 +438,14 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
     let do_row = |i: usize, orow: &mut [f32], scratch: &mut Vec<f32>| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
-        let next = src.and_then(|s| next_row(s, i));
+        let ahead = prefetches(v);
         if let (Op::Softmax, Some(srow)) = (op, srow) {
-            if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch), next).is_err() {
+            if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch), ahead).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
             }
             return;
         }
-        let stats = plan.stats(srow.unwrap_or(orow), mask, false, next);
+        let stats = plan.stats(srow.unwrap_or(orow), mask, false, ahead);
         if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
             first_bad.fetch_min(i, Ordering::Relaxed);
             return;
@@ -510,13 +489,13 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             let srow = src.map(|s| s.row(i));
             let mask = plan.mask_row(i);
             if let (Op::Softmax, Some(srow)) = (op, srow) {
-                if fused_softmax_row(&plan, srow, mask, orow, i, true, None, None).is_err() {
+                if fused_softmax_row(&plan, srow, mask, orow, i, true, None, prefetches(v)).is_err() {
                     first_bad.fetch_min(i, Ordering::Relaxed);
                     break;
                 }
                 continue;
             }
-            let stats = plan.stats(srow.unwrap_or(orow), mask, true, None);
+            let stats = plan.stats(srow.unwrap_or(orow), mask, true, prefetches(v));
             if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
                 break;
@@ -547,7 +526,7 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
                 None => out.as_ref().row(i),
             };
             let mask = plan.mask_row(i);
-            check_row(plan.stats(row, mask, false, None), row, mask, i)
+            check_row(plan.stats(row, mask, false, false), row, mask, i)
         }
     }
 }
@@ -598,7 +577,7 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
     let first_bad = AtomicUsize::new(usize::MAX);
     let do_row = |i: usize, o: &mut f32, parallel: bool| {
         let (row, mask) = (logits.row(i), plan.mask_row(i));
-        let stats = plan.stats(row, mask, parallel, next_row(logits, i));
+        let stats = plan.stats(row, mask, parallel, prefetches(v));
         match check_row(stats, row, mask, i) {
             Ok(()) => *o = stats.logsumexp(plan.t) as f32,
             Err(_) => {
@@ -618,7 +597,7 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
         usize::MAX => Ok(()),
         i => {
             let (row, mask) = (logits.row(i), plan.mask_row(i));
-            check_row(plan.stats(row, mask, false, None), row, mask, i)
+            check_row(plan.stats(row, mask, false, false), row, mask, i)
         }
     }
 }

@@ -536,20 +536,21 @@ fn streaming_stores_give_the_same_bits() {
 }
 
 #[test]
-fn prefetching_the_next_row_gives_the_same_bits() {
-    // Rows of 4096..131072 elements prefetch the next row while they are read; the last
-    // row has none. Longer rows prefetch their own next chunk. Softmax (streamed and not),
-    // log-softmax and logsumexp, with a mask.
+fn prefetching_ahead_gives_the_same_bits() {
+    // Rows of 4096 elements or more prefetch the memory ahead of the pass while they are
+    // read (into the next row near the end, past the matrix for the last row); shorter
+    // rows and the fused softmax of rows longer than two fit in L2 do not. Softmax
+    // (streamed and not), log-softmax and logsumexp, with a mask.
     let mut rng = Rng(29);
     for (n, v, stride) in [(6usize, 4096usize, 4099usize), (3, 9001, 9001), (2, 200_003, 200_010)] {
         let x = rng.vec((n - 1) * stride + v, -30.0, 30.0);
         let m: Vec<f32> = (0..v).map(|j| if j % 7 == 3 { f32::NEG_INFINITY } else { 0.0 }).collect();
         let run = |ahead: bool, stream_min: usize| {
-            softmax_layer::rows::set_prefetch_next_row(ahead);
+            softmax_layer::rows::set_prefetch_ahead(ahead);
             softmax_layer::rows::set_stream_min_bytes(stream_min);
             let opts = RowOptions { mask: Some(MatRef::from_row(&m)), ..RowOptions::with_temperature(0.8) };
             let (p, lp, lse) = all_three(&x, n, v, stride, &opts);
-            softmax_layer::rows::set_prefetch_next_row(true);
+            softmax_layer::rows::set_prefetch_ahead(true);
             softmax_layer::rows::set_stream_min_bytes(softmax_layer::rows::DEFAULT_STREAM_MIN_BYTES);
             (bits(&p), bits(&lp), bits(&lse))
         };

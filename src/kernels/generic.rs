@@ -166,8 +166,9 @@ pub(crate) struct Params {
     pub inv_t: f32,
     /// Write outputs with non-temporal stores (large outputs that will not be re-read soon).
     pub stream: bool,
-    /// Null, or the start of `len` elements (the next row) that the online pass prefetches
-    /// towards L2 while it reads this one: only a hint, never dereferenced.
+    /// Null, or the address ([`super::Kernels::PREFETCH_DISTANCE`] elements past `x`) from
+    /// which the online pass prefetches towards L2, one line per vector it reads: only a
+    /// hint, never dereferenced, and it may lie past the end of `x`'s buffer.
     pub ahead: *const f32,
     /// For the `STORE` online pass only: the previous row's stored terms, rescaled into its
     /// output while this row is computed (null `src`: none).
