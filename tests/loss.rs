@@ -351,6 +351,49 @@ fn gradient_buffers_are_overwritten_not_read() {
 }
 
 #[test]
+fn the_kept_block_buffer_is_never_read_before_it_is_written() {
+    // The loss keeps its block buffer for the next call. With the kept buffer filled with
+    // NaN on its way back, a call that read any value it had not written would come out
+    // NaN or differ: each case runs once on a fresh buffer and then on the poisoned one
+    // (twice, in case a test running alongside took the buffer in between). Both layouts,
+    // with and without a bias, f32 and bf16, with and without gradients, options that
+    // touch every step of the row work.
+    use softmax_layer::Precision;
+    use softmax_layer::loss::{release_scratch, set_poison_kept_scratch};
+    let mut rng = Rng(13);
+    let (n, d, v) = (90, 16, 4000);
+    let (h, w, b, y) = small_layer(&mut rng, n, d, v);
+    let wt = transpose(&w, v, d);
+    let hv = MatRef::new(&h, n, d).unwrap();
+    let opts = CrossEntropyOptions {
+        label_smoothing: 0.1,
+        z_loss: 1e-3,
+        softcap: Some(4.0),
+        temperature: 0.9,
+        ..Default::default()
+    };
+    set_poison_kept_scratch(true);
+    for precision in [Precision::F32, Precision::Bf16] {
+        for (weights, layout) in [(&w, WeightLayout::VocabMajor), (&wt, WeightLayout::HiddenMajor)] {
+            for bias in [Some(&b[..]), None] {
+                let layer =
+                    SoftmaxLayer::new(&weights[..], layout, v, d, bias).unwrap().with_precision(precision).unwrap();
+                let grads = || cross_entropy_with_grad(&layer, hv, &y, &opts, Upstream::Scalar(1.0)).unwrap();
+                let forward = || cross_entropy(&layer, hv, &y, &opts).unwrap();
+                release_scratch();
+                let (want_g, want_f) = (grads(), forward());
+                for _ in 0..2 {
+                    let case = format!("{precision:?} {layout:?} bias {}", bias.is_some());
+                    assert!(grads() == want_g, "{case}: gradients differ on a kept buffer");
+                    assert!(forward() == want_f, "{case}: the loss differs on a kept buffer");
+                }
+            }
+        }
+    }
+    set_poison_kept_scratch(false);
+}
+
+#[test]
 fn bad_options_are_errors() {
     let mut rng = Rng(4);
     let (n, d, v) = (3, 2, 5);
