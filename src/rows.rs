@@ -290,7 +290,10 @@ fn fused_softmax_row(
 }
 
 /// Rows up to this length run the out-of-place softmax as a pipeline over two scratch rows
-/// (512 KiB each at most, so both stay in L2): see [`softmax_rows_pipelined`].
+/// (512 KiB each at most, so both stay in L2): see [`softmax_rows_pipelined`]. The
+/// log-softmax pipeline ([`log_softmax_rows_pipelined`]) re-reads the previous row's
+/// logits instead, which must still be in L2 too; for longer rows it measured no faster
+/// (log, session 13).
 const PIPELINE_MAX: usize = 1 << 17;
 
 /// The two scratch rows (terms and block maxima) of [`softmax_rows_pipelined`].

@@ -355,16 +355,28 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that `n * LN2_HI` is exact for |n| < 2^15.
 const LN2_HI: f32 = f32::from_bits(0x3f31_8000); // 0.693359375 = 355/512
 const LN2_LO: f32 = -2.121_944_4e-4;
-/// Coefficients of `exp(r) ≈ 1 + r·(1 + r·(P2 + r·(P3 + r·(P4 + r·(P5 + r·P6)))))` on
-/// `|r| ≤ ln2/2`: a degree-6 fit of least maximum relative error (Lawson's iteration in
-/// `f64`, rounded to `f32`; the coefficient of `r` came out as exactly 1). Evaluated in `f32`
-/// with fused multiply-adds its relative error is at most 7.2e-8 (1.21 ulp), as Cephes'
-/// degree-7 form `1 + r + r²·p(r)` (6.9e-8), in six operations instead of eight.
-const P2: f32 = 0.499_999_94;
-const P3: f32 = 0.166_664_32;
-const P4: f32 = 0.041_668;
-const P5: f32 = 0.008_374_154;
-const P6: f32 = 0.001_384_364_1;
+/// Coefficients `c` of `exp(r) ≈ 1 + r·(c0 + r·(c1 + …))` on `|r| ≤ ln2/2` (see
+/// [`one_plus_r_times`]): a degree-6 fit of least maximum relative error (Lawson's iteration
+/// in `f64`, rounded to `f32`; the coefficient of `r` came out as exactly 1). Evaluated in
+/// `f32` with fused multiply-adds its relative error is at most 7.2e-8 (1.21 ulp), as
+/// Cephes' degree-7 form `1 + r + r²·p(r)` (6.9e-8), in six operations instead of eight.
+const EXP_POLY: [f32; 6] = [1.0, 0.499_999_94, 0.166_664_32, 0.041_668, 0.008_374_154, 0.001_384_364_1];
+
+/// `1 + r·(c[0] + r·(c[1] + … + r·c[N−1]))` by Horner's rule, in `N` fused multiply-adds.
+///
+/// # Safety
+/// The instruction set of `V` is available.
+#[inline(always)]
+unsafe fn one_plus_r_times<V: Vector, const N: usize>(r: V, c: [f32; N]) -> V {
+    // SAFETY: pure arithmetic on registers; the caller guarantees the instruction set.
+    unsafe {
+        let mut q = V::splat(c[N - 1]);
+        for &ck in c[..N - 1].iter().rev() {
+            q = q.mul_add(r, V::splat(ck));
+        }
+        q.mul_add(r, V::splat(1.0))
+    }
+}
 /// Above this, exp overflows to +inf; below `EXP_LO`, it rounds to 0.
 const EXP_HI: f32 = 89.0;
 const EXP_LO: f32 = -104.0;
@@ -376,7 +388,7 @@ const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
 /// `[-160, 89]`: no clamping, so callers bound `x` themselves.
 ///
 /// `exp(x) = 2^n * exp(r)` with `n = round(x / ln 2)` and `|r| <= ln2 / 2`, a degree-6
-/// polynomial for `exp(r)` ([`P2`]…), and one final scaling. About 1 ulp over the whole range,
+/// polynomial for `exp(r)` ([`EXP_POLY`]), and one final scaling. About 1 ulp over the whole range,
 /// subnormal results included (see the exp sweep test).
 ///
 /// # Safety
@@ -401,13 +413,7 @@ unsafe fn exp_parts<V: Vector, const EXT: bool>(x: V, lo: V) -> (V, V) {
     // SAFETY: pure arithmetic on registers; the caller guarantees the instruction set.
     unsafe {
         let (r, n) = exp_reduce::<V, EXT>(x, lo);
-        let mut p = V::splat(P6);
-        p = p.mul_add(r, V::splat(P5));
-        p = p.mul_add(r, V::splat(P4));
-        p = p.mul_add(r, V::splat(P3));
-        p = p.mul_add(r, V::splat(P2));
-        p = p.mul_add(r, V::splat(1.0));
-        (p.mul_add(r, V::splat(1.0)), n)
+        (one_plus_r_times(r, EXP_POLY), n)
     }
 }
 
@@ -431,18 +437,12 @@ unsafe fn exp_reduce<V: Vector, const EXT: bool>(x: V, lo: V) -> (V, V) {
     }
 }
 
-/// Coefficients of `exp(r) ≈ 1 + r·(Q0 + r·(Q1 + r·(Q2 + r·(Q3 + r·Q4))))` on
-/// `|r| ≤ ln2/2`: a degree-5 fit of least maximum relative error (Lawson's iteration, in
-/// `f64`, rounded to `f32`). Evaluated in `f32` with fused multiply-adds, a term's relative
-/// error stays under 1.6e-7 (about 2.7 ulp; 8.1e-8 with the full polynomial, the test
-/// `summed_terms_stay_accurate_over_the_reduced_range`), one operation fewer than the full one.
-const Q0: f32 = 0.999_999_7;
-const Q1: f32 = 0.499_991_5;
-const Q2: f32 = 0.166_676_36;
-const Q3: f32 = 0.041_897_91;
-const Q4: f32 = 0.008_290_297;
+/// As [`EXP_POLY`], a degree-5 fit: a term's relative error stays under 1.6e-7 (about 2.7
+/// ulp; 8.1e-8 with the full polynomial, the test
+/// `summed_terms_stay_accurate_over_the_reduced_range`), one operation fewer.
+const SUM_POLY: [f32; 5] = [0.999_999_7, 0.499_991_5, 0.166_676_36, 0.041_897_91, 0.008_290_297];
 
-/// [`exp_nonpositive`] with the shorter polynomial ([`Q0`]…): for terms that are only
+/// [`exp_nonpositive`] with the shorter polynomial ([`SUM_POLY`]): for terms that are only
 /// summed (the online pass without stored terms), where an error of 1.6e-7 relative in
 /// each term is at most 1.6e-7 in the sum, far inside the bounds of `logsumexp` and
 /// `log_softmax` (2e-6). Terms that become probabilities keep [`exp_term`].
@@ -457,13 +457,7 @@ unsafe fn exp_sum_term<V: Vector>(x: V) -> V {
         // As `exp_term_above`: masked lanes need no clamping, others are clamped first.
         let xc = if V::MASKED_SCALE { x } else { lim.max(x) };
         let (r, n) = exp_reduce::<V, false>(xc, xc);
-        let mut q = V::splat(Q4);
-        q = q.mul_add(r, V::splat(Q3));
-        q = q.mul_add(r, V::splat(Q2));
-        q = q.mul_add(r, V::splat(Q1));
-        q = q.mul_add(r, V::splat(Q0));
-        let y = q.mul_add(r, V::splat(1.0));
-        y.scale_pow2_unless_below(n, x, lim)
+        one_plus_r_times(r, SUM_POLY).scale_pow2_unless_below(n, x, lim)
     }
 }
 
@@ -1284,7 +1278,9 @@ macro_rules! dispatch6 {
     };
 }
 
-/// See [`max_sum_impl`]. `mask` is null or valid for `len` reads.
+/// See [`max_sum_impl`]. `mask` is null or valid for `len` reads; unless `p.prev_log.x` is
+/// null, `p.prev_log` is valid as [`PrevLog`] describes (its mask null exactly when `mask`
+/// is), and its output overlaps none of the inputs.
 ///
 /// # Safety
 /// The instruction set of `V` is available, and every pointer is valid for the
@@ -1631,7 +1627,7 @@ macro_rules! instantiate {
 
         /// # Safety
         /// The CPU supports this module's instruction set; `x` (and `mask`, unless null)
-        /// are valid for `len` reads.
+        /// are valid for `len` reads; `p.prev_log` as [`generic::max_sum`] requires.
         $(#[target_feature(enable = $feature)])?
         /// # Safety
         /// The instruction set of `V` is available, and every pointer is valid for the
