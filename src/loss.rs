@@ -370,9 +370,10 @@ static BLOCK_BUFFER: std::sync::Mutex<Option<AlignedF32>> = std::sync::Mutex::ne
 /// Whether a buffer going back to [`BLOCK_BUFFER`] is filled with NaN first (tests).
 static POISON_KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Frees the block buffer (up to 48 MiB, or `16 × V` floats for larger vocabularies) that
-/// the loss keeps between calls so that the next call need not map it again. The next call
-/// allocates a new one.
+/// Frees the block buffer that the loss keeps between calls so that the next call need not
+/// map it again: up to 48 MiB (96 MiB for bf16 gradients on AMX, whose blocks are twice as
+/// deep), or 16 rows of `V` floats for vocabularies above 786432. The next call allocates a
+/// new one.
 pub fn release_scratch() {
     // (A poisoned lock only means another call panicked while swapping an `Option`.)
     let kept = BLOCK_BUFFER.lock().unwrap_or_else(|e| e.into_inner()).take();
