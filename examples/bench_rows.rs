@@ -2,6 +2,7 @@
 //! `bench_rows OP N V REPEATS` prints `{"op":..., "median_s":...}` on stdout.
 //! OP is softmax, log_softmax, logsumexp, copy, read (four streams per task) or read1 (one
 //! stream per task). `BENCH_NO_AHEAD=1` turns off the rows' look-ahead prefetch;
+//! `BENCH_PREFETCH_DISTANCE=ELEMENTS` sets how far ahead they prefetch;
 //! `BENCH_STREAM_MIN=BYTES` sets the output size from which stores stream;
 //! `BENCH_TEMPERATURE=T` sets the temperature (default 1).
 #[path = "../benches/support/data.rs"]
@@ -22,6 +23,9 @@ fn main() {
         (&a[1], a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap());
     if std::env::var("BENCH_NO_AHEAD").as_deref() == Ok("1") {
         softmax_layer::rows::set_prefetch_ahead(false);
+    }
+    if let Some(e) = std::env::var("BENCH_PREFETCH_DISTANCE").ok().and_then(|s| s.parse().ok()) {
+        softmax_layer::kernels::set_prefetch_distance(e);
     }
     if let Some(b) = std::env::var("BENCH_STREAM_MIN").ok().and_then(|s| s.parse().ok()) {
         softmax_layer::rows::set_stream_min_bytes(b);

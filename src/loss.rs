@@ -376,8 +376,7 @@ static POISON_KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// new one.
 pub fn release_scratch() {
     // (A poisoned lock only means another call panicked while swapping an `Option`.)
-    let kept = BLOCK_BUFFER.lock().unwrap_or_else(|e| e.into_inner()).take();
-    drop(kept);
+    drop(BLOCK_BUFFER.lock().unwrap_or_else(|e| e.into_inner()).take());
 }
 
 /// Fills every buffer the loss keeps with NaN as it returns it, so that a test can tell

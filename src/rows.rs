@@ -71,14 +71,15 @@ pub fn set_stream_min_bytes(bytes: usize) {
 /// L2) when streaming, so the output is written once, with streaming stores.
 const SCRATCH_MAX: usize = 1 << 18;
 /// Rows of this many elements or more are prefetched towards L2 while they are read,
-/// [`Kernels::PREFETCH_DISTANCE`] elements ahead of the pass (into the next row near a
+/// [`crate::kernels::DEFAULT_PREFETCH_DISTANCE`] elements ahead of the pass (into the next row near a
 /// row's end), so reading memory overlaps with computing: one thread's demand reads alone
 /// leave the memory idle during the compute of a row held in cache, and the hardware
 /// prefetchers stop at every 4 KiB page. Shorter rows are left to those.
 const AHEAD_MIN: usize = 1 << 12;
 /// The fused softmax of rows longer than this (not pipelined) does not prefetch: its
 /// rescale reads back the terms that the prefetched lines would evict (at [8, 1000003],
-/// 2.37 ms without against 2.72 ms with the row's next chunk prefetched).
+/// 2.37 ms without against 2.72 ms with the row's next chunk, 256 KiB ahead, prefetched:
+/// session 13, a build of `b00e554` with and without; the log has the runs).
 const AHEAD_MAX: usize = 1 << 17;
 static PREFETCH_AHEAD: AtomicBool = AtomicBool::new(true);
 
@@ -321,7 +322,7 @@ fn softmax_rows_pipelined(
     let v = src.cols();
     let blocks = v.div_ceil(Kernels::BLOCK);
     let per_chunk = CHUNK / Kernels::BLOCK;
-    let (k, t) = (plan.k, plan.t);
+    let (k, t, ahead) = (plan.k, plan.t, prefetches(v));
     for b in 0..2 {
         bufs.terms[b].resize(v, 0.0);
         bufs.block_max[b].resize(blocks, 0.0);
@@ -334,7 +335,7 @@ fn softmax_rows_pipelined(
     let mut pending: Option<(usize, MaxSum)> = None;
     for r in 0..out.rows() {
         let i = first + r;
-        let (srow, mask, ahead) = (src.row(i), plan.mask_row(i), prefetches(v));
+        let (srow, mask) = (src.row(i), plan.mask_row(i));
         let mut prev = pending.take().map(|(q, st)| (out.row_mut(q), st));
         let mut stats = MaxSum::EMPTY;
         for c in 0..v.div_ceil(CHUNK) {
@@ -386,12 +387,12 @@ fn log_softmax_rows_pipelined(
     first_bad: &AtomicUsize,
 ) {
     let v = src.cols();
-    let (k, t) = (plan.k, plan.t);
+    let (k, t, ahead) = (plan.k, plan.t, prefetches(v));
     // The previous row (in `out`) and its final state, when valid.
     let mut pending: Option<(usize, MaxSum)> = None;
     for r in 0..out.rows() {
         let i = first + r;
-        let (srow, mask, ahead) = (src.row(i), plan.mask_row(i), prefetches(v));
+        let (srow, mask) = (src.row(i), plan.mask_row(i));
         let prev = pending.take();
         let mut stats = MaxSum::EMPTY;
         for c in 0..v.div_ceil(CHUNK) {
@@ -438,10 +439,10 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
 
     // One row, entirely on this thread.
     let stream = src.is_some() && n * v * 4 >= STREAM_MIN_BYTES.load(Ordering::Relaxed);
+    let ahead = prefetches(v);
     let do_row = |i: usize, orow: &mut [f32], scratch: &mut Vec<f32>| {
         let srow = src.map(|s| s.row(i));
         let mask = plan.mask_row(i);
-        let ahead = prefetches(v);
         if let (Op::Softmax, Some(srow)) = (op, srow) {
             if fused_softmax_row(&plan, srow, mask, orow, i, false, stream.then_some(scratch), ahead).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
@@ -492,13 +493,13 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
             let srow = src.map(|s| s.row(i));
             let mask = plan.mask_row(i);
             if let (Op::Softmax, Some(srow)) = (op, srow) {
-                if fused_softmax_row(&plan, srow, mask, orow, i, true, None, prefetches(v)).is_err() {
+                if fused_softmax_row(&plan, srow, mask, orow, i, true, None, ahead).is_err() {
                     first_bad.fetch_min(i, Ordering::Relaxed);
                     break;
                 }
                 continue;
             }
-            let stats = plan.stats(srow.unwrap_or(orow), mask, true, prefetches(v));
+            let stats = plan.stats(srow.unwrap_or(orow), mask, true, ahead);
             if check_row(stats, srow.unwrap_or(orow), mask, i).is_err() {
                 first_bad.fetch_min(i, Ordering::Relaxed);
                 break;
@@ -578,9 +579,10 @@ pub fn logsumexp(logits: MatRef<'_>, out: &mut [f32], opts: &RowOptions<'_>) -> 
     let threads = rayon::current_num_threads();
     let big = n * v >= PAR_MIN && threads > 1;
     let first_bad = AtomicUsize::new(usize::MAX);
+    let ahead = prefetches(v);
     let do_row = |i: usize, o: &mut f32, parallel: bool| {
         let (row, mask) = (logits.row(i), plan.mask_row(i));
-        let stats = plan.stats(row, mask, parallel, prefetches(v));
+        let stats = plan.stats(row, mask, parallel, ahead);
         match check_row(stats, row, mask, i) {
             Ok(()) => *o = stats.logsumexp(plan.t) as f32,
             Err(_) => {

@@ -555,7 +555,15 @@ fn prefetching_ahead_gives_the_same_bits() {
             (bits(&p), bits(&lp), bits(&lse))
         };
         for stream_min in [0, usize::MAX] {
-            assert!(run(true, stream_min) == run(false, stream_min), "[{n}, {v}]: the prefetch changed the results");
+            let without = run(false, stream_min);
+            assert!(run(true, stream_min) == without, "[{n}, {v}]: the prefetch changed the results");
+            // Any distance: one element ahead, or far past the matrix.
+            for distance in [1, 1 << 30] {
+                softmax_layer::kernels::set_prefetch_distance(distance);
+                let with = run(true, stream_min);
+                softmax_layer::kernels::set_prefetch_distance(softmax_layer::kernels::DEFAULT_PREFETCH_DISTANCE);
+                assert!(with == without, "[{n}, {v}]: prefetching {distance} ahead changed the results");
+            }
         }
         check_matrix(&x, n, v, stride, Some((&m, 1)), 0.8, None);
     }

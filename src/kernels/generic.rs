@@ -166,7 +166,8 @@ pub(crate) struct Params {
     pub inv_t: f32,
     /// Write outputs with non-temporal stores (large outputs that will not be re-read soon).
     pub stream: bool,
-    /// Null, or the address ([`super::Kernels::PREFETCH_DISTANCE`] elements past `x`) from
+    /// Null, or the address (the prefetch distance past `x`, see
+    /// [`super::set_prefetch_distance`]) from
     /// which the online pass prefetches towards L2, one line per vector it reads: only a
     /// hint, never dereferenced, and it may lie past the end of `x`'s buffer.
     pub ahead: *const f32,

@@ -330,7 +330,7 @@ impl Kernels {
         self.max_sum_ahead(row, mask, t, false)
     }
 
-    /// [`Kernels::max_sum`]; with `ahead`, the memory [`Kernels::PREFETCH_DISTANCE`]
+    /// [`Kernels::max_sum`]; with `ahead`, the memory [`prefetch_distance`]
     /// elements past each element read is prefetched towards L2 (the rest of the row, then
     /// whatever follows it in memory: the next row of a matrix), so that memory reads
     /// overlap with this row's compute.
@@ -404,12 +404,6 @@ impl Kernels {
             )
         }
     }
-
-    /// How far ahead of a pass the prefetching passes ([`Kernels::max_sum_ahead`] and its
-    /// kin) prefetch, in elements: 64 KiB. At [2048, 50257] on Zen 5, 8192 and 16384
-    /// elements made the softmax 6% and the log-softmax 4% faster than prefetching the
-    /// next row's same column (50257 ahead); 32768 was in between (four alternated rounds).
-    pub(crate) const PREFETCH_DISTANCE: usize = 1 << 14;
 
     /// Elements per block of [`Kernels::softmax_pass1`]: `block_max` needs
     /// `len.div_ceil(Kernels::BLOCK)` entries.
@@ -712,11 +706,32 @@ impl Kernels {
     }
 }
 
-/// Where the pass over a row starting at `x` prefetches: [`Kernels::PREFETCH_DISTANCE`]
-/// elements ahead, or null (no prefetch). The address may lie past the row's buffer; it is
-/// only ever prefetched, which never faults.
+/// The default of [`set_prefetch_distance`]: 16384 elements, 64 KiB. At [2048, 50257] on
+/// Zen 5, 8192 and 16384 elements made the softmax 6% and the log-softmax 4% faster than
+/// one row (50257) ahead; 32768 was in between (four alternated rounds; `bench_rows` with
+/// `BENCH_PREFETCH_DISTANCE=ELEMENTS` reproduces the sweep).
+pub const DEFAULT_PREFETCH_DISTANCE: usize = 1 << 14;
+static PREFETCH_DISTANCE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_PREFETCH_DISTANCE);
+
+/// Sets how far ahead of a pass the prefetching passes ([`Kernels::max_sum_ahead`] and its
+/// kin) prefetch, in elements (default [`DEFAULT_PREFETCH_DISTANCE`]). The results are the
+/// same whatever it is; benchmarks use this to choose it.
+#[doc(hidden)]
+pub fn set_prefetch_distance(elements: usize) {
+    PREFETCH_DISTANCE.store(elements, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current prefetch distance (see [`set_prefetch_distance`]).
+fn prefetch_distance() -> usize {
+    PREFETCH_DISTANCE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where the pass over a row starting at `x` prefetches: [`prefetch_distance`] elements
+/// ahead, or null (no prefetch). The address may lie past the row's buffer; it is only ever
+/// prefetched, which never faults.
 fn ahead_ptr(x: *const f32, ahead: bool) -> *const f32 {
-    if ahead { x.wrapping_add(Kernels::PREFETCH_DISTANCE) } else { std::ptr::null() }
+    if ahead { x.wrapping_add(prefetch_distance()) } else { std::ptr::null() }
 }
 
 fn mask_ptr(len: usize, mask: Option<&[f32]>) -> *const f32 {
