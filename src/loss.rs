@@ -371,8 +371,8 @@ static BLOCK_BUFFER: std::sync::Mutex<Option<AlignedF32>> = std::sync::Mutex::ne
 static POISON_KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Frees the block buffer that the loss keeps between calls so that the next call need not
-/// map it again: up to 48 MiB (96 MiB for bf16 gradients on AMX, whose blocks are twice as
-/// deep), or 16 rows of `V` floats for vocabularies above 786432. The next call allocates a
+/// map it again: up to 48 MiB (96 MiB for bf16 and bf16x3 gradients, whose blocks are twice
+/// as deep), or 16 rows of `V` floats for vocabularies above 786432. The next call allocates a
 /// new one.
 pub fn release_scratch() {
     // (A poisoned lock only means another call panicked while swapping an `Option`.)
@@ -484,11 +484,13 @@ fn run(
     let seg_len = v.div_ceil(32).div_ceil(col_tile).max(1) * col_tile;
     debug_assert!(seg_len >= col_tile);
     let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
-    // bf16 gradients: K of dW = Gᵀ·H is the block's rows; AMX wants it deeper (2x the rows
-    // and the block buffer: 1.41 s against 1.68 s with 1x and 1.44 s with 4x, bf16 loss at
-    // n=2048, d=768, V=50257, alternated in one process). AVX512-BF16 does not (the same
-    // time at 1x and 2x, three alternated rounds on Zen 5), so it keeps the smaller buffer.
-    let r = if layer.precision() != Precision::F32 && layer.bf16_path() == BfPath::Amx && grad.is_some() {
+    // bf16 gradients: K of dW = Gᵀ·H is the block's rows, and every block of rows reads and
+    // writes all of dW once, so they want deeper blocks: 2x the rows and the block buffer.
+    // On AMX: 1.41 s against 1.68 s with 1x and 1.44 s with 4x (bf16 loss at n=2048, d=768,
+    // V=50257, alternated in one process). With AVX512-BF16 on Zen 5, once its products went
+    // straight into dW: 0.558–0.571 s against 0.585–0.590 s (bf16), 1.49–1.52 s against
+    // 1.57 s (bf16x3), alternated runs.
+    let r = if layer.precision() != Precision::F32 && grad.is_some() {
         (2 * rows_per_block(v)).min(512)
     } else {
         rows_per_block(v)
@@ -1059,20 +1061,29 @@ unsafe fn bf16_grads(
             // the packed Gᵀ stays in L2 while H streams past it.
             // SAFETY: rows `cols` of dW ([V, d]): c·d elements from cols.start·d, ours alone.
             let out = unsafe { std::slice::from_raw_parts_mut(gw.add(cols.start * d), c * d) };
-            // Each chunk's product goes to an aligned buffer, written over (AMX works there
-            // in place, whereas dW's rows lie wherever the caller's buffer does), then is
-            // added to dW: the same bits wherever dW lies.
             for j0 in (0..c).step_by(GRAD_CHUNK) {
                 let cj = GRAD_CHUNK.min(c - j0);
                 scratch.packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
                 let Scratch { part, packed, .. } = scratch;
-                let part = part.prefix_mut(cj * d);
-                bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
                 let dst = &mut out[j0 * d..(j0 + cj) * d];
-                if first {
-                    dst.copy_from_slice(part);
+                if path == BfPath::Amx {
+                    // AMX starts its C tiles at `out`'s values when adding, so a product
+                    // added in place would sum in another order than one onto zeros. The
+                    // chunk goes to an aligned buffer, written over, then is added to dW:
+                    // the same bits as in the first block, and wherever dW lies.
+                    let part = part.prefix_mut(cj * d);
+                    bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
+                    if first {
+                        dst.copy_from_slice(part);
+                    } else {
+                        layer.kernels().axpy(dst, 1.0, part);
+                    }
                 } else {
-                    layer.kernels().axpy(dst, 1.0, part);
+                    // The other paths sum each product from zero and add it to `out` at the
+                    // end (the bits of the product, then an addition), so the chunk goes
+                    // straight into dW.
+                    let output = if first { Output::Overwrite } else { Output::Add };
+                    bf16::tile_product(path, packed, hb, 0..d, dst, d, output);
                 }
             }
         }

@@ -512,7 +512,7 @@ fn loss_gradients_use_the_forward_precision() {
 fn loss_gradients_over_several_blocks_of_rows() {
     use softmax_layer::loss::{CrossEntropyOptions, Upstream, cross_entropy_with_grad};
     let mut rng = Lcg(77);
-    // 1100 rows: several blocks of rows (256 each; 512 on AMX), the last one shorter.
+    // 1100 rows: several blocks of rows (512 each with gradients in bf16), the last one shorter.
     let (n, d, v) = (1100, 48, 700);
     let round = |x: Vec<f32>| x.into_iter().map(|x| from_bf16(to_bf16(x))).collect::<Vec<f32>>();
     let (h, w, b) = (round(rng.vec(n * d, 1.0)), round(rng.vec(v * d, 0.3)), rng.vec(v, 0.1));
@@ -536,7 +536,7 @@ fn loss_gradients_over_several_blocks_of_rows() {
 
 /// A vocabulary wide enough for segments of 2048 classes: `dH`'s product then runs in
 /// chunks of rows (`loss::dh_chunk_rows`: 128 in bf16x3, whose packings hold two parts; 320
-/// in bf16), so a block of rows (240 here; 480 on AMX) takes two or more chunks in bf16x3.
+/// in bf16), so a block of rows (480 here) takes two or more chunks in bf16x3.
 /// Each chunk must write its own rows of `dH`.
 #[test]
 fn loss_hidden_gradient_over_chunks_of_rows() {

@@ -94,6 +94,21 @@ unsafe fn kernel<const R: usize, const NB: usize>(
 ) {
     let (t, r0) = (i0 / 16, i0 % 16);
     let kp = w.d_pad / 2;
+    // The address of lane 0 of block `b + x` in row `i0 + rr` of `out` (see the stores).
+    let base = out.as_mut_ptr();
+    let lane0 = |rr: usize, x: usize| base.wrapping_add((i0 + rr) * ldo + (b + x) * 16).wrapping_sub(cols.start);
+    if !overwrite {
+        // The output is read after the products: ask for it now, so that an output out of
+        // cache (dW, added to by every block of rows) arrives while they run.
+        for rr in 0..R {
+            for x in 0..NB {
+                // (A prefetch is a hint that never faults, whatever the address.)
+                let at = lane0(rr, x);
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(15).cast());
+            }
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); NB]; R];
     for &(qa, qb) in w.precision.terms() {
         let a = rows.tile_ptr(t, qa);
@@ -130,7 +145,7 @@ unsafe fn kernel<const R: usize, const NB: usize>(
             // Lane c is class 16(b + x) + c, at out[i·ldo + 16(b + x) + c − cols.start];
             // the pointer to lane 0 may lie before `out` when cols.start is not a multiple
             // of 16, hence wrapping arithmetic: only the lanes in `mask` are touched.
-            let at = out.as_mut_ptr().wrapping_add((i0 + rr) * ldo + (b + x) * 16).wrapping_sub(cols.start);
+            let at = lane0(rr, x);
             // SAFETY: the lanes in `mask` are classes in `cols`, so each index lies in
             // [i·ldo, i·ldo + cols.len()) with i < m, inside `out` (checked by the caller:
             // out.len() ≥ (m − 1)·ldo + cols.len()). Masked-off lanes are not accessed.
