@@ -14,6 +14,9 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
+/// The bytes of packed W per chunk of classes (see [`tile_product`]).
+const CHUNK_BYTES: usize = 384 << 10;
+
 /// Rows per micro-kernel call: a divisor of the packed rows' 16-row tiles.
 const ROWS: usize = 8;
 /// 16-class blocks per micro-kernel call: `ROWS × BLOCKS` accumulators, `BLOCKS` W
@@ -41,12 +44,18 @@ pub(crate) unsafe fn tile_product(
 ) {
     let (b0, b1) = (cols.start / 16, cols.end.div_ceil(16));
     let m = rows.rows;
-    for i0 in (0..m).step_by(ROWS) {
-        let r = (m - i0).min(ROWS);
-        let mut b = b0;
-        while b < b1 {
-            let nb = (b1 - b).min(BLOCKS);
-            macro_rules! go {
+    // Classes go in chunks whose packed W fits in L2 beside the rows, every group of rows
+    // against one chunk before the next: W then streams from L2, not from L3 (a loss's
+    // segment of 2048 classes is 3 MB of W at d = 768).
+    let chunk = (CHUNK_BYTES / (2 * w.block_len())).max(1).div_ceil(BLOCKS) * BLOCKS;
+    for c0 in (b0..b1).step_by(chunk) {
+        let c1 = (c0 + chunk).min(b1);
+        for i0 in (0..m).step_by(ROWS) {
+            let r = (m - i0).min(ROWS);
+            let mut b = c0;
+            while b < c1 {
+                let nb = (c1 - b).min(BLOCKS);
+                macro_rules! go {
                 ($($rr:literal $nn:literal),*) => {
                     match (r, nb) {
                         // SAFETY: the caller guarantees the CPU features and shapes; rows
@@ -58,9 +67,10 @@ pub(crate) unsafe fn tile_product(
                     }
                 };
             }
-            go!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3,
+                go!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3,
                 5 1, 5 2, 5 3, 6 1, 6 2, 6 3, 7 1, 7 2, 7 3, 8 1, 8 2, 8 3);
-            b += nb;
+                b += nb;
+            }
         }
     }
 }
