@@ -27,7 +27,7 @@
 //!
 //! # The plan
 //!
-//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 48 MiB, with `r` at least 16), one after
+//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 50 MiB, with `r` at least 16), one after
 //! the other; within a block, work is spread over fixed segments of classes:
 //!
 //! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,
@@ -44,7 +44,7 @@
 //! flight (`r × d` each, about one per thread), independent of `n`.
 //!
 //! The block buffer outlives the call: the next call (the next training step) takes it
-//! back instead of having 48 MiB of fresh pages mapped, zeroed by the kernel and unmapped
+//! back instead of having 50 MiB of fresh pages mapped, zeroed by the kernel and unmapped
 //! again, which was 3% of the f32 loss at n = 2048, d = 768, V = 50257 (see
 //! [`release_scratch`]). Calls running at once take one each; one is kept.
 //!
@@ -359,11 +359,14 @@ impl RowPart {
 }
 
 /// The block buffer's budget: a block of rows holds its `r × V` logits in at most this
-/// many bytes (at least 16 rows). 48 MiB leaves the rest of the 64 MiB heap budget to the
-/// workers' buffers and the parts of `dH` in flight (57.9 MiB in all at n = 2048, d = 768,
-/// V = 50257: 240 rows). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
-/// against 1.185–1.220 s for 160 (32 MiB), three alternated rounds.
-const BLOCK_BYTES: usize = 48 << 20;
+/// many bytes (at least 16 rows). 50 MiB leaves the rest of the 64 MiB heap budget to the
+/// workers' buffers and the parts of `dH` in flight (61.6 MiB in all at n = 2048, d = 768,
+/// V = 50257: 256 rows). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
+/// against 1.185–1.220 s for 160 (32 MiB), three alternated rounds. 256 rows, four blocks of
+/// the `gemm` crate's 64-row kernel, leave no rows to its edge kernel in the logits' product
+/// (48 of 240 did, 5% of a profile): 1.100–1.118 s against 1.139–1.171 s for 240 (48 MiB),
+/// four alternated pairs on Zen 5 (session 14).
+const BLOCK_BYTES: usize = 50 << 20;
 
 /// The block buffer kept between calls (see the module's notes on memory).
 static BLOCK_BUFFER: std::sync::Mutex<Option<AlignedF32>> = std::sync::Mutex::new(None);
@@ -371,8 +374,8 @@ static BLOCK_BUFFER: std::sync::Mutex<Option<AlignedF32>> = std::sync::Mutex::ne
 static POISON_KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Frees the block buffer that the loss keeps between calls so that the next call need not
-/// map it again: up to 48 MiB (96 MiB for bf16 and bf16x3 gradients, whose blocks are twice
-/// as deep), or 16 rows of `V` floats for vocabularies above 786432. The next call allocates a
+/// map it again: up to 50 MiB (100 MiB for bf16 and bf16x3 gradients, whose blocks are twice
+/// as deep), or 16 rows of `V` floats for vocabularies above 819200. The next call allocates a
 /// new one.
 pub fn release_scratch() {
     // (A poisoned lock only means another call panicked while swapping an `Option`.)
@@ -971,7 +974,7 @@ const DH_L2_BYTES: usize = 1536 << 10;
 /// Rows of `G` per bf16 product of `dH = G·W[seg]` over `c` classes: as many as keep their
 /// packing in L2 beside two pairs of `W[seg]` blocks (a multiple of 32, at least 32), so
 /// that each pair, read from beyond L2, serves every row pair of the chunk. At 2048
-/// classes: 320 rows in bf16 (a whole block of 240 rows, or two chunks of AMX's 480), 128
+/// classes: 320 rows in bf16 (two chunks for a block of 512 rows), 128
 /// in bf16x3 (two parts each side).
 /// `cargo run --release --example bench_bf16 -- 7 dh_chunks` times this product against
 /// chunks of 128 rows.
