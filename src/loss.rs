@@ -484,7 +484,11 @@ fn run(
 
     let k = layer.kernels();
     let col_tile = layer.tiling().col_tile;
-    let seg_len = v.div_ceil(32).div_ceil(col_tile).max(1) * col_tile;
+    // About 64 segments (whole column tiles), so that the threads' shares of each phase
+    // differ by little: at V = 50257, 50 segments of 1024 classes took 1.5–2% less time than
+    // 25 of 2048 (f32 and bf16 loss, five alternated runs on 2 threads; 99 of 512 were no
+    // faster than 50).
+    let seg_len = v.div_ceil(64).div_ceil(col_tile).max(1) * col_tile;
     debug_assert!(seg_len >= col_tile);
     let segments: Vec<Range<usize>> = (0..v).step_by(seg_len).map(|a| a..(a + seg_len).min(v)).collect();
     // bf16 gradients: K of dW = Gᵀ·H is the block's rows, and every block of rows reads and
@@ -973,8 +977,8 @@ const DH_L2_BYTES: usize = 1536 << 10;
 
 /// Rows of `G` per bf16 product of `dH = G·W[seg]` over `c` classes: as many as keep their
 /// packing in L2 beside two pairs of `W[seg]` blocks (a multiple of 32, at least 32), so
-/// that each pair, read from beyond L2, serves every row pair of the chunk. At 2048
-/// classes: 320 rows in bf16 (two chunks for a block of 512 rows), 128
+/// that each pair, read from beyond L2, serves every row pair of the chunk. At 1024
+/// classes (the segments at V = 50257): 704 rows in bf16 (a whole block of 512 rows), 320
 /// in bf16x3 (two parts each side).
 /// `cargo run --release --example bench_bf16 -- 7 dh_chunks` times this product against
 /// chunks of 128 rows.
