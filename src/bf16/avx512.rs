@@ -56,19 +56,19 @@ pub(crate) unsafe fn tile_product(
             while b < c1 {
                 let nb = (c1 - b).min(BLOCKS);
                 macro_rules! go {
-                ($($rr:literal $nn:literal),*) => {
-                    match (r, nb) {
-                        // SAFETY: the caller guarantees the CPU features and shapes; rows
-                        // i0..i0+r < m and blocks b..b+nb ≤ ceil(V/16) exist.
-                        $(($rr, $nn) => unsafe {
-                            kernel::<$rr, $nn>(rows, w, i0, b, &cols, out, ldo, overwrite)
-                        },)*
-                        _ => unreachable!("bf16: row group {r}, block group {nb}"),
-                    }
-                };
-            }
+                    ($($rr:literal $nn:literal),*) => {
+                        match (r, nb) {
+                            // SAFETY: the caller guarantees the CPU features and shapes; rows
+                            // i0..i0+r < m and blocks b..b+nb ≤ ceil(V/16) exist.
+                            $(($rr, $nn) => unsafe {
+                                kernel::<$rr, $nn>(rows, w, i0, b, &cols, out, ldo, overwrite)
+                            },)*
+                            _ => unreachable!("bf16: row group {r}, block group {nb}"),
+                        }
+                    };
+                }
                 go!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3,
-                5 1, 5 2, 5 3, 6 1, 6 2, 6 3, 7 1, 7 2, 7 3, 8 1, 8 2, 8 3);
+                    5 1, 5 2, 5 3, 6 1, 6 2, 6 3, 7 1, 7 2, 7 3, 8 1, 8 2, 8 3);
                 b += nb;
             }
         }
