@@ -360,8 +360,8 @@ impl RowPart {
 
 /// The block buffer's budget: a block of rows holds its `r × V` logits in at most this
 /// many bytes (at least 16 rows). 50 MiB leaves the rest of the 64 MiB heap budget to the
-/// workers' buffers and the parts of `dH` in flight (61.6 MiB in all at n = 2048, d = 768,
-/// V = 50257: 256 rows). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
+/// workers' buffers and the parts of `dH` in flight (57.9 MiB in all at n = 2048, d = 768,
+/// V = 50257: 256 rows, segments of 1024 classes). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
 /// against 1.185–1.220 s for 160 (32 MiB), three alternated rounds. 256 rows, four blocks of
 /// the `gemm` crate's 64-row kernel, leave no rows to its edge kernel in the logits' product
 /// (48 of 240 did, 5% of a profile): 1.100–1.118 s against 1.139–1.171 s for 240 (48 MiB),
