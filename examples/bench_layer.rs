@@ -31,7 +31,13 @@ fn main() {
     let ws = (3.0 / d as f32).sqrt();
     let w = data::fill(v * d, 2, -ws, ws);
     let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % v as i64).collect();
-    let mut layer = SoftmaxLayer::new(&w[..], WeightLayout::VocabMajor, v, d, None::<&[f32]>).unwrap();
+    // BENCH_LAYOUT=dv takes the same values as W stored [d, V] (`WeightLayout::HiddenMajor`).
+    let layout = match std::env::var("BENCH_LAYOUT").as_deref() {
+        Ok("dv") => WeightLayout::HiddenMajor,
+        Ok("vd") | Err(_) => WeightLayout::VocabMajor,
+        Ok(other) => panic!("BENCH_LAYOUT: vd or dv, not {other}"),
+    };
+    let mut layer = SoftmaxLayer::new(&w[..], layout, v, d, None::<&[f32]>).unwrap();
     // BENCH_TILING=rows,cols,segment overrides the engine's tiling (for tuning).
     if let Ok(t) = std::env::var("BENCH_TILING") {
         let p: Vec<usize> = t.split(',').map(|x| x.parse().unwrap()).collect();

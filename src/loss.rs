@@ -1108,12 +1108,12 @@ unsafe fn bf16_grads(
             let part = part.prefix_mut(d * c);
             bf16::tile_product(path, ha, gb, 0..c, part, c, Output::Overwrite);
             for (q, row) in part.chunks_exact(c).enumerate() {
-                for (j, x) in row.iter().enumerate() {
-                    // SAFETY: dW[q, cols.start + j] ([d, V]): a column of `cols`, ours alone.
-                    unsafe {
-                        let g = gw.add(q * v + cols.start + j);
-                        *g = if first { *x } else { *g + x };
-                    }
+                // SAFETY: dW[q, cols] ([d, V]): the columns `cols` of row q, ours alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(gw.add(q * v + cols.start), c) };
+                if first {
+                    dst.copy_from_slice(row);
+                } else {
+                    layer.kernels().axpy(dst, 1.0, row);
                 }
             }
         }

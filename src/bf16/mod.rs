@@ -872,6 +872,57 @@ impl PackedBf16Weights {
     /// Writes the values of [`PackedBf16Weights::from_rows`] (its shape and precision are
     /// this packing's), leaving the padding as it is.
     fn fill_rows<'r>(&mut self, row: impl Fn(usize) -> &'r [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if packing_avx512() {
+            // SAFETY: the CPU has AVX-512F and AVX-512BW (just checked).
+            return unsafe { self.fill_rows_avx512(row) };
+        }
+        self.fill_rows_portable(row)
+    }
+
+    /// [`PackedBf16Weights::fill_rows`] with AVX-512: each pair of source rows is loaded 16
+    /// classes at a time and interleaved in registers, then rounded 16 lanes wide (the same
+    /// bits). The portable loop gathers element by element; in a profile of the bf16 loss
+    /// with `[d, V]` weights, where `G` is packed this way, it was 4% of the samples.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fill_rows_avx512<'r>(&mut self, row: impl Fn(usize) -> &'r [f32]) {
+        use std::arch::x86_64::*;
+        let (n, k) = (self.vocab, self.hidden);
+        let (bl, parts, d_pad) = (self.block_len(), self.precision.parts(), self.d_pad);
+        let rows: Vec<&[f32]> = (0..k).map(&row).collect();
+        debug_assert!(rows.iter().all(|r| r.len() == n));
+        // Lanes (a0, b0, a1, b1, …) of two vectors a and b: the first 8 pairs, the last 8.
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let last = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for (b, blk) in self.data.chunks_mut(bl).enumerate().take(n.div_ceil(16)) {
+            let nr = 16.min(n - 16 * b);
+            let mask = ((1u32 << nr) - 1) as u16;
+            // The 16 classes of block b in source row p (0 past the last row).
+            let load = |p: usize| match rows.get(p) {
+                // SAFETY: classes 16b .. 16b + nr lie inside the row (n values); the lanes
+                // past nr are masked off and not read.
+                Some(r) => unsafe { _mm512_maskz_loadu_ps(mask, r.as_ptr().add(16 * b)) },
+                None => _mm512_setzero_ps(),
+            };
+            for p in (0..k).step_by(2) {
+                let (a, c) = (load(p), load(p + 1));
+                let mut pair = [0f32; 32];
+                // SAFETY: two stores of 16 lanes into the 32 values of `pair`.
+                unsafe {
+                    _mm512_storeu_ps(pair.as_mut_ptr(), _mm512_permutex2var_ps(a, first, c));
+                    _mm512_storeu_ps(pair.as_mut_ptr().add(16), _mm512_permutex2var_ps(a, last, c));
+                }
+                store_chunk(blk, (p / 2) * 32, d_pad * 16, parts, &pair[..2 * nr]);
+            }
+        }
+    }
+
+    /// [`PackedBf16Weights::fill_rows`] element by element, for any CPU.
+    fn fill_rows_portable<'r>(&mut self, row: impl Fn(usize) -> &'r [f32]) {
         let (n, k) = (self.vocab, self.hidden);
         let (bl, parts, d_pad) = (self.block_len(), self.precision.parts(), self.d_pad);
         let rows: Vec<&[f32]> = (0..k).map(&row).collect();
@@ -1074,6 +1125,26 @@ mod tests {
                 reused.repack_rows(n, k, precision, |p| &src[p * n..(p + 1) * n]);
                 assert!(reused.data[..] == want.data[..], "n={n} k={k} {precision} seed {seed}");
                 assert_eq!((reused.vocab, reused.hidden, reused.d_pad), (want.vocab, want.hidden, want.d_pad));
+            }
+        }
+    }
+
+    #[test]
+    fn weight_packing_from_rows_matches_element_by_element_over_every_tail() {
+        // Both builds (AVX-512 where the CPU has it, and the portable one) over every class
+        // tail of a 16-class block (and 37), odd and even depths around 16 and 32 (and 45).
+        for n in (1..=34).chain([37]) {
+            for k in [1, 2, 3, 15, 16, 17, 31, 32, 33, 45] {
+                let src: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0).collect();
+                let row = |p: usize| &src[p * n..(p + 1) * n];
+                for precision in [Precision::Bf16, Precision::Bf16x3] {
+                    let want = PackedBf16Weights::from_fn(n, k, precision, |j, p| src[p * n + j]);
+                    let fast = PackedBf16Weights::from_rows(n, k, precision, row);
+                    assert!(fast.data[..] == want.data[..], "n={n} k={k} {precision}: fast build");
+                    let mut portable = PackedBf16Weights::alloc(n, k, precision).unwrap();
+                    portable.fill_rows_portable(row);
+                    assert!(portable.data[..] == want.data[..], "n={n} k={k} {precision}: portable build");
+                }
             }
         }
     }
