@@ -945,7 +945,8 @@ impl<'a> OrderedSum<'a> {
 struct Scratch {
     /// f32: a segment's logits computed column-major, before they go into the block buffer.
     cols: AlignedF32,
-    /// bf16: a chunk of `dW`'s product, before it goes into `dW`.
+    /// bf16: a chunk of `dW`'s product before it goes into `dW`, on AMX or with `[d, V]`
+    /// weights (the other paths add `[V, d]` chunks in place).
     part: AlignedF32,
     /// bf16: `Gᵀ` or `G` packed for a product.
     packed: PackedRows,
