@@ -291,11 +291,18 @@ fn fused_softmax_row(
 }
 
 /// Rows up to this length run the out-of-place softmax as a pipeline over two scratch rows
-/// (512 KiB each at most, so both stay in L2): see [`softmax_rows_pipelined`]. The
-/// log-softmax pipeline ([`log_softmax_rows_pipelined`]) re-reads the previous row's
-/// logits instead, which must still be in L2 too; for longer rows it measured no faster
-/// (log, session 13).
+/// (512 KiB each at most, so both stay in L2): see [`softmax_rows_pipelined`].
 const PIPELINE_MAX: usize = 1 << 17;
+
+/// Rows up to this length run the out-of-place log-softmax as a pipeline
+/// ([`log_softmax_rows_pipelined`]), which re-reads the previous row's logits: they must
+/// still be in cache, L3 for rows this long. Groups of `n / threads` rows, alternated with
+/// the two passes row by row (session 14, Zen 5 with 32 MiB of L3, 2 threads): `[16,
+/// 262145]` 0.34–0.38 against 0.41–0.45 ms, `[8, 1000003]` 0.76–0.84 against 0.85–1.11 ms
+/// (ten pairs), `[4, 1500000]` 0.52–0.61 against 0.63–0.67 ms; but `[8, 2000000]`
+/// 2.42–2.65 against 2.20–2.42 ms and `[4, 4000000]` 2.47–2.67 against 2.16–2.27 ms, where
+/// two rows per thread no longer fit in L3.
+const LOG_PIPELINE_MAX: usize = 1 << 20;
 
 /// The two scratch rows (terms and block maxima) of [`softmax_rows_pipelined`].
 #[derive(Default)]
@@ -460,10 +467,20 @@ fn apply(op: Op, src: Option<MatRef<'_>>, mut out: MatMut<'_>, opts: &RowOptions
         }
     };
 
-    if let (true, Some(s)) = (big && n >= threads && v <= PIPELINE_MAX, src) {
+    let pipelined = match op {
+        Op::Softmax => v <= PIPELINE_MAX,
+        Op::LogSoftmax => v <= LOG_PIPELINE_MAX,
+    };
+    if let (true, Some(s)) = (big && n >= threads && pipelined, src) {
         // Groups of consecutive rows, each pipelined on one thread: at most 64 rows, unless
-        // that many short rows are fewer than a task's minimum of elements.
-        let group = n.div_ceil(threads * 4).min(64).max((PAR_MIN / v).max(1));
+        // that many short rows are fewer than a task's minimum of elements. Long rows are
+        // few: one group per thread, or each row would be a group of its own and not
+        // pipelined at all.
+        let group = if v > PIPELINE_MAX {
+            n.div_ceil(threads).min(64)
+        } else {
+            n.div_ceil(threads * 4).min(64).max((PAR_MIN / v).max(1))
+        };
         out.data_mut().par_chunks_mut(stride * group).take(n.div_ceil(group)).enumerate().for_each_init(
             PipelineRows::default,
             |bufs, (g, rows)| {

@@ -573,13 +573,14 @@ fn prefetching_ahead_gives_the_same_bits() {
 fn pipelined_rows_equal_one_row_at_a_time() {
     // Many rows on two threads run pipelined (each row's stores ride along with the next
     // row's pass, streamed or not, at every output alignment); one row alone does not.
-    // Lengths cover every vector tail, block and chunk edges, and the pipeline's limit;
+    // Lengths cover every vector tail, block and chunk edges, and the pipelines' limits
+    // (131072 for softmax, 2^20 for log-softmax, whose long rows go in groups of n / 2);
     // masks are one row for all or one per row (the previous row's own mask is read).
     type RowFn = fn(MatRef<'_>, MatMut<'_>, &RowOptions<'_>) -> softmax_layer::Result<()>;
     let ops: [(&str, RowFn); 2] = [("softmax", softmax), ("log_softmax", log_softmax)];
     let mut rng = Rng(31);
     let mut lens: Vec<usize> = (1..=40).collect();
-    lens.extend([1023, 1024, 1025, 2047, 4111, 65_535, 65_536, 65_537, 131_072]);
+    lens.extend([1023, 1024, 1025, 2047, 4111, 65_535, 65_536, 65_537, 131_072, 131_073, 300_007, 1 << 20]);
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let four = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     for isa in Isa::available() {
