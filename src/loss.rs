@@ -27,8 +27,9 @@
 //!
 //! # The plan
 //!
-//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 50 MiB, with `r` at least 16), one after
-//! the other; within a block, work is spread over fixed segments of classes:
+//! Rows are taken in blocks of `r` (so that `r × V` floats stay under 50 MiB, with `r` at
+//! least 16), one after the other; within a block, work is spread over fixed segments of
+//! classes:
 //!
 //! 1. each segment computes its logits into the block's buffer and their `(max, sum)`,
 //!    target logit and weighted sum; these merge in class order into `lse` and the loss;
@@ -53,7 +54,7 @@
 //! layer keeps it (as large as the forward one: 77 MB at V = 50257, d = 768 in bf16, twice
 //! that in bf16x3), so a layer reused for many calls packs W once, as for the forward.
 
-use crate::bf16::{self, BfPath, Output, PackedBf16Weights, PackedRows, Precision};
+use crate::bf16::{self, Output, PackedBf16Weights, PackedRows, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::{CeGradCoef, Kernels, MaxSum};
 use crate::layer::SoftmaxLayer;
@@ -361,11 +362,12 @@ impl RowPart {
 /// The block buffer's budget: a block of rows holds its `r × V` logits in at most this
 /// many bytes (at least 16 rows). 50 MiB leaves the rest of the 64 MiB heap budget to the
 /// workers' buffers and the parts of `dH` in flight (57.9 MiB in all at n = 2048, d = 768,
-/// V = 50257: 256 rows, segments of 1024 classes). Deeper blocks make `dW`'s reduction deeper: 240 rows took 1.168–1.181 s
-/// against 1.185–1.220 s for 160 (32 MiB), three alternated rounds. 256 rows, four blocks of
-/// the `gemm` crate's 64-row kernel, leave no rows to its edge kernel in the logits' product
-/// (48 of 240 did, 5% of a profile): 1.100–1.118 s against 1.139–1.171 s for 240 (48 MiB),
-/// four alternated pairs on Zen 5 (session 14).
+/// V = 50257: 256 rows, segments of 1024 classes). Deeper blocks make `dW`'s reduction
+/// deeper: 240 rows took 1.168–1.181 s against 1.185–1.220 s for 160 (32 MiB), three
+/// alternated rounds. 256 rows, four blocks of the `gemm` crate's 64-row kernel, leave no
+/// rows to its edge kernel in the logits' product (48 of 240 did, 5% of a profile):
+/// 1.100–1.118 s against 1.139–1.171 s for 240 (48 MiB), four alternated pairs on Zen 5
+/// (session 14).
 const BLOCK_BYTES: usize = 50 << 20;
 
 /// The block buffer kept between calls (see the module's notes on memory).
@@ -1074,11 +1076,10 @@ unsafe fn bf16_grads(
                 scratch.packed.repack_transposed(cj, m, precision, |i| &g_row(i)[j0..j0 + cj]);
                 let Scratch { part, packed, .. } = scratch;
                 let dst = &mut out[j0 * d..(j0 + cj) * d];
-                if path == BfPath::Amx {
-                    // AMX starts its C tiles at `out`'s values when adding, so a product
-                    // added in place would sum in another order than one onto zeros. The
-                    // chunk goes to an aligned buffer, written over, then is added to dW:
-                    // the same bits as in the first block, and wherever dW lies.
+                if !path.adds_whole_products() {
+                    // (AMX.) A product added in place would sum in another order than one
+                    // onto zeros. The chunk goes to an aligned buffer, written over, then is
+                    // added to dW: the same bits as in the first block, and wherever dW lies.
                     let part = part.prefix_mut(cj * d);
                     bf16::tile_product(path, packed, hb, 0..d, part, d, Output::Overwrite);
                     if first {
@@ -1087,9 +1088,7 @@ unsafe fn bf16_grads(
                         layer.kernels().axpy(dst, 1.0, part);
                     }
                 } else {
-                    // The other paths sum each product from zero and add it to `out` at the
-                    // end (the bits of the product, then an addition), so the chunk goes
-                    // straight into dW.
+                    // The product, then one addition: the chunk goes straight into dW.
                     let output = if first { Output::Overwrite } else { Output::Add };
                     bf16::tile_product(path, packed, hb, 0..d, dst, d, output);
                 }

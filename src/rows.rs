@@ -382,7 +382,8 @@ fn softmax_rows_pipelined(
 
 /// Out-of-place log-softmax of consecutive rows on this thread, software-pipelined as
 /// [`softmax_rows_pipelined`] is: the online pass over row `i` writes row `i − 1`'s
-/// log-probabilities in the same loop, reading its logits again from L2. The stores then
+/// log-probabilities in the same loop, reading its logits again from cache (L2, or L3 for
+/// rows past [`PIPELINE_MAX`]). The stores then
 /// overlap the exponentials instead of following them. The values are those of the
 /// two-pass row bit for bit (same chunks, same statistics, same formula).
 fn log_softmax_rows_pipelined(

@@ -167,6 +167,14 @@ impl BfPath {
         }
     }
 
+    /// Whether [`Output::Add`] on this path sums each product from zero and adds the sum to
+    /// the output at the end, so that adding in place gives the bits of writing the product
+    /// to a buffer and adding that. AMX instead starts its C tiles at the output's values
+    /// (and splits deep products along k), which sums in another order.
+    pub(crate) fn adds_whole_products(self) -> bool {
+        self != BfPath::Amx
+    }
+
     /// Whether this CPU (and OS) runs the path. For [`BfPath::Amx`] the first call asks
     /// Linux for the tile-data permission; the answer is cached.
     pub fn is_available(self) -> bool {

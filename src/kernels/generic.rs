@@ -1630,9 +1630,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `x` (and `mask`, unless null)
         /// are valid for `len` reads; `p.prev_log` as [`generic::max_sum`] requires.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn max_sum(x: *const f32, mask: *const f32, len: usize, p: Params) -> MaxSum {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::max_sum::<$V>(x, mask, len, p) }
@@ -1642,9 +1639,6 @@ macro_rules! instantiate {
         /// As [`max_sum`]; `out` is valid for `len` writes and equals `x` or overlaps
         /// neither `x` nor `mask`; `block_max` is valid for `len.div_ceil(BLOCK)` writes.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn softmax_pass1(
             x: *const f32, mask: *const f32, out: *mut f32, block_max: *mut f32, len: usize, p: Params,
         ) -> MaxSum {
@@ -1657,9 +1651,6 @@ macro_rules! instantiate {
         /// `out` for `len` writes (equal to `src`, then without `p.stream`, or not
         /// overlapping it), `block_max` for `len.div_ceil(BLOCK)` reads.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn rescale(
             src: *const f32, out: *mut f32, block_max: *const f32, len: usize, p: Params, m: f32, sum: f64,
         ) {
@@ -1671,9 +1662,6 @@ macro_rules! instantiate {
         /// As [`max_sum`], and `out` is valid for `len` writes; it equals `x` or overlaps
         /// neither `x` nor `mask`.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn softmax(
             x: *const f32, mask: *const f32, out: *mut f32, len: usize, p: Params, m: f32, scale: f32,
         ) {
@@ -1684,9 +1672,6 @@ macro_rules! instantiate {
         /// # Safety
         /// As [`softmax`].
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn log_softmax(
             x: *const f32, mask: *const f32, out: *mut f32, len: usize, p: Params, m: f32, ln_s: f32,
         ) {
@@ -1698,9 +1683,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `z` is valid for `len` reads and
         /// writes; `w` is null or valid for `len` reads and does not overlap `z`.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn ce_grad(
             z: *mut f32, w: *const f32, len: usize, p: Params, m: f32, sum: f64, c: generic::CeCoef,
         ) {
@@ -1712,9 +1694,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `a` and `b` are valid for `len`
         /// reads.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn dot(a: *const f32, b: *const f32, len: usize, c: f32) -> f32 {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot::<$V>(a, b, len, c) }
@@ -1749,9 +1728,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `a` and each of `b` are valid
         /// for `len` reads.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn dot4(a: *const f32, b: [*const f32; 4], len: usize) -> [f32; 4] {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::dot4::<$V>(a, b, len) }
@@ -1761,9 +1737,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `y` is valid for `len` reads and
         /// writes and does not overlap `x`, which is valid for `len` reads.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn axpy(y: *mut f32, alpha: f32, x: *const f32, len: usize) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::axpy::<$V>(y, alpha, x, len) }
@@ -1773,9 +1746,6 @@ macro_rules! instantiate {
         /// The CPU supports this module's instruction set; `x` is valid for `len` reads and
         /// `out` for `len` writes, and they are equal or do not overlap.
         $(#[target_feature(enable = $feature)])?
-        /// # Safety
-        /// The instruction set of `V` is available, and every pointer is valid for the
-        /// elements this function reads or writes.
         pub(crate) unsafe fn exp(x: *const f32, out: *mut f32, len: usize) {
             // SAFETY: forwarded from this function's contract.
             unsafe { generic::exp_slice::<$V>(x, out, len) }
